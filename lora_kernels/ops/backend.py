@@ -1,0 +1,144 @@
+"""Backend selection, in one place.
+
+A backend is a module that implements the kernel-level functions listed in ``KERNEL_API``
+(docs/BACKENDS.md has the exact contract):
+
+* ``"torch"``  -> :mod:`lora_kernels.ops.torch_backend` (the reference's CPU kernels; any device)
+* ``"triton"`` -> :mod:`lora_kernels.triton` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)
+* ``"cuda"``   -> :mod:`lora_kernels._ext` (the compiled extension; CUDA tensors)
+
+``"auto"`` (the default, overridable by the env var ``LORA_KERNELS_BACKEND``) picks the torch
+backend for CPU tensors and, for CUDA tensors, the per-shape winner from
+``dispatch_table.json`` (written by the benchmarks, only for kernels validated on a GPU),
+falling back to Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch")
+ENV_VAR = "LORA_KERNELS_BACKEND"
+
+# The functions a backend module may provide. A backend that lacks one (say, the CUDA
+# extension without a fused backward) borrows it from the next backend in FALLBACK.
+KERNEL_API = (
+    "lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask",
+    "lora_shrink", "lora_expand", "multi_lora_fwd", "multi_lora_bwd",
+)
+FALLBACK = {"cuda": "triton", "triton": "torch", "torch": None}
+
+_MODULES = {
+    "torch": "lora_kernels.ops.torch_backend",
+    "triton": "lora_kernels.triton",
+    "cuda": "lora_kernels._ext",
+}
+
+_TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says why and how to get it."""
+
+
+@torch.compiler.assume_constant_result
+def _env_backend() -> str:
+    return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _why_unavailable(name: str, device_type: str) -> str | None:
+    """None if backend ``name`` can run on ``device_type`` tensors, else the reason."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        try:
+            importlib.import_module("triton")
+        except ImportError as exc:  # pragma: no cover - triton is a core dependency
+            return f"triton is not importable ({exc}); pip install triton"
+        if device_type == "cpu" and not _interpreting():
+            return ("backend='triton' on CPU tensors needs the Triton interpreter: set "
+                    "TRITON_INTERPRET=1 before triton is first imported")
+        if device_type not in ("cuda", "cpu"):
+            return f"backend='triton' supports CUDA tensors (got {device_type})"
+        return None
+    if name == "cuda":
+        if device_type != "cuda":
+            return f"backend='cuda' needs CUDA tensors (got {device_type} tensors)"
+        from lora_kernels import _ext
+        return _ext.why_unavailable()
+    return f"unknown backend {name!r}; expected one of {BACKENDS}"
+
+
+def available(name: str, device_type: str) -> bool:
+    return _why_unavailable(name, device_type) is None
+
+
+@functools.lru_cache(maxsize=None)
+def _dispatch_table() -> dict:
+    try:
+        return json.loads(_TABLE_PATH.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@torch.compiler.assume_constant_result
+def _auto_cuda(op: str, shape_class: str) -> str:
+    winner = _dispatch_table().get(op, {}).get(shape_class)
+    if winner and available(winner, "cuda"):
+        return winner
+    return "triton" if available("triton", "cuda") else "torch"
+
+
+def shape_class(rows: int) -> str:
+    """Coarse shape classes the dispatch table is keyed by: rows = M (or T tokens)."""
+    return "decode" if rows <= 16 else ("medium" if rows <= 256 else "large")
+
+
+def resolve(backend: str, device: torch.device, op: str, shape_class: str = "any") -> str:
+    """Turn a requested backend (``auto`` included) into a concrete, available one, or raise."""
+    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    backend = backend.lower()
+    if backend == "auto":
+        backend = _env_backend()
+        if backend not in BACKENDS:
+            raise ValueError(f"env {ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "torch" if device.type != "cuda" else _auto_cuda(op, shape_class)
+    why = _why_unavailable(backend, device.type)
+    if why is not None:
+        raise BackendUnavailableError(why)
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(_MODULES[name])
+
+
+def kernel(name: str, fn: str):
+    """The implementation of kernel-level function ``fn`` for backend ``name`` (with fallback)."""
+    while name is not None:
+        impl = getattr(_module(name), fn, None)
+        if impl is not None:
+            return impl
+        name = FALLBACK[name]
+    raise RuntimeError(f"no backend implements {fn}")  # unreachable: the torch backend has all
+
+
+def describe() -> dict:
+    """For ``lora-kernels info``: each backend and, if unavailable, why."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return {name: (_why_unavailable(name, dev) or "available") for name in BACKENDS if name != "auto"}

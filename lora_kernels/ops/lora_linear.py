@@ -1,0 +1,168 @@
+"""Fused single-adapter LoRA linear: contract, custom-op registration, autograd, dispatch.
+
+``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``. The op saves ``x`` and the rank-sized ``xa = drop(x)·Aᵀ``
+for the backward; the dropout mask is regenerated from a seed (never stored).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lora_kernels.ops import backend as _backend
+from lora_kernels.ops import validation as V
+
+_EMPTY_GRAD = (0,)
+
+
+def _seed_int(seed: Optional[Tensor]) -> int:
+    # The seed tensor lives on the CPU: reading it is not a device sync.
+    return 0 if seed is None else int(seed.item())
+
+
+@torch.library.custom_op("lora_kernels::lora_linear", mutates_args=())
+def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                    lora_b: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+                    backend: str) -> tuple[Tensor, Tensor]:
+    if x.shape[0] == 0:
+        return x.new_empty(0, weight.shape[0]), x.new_empty(0, lora_a.shape[0])
+    fwd = _backend.kernel(backend, "lora_linear_fwd")
+    y, xa = fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, _seed_int(seed), None)
+    return y, xa
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor,
+                             lora_b: Tensor, xa: Tensor, scaling: float, dropout_p: float,
+                             seed: Optional[Tensor], needs: Sequence[bool],
+                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    needs = tuple(bool(n) for n in needs)
+    if x.shape[0] == 0:
+        grads = (torch.zeros_like(x), torch.zeros_like(weight),
+                 weight.new_zeros(weight.shape[0]), torch.zeros_like(lora_a),
+                 torch.zeros_like(lora_b))
+    else:
+        bwd = _backend.kernel(backend, "lora_linear_bwd")
+        grads = bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, _seed_int(seed), needs)
+    # custom ops cannot return None: an unneeded gradient travels as an empty tensor.
+    return tuple(g if n else x.new_empty(_EMPTY_GRAD) for g, n in zip(grads, needs))
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape)
+    return tuple(x.new_empty(s if n else _EMPTY_GRAD) for s, n in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dxa):
+    x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    grads = torch.ops.lora_kernels.lora_linear_backward(
+        dy.contiguous(), x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed, needs,
+        ctx.backend)
+    out = [g if n else None for g, n in zip(grads, needs)]
+    return (*out, None, None, None, None)
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_seed() -> Tensor:
+    """A dropout seed from torch's CPU generator (so ``torch.manual_seed`` reproduces masks);
+    a tensor, so ``torch.compile`` traces it instead of breaking the graph."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                lora_b: Tensor, *, scaling: float = 1.0, dropout_p: float = 0.0,
+                training: bool = True, backend: str = "auto",
+                dropout_seed: Optional[int] = None) -> Tensor:
+    """``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` in one fused pass (backend permitting).
+
+    ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` or None, ``lora_a [r, K]``, ``lora_b [N, r]``.
+    Differentiable in x, lora_a, lora_b (and weight/bias when they require grad). Dropout
+    (probability ``dropout_p``, only when ``training``) applies to the LoRA branch input and
+    the backward reuses the same mask; ``dropout_seed`` fixes it (default: drawn from torch's
+    generator). ``lora_a``/``lora_b``/``bias`` may be fp32 with fp16/bf16 ``x`` (PEFT's default):
+    they are cast to x's dtype and their gradients come back in their own dtype.
+    """
+    V.tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape [..., K], got a 0-D tensor")
+    V.tensor("weight", weight, 2)
+    V.tensor("lora_a", lora_a, 2)
+    V.tensor("lora_b", lora_b, 2)
+    dtype = V.compute_dtype(x, weight)
+    N, K = weight.shape
+    r = lora_a.shape[0]
+    V.shape("x", x, (*x.shape[:-1], K), "[..., K]")
+    V.shape("lora_a", lora_a, (None, K), "[r, K]")
+    V.shape("lora_b", lora_b, (N, r), "[N, r]")
+    if bias is not None:
+        V.tensor("bias", bias, 1)
+        V.shape("bias", bias, (N,), "[N]")
+    V.same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    scaling = V.scalar("scaling", scaling)
+    dropout_p = V.scalar("dropout_p", dropout_p, 0.0, 1.0, high_open=True) if training else 0.0
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    V.check_index_math("x", x2.shape[0], K)
+    name = _resolve(backend, x2, dtype, "lora_linear")
+    seed = None
+    if dropout_p > 0.0:
+        seed = draw_seed() if dropout_seed is None else torch.tensor(int(dropout_seed), dtype=torch.int64)
+    y, _ = torch.ops.lora_kernels.lora_linear(
+        x2.contiguous(), weight, _cast(bias, dtype), _cast(lora_a, dtype).contiguous(),
+        _cast(lora_b, dtype).contiguous(), scaling, dropout_p, seed, name)
+    return y.reshape(*lead, N)
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _resolve(backend: str, x2: Tensor, dtype: torch.dtype, op: str) -> str:
+    name = _backend.resolve(backend, x2.device, op, _backend.shape_class(x2.shape[0]))
+    if dtype == torch.float64 and name != "torch":
+        if backend == "auto":
+            return "torch"
+        raise TypeError(f"float64 inputs run on backend='torch' only (asked for {name!r})")
+    return name
+
+
+def block_diag_lora_b(lora_b_slices: Sequence[Optional[Tensor]], out_slices: Sequence[int]) -> Tensor:
+    """``lora_b`` of a packed projection as one ``[N, n_adapted·r]`` block-diagonal matrix.
+
+    Slice j contributes its own ``[width_j, r]`` block (or zero rows where it is not adapted), so
+    the packed layer is one fused ``lora_linear`` call with rank ``n_adapted·r``: the low-rank
+    term of a column only ever sees its own slice's ranks. Differentiable: gradients flow back
+    into each slice's block.
+    """
+    blocks = [b for b in lora_b_slices if b is not None]
+    if not blocks:
+        raise ValueError("lora_b_slices must hold at least one adapted slice")
+    r = blocks[0].shape[1]
+    cols, rows, g = len(blocks) * r, [], 0
+    for b, width in zip(lora_b_slices, out_slices):
+        if b is None:
+            rows.append(blocks[0].new_zeros(width, cols))
+            continue
+        left = b.new_zeros(width, g * r)
+        right = b.new_zeros(width, cols - (g + 1) * r)
+        rows.append(torch.cat([left, b, right], dim=1))
+        g += 1
+    return torch.cat(rows, dim=0)

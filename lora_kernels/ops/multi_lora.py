@@ -1,0 +1,310 @@
+"""Heterogeneous multi-adapter LoRA: contract, custom-op registration, autograd, dispatch.
+
+Every token ``t`` carries a slot ``i = adapter_ids[t]`` (``-1`` = base model only):
+``y[t] = x[t]·W0ᵀ + b + s_i·(x[t]·A_iᵀ)·B_iᵀ``. Stacked adapters ``lora_a [S, n_slices·R, K]``,
+``lora_b [S, N, R]``; per-slot ``ranks`` make the cost follow the real rank. The batch
+metadata (``LoRABatch``) travels into the custom ops as plain tensors and ints.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lora_kernels.ops import backend as _backend
+from lora_kernels.ops import validation as V
+from lora_kernels.ops.batch import LoRABatch
+
+_EMPTY = (0,)
+
+
+def _batch(ids, order, offsets, active, ints) -> LoRABatch:
+    return LoRABatch.from_parts(ids, order, offsets, active, ints)
+
+
+@torch.library.custom_op("lora_kernels::multi_lora_linear", mutates_args=())
+def _multi_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+              scalings: Tensor, ranks: Optional[Tensor], adapter_ids: Tensor,
+              sorted_token_ids: Tensor, seg_offsets: Tensor, active_slots: Tensor,
+              batch_ints: Sequence[int], out_slices: Optional[Sequence[int]], need_xa: bool,
+              backend: str) -> tuple[Tensor, Tensor]:
+    batch = _batch(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    slices = None if out_slices is None else tuple(out_slices)
+    fwd = _backend.kernel(backend, "multi_lora_fwd")
+    y, xa = fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, slices, need_xa)
+    if not need_xa or xa is None:
+        xa = x.new_empty(_EMPTY, dtype=torch.float32)
+    return y, xa
+
+
+@_multi_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scalings, ranks, adapter_ids, sorted_token_ids,
+      seg_offsets, active_slots, batch_ints, out_slices, need_xa, backend):
+    xa_dtype = torch.promote_types(x.dtype, torch.float32)
+    xa_shape = (x.shape[0], lora_a.shape[1]) if need_xa else _EMPTY
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(xa_shape, dtype=xa_dtype)
+
+
+@torch.library.custom_op("lora_kernels::multi_lora_linear_backward", mutates_args=())
+def _multi_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                       xa: Tensor, scalings: Tensor, ranks: Optional[Tensor],
+                       adapter_ids: Tensor, sorted_token_ids: Tensor, seg_offsets: Tensor,
+                       active_slots: Tensor, batch_ints: Sequence[int],
+                       out_slices: Optional[Sequence[int]], needs: Sequence[bool],
+                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    batch = _batch(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    needs = tuple(bool(n) for n in needs)
+    slices = None if out_slices is None else tuple(out_slices)
+    bwd = _backend.kernel(backend, "multi_lora_bwd")
+    grads = bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, slices, needs)
+    return tuple(g if n else x.new_empty(_EMPTY) for g, n in zip(grads, needs))
+
+
+@_multi_backward_op.register_fake
+def _(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, adapter_ids, sorted_token_ids,
+      seg_offsets, active_slots, batch_ints, out_slices, needs, backend):
+    shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape)
+    return tuple(x.new_empty(s if n else _EMPTY) for s, n in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, lora_a, lora_b, scalings, ranks, ids, order, offsets, active, ints,
+     out_slices, need_xa, backend) = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], scalings, ranks, ids, order,
+                          offsets, active)
+    ctx.ints, ctx.out_slices, ctx.backend = list(ints), out_slices, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dxa):
+    x, weight, lora_a, lora_b, xa, scalings, ranks, ids, order, offsets, active = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    grads = torch.ops.lora_kernels.multi_lora_linear_backward(
+        dy.contiguous(), x, weight, lora_a, lora_b, xa, scalings, ranks, ids, order, offsets,
+        active, ctx.ints, ctx.out_slices, needs, ctx.backend)
+    out = [g if n else None for g, n in zip(grads, needs)]
+    return (*out,) + (None,) * 10
+
+
+_multi_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=())
+def _shrink_op(x: Tensor, lora_a: Tensor, scalings: Optional[Tensor], ranks: Optional[Tensor],
+               adapter_ids: Tensor, sorted_token_ids: Tensor, seg_offsets: Tensor,
+               active_slots: Tensor, batch_ints: Sequence[int], n_slices: int,
+               backend: str) -> Tensor:
+    batch = _batch(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    return _backend.kernel(backend, "lora_shrink")(x, lora_a, batch, scalings, ranks, n_slices)
+
+
+@_shrink_op.register_fake
+def _(x, lora_a, scalings, ranks, adapter_ids, sorted_token_ids, seg_offsets, active_slots,
+      batch_ints, n_slices, backend):
+    return x.new_empty(x.shape[0], lora_a.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
+
+
+@torch.library.custom_op("lora_kernels::lora_expand", mutates_args=("y",))
+def _expand_op(y: Tensor, xa: Tensor, lora_b: Tensor, ranks: Optional[Tensor],
+               adapter_ids: Tensor, sorted_token_ids: Tensor, seg_offsets: Tensor,
+               active_slots: Tensor, batch_ints: Sequence[int],
+               out_slices: Optional[Sequence[int]], backend: str) -> None:
+    batch = _batch(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    slices = None if out_slices is None else tuple(out_slices)
+    out = _backend.kernel(backend, "lora_expand")(y, xa, lora_b, batch, ranks, slices)
+    if out is not y:
+        y.copy_(out)
+
+
+# ------------------------------------------------------------------------------------------
+# Validation shared by the public entries
+# ------------------------------------------------------------------------------------------
+_RANKS_CHECKED: dict = {}
+
+
+def _check_batch(batch, T: int, S: int, device) -> LoRABatch:
+    if not isinstance(batch, LoRABatch):
+        raise TypeError(f"batch must be a LoRABatch (LoRABatch.from_adapter_ids(ids, num_slots)), "
+                        f"got {type(batch).__name__}")
+    if batch.num_tokens != T:
+        raise ValueError(f"batch describes {batch.num_tokens} tokens but x has T={T} rows")
+    if batch.num_slots != S:
+        raise ValueError(f"batch was built for num_slots={batch.num_slots} but the adapter "
+                         f"stack has S={S} slots")
+    if batch.device != device:
+        raise ValueError(f"batch is on {batch.device} but x is on {device}; use batch.to(device)")
+    return batch
+
+
+def _check_scalings(scalings, S: int, device) -> Tensor:
+    if isinstance(scalings, Tensor):
+        if scalings.dtype.is_complex or scalings.dtype == torch.bool:
+            raise TypeError(f"scalings must be a float tensor [S], got dtype {scalings.dtype}")
+        t = scalings
+    else:
+        try:
+            t = torch.as_tensor(list(scalings) if not isinstance(scalings, (int, float)) else
+                                [scalings] * S, dtype=torch.float32)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"scalings must be a float tensor or a sequence of S floats: {exc}")
+    if t.dim() != 1 or t.shape[0] != S:
+        raise ValueError(f"scalings must have shape [S] = [{S}], got {list(t.shape)}")
+    return t.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _check_ranks(ranks: Optional[Tensor], S: int, R: int, n_slices: int, device) -> Optional[Tensor]:
+    if ranks is None:
+        return None
+    if not isinstance(ranks, Tensor):
+        ranks = torch.as_tensor(ranks)
+    if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
+        raise TypeError(f"ranks must be an integer tensor, got dtype {ranks.dtype}")
+    if not (ranks.shape == (S,) or ranks.shape == (S, n_slices)):
+        raise ValueError(f"ranks must have shape [S] = [{S}] or [S, n_slices] = [{S}, {n_slices}],"
+                         f" got {list(ranks.shape)}")
+    # Range check once per ranks tensor version (a sync on CUDA), not once per layer call.
+    key = (id(ranks), ranks._version, ranks.data_ptr(), R)
+    if key not in _RANKS_CHECKED:
+        lo, hi = (int(v) for v in torch.stack([ranks.min(), ranks.max()]).tolist()) \
+            if ranks.numel() else (0, 0)
+        if lo < 0 or hi > R:
+            raise ValueError(f"ranks must lie in [0, r_max={R}], found {lo if lo < 0 else hi}")
+        if len(_RANKS_CHECKED) > 256:
+            _RANKS_CHECKED.clear()
+        _RANKS_CHECKED[key] = True
+    return ranks.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _check_slices(out_slices, N: int) -> Optional[list[int]]:
+    if out_slices is None:
+        return None
+    sl = [int(w) for w in out_slices]
+    if not sl or any(w <= 0 for w in sl) or sum(sl) != N:
+        raise ValueError(f"out_slices must be positive widths summing to N={N}, got {list(out_slices)}")
+    return sl
+
+
+def _cast(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _check_stack(x2, weight, bias, lora_a, lora_b, out_slices):
+    V.tensor("weight", weight, 2)
+    V.tensor("lora_a", lora_a, 3)
+    V.tensor("lora_b", lora_b, 3)
+    dtype = V.compute_dtype(x2, weight)
+    N, K = weight.shape
+    S, R = lora_b.shape[0], lora_b.shape[2]
+    V.shape("x", x2, (x2.shape[0], K), "[T, K]")
+    slices = _check_slices(out_slices, N)
+    n_slices = 1 if slices is None else len(slices)
+    V.shape("lora_b", lora_b, (S, N, R), "[S, N, r_max]")
+    V.shape("lora_a", lora_a, (S, n_slices * R, K), "[S, n_slices·r_max, K]")
+    if bias is not None:
+        V.tensor("bias", bias, 1)
+        V.shape("bias", bias, (N,), "[N]")
+    V.same_device("x", x2, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    return dtype, N, K, S, R, slices, n_slices
+
+
+def _resolve(backend, x2, dtype, op):
+    name = _backend.resolve(backend, x2.device, op, _backend.shape_class(x2.shape[0]))
+    if dtype == torch.float64 and name != "torch":
+        if backend == "auto":
+            return "torch"
+        raise TypeError(f"float64 inputs run on backend='torch' only (asked for {name!r})")
+    return name
+
+
+# ------------------------------------------------------------------------------------------
+# Public entries
+# ------------------------------------------------------------------------------------------
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                      lora_b: Tensor, batch: LoRABatch, *, scalings, ranks: Optional[Tensor] = None,
+                      out_slices: Optional[Sequence[int]] = None, backend: str = "auto") -> Tensor:
+    """Base GEMM plus each token's own adapter, ``x [T, K]`` (or ``[..., K]``, flattened).
+
+    ``lora_a [S, n_slices·r_max, K]``, ``lora_b [S, N, r_max]``, ``scalings [S]``, ``ranks [S]`` or
+    ``[S, n_slices]`` (slot i uses its first ``ranks[i]`` ranks; 0 = no LoRA), ``out_slices``:
+    output widths of a packed projection (qkv, gate_up) whose slices carry separate LoRAs.
+    Differentiable in x, lora_a, lora_b (and weight/bias when they require grad).
+    """
+    V.tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have shape [T, K], got a 0-D tensor")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    dtype, N, K, S, R, slices, n_slices = _check_stack(x2, weight, bias, lora_a, lora_b, out_slices)
+    batch = _check_batch(batch, x2.shape[0], S, x.device)
+    V.check_index_math("x", x2.shape[0], K)
+    sc = _check_scalings(scalings, S, x.device)
+    rk = _check_ranks(ranks, S, R, n_slices, x.device)
+    bias_c = _cast(bias, dtype)
+    if not batch.has_lora or x2.shape[0] == 0:
+        return F.linear(x2, weight, bias_c).reshape(*lead, N)
+    name = _resolve(backend, x2, dtype, "multi_lora_linear")
+    a, b = _cast(lora_a, dtype).contiguous(), _cast(lora_b, dtype).contiguous()
+    need_xa = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or
+                                           x2.requires_grad or weight.requires_grad)
+    y, _ = torch.ops.lora_kernels.multi_lora_linear(
+        x2.contiguous(), weight, bias_c, a, b, sc, rk, *batch.tensors(), batch.host_ints(),
+        slices, need_xa, name)
+    return y.reshape(*lead, N)
+
+
+def lora_shrink(x: Tensor, lora_a: Tensor, batch: LoRABatch, scalings=None, *,
+                ranks: Optional[Tensor] = None, n_slices: int = 1, backend: str = "auto") -> Tensor:
+    """``xa[t] = s_i·x[t]·A_iᵀ`` → ``[T, n_slices·r_max]`` float32 (zero rows for ``-1`` tokens).
+
+    The Punica/vLLM-style first half, for engines that run the base GEMM themselves.
+    Inference only (no autograd).
+    """
+    V.tensor("x", x, 2)
+    V.tensor("lora_a", lora_a, 3)
+    S, RR, K = lora_a.shape
+    if isinstance(n_slices, bool) or not isinstance(n_slices, int) or n_slices < 1 or RR % n_slices:
+        raise ValueError(f"n_slices must be a positive int dividing lora_a.shape[1]={RR}, got {n_slices!r}")
+    V.shape("x", x, (x.shape[0], K), "[T, K]")
+    V.same_device("x", x, lora_a=lora_a)
+    batch = _check_batch(batch, x.shape[0], S, x.device)
+    sc = None if scalings is None else _check_scalings(scalings, S, x.device)
+    rk = _check_ranks(ranks, S, RR // n_slices, n_slices, x.device)
+    if not batch.has_lora or x.shape[0] == 0:
+        return x.new_zeros(x.shape[0], RR, dtype=torch.promote_types(x.dtype, torch.float32))
+    name = _resolve(backend, x, x.dtype, "lora_shrink")
+    return torch.ops.lora_kernels.lora_shrink(
+        x.contiguous(), _cast(lora_a, x.dtype).contiguous(), sc, rk, *batch.tensors(),
+        batch.host_ints(), n_slices, name)
+
+
+def lora_expand(y: Tensor, xa: Tensor, lora_b: Tensor, batch: LoRABatch, *,
+                ranks: Optional[Tensor] = None, out_slices: Optional[Sequence[int]] = None,
+                backend: str = "auto") -> Tensor:
+    """``y[t] += xa[t]·B_iᵀ`` in place (rows of ``-1`` tokens untouched); returns ``y``.
+
+    ``y [T, N]``, ``xa [T, n_slices·r_max]`` (from :func:`lora_shrink`), ``lora_b [S, N, r_max]``.
+    Inference only (no autograd).
+    """
+    V.tensor("y", y, 2)
+    V.tensor("xa", xa, 2)
+    V.tensor("lora_b", lora_b, 3)
+    S, N, R = lora_b.shape
+    V.shape("y", y, (y.shape[0], N), "[T, N]")
+    slices = _check_slices(out_slices, N)
+    n_slices = 1 if slices is None else len(slices)
+    V.shape("xa", xa, (y.shape[0], n_slices * R), "[T, n_slices·r_max]")
+    V.same_device("y", y, xa=xa, lora_b=lora_b)
+    batch = _check_batch(batch, y.shape[0], S, y.device)
+    rk = _check_ranks(ranks, S, R, n_slices, y.device)
+    if not batch.has_lora or y.shape[0] == 0:
+        return y
+    if not y.is_contiguous():
+        raise ValueError("y must be contiguous: lora_expand adds into it in place")
+    name = _resolve(backend, y, y.dtype, "lora_expand")
+    torch.ops.lora_kernels.lora_expand(
+        y, xa.to(torch.promote_types(y.dtype, torch.float32)).contiguous(),
+        _cast(lora_b, y.dtype).contiguous(), rk, *batch.tensors(), batch.host_ints(), slices, name)
+    return y

@@ -1,0 +1,34 @@
+"""The ``torch`` backend: the kernel-level API (docs/BACKENDS.md) on top of the reference's
+CPU kernels. Runs on any device; it is what ``auto`` uses for CPU tensors."""
+
+from __future__ import annotations
+
+from lora_kernels import reference
+from lora_kernels.reference import dropout_keep_mask  # noqa: F401  (part of the API)
+
+lora_linear_fwd = reference.lora_linear_forward
+lora_linear_bwd = reference.lora_linear_backward
+
+
+def _host(t):
+    # Free for CPU tensors; for CUDA tensors this is the torch fallback's one sync per call.
+    return None if t is None else t.tolist()
+
+
+def lora_shrink(x, lora_a, batch, scalings, ranks, n_slices):
+    return reference.lora_shrink(x, lora_a, batch.adapter_ids, scalings, ranks, n_slices)
+
+
+def lora_expand(y, xa, lora_b, batch, ranks, out_slices):
+    return reference.lora_expand(y, xa, lora_b, batch.adapter_ids, ranks, out_slices)
+
+
+def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
+                   need_xa=True):
+    return reference.multi_lora_forward(x, weight, bias, lora_a, lora_b, _host(scalings),
+                                        batch.groups(), _host(ranks), out_slices, need_xa)
+
+
+def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, needs):
+    return reference.multi_lora_backward(dy, x, weight, lora_a, lora_b, _host(scalings),
+                                         batch.groups(), needs, _host(ranks), out_slices, xa)

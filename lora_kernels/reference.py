@@ -1,0 +1,404 @@
+"""Pure-PyTorch reference for every op: the test oracle and the CPU kernel.
+
+Everything here is plain tensor algebra, correct in float64 on CPU and differentiable by
+autograd. It imports nothing from ``lora_kernels`` on purpose: the oracle must not depend on
+the code it checks.
+
+Layouts follow ``nn.Linear`` and PEFT: ``weight [N, K]``, ``lora_a [r, K]``, ``lora_b [N, r]``;
+stacked adapters ``lora_a [S, R, K]``, ``lora_b [S, N, R]`` (``R`` = r_max).
+
+Two groups of functions:
+
+* the *oracle* (``lora_linear``, ``multi_lora_linear``, ``lora_shrink``, ``lora_expand``,
+  ``packed_lora_linear``): the shortest correct composition, autograd gives the gradients;
+* the *CPU kernels* (``lora_linear_forward/backward``, ``multi_lora_forward/backward``): the
+  same math written for speed on CPU (in-place ``addmm_``, one GEMM per active adapter,
+  rank-sized intermediates), with explicit backward formulas. ``lora_kernels.ops`` calls these
+  for ``backend="torch"``.
+
+Dropout (LoRA branch only, PEFT semantics) is counter-based so forward and backward, and every
+backend, draw the same mask from a seed: see :func:`dropout_keep_mask`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------
+# Counter-based dropout mask (Philox4x32-10), identical in torch, Triton and CUDA.
+# --------------------------------------------------------------------------------------------
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+
+
+def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi32, lo32) of a*b for a 32-bit constant a and uint32 values b held in int64.
+
+    a*b can reach 2^64, which overflows int64, so b is split into 16-bit halves: every partial
+    product stays below 2^49.
+    """
+    b_hi = b >> 16
+    b_lo = b & 0xFFFF
+    p_hi = a * b_hi  # < 2^48
+    p_lo = a * b_lo  # < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi & _MASK32, lo
+
+
+def philox_uint32(seed: int, counter: Tensor) -> Tensor:
+    """First output word of Philox4x32-10 for 64-bit counters ``counter`` (int64 tensor).
+
+    Key = (seed & 0xffffffff, seed >> 32 & 0xffffffff); counter words = (lo32, hi32, 0, 0).
+    Same constants and round function as Triton's ``tl.randint`` and curand's Philox.
+    """
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    counter = counter.to(torch.int64)
+    c0 = counter & _MASK32
+    c1 = (counter >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
+                      row_offset: int = 0) -> Tensor:
+    """Boolean keep-mask ``[rows, cols]`` for dropout probability ``p``.
+
+    Element (m, k) is kept iff ``(philox(seed, (m + row_offset)·cols + k) >> 8) · 2⁻²⁴ >= p``:
+    24 uniform bits, the same expression every backend evaluates, so a mask never has to be
+    stored between forward and backward.
+    """
+    if p <= 0.0:
+        return torch.ones(rows, cols, dtype=torch.bool, device=device)
+    m = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device)
+    k = torch.arange(cols, dtype=torch.int64, device=device)
+    counter = m[:, None] * cols + k[None, :]
+    bits = philox_uint32(seed, counter) >> 8
+    return bits.to(torch.float64) * (1.0 / 16777216.0) >= p
+
+
+def apply_dropout(x: Tensor, seed: int, p: float) -> Tensor:
+    """``x ∘ keep / (1 − p)`` with the counter-based mask over the rows of 2-D ``x``."""
+    if p <= 0.0:
+        return x
+    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+# --------------------------------------------------------------------------------------------
+# Oracle: single adapter
+# --------------------------------------------------------------------------------------------
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                scaling: float = 1.0, dropout_p: float = 0.0, seed: int = 0) -> Tensor:
+    """``y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` for ``x [..., K]``."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ weight.t()
+    if bias is not None:
+        y = y + bias
+    xd = apply_dropout(x2, seed, dropout_p)
+    y = y + scaling * ((xd @ lora_a.t()) @ lora_b.t())
+    return y.reshape(*lead, weight.shape[0])
+
+
+def packed_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                       lora_b: Tensor, out_slices: Sequence[int], lora_slices: Sequence[bool],
+                       scaling: float = 1.0, dropout_p: float = 0.0, seed: int = 0) -> Tensor:
+    """Packed projection (GPT-2 ``c_attn``, fused qkv) with LoRA on some output slices only.
+
+    ``weight [sum(out_slices), K]``; ``lora_a [n_adapted·r, K]`` (one ``[r, K]`` block per adapted
+    slice, in order); ``lora_b [sum of adapted widths, r]``. Slice j gets
+    ``s·(drop(x)·A_jᵀ)·B_jᵀ`` if ``lora_slices[j]``, nothing otherwise.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ weight.t()
+    if bias is not None:
+        y = y + bias
+    n_adapted = sum(bool(f) for f in lora_slices)
+    r = lora_a.shape[0] // max(n_adapted, 1)
+    xd = apply_dropout(x2, seed, dropout_p)
+    parts, col, brow, group = [], 0, 0, 0
+    for width, adapted in zip(out_slices, lora_slices):
+        part = y[:, col:col + width]
+        if adapted:
+            a_j = lora_a[group * r:(group + 1) * r]
+            b_j = lora_b[brow:brow + width]
+            part = part + scaling * ((xd @ a_j.t()) @ b_j.t())
+            brow += width
+            group += 1
+        parts.append(part)
+        col += width
+    return torch.cat(parts, dim=1).reshape(*lead, weight.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Oracle: heterogeneous multi-adapter batches
+# --------------------------------------------------------------------------------------------
+def _rank_of(ranks: Optional[Tensor], slot: int, slice_idx: int, r_max: int) -> int:
+    if ranks is None:
+        return r_max
+    if ranks.dim() == 1:
+        return int(ranks[slot])
+    return int(ranks[slot, slice_idx])
+
+
+def _slice_bounds(out_slices: Optional[Sequence[int]], n: int) -> list[tuple[int, int]]:
+    widths = list(out_slices) if out_slices is not None else [n]
+    bounds, start = [], 0
+    for w in widths:
+        bounds.append((start, start + w))
+        start += w
+    return bounds
+
+
+def lora_shrink(x: Tensor, lora_a: Tensor, adapter_ids: Tensor, scalings: Optional[Tensor] = None,
+                ranks: Optional[Tensor] = None, n_slices: int = 1) -> Tensor:
+    """``xa[t] = s_i · x[t]·A_iᵀ`` with ``i = adapter_ids[t]``; zero rows where ``i = −1``.
+
+    ``lora_a [S, n_slices·R, K]`` → ``xa [T, n_slices·R]``. Rank rows at or past ``ranks[i]``
+    (per slice when ``ranks`` is ``[S, n_slices]``) contribute zero. Output is at least fp32.
+    """
+    out_dtype = torch.promote_types(x.dtype, torch.float32)
+    T = x.shape[0]
+    RR = lora_a.shape[1]
+    R = RR // n_slices
+    xa = torch.zeros(T, RR, dtype=out_dtype, device=x.device)
+    for slot in torch.unique(adapter_ids).tolist():
+        if slot < 0:
+            continue
+        rows = torch.nonzero(adapter_ids == slot).flatten()
+        xs = x[rows].to(out_dtype)
+        s = 1.0 if scalings is None else scalings[slot].to(out_dtype)
+        for j in range(n_slices):
+            rk = _rank_of(ranks, slot, j, R)
+            if rk == 0:
+                continue
+            a = lora_a[slot, j * R:j * R + rk].to(out_dtype)
+            xa[rows, j * R:j * R + rk] = s * (xs @ a.t())
+    return xa
+
+
+def lora_expand(y: Tensor, xa: Tensor, lora_b: Tensor, adapter_ids: Tensor,
+                ranks: Optional[Tensor] = None, out_slices: Optional[Sequence[int]] = None) -> Tensor:
+    """``y[t] += xa[t]·B_iᵀ`` in place, ``i = adapter_ids[t]``; rows with ``i = −1`` untouched.
+
+    ``lora_b [S, N, R]``; with ``out_slices`` the output columns of slice j read
+    ``xa[:, j·R : j·R + rank]``.
+    """
+    R = lora_b.shape[2]
+    bounds = _slice_bounds(out_slices, lora_b.shape[1])
+    acc = torch.promote_types(y.dtype, torch.float32)
+    for slot in torch.unique(adapter_ids).tolist():
+        if slot < 0:
+            continue
+        rows = torch.nonzero(adapter_ids == slot).flatten()
+        for j, (c0, c1) in enumerate(bounds):
+            rk = _rank_of(ranks, slot, j, R)
+            if rk == 0:
+                continue
+            b = lora_b[slot, c0:c1, :rk].to(acc)
+            delta = xa[rows, j * R:j * R + rk].to(acc) @ b.t()
+            y[rows, c0:c1] = (y[rows, c0:c1].to(acc) + delta).to(y.dtype)
+    return y
+
+
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                      lora_b: Tensor, adapter_ids: Tensor, scalings: Tensor,
+                      ranks: Optional[Tensor] = None,
+                      out_slices: Optional[Sequence[int]] = None) -> Tensor:
+    """``y[t] = x[t]·Wᵀ + b + s_i·(x[t]·A_iᵀ)·B_iᵀ``, base only where ``adapter_ids[t] = −1``.
+
+    Differentiable (autograd) in every floating input. ``x [T, K]``.
+    """
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    R = lora_b.shape[2]
+    bounds = _slice_bounds(out_slices, weight.shape[0])
+    delta = torch.zeros_like(y)
+    for slot in torch.unique(adapter_ids).tolist():
+        if slot < 0:
+            continue
+        rows = torch.nonzero(adapter_ids == slot).flatten()
+        xs = x[rows]
+        cols = []
+        for j, (c0, c1) in enumerate(bounds):
+            rk = _rank_of(ranks, slot, j, R)
+            if rk == 0:
+                cols.append(torch.zeros(len(rows), c1 - c0, dtype=y.dtype, device=y.device))
+                continue
+            a = lora_a[slot, j * R:j * R + rk]
+            b = lora_b[slot, c0:c1, :rk]
+            cols.append(scalings[slot] * ((xs @ a.t()) @ b.t()))
+        delta = delta.index_put((rows,), torch.cat(cols, dim=1))
+    return y + delta
+
+
+# --------------------------------------------------------------------------------------------
+# CPU kernels: single adapter, explicit forward/backward
+# --------------------------------------------------------------------------------------------
+def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                        lora_b: Tensor, scaling: float, dropout_p: float = 0.0, seed: int = 0,
+                        out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Forward for 2-D ``x [M, K]``: returns ``(y, xa)`` with ``xa = drop(x)·Aᵀ`` (saved for backward).
+
+    ``addmm`` writes the base GEMM, then ``addmm_`` adds the rank-r term in place: one extra
+    read-modify-write of y instead of PEFT's temporaries and casts.
+    """
+    xd = apply_dropout(x, seed, dropout_p)
+    xa = xd @ lora_a.t()
+    if out is None:
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    else:
+        y = out
+        if bias is not None:
+            torch.addmm(bias, x, weight.t(), out=y)
+        else:
+            torch.mm(x, weight.t(), out=y)
+    y.addmm_(xa, lora_b.t(), alpha=scaling)
+    return y, xa
+
+
+def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                         xa: Tensor, scaling: float, dropout_p: float, seed: int,
+                         needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
+    """Gradients ``(dx, dweight, dbias, dlora_a, dlora_b)`` for ``needs`` in that order.
+
+    ``dx = dy·W + drop'(s·(dy·B)·A)``; ``dA = s·(dy·B)ᵀ·drop(x)``; ``dB = s·dyᵀ·xa``. The only
+    new intermediate is ``dy·B`` ``[M, r]``.
+    """
+    need_x, need_w, need_b, need_a, need_bb = needs
+    dx = dw = db = da = dbb = None
+    dyb = None
+    if need_x or need_a:
+        dyb = dy @ lora_b  # [M, r]
+    if need_x:
+        low = (dyb @ lora_a) * scaling
+        if dropout_p > 0.0:
+            dx = dy @ weight + apply_dropout(low, seed, dropout_p)
+        else:
+            dx = torch.addmm(low, dy, weight)
+    if need_w:
+        dw = dy.t() @ x
+    if need_b:
+        db = dy.sum(0)
+    if need_a:
+        da = (dyb.t() @ apply_dropout(x, seed, dropout_p)) * scaling
+    if need_bb:
+        dbb = (dy.t() @ xa) * scaling
+    return dx, dw, db, da, dbb
+
+
+# --------------------------------------------------------------------------------------------
+# CPU kernels: heterogeneous batches, grouped by adapter
+# --------------------------------------------------------------------------------------------
+def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                       lora_b: Tensor, scalings: Sequence[float], groups: Sequence[tuple[int, Tensor]],
+                       ranks: Optional[Sequence] = None, out_slices: Optional[Sequence[int]] = None,
+                       need_xa: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """Forward grouped by adapter: one base GEMM, then per active slot one gather, two small
+    GEMMs and one ``index_add_`` — no per-token Python loop.
+
+    ``groups``: ``(slot, token_indices)`` for every active slot (from ``LoRABatch``).
+    ``ranks``: host-side ranks (``ranks[slot]`` an int or a per-slice list), None = R.
+    Returns ``(y, xa)``; ``xa [T, n_slices·R]`` (scaled shrink output, ≥ fp32) only if ``need_xa``.
+    """
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    R = lora_b.shape[2]
+    bounds = _slice_bounds(out_slices, weight.shape[0])
+    xa = None
+    if need_xa:
+        xa = x.new_zeros(x.shape[0], len(bounds) * R, dtype=torch.promote_types(x.dtype, torch.float32))
+    for slot, rows in groups:
+        xs = x.index_select(0, rows)
+        s = float(scalings[slot])
+        rks = _host_ranks(ranks, slot, len(bounds), R)
+        delta = None
+        for j, (c0, c1) in enumerate(bounds):
+            rk = rks[j]
+            if rk == 0:
+                continue
+            u = (xs @ lora_a[slot, j * R:j * R + rk].t()) * s  # [G, rk], scaled
+            if xa is not None:
+                xa[rows, j * R:j * R + rk] = u.to(xa.dtype)
+            part = u @ lora_b[slot, c0:c1, :rk].t()
+            if len(bounds) == 1:
+                delta = part
+            else:
+                if delta is None:
+                    delta = xs.new_zeros(xs.shape[0], weight.shape[0])
+                delta[:, c0:c1] = part
+        if delta is not None:
+            y.index_add_(0, rows, delta)
+    return y, xa
+
+
+def _host_ranks(ranks, slot: int, n_slices: int, r_max: int) -> list[int]:
+    if ranks is None:
+        return [r_max] * n_slices
+    rk = ranks[slot]
+    return list(rk) if isinstance(rk, (list, tuple)) else [int(rk)] * n_slices
+
+
+def multi_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                        scalings: Tensor, groups: Sequence[tuple[int, Tensor]],
+                        needs: Sequence[bool], ranks: Optional[Sequence] = None,
+                        out_slices: Optional[Sequence[int]] = None,
+                        xa: Optional[Tensor] = None) -> tuple[Optional[Tensor], ...]:
+    """Gradients ``(dx, dweight, dbias, dlora_a, dlora_b)``; dA/dB are zero for absent slots.
+
+    Per active slot i with tokens G: ``u = dy[G]·B_i`` ``[|G|, r]``; ``dx[G] += s_i·u·A_i``;
+    ``dA_i = s_i·uᵀ·x[G]``; ``dB_i = s_i·dy[G]ᵀ·(x[G]·A_iᵀ)``. Each slot's sums run over its own
+    tokens in a fixed order: deterministic, no atomics. ``xa`` (the forward's scaled shrink
+    output ``[T, n_slices·R]``) saves recomputing ``x[G]·A_iᵀ`` for dB.
+    """
+    need_x, need_w, need_b, need_a, need_bb = needs
+    dx = dy @ weight if need_x else None
+    dw = dy.t() @ x if need_w else None
+    db = dy.sum(0) if need_b else None
+    da = torch.zeros_like(lora_a) if need_a else None
+    dbb = torch.zeros_like(lora_b) if need_bb else None
+    R = lora_b.shape[2]
+    bounds = _slice_bounds(out_slices, weight.shape[0])
+    for slot, rows in groups:
+        s = float(scalings[slot])
+        xs = x.index_select(0, rows)
+        dys = dy.index_select(0, rows)
+        rks = _host_ranks(ranks, slot, len(bounds), R)
+        dx_s = None
+        for j, (c0, c1) in enumerate(bounds):
+            rk = rks[j]
+            if rk == 0:
+                continue
+            a = lora_a[slot, j * R:j * R + rk]
+            b = lora_b[slot, c0:c1, :rk]
+            u = dys[:, c0:c1] @ b  # [G, rk]
+            if need_x:
+                term = (u @ a) * s
+                dx_s = term if dx_s is None else dx_s + term
+            if need_a:
+                da[slot, j * R:j * R + rk] = (u.t() @ xs) * s
+            if need_bb:
+                if xa is None:
+                    xas = (xs @ a.t()) * s
+                else:
+                    xas = xa.index_select(0, rows)[:, j * R:j * R + rk].to(dys.dtype)
+                dbb[slot, c0:c1, :rk] = dys[:, c0:c1].t() @ xas
+        if dx_s is not None:
+            dx.index_add_(0, rows, dx_s)
+    return dx, dw, db, da, dbb

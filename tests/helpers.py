@@ -1,0 +1,48 @@
+"""Shared test utilities: tolerances from docs (DESIGN.md numerics), error metric, devices."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# ‖out − ref‖ / ‖ref‖ against the float64 reference.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+TOL_GPU_FP32 = 5e-4  # tf32 tensor cores
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def tol(dtype: torch.dtype, device) -> float:
+    if dtype == torch.float32 and torch.device(device).type == "cuda":
+        return TOL_GPU_FP32
+    return TOL[dtype]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_device() -> str | None:
+    """Where Triton kernels can run in this process: 'cuda', 'cpu' (interpreter) or None."""
+    if torch.cuda.is_available() and not interpreting():
+        return "cuda"
+    if interpreting():
+        return "cpu"
+    return None
+
+
+def triton_dtypes(device: str) -> list:
+    # The interpreter gets bfloat16 wrong: bf16 only on a GPU.
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
+    t = (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+    return t.requires_grad_(requires_grad)
