@@ -1,9 +1,19 @@
-"""lora-kernels: fused LoRA kernels (Triton and CUDA C++) for PyTorch."""
+"""lora-kernels: fused LoRA kernels (Triton and CUDA C++) for PyTorch.
 
+Public API (see docs and ../DESIGN): functional ops, batch metadata, modules, PEFT integration.
+"""
+
+from lora_kernels.nn import (LoRALinear, MultiLoRALinear, PackedLoRALinear, inject_lora,
+                             lora_state_dict, mark_only_lora_as_trainable, merge_lora,
+                             set_lora_batch, unmerge_lora, use_lora_batch)
 from lora_kernels.ops import (BackendUnavailableError, LoRABatch, lora_expand, lora_linear,
                               lora_shrink, multi_lora_linear)
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "LoRABatch", "lora_expand", "lora_linear", "lora_shrink",
-           "multi_lora_linear", "__version__"]
+__all__ = [
+    "BackendUnavailableError", "LoRABatch", "LoRALinear", "MultiLoRALinear", "PackedLoRALinear",
+    "inject_lora", "lora_expand", "lora_linear", "lora_shrink", "lora_state_dict",
+    "mark_only_lora_as_trainable", "merge_lora", "multi_lora_linear", "set_lora_batch",
+    "unmerge_lora", "use_lora_batch", "__version__",
+]

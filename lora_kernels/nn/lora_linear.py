@@ -1,0 +1,249 @@
+"""Single-adapter LoRA layers: ``LoRALinear`` (drop-in ``nn.Linear``) and ``PackedLoRALinear``
+(a packed projection such as GPT-2 ``c_attn`` with LoRA on some output slices only)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lora_kernels.ops import block_diag_lora_b, lora_linear
+
+
+def lora_scaling(r: int, lora_alpha: Optional[float], use_rslora: bool) -> float:
+    """``alpha / r`` (paper, PEFT) or ``alpha / sqrt(r)`` (rsLoRA); alpha defaults to r."""
+    alpha = float(r if lora_alpha is None else lora_alpha)
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _check_rank(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    return r
+
+
+def _check_dropout(p) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"lora_dropout must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
+class _LoRABase(nn.Module):
+    """Shared state of the single-adapter layers: frozen base weight, A/B, merge bookkeeping.
+
+    ``weight`` is stored ``[out, in]`` like ``nn.Linear``, or ``[in, out]`` for a transformers
+    ``Conv1D`` (``fan_in_fan_out=True``); the kernels read either layout through strides.
+    """
+
+    weight: nn.Parameter
+    bias: Optional[nn.Parameter]
+
+    def _init_lora(self, in_features, out_features, r_total, b_rows, lora_alpha, r,
+                   lora_dropout, use_rslora, backend, fan_in_fan_out, factory):
+        self.in_features, self.out_features = in_features, out_features
+        self.r = r
+        self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.lora_dropout = _check_dropout(lora_dropout)
+        self.backend = backend
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.merged = False
+        # nn.Linear submodules so the state-dict keys are PEFT's: "<name>.lora_A.weight".
+        self.lora_A = nn.Linear(in_features, r_total, bias=False, **factory)
+        self.lora_B = nn.Linear(r, b_rows, bias=False, **factory)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A Kaiming-uniform (as loralib and PEFT), B zero: training starts at the base model."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def base_weight(self) -> Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for Conv1D layouts)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def _lora_b_full(self) -> Tensor:
+        return self.lora_B.weight
+
+    def delta_weight(self) -> Tensor:
+        """``s·B·A`` as ``[out, in]`` in fp32 (for merge/unmerge)."""
+        b = self._lora_b_full().float()
+        return (b @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``s·B·A`` into the base weight: the forward becomes exactly a plain linear."""
+        if not self.merged:
+            self._add_delta(+1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._add_delta(-1.0)
+            self.merged = False
+
+    def _add_delta(self, sign: float) -> None:
+        delta = self.delta_weight()
+        w = self.base_weight()
+        w.copy_((w.float() + sign * delta).to(w.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.base_weight()
+        if self.merged:
+            return F.linear(x, w, self.bias)
+        return lora_linear(x, w, self.bias, self.lora_A.weight, self._lora_b_full(),
+                           scaling=self.scaling, dropout_p=self.lora_dropout,
+                           training=self.training, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}, "
+                f"backend={self.backend!r}")
+
+
+class LoRALinear(_LoRABase):
+    """``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with the fused op; usable wherever ``nn.Linear`` is.
+
+    ``.weight``/``.bias`` are the frozen base parameters; ``lora_A.weight [r, in]`` and
+    ``lora_B.weight [out, r]`` are the trainable factors (PEFT key names).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int,
+                 lora_alpha: Optional[float] = None, lora_dropout: float = 0.0, bias: bool = True,
+                 use_rslora: bool = False, backend: str = "auto", device=None, dtype=None,
+                 fan_in_fan_out: bool = False):
+        super().__init__()
+        r = _check_rank(r)
+        factory = {"device": device, "dtype": dtype}
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) \
+            if bias else None
+        self._init_lora(in_features, out_features, r, out_features, lora_alpha, r, lora_dropout,
+                        use_rslora, backend, fan_in_fan_out, factory)
+        self._reset_base()
+
+    @torch.no_grad()
+    def _reset_base(self) -> None:
+        ref = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        self.base_weight().copy_(ref.weight)
+        if self.bias is not None:
+            self.bias.copy_(ref.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int, lora_alpha: Optional[float] = None,
+                    lora_dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto",
+                    fan_in_fan_out: Optional[bool] = None) -> "LoRALinear":
+        """Wrap an existing ``nn.Linear`` (or transformers ``Conv1D``) sharing its frozen weight
+        and bias — the same Parameter objects, no copy."""
+        weight = getattr(linear, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise TypeError(f"linear must be an nn.Linear or transformers Conv1D, got "
+                            f"{type(linear).__name__}")
+        if fan_in_fan_out is None:
+            fan_in_fan_out = is_conv1d(linear)
+        in_f, out_f = (weight.shape if fan_in_fan_out else weight.shape[::-1])
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        weight.requires_grad_(False)
+        self.weight = weight
+        self.bias = getattr(linear, "bias", None)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self._init_lora(int(in_f), int(out_f), _check_rank(r), int(out_f), lora_alpha, r,
+                        lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
+        return self
+
+
+class PackedLoRALinear(_LoRABase):
+    """A packed projection (GPT-2 ``c_attn``, fused qkv/gate_up) with LoRA on some slices only,
+    like loralib's ``MergedLinear(enable_lora=[True, False, True])``.
+
+    ``lora_A.weight [n_adapted·r, in]`` (one block per adapted slice), ``lora_B.weight
+    [sum of adapted widths, r]``. The forward is one fused ``lora_linear`` with a block-diagonal
+    B, so a column's low-rank term only sees its own slice's ranks; the x-side work (x·Aᵀ) is done
+    for adapted slices only.
+    """
+
+    def __init__(self, in_features: int, out_slices: Sequence[int], r: int,
+                 enable_lora: Sequence[bool], lora_alpha: Optional[float] = None,
+                 lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
+                 backend: str = "auto", device=None, dtype=None, fan_in_fan_out: bool = False):
+        super().__init__()
+        out_features = self._set_slices(out_slices, enable_lora)
+        factory = {"device": device, "dtype": dtype}
+        shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) \
+            if bias else None
+        r = _check_rank(r)
+        self._init_lora(in_features, out_features, self.n_adapted * r, self.adapted_width,
+                        lora_alpha, r, lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
+        LoRALinear._reset_base(self)
+
+    def _set_slices(self, out_slices, enable_lora) -> int:
+        self.out_slices = tuple(int(w) for w in out_slices)
+        self.enable_lora = tuple(bool(e) for e in enable_lora)
+        if len(self.out_slices) != len(self.enable_lora) or not self.out_slices or \
+                any(w <= 0 for w in self.out_slices):
+            raise ValueError(f"out_slices {list(out_slices)} and enable_lora {list(enable_lora)} "
+                             f"must be non-empty, positive and of equal length")
+        self.n_adapted = sum(self.enable_lora)
+        if self.n_adapted == 0:
+            raise ValueError("enable_lora must enable at least one slice")
+        self.adapted_width = sum(w for w, e in zip(self.out_slices, self.enable_lora) if e)
+        return sum(self.out_slices)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int, enable_lora: Sequence[bool],
+                    out_slices: Optional[Sequence[int]] = None, lora_alpha: Optional[float] = None,
+                    lora_dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto",
+                    fan_in_fan_out: Optional[bool] = None) -> "PackedLoRALinear":
+        """Wrap a packed ``nn.Linear``/``Conv1D`` (shared weight). ``out_slices`` defaults to
+        equal slices, one per ``enable_lora`` entry (loralib's convention)."""
+        if fan_in_fan_out is None:
+            fan_in_fan_out = is_conv1d(linear)
+        weight = linear.weight
+        in_f, out_f = (weight.shape if fan_in_fan_out else weight.shape[::-1])
+        if out_slices is None:
+            n = len(enable_lora)
+            if n == 0 or out_f % n:
+                raise ValueError(f"out_features={out_f} does not split into {n} equal slices; "
+                                 f"pass out_slices")
+            out_slices = [out_f // n] * n
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        if self._set_slices(out_slices, enable_lora) != out_f:
+            raise ValueError(f"out_slices {list(out_slices)} must sum to out_features={out_f}")
+        weight.requires_grad_(False)
+        self.weight, self.bias = weight, getattr(linear, "bias", None)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        r = _check_rank(r)
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self._init_lora(int(in_f), int(out_f), self.n_adapted * r, self.adapted_width, lora_alpha,
+                        r, lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
+        return self
+
+    def _lora_b_full(self) -> Tensor:
+        blocks, row = [], 0
+        b = self.lora_B.weight
+        for width, adapted in zip(self.out_slices, self.enable_lora):
+            blocks.append(b[row:row + width] if adapted else None)
+            row += width if adapted else 0
+        return block_diag_lora_b(blocks, self.out_slices)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", out_slices={self.out_slices}, enable_lora={self.enable_lora}"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear with weight ``[in, out]``. Detected by shape,
+    so nothing here imports transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")

@@ -1,0 +1,136 @@
+"""``MultiLoRALinear``: one frozen base linear plus ``num_slots`` adapters in device slots, each
+token routed to its own adapter by a ``LoRABatch`` — for serving and multi-adapter training."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lora_kernels.nn.lora_linear import is_conv1d
+from lora_kernels.ops import LoRABatch, multi_lora_linear
+
+
+class MultiLoRALinear(nn.Module):
+    """Base ``nn.Linear`` (or ``Conv1D``) + stacked adapters ``lora_A [S, n_slices·R, in]``,
+    ``lora_B [S, out, R]``, per-slot ``scalings [S]`` and ``ranks [S]`` (or ``[S, n_slices]``).
+
+    Empty slots have rank 0 (no work). ``forward(x, batch)`` takes the batch explicitly or uses
+    the one installed with :func:`use_lora_batch` / :meth:`set_lora_batch`. ``lora_A``/``lora_B``
+    are Parameters: several adapters can be trained in one mixed batch.
+    """
+
+    def __init__(self, base_linear: nn.Module, num_slots: int, max_rank: int,
+                 out_slices: Optional[Sequence[int]] = None, backend: str = "auto",
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        for name, v in (("num_slots", num_slots), ("max_rank", max_rank)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        weight = getattr(base_linear, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise TypeError(f"base_linear must be an nn.Linear or Conv1D, got {type(base_linear).__name__}")
+        self.fan_in_fan_out = is_conv1d(base_linear)
+        in_f, out_f = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        self.in_features, self.out_features = int(in_f), int(out_f)
+        weight.requires_grad_(False)
+        self.weight = weight
+        self.bias = getattr(base_linear, "bias", None)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.out_slices = None if out_slices is None else tuple(int(w) for w in out_slices)
+        if self.out_slices is not None and sum(self.out_slices) != self.out_features:
+            raise ValueError(f"out_slices {out_slices} must sum to out_features={self.out_features}")
+        n_slices = 1 if self.out_slices is None else len(self.out_slices)
+        self.num_slots, self.max_rank, self.n_slices = num_slots, max_rank, n_slices
+        self.backend = backend
+        factory = {"device": weight.device, "dtype": dtype or weight.dtype}
+        self.lora_A = nn.Parameter(torch.zeros(num_slots, n_slices * max_rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(num_slots, self.out_features, max_rank, **factory))
+        self.register_buffer("scalings", torch.zeros(num_slots, dtype=torch.float32, device=weight.device))
+        rank_shape = (num_slots,) if n_slices == 1 else (num_slots, n_slices)
+        self.register_buffer("ranks", torch.zeros(rank_shape, dtype=torch.int32, device=weight.device))
+        self.lora_batch: Optional[LoRABatch] = None
+
+    def base_weight(self) -> Tensor:
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    # ---- slots ------------------------------------------------------------------------------
+    def _check_slot(self, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot must be an int in [0, {self.num_slots}), got {slot!r}")
+        return slot
+
+    @torch.no_grad()
+    def set_adapter(self, slot: int, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                    slice_ranks: Optional[Sequence[int]] = None) -> None:
+        """Place one adapter in ``slot``: ``lora_a [n_slices·r, in]`` (or ``[r, in]``),
+        ``lora_b [out, r]``. Rows/columns past ``r`` are zeroed; ``slice_ranks`` marks slices the
+        adapter does not touch with 0 (packed projections)."""
+        slot = self._check_slot(slot)
+        r = lora_b.shape[-1] if lora_b.dim() == 2 else -1
+        if lora_b.dim() != 2 or lora_b.shape[0] != self.out_features or not 1 <= r <= self.max_rank:
+            raise ValueError(f"lora_b must have shape [out={self.out_features}, r] with 1 <= r <= "
+                             f"max_rank={self.max_rank}, got {list(lora_b.shape)}")
+        if lora_a.dim() != 2 or lora_a.shape != (self.n_slices * r, self.in_features):
+            raise ValueError(f"lora_a must have shape [n_slices·r, in] = "
+                             f"[{self.n_slices * r}, {self.in_features}], got {list(lora_a.shape)}")
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+            raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
+        R = self.max_rank
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        for j in range(self.n_slices):
+            self.lora_A[slot, j * R:j * R + r] = lora_a[j * r:(j + 1) * r]
+        self.lora_B[slot, :, :r] = lora_b
+        self.scalings[slot] = float(scaling)
+        ranks = [r] * self.n_slices if slice_ranks is None else [int(v) for v in slice_ranks]
+        if len(ranks) != self.n_slices or any(not 0 <= v <= r for v in ranks):
+            raise ValueError(f"slice_ranks must be {self.n_slices} ints in [0, {r}], got {slice_ranks}")
+        self.ranks[slot] = torch.tensor(ranks if self.n_slices > 1 else ranks[0], dtype=torch.int32)
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        slot = self._check_slot(slot)
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.scalings[slot] = 0.0
+        self.ranks[slot] = 0
+
+    # ---- forward ----------------------------------------------------------------------------
+    def set_lora_batch(self, batch: Optional[LoRABatch]) -> None:
+        self.lora_batch = batch
+
+    def forward(self, x: Tensor, batch: Optional[LoRABatch] = None) -> Tensor:
+        batch = batch if batch is not None else self.lora_batch
+        w = self.base_weight()
+        if batch is None:
+            return F.linear(x, w, self.bias)
+        return multi_lora_linear(x, w, self.bias, self.lora_A, self.lora_B, batch,
+                                 scalings=self.scalings, ranks=self.ranks,
+                                 out_slices=self.out_slices, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_slots={self.num_slots}, max_rank={self.max_rank}, "
+                f"out_slices={self.out_slices}, backend={self.backend!r}")
+
+
+def set_lora_batch(model: nn.Module, batch: Optional[LoRABatch]) -> None:
+    """Install ``batch`` on every ``MultiLoRALinear`` in ``model`` (built once per forward)."""
+    for m in model.modules():
+        if isinstance(m, MultiLoRALinear):
+            m.set_lora_batch(batch)
+
+
+@contextlib.contextmanager
+def use_lora_batch(model: nn.Module, batch: LoRABatch):
+    """``with use_lora_batch(model, batch): model(x)`` — routes every token to its adapter."""
+    set_lora_batch(model, batch)
+    try:
+        yield batch
+    finally:
+        set_lora_batch(model, None)
