@@ -102,7 +102,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     """
     V.tensor("x", x)
     if x.dim() < 1:
-        raise ValueError(f"x must have shape [..., K], got a 0-D tensor")
+        raise ValueError("x must have shape [..., K], got a 0-D tensor")
     V.tensor("weight", weight, 2)
     V.tensor("lora_a", lora_a, 2)
     V.tensor("lora_b", lora_b, 2)
@@ -117,7 +117,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         V.shape("bias", bias, (N,), "[N]")
     V.same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     scaling = V.scalar("scaling", scaling)
-    dropout_p = V.scalar("dropout_p", dropout_p, 0.0, 1.0, high_open=True) if training else 0.0
+    dropout_p = V.scalar("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if not training:
+        dropout_p = 0.0
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     V.check_index_math("x", x2.shape[0], K)
