@@ -307,15 +307,22 @@ def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, 
 # --------------------------------------------------------------------------------------------
 # CPU kernels: heterogeneous batches, grouped by adapter
 # --------------------------------------------------------------------------------------------
+def _rows(t: Tensor, rows) -> Tensor:
+    # A slice is a contiguous run of tokens: a view, no gather copy.
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
 def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
-                       lora_b: Tensor, scalings: Sequence[float], groups: Sequence[tuple[int, Tensor]],
+                       lora_b: Tensor, scalings: Sequence[float], groups: Sequence[tuple],
                        ranks: Optional[Sequence] = None, out_slices: Optional[Sequence[int]] = None,
                        need_xa: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-    """Forward grouped by adapter: one base GEMM, then per active slot one gather, two small
-    GEMMs and one ``index_add_`` — no per-token Python loop.
+    """Forward grouped by adapter: one base GEMM, then per group two small GEMMs — no per-token
+    Python loop.
 
-    ``groups``: ``(slot, token_indices)`` for every active slot (from ``LoRABatch``).
-    ``ranks``: host-side ranks (``ranks[slot]`` an int or a per-slice list), None = R.
+    ``groups``: ``(slot, rows)`` where ``rows`` is a token-index tensor (gathered, then
+    ``index_add_``-ed back) or a ``slice`` for a contiguous run of tokens (views; the expand
+    accumulates straight into ``y`` with ``addmm_``, no temporary). A slot may appear in several
+    groups. ``ranks``: host-side ranks (``ranks[slot]`` an int or per-slice list), None = R.
     Returns ``(y, xa)``; ``xa [T, n_slices·R]`` (scaled shrink output, ≥ fp32) only if ``need_xa``.
     """
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
@@ -325,7 +332,7 @@ def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a
     if need_xa:
         xa = x.new_zeros(x.shape[0], len(bounds) * R, dtype=torch.promote_types(x.dtype, torch.float32))
     for slot, rows in groups:
-        xs = x.index_select(0, rows)
+        xs = _rows(x, rows)
         s = float(scalings[slot])
         rks = _host_ranks(ranks, slot, len(bounds), R)
         delta = None
@@ -336,13 +343,15 @@ def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a
             u = (xs @ lora_a[slot, j * R:j * R + rk].t()) * s  # [G, rk], scaled
             if xa is not None:
                 xa[rows, j * R:j * R + rk] = u.to(xa.dtype)
-            part = u @ lora_b[slot, c0:c1, :rk].t()
-            if len(bounds) == 1:
-                delta = part
+            b = lora_b[slot, c0:c1, :rk].t()
+            if isinstance(rows, slice):
+                y[rows, c0:c1].addmm_(u, b)
+            elif len(bounds) == 1:
+                delta = u @ b
             else:
                 if delta is None:
                     delta = xs.new_zeros(xs.shape[0], weight.shape[0])
-                delta[:, c0:c1] = part
+                delta[:, c0:c1] = u @ b
         if delta is not None:
             y.index_add_(0, rows, delta)
     return y, xa
@@ -361,6 +370,7 @@ def multi_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
                         out_slices: Optional[Sequence[int]] = None,
                         xa: Optional[Tensor] = None) -> tuple[Optional[Tensor], ...]:
     """Gradients ``(dx, dweight, dbias, dlora_a, dlora_b)``; dA/dB are zero for absent slots.
+    ``groups`` as in :func:`multi_lora_forward` (index tensors or slices; a slot may repeat).
 
     Per active slot i with tokens G: ``u = dy[G]·B_i`` ``[|G|, r]``; ``dx[G] += s_i·u·A_i``;
     ``dA_i = s_i·uᵀ·x[G]``; ``dB_i = s_i·dy[G]ᵀ·(x[G]·A_iᵀ)``. Each slot's sums run over its own
@@ -377,8 +387,8 @@ def multi_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
     bounds = _slice_bounds(out_slices, weight.shape[0])
     for slot, rows in groups:
         s = float(scalings[slot])
-        xs = x.index_select(0, rows)
-        dys = dy.index_select(0, rows)
+        xs = _rows(x, rows)
+        dys = _rows(dy, rows)
         rks = _host_ranks(ranks, slot, len(bounds), R)
         dx_s = None
         for j, (c0, c1) in enumerate(bounds):
@@ -392,13 +402,16 @@ def multi_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
                 term = (u @ a) * s
                 dx_s = term if dx_s is None else dx_s + term
             if need_a:
-                da[slot, j * R:j * R + rk] = (u.t() @ xs) * s
+                da[slot, j * R:j * R + rk] += (u.t() @ xs) * s
             if need_bb:
                 if xa is None:
                     xas = (xs @ a.t()) * s
                 else:
-                    xas = xa.index_select(0, rows)[:, j * R:j * R + rk].to(dys.dtype)
-                dbb[slot, c0:c1, :rk] = dys[:, c0:c1].t() @ xas
+                    xas = _rows(xa, rows)[:, j * R:j * R + rk].to(dys.dtype)
+                dbb[slot, c0:c1, :rk] += dys[:, c0:c1].t() @ xas
         if dx_s is not None:
-            dx.index_add_(0, rows, dx_s)
+            if isinstance(rows, slice):
+                dx[rows] += dx_s
+            else:
+                dx.index_add_(0, rows, dx_s)
     return dx, dw, db, da, dbb

@@ -216,3 +216,25 @@ def test_bad_input_raises_naming_the_argument(field, value, exc, needle):
 def test_bad_adapter_ids(ids, exc):
     with pytest.raises(exc, match="adapter_ids"):
         lk.LoRABatch.from_adapter_ids(ids, S)
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_contiguous_runs_and_gathered_groups_agree(per_sample):
+    """Per-sample ids (PEFT adapter_names=) take the views path, interleaved ids the gather path."""
+    K, N, T = 16, 12, 40
+    ids = torch.tensor([3, -1, 0, 3, 1]).repeat_interleave(8) if per_sample else torch.arange(T) % S - 1
+    batch = lk.LoRABatch.from_adapter_ids(ids, S)
+    runs = batch.contiguous_runs(max_runs=2 * batch.num_active + 8)
+    assert (runs is not None) == per_sample
+    x = randn(T, K, requires_grad=True)
+    W = randn(N, K)
+    A, B = _stack(K, N, grad=True)
+    sc = torch.rand(S) + 0.5
+    y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, backend="torch")
+    x64, A64, B64 = _d(x), _d(A), _d(B)
+    y64 = ref.multi_lora_linear(x64, W.double(), None, A64, B64, ids, sc.double())
+    assert rel_err(y, y64) <= TOL[torch.float32]
+    dy = randn(T, N)
+    for got, want in zip(torch.autograd.grad(y, (x, A, B), dy),
+                         torch.autograd.grad(y64, (x64, A64, B64), dy.double())):
+        assert rel_err(got, want) <= TOL[torch.float32]

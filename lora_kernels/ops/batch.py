@@ -127,6 +127,21 @@ class LoRABatch:
         return [(slot, order[off[slot + 1]:off[slot + 2]])
                 for slot in range(self.num_slots) if off[slot + 2] > off[slot + 1]]
 
+    def contiguous_runs(self, max_runs: int) -> Optional[list[tuple[int, int, int]]]:
+        """``(slot, start, end)`` for each maximal run of equal non-negative ids in token order,
+        or None if there are more than ``max_runs`` runs. Per-sample adapters (PEFT's
+        ``adapter_names=``) give one run per sample, so the torch backend can work on views of
+        x and y instead of gathering. Host-side: free for CPU batches."""
+        ids = self.adapter_ids
+        if ids.numel() == 0:
+            return []
+        starts = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
+        if starts.numel() + 1 > max_runs:
+            return None
+        bounds = [0] + starts.tolist() + [ids.numel()]
+        slots = ids[torch.tensor(bounds[:-1], device=ids.device)].tolist()
+        return [(s, a, b) for s, a, b in zip(slots, bounds[:-1], bounds[1:]) if s >= 0]
+
     def to(self, device) -> "LoRABatch":
         return LoRABatch(*(t.to(device) for t in self.tensors()), self.num_slots,
                          self.num_active, self.max_seg_len, self._host_offsets)

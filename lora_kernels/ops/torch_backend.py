@@ -15,6 +15,16 @@ def _host(t):
     return None if t is None else t.tolist()
 
 
+def _groups(batch):
+    # Contiguous runs (one per sample in PEFT-style batches) work on views; a batch interleaved
+    # token by token is gathered once per active slot instead.
+    runs = batch.contiguous_runs(max_runs=2 * batch.num_active + 8) \
+        if batch.adapter_ids.device.type == "cpu" else None
+    if runs is not None:
+        return [(slot, slice(a, b)) for slot, a, b in runs]
+    return batch.groups()
+
+
 def lora_shrink(x, lora_a, batch, scalings, ranks, n_slices):
     return reference.lora_shrink(x, lora_a, batch.adapter_ids, scalings, ranks, n_slices)
 
@@ -26,9 +36,9 @@ def lora_expand(y, xa, lora_b, batch, ranks, out_slices):
 def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
                    need_xa=True):
     return reference.multi_lora_forward(x, weight, bias, lora_a, lora_b, _host(scalings),
-                                        batch.groups(), _host(ranks), out_slices, need_xa)
+                                        _groups(batch), _host(ranks), out_slices, need_xa)
 
 
 def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, needs):
     return reference.multi_lora_backward(dy, x, weight, lora_a, lora_b, _host(scalings),
-                                         batch.groups(), needs, _host(ranks), out_slices, xa)
+                                         _groups(batch), needs, _host(ranks), out_slices, xa)

@@ -1,0 +1,153 @@
+"""CPU speed of the torch backend vs the bare F.linear and PEFT, side by side in one process.
+
+Default: 2 threads, M=2048, K=N=1024, r=16, float32 (issue #2's setting). This machine is noisy
+(±10% run to run), so candidates are interleaved round by round and the *minimum* per candidate
+is compared. Writes JSON + markdown under bench/results/<device>/ (``--out`` to change).
+
+    python bench/bench_cpu_torch.py [--rounds 15] [--threads 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lora_kernels as lk  # noqa: E402
+
+
+def _peft_layer(lin, r, n_adapters=1):
+    from peft import LoraConfig, get_peft_model
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = lin
+
+        def forward(self, x, **kw):
+            return self.proj(x)
+
+    model = get_peft_model(Wrap(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
+                                              init_lora_weights=False))
+    for i in range(1, n_adapters):
+        model.add_adapter(f"a{i}", LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"],
+                                              init_lora_weights=False))
+    return model.eval()  # adapter_names= is inference-only in PEFT; no dropout anyway
+
+
+def _timeit(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(M=2048, K=1024, N=1024, r=16, n_mixed=16, rounds=15, threads=2):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(K, N, bias=True)
+    lin.requires_grad_(False)
+    x = torch.randn(M, K)
+    xg = x.clone().requires_grad_(True)
+    dy = torch.randn(M, N)
+    A = (torch.randn(r, K) / K ** 0.5).requires_grad_(True)
+    B = torch.randn(N, r).requires_grad_(True)
+    s = 2.0
+
+    # multi-adapter stack
+    S = n_mixed
+    As = torch.randn(S, r, K) / K ** 0.5
+    Bs = torch.randn(S, N, r)
+    ids = torch.arange(M) % S
+    batch = lk.LoRABatch.from_adapter_ids(ids, S)
+    scal = torch.full((S,), s)
+
+    peft1 = _peft_layer(lin, r)
+    peftm = _peft_layer(torch.nn.Linear(K, N).requires_grad_(False), r, n_mixed)
+    names = ["default"] + [f"a{i}" for i in range(1, n_mixed)]
+    mixed_names = [names[i] for i in ids.tolist()]
+
+    def fwd_base():
+        with torch.no_grad():
+            F.linear(x, lin.weight, lin.bias)
+
+    def fwd_ours():
+        with torch.no_grad():
+            lk.lora_linear(x, lin.weight, lin.bias, A, B, scaling=s, backend="torch")
+
+    def fwd_peft():
+        with torch.no_grad():
+            peft1(x)
+
+    def fb_base():
+        F.linear(xg, lin.weight, lin.bias).backward(dy)
+
+    def fb_ours():
+        lk.lora_linear(xg, lin.weight, lin.bias, A, B, scaling=s, backend="torch").backward(dy)
+
+    def fb_peft():
+        peft1(xg).backward(dy)
+
+    def mixed_ours():
+        with torch.no_grad():
+            lk.multi_lora_linear(x, lin.weight, lin.bias, As, Bs, batch, scalings=scal, backend="torch")
+
+    def mixed_peft():
+        with torch.no_grad():
+            peftm(x, adapter_names=mixed_names)
+
+    cands = {"fwd/bare F.linear": fwd_base, "fwd/ours": fwd_ours, "fwd/PEFT": fwd_peft,
+             "fwd+bwd/bare F.linear": fb_base, "fwd+bwd/ours": fb_ours, "fwd+bwd/PEFT": fb_peft,
+             f"mixed{n_mixed}/ours": mixed_ours, f"mixed{n_mixed}/PEFT adapter_names": mixed_peft}
+    for fn in cands.values():  # warm-up
+        fn()
+    times = {k: [] for k in cands}
+    for _ in range(rounds):
+        for k, fn in cands.items():  # interleaved: drift hits every candidate alike
+            times[k].append(_timeit(fn))
+    best = {k: min(v) * 1e3 for k, v in times.items()}
+    ratio = {
+        "fwd/ours": best["fwd/ours"] / best["fwd/bare F.linear"],
+        "fwd/PEFT": best["fwd/PEFT"] / best["fwd/bare F.linear"],
+        "fwd+bwd/ours": best["fwd+bwd/ours"] / best["fwd+bwd/bare F.linear"],
+        "fwd+bwd/PEFT": best["fwd+bwd/PEFT"] / best["fwd+bwd/bare F.linear"],
+        f"mixed{n_mixed}/ours": best[f"mixed{n_mixed}/ours"] / best["fwd/bare F.linear"],
+        f"mixed{n_mixed}/PEFT adapter_names": best[f"mixed{n_mixed}/PEFT adapter_names"] / best["fwd/bare F.linear"],
+    }
+    return {"setting": dict(M=M, K=K, N=N, r=r, n_mixed=n_mixed, rounds=rounds, threads=threads,
+                            dtype="float32"),
+            "min_ms": best, "ratio_to_bare": ratio,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--M", type=int, default=2048)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    res = run(M=a.M, rounds=a.rounds, threads=a.threads)
+    lines = ["| candidate | min ms | × bare |", "|---|---|---|"]
+    for k, v in res["min_ms"].items():
+        rr = res["ratio_to_bare"].get(k)
+        lines.append(f"| {k} | {v:.2f} | {'' if rr is None else f'{rr:.3f}'} |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(a.out or Path(__file__).resolve().parent / "results" / "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_torch_backend.json").write_text(json.dumps(res, indent=2))
+    (out / "cpu_torch_backend.md").write_text(
+        f"CPU torch backend, {res['setting']}, torch {res['torch']}, {res['date']}, "
+        f"{os.cpu_count()} cores\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The one GPU script: on a lent H100/H200 (or any CUDA box) it installs the package (building
+# the CUDA extension with the machine's nvcc), runs the GPU tests, the benchmarks and the
+# sanitizers, and writes logs + results under $OUT (default ./gpu-out).
+#
+#   bash bench/gpu.sh                 # all stages: build test bench
+#   bash bench/gpu.sh build test      # some stages (each device call is capped at 10 min)
+#   bash bench/gpu.sh sanitize        # compute-sanitizer memcheck/racecheck/initcheck
+#
+# Only the repo travels to the device: nothing here may depend on ../shared. Extra wheels
+# (e.g. sglang for the peer column) travel in .whl/ and are installed into /tmp/site.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+STAGES=${*:-build test bench}
+PY=${PYTHON:-python3}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TRITON_INTERPRET=0
+
+log() { echo "[gpu.sh $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu.log"; }
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl >>"$OUT/gpu.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{
+  nvidia-smi || true
+  $PY - <<'EOF'
+import json, subprocess, torch
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = None
+commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+print(json.dumps({"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                  "torch": torch.__version__, "cuda": torch.version.cuda, "triton": tv,
+                  "commit": commit, "dirty": dirty}, indent=2))
+EOF
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt" | tee -a "$OUT/gpu.log"
+
+for stage in $STAGES; do
+  case $stage in
+    build)
+      log "build: pip install -e . (CUDA extension, arch $TORCH_CUDA_ARCH_LIST)"
+      start=$(date +%s)
+      $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 \
+        || { log "BUILD FAILED (see build.log)"; tail -40 "$OUT/build.log"; }
+      log "build took $(( $(date +%s) - start )) s"
+      $PY -c "import lora_kernels._ext as e; print('extension:', e.why_unavailable() or 'loaded')" 2>&1 | tee -a "$OUT/gpu.log"
+      ;;
+    test)
+      log "test: pytest -m gpu"
+      $PY -m pytest -m gpu -q -rA --junitxml="$OUT/gpu-tests.xml" -p no:cacheprovider \
+        >"$OUT/gpu-tests.txt" 2>&1
+      log "gpu tests exit $? : $(tail -1 "$OUT/gpu-tests.txt")"
+      ;;
+    bench)
+      mkdir -p "$OUT/results"
+      for script in bench/bench_lora_linear.py bench/bench_multi_lora.py; do
+        [ -f "$script" ] || continue
+        log "bench: $script"
+        $PY "$script" --out "$OUT/results" >"$OUT/$(basename "$script" .py).log" 2>&1
+        log "$script exit $?"
+      done
+      log "bench: lora-kernels bench (paper table, training, serving)"
+      $PY -m lora_kernels.cli bench --out "$OUT/results" --only paper_table1,training,serving \
+        >"$OUT/bench_suite.log" 2>&1
+      log "suite exit $?"
+      ;;
+    sanitize)
+      if [ -f bench/sanitize.sh ]; then
+        log "sanitize"
+        OUT="$OUT" bash bench/sanitize.sh >"$OUT/sanitize.log" 2>&1
+        log "sanitize exit $?"
+      fi
+      ;;
+    *) log "unknown stage $stage";;
+  esac
+done
+log "done; results in $OUT"
