@@ -1,0 +1,302 @@
+"""``patch_peft_model``: run a PEFT LoRA model on lora-kernels' fused ops, in one call.
+
+Every PEFT ``lora.Linear`` whose base layer is an ``nn.Linear`` or a transformers ``Conv1D`` gets
+an instance-level ``forward`` that follows PEFT's own ``Linear.forward`` branch by branch
+(disabled adapters, merged weights, active adapters, ``adapter_names=`` mixed batches) but
+computes the LoRA layers with :func:`lora_kernels.lora_linear` (base GEMM and low-rank term in
+one op) and :func:`lora_kernels.multi_lora_linear` (one grouped op for a mixed batch).
+
+PEFT keeps owning everything else: its parameters (gradients land in them), ``set_adapter``,
+``merge``/``unmerge``, ``disable_adapter()``, saving. What we do not accelerate - DoRA and the
+other LoRA variants, ``lora_bias``, non-Linear targets (Embedding, Conv), quantized or wrapped
+base layers, autocast-free dtype mismatches - keeps PEFT's forward, with one warning naming the
+layer and the reason. ``handle.unpatch()`` deletes the instance attributes we added, so the
+layers are exactly PEFT's again (same outputs, bit for bit).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lora_kernels.integrations.peft_mixed import (BatchCache, StackCache, build_stack,
+                                                  needs_grad)
+from lora_kernels.nn.lora_linear import is_conv1d
+from lora_kernels.ops import lora_linear, multi_lora_linear
+
+_ATTR = "_lora_kernels_patch"
+
+
+class LoRAKernelsFallbackWarning(UserWarning):
+    """A PEFT layer (or one of its adapters) keeps PEFT's own forward; the message says why."""
+
+
+class _LayerState:
+    """What the patched forward of one layer needs besides the layer itself."""
+
+    __slots__ = ("name", "handle", "conv1d", "stack", "peft_forward")
+
+    def __init__(self, name: str, handle: "PeftPatchHandle", conv1d: bool, peft_forward):
+        self.name, self.handle, self.conv1d = name, handle, conv1d
+        self.stack = StackCache()
+        self.peft_forward = peft_forward
+
+
+class PeftPatchHandle:
+    """Returned by :func:`patch_peft_model`. ``patched``: names of accelerated layers;
+    ``skipped``: ``{name: reason}`` for LoRA layers left on PEFT's forward. ``unpatch()`` (or
+    leaving a ``with`` block) restores PEFT exactly."""
+
+    def __init__(self, model: nn.Module, backend: str):
+        self.model = model
+        self.backend = backend
+        self.patched: dict[str, nn.Module] = {}
+        self.skipped: dict[str, str] = {}
+        self.batches = BatchCache()
+        self._warned: set = set()
+        self.active = True
+
+    def warn_once(self, layer_name: str, reason: str) -> None:
+        key = (layer_name, reason)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(f"lora-kernels: PEFT layer '{layer_name}' keeps PEFT's own forward: {reason}",
+                      LoRAKernelsFallbackWarning, stacklevel=3)
+
+    def unpatch(self) -> None:
+        """Give every patched layer back its class ``forward``; idempotent."""
+        for layer in self.patched.values():
+            layer.__dict__.pop("forward", None)
+            layer.__dict__.pop(_ATTR, None)
+        self.patched.clear()
+        self.batches.clear()
+        self.active = False
+
+    def __enter__(self) -> "PeftPatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unpatch()
+
+    def __repr__(self) -> str:
+        return (f"PeftPatchHandle(patched={len(self.patched)} layers, skipped={len(self.skipped)}, "
+                f"backend={self.backend!r}, active={self.active})")
+
+
+# ------------------------------------------------------------------------------------------
+# Which layers and adapters we can run
+# ------------------------------------------------------------------------------------------
+def _base_reason(layer: nn.Module) -> Optional[str]:
+    """None if the layer's base is a plain ``nn.Linear``/``Conv1D`` we may bypass, else why not."""
+    base = layer.base_layer
+    if layer.get_base_layer() is not base:
+        return "its base layer is wrapped by another adapter layer (nested tuners)"
+    if is_conv1d(base):
+        ok = type(base).__module__.startswith("transformers")
+    else:
+        ok = isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward
+    if not ok:
+        return (f"base layer type {type(base).__name__} is not a plain nn.Linear or transformers "
+                f"Conv1D (quantized or custom linears are not fused)")
+    if base._forward_hooks or base._forward_pre_hooks:
+        return "its base layer has forward hooks, which the fused op would skip"
+    if getattr(base.weight, "dim", lambda: 0)() != 2:
+        return "its base weight is not a 2-D tensor"
+    return None
+
+
+def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
+    """None if adapter ``adapter`` of ``layer`` is plain LoRA we compute, else why not."""
+    if adapter in getattr(layer, "lora_variant", {}):
+        variant = type(layer.lora_variant[adapter]).__name__
+        if layer.use_dora.get(adapter, False):
+            return f"adapter '{adapter}' uses DoRA (use_dora=True), which is not fused"
+        return f"adapter '{adapter}' is a LoRA variant ({variant}), which is not fused"
+    if layer.lora_bias.get(adapter, False):
+        return f"adapter '{adapter}' has lora_bias=True, which is not fused"
+    drop = layer.lora_dropout[adapter]
+    if not isinstance(drop, (nn.Dropout, nn.Identity)) or \
+            (isinstance(drop, nn.Dropout) and type(drop) is not nn.Dropout):
+        return f"adapter '{adapter}' has a custom dropout module {type(drop).__name__}"
+    return None
+
+
+def _dropout_p(layer: nn.Module, adapter: str) -> float:
+    drop = layer.lora_dropout[adapter]
+    return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# The forward
+# ------------------------------------------------------------------------------------------
+def _fallback(self, st: _LayerState, reason: str, x, args, kwargs):
+    st.handle.warn_once(st.name, reason)
+    return st.peft_forward(x, *args, **kwargs)
+
+
+def _patched_forward(self, x: Tensor, *args, **kwargs):
+    """PEFT ``lora.Linear.forward``, branch for branch, with the LoRA math on our ops."""
+    st: _LayerState = self.__dict__[_ATTR]
+    extra = {k for k, v in kwargs.items() if k != "adapter_names" and v is not None}
+    if args or extra:
+        return _fallback(self, st, f"extra forward arguments {sorted(extra) or len(args)}", x,
+                         args, kwargs)
+    self._check_forward_args(x, **kwargs)  # PEFT's own errors, word for word
+    adapter_names = kwargs.get("adapter_names")
+    if self.disable_adapters:
+        if self.merged:
+            self.unmerge()  # PEFT does this too: a disabled layer is never left merged
+        return self.base_layer(x)
+    if adapter_names is not None:
+        return _mixed_forward(self, st, x, adapter_names, kwargs)
+    if self.merged:
+        return self.base_layer(x)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if not active:
+        return self.base_layer(x)
+    for a in active:
+        reason = _adapter_reason(self, a)
+        if reason is not None:
+            return _fallback(self, st, reason, x, args, kwargs)
+    weight, bias, x_c = _base_operands(self, st, x)
+    if weight is None:
+        return _fallback(self, st, f"input dtype {x.dtype} differs from the base weight's "
+                         f"{self.base_layer.weight.dtype} (outside autocast)", x, args, kwargs)
+    return _fused(self, st, x_c, weight, bias, active)
+
+
+def _base_operands(self, st: _LayerState, x: Tensor):
+    """``(weight [N, K], bias, x)`` in one compute dtype, or ``(None, None, None)`` if PEFT's
+    forward must handle the dtypes. Under autocast the operands are cast the way autocast
+    casts ``F.linear``'s (our custom op has no autocast rule of its own)."""
+    base = self.base_layer
+    weight = base.weight.t() if st.conv1d else base.weight
+    bias = base.bias
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        dt = torch.get_autocast_dtype(dev)
+        return weight.to(dt), (None if bias is None else bias.to(dt)), x.to(dt)
+    if x.dtype != weight.dtype:
+        return None, None, None
+    return weight, bias, x
+
+
+def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+           active: list) -> Tensor:
+    backend = st.handle.backend
+    drops = [_dropout_p(self, a) for a in active]
+    if len(active) == 1:
+        a = active[0]
+        return lora_linear(x, weight, bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                           scaling=float(self.scaling[a]), dropout_p=drops[0],
+                           training=drops[0] > 0.0, backend=backend)
+    if not any(drops):
+        # Several adapters, no dropout: one fused op with their ranks side by side and each
+        # scaling folded into its B columns; torch.cat keeps gradients flowing to every factor.
+        dt = x.dtype
+        lora_a = torch.cat([self.lora_A[a].weight.to(dt) for a in active], dim=0)
+        lora_b = torch.cat([self.lora_B[a].weight.to(dt) * float(self.scaling[a]) for a in active],
+                           dim=1)
+        return lora_linear(x, weight, bias, lora_a, lora_b, scaling=1.0, training=False,
+                           backend=backend)
+    # With dropout each adapter draws its own mask (PEFT's semantics): the first adapter is
+    # fused with the base GEMM, the others add their low-rank terms PEFT's way.
+    a0 = active[0]
+    y = lora_linear(x, weight, bias, self.lora_A[a0].weight, self.lora_B[a0].weight,
+                    scaling=float(self.scaling[a0]), dropout_p=drops[0],
+                    training=drops[0] > 0.0, backend=backend)
+    for a in active[1:]:
+        xa = self.lora_dropout[a](x.to(self.lora_A[a].weight.dtype))
+        y = y + (self.lora_B[a](self.lora_A[a](xa)) * float(self.scaling[a])).to(y.dtype)
+    return y
+
+
+def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> Tensor:
+    used = {n for n in adapter_names if n in self.lora_A}
+    for a in sorted(used):
+        reason = _adapter_reason(self, a)
+        if reason is None and _dropout_p(self, a) > 0.0:
+            reason = f"adapter '{a}' has active dropout in a mixed batch (layer in training mode)"
+        if reason is not None:
+            return _fallback(self, st, reason, x, (), kwargs)
+    weight, bias, x_c = _base_operands(self, st, x)
+    if weight is None:
+        return _fallback(self, st, f"input dtype {x.dtype} differs from the base weight's "
+                         f"{self.base_layer.weight.dtype} (outside autocast)", x, (), kwargs)
+    if x_c.dim() < 2:
+        return _fallback(self, st, "a mixed batch needs a [batch, ..., features] input", x, (),
+                         kwargs)
+    if x_c.shape[0] == 0:
+        return F.linear(x_c, weight, bias)
+    tokens_per_sample = x_c[0].numel() // x_c.shape[-1]
+    slot_names, batch = st.handle.batches.get(adapter_names, tokens_per_sample, x_c.device)
+    if needs_grad(self, slot_names):
+        lora_a, lora_b, scalings, ranks = build_stack(self, slot_names, x_c.dtype, x_c.device)
+    else:
+        lora_a, lora_b, scalings, ranks = st.stack.get(self, slot_names, x_c.dtype, x_c.device)
+    return multi_lora_linear(x_c, weight, bias, lora_a, lora_b, batch, scalings=scalings,
+                             ranks=ranks, backend=st.handle.backend)
+
+
+# ------------------------------------------------------------------------------------------
+# Public entry
+# ------------------------------------------------------------------------------------------
+def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHandle:
+    """Run every PEFT LoRA ``Linear`` layer of ``model`` on lora-kernels' fused ops.
+
+    ``model``: a ``PeftModel`` (or any module containing PEFT LoRA layers). Training
+    forward/backward, inference, ``set_adapter``, ``disable_adapter()``, merged/unmerged
+    states, rsLoRA scaling, dropout, several adapters and PEFT's mixed batches
+    (``model(..., adapter_names=[...])``, ``"__base__"`` included) all keep PEFT's semantics.
+    Layers or adapters we do not accelerate keep PEFT's forward with one
+    ``LoRAKernelsFallbackWarning`` naming the layer and the reason. Returns a handle;
+    ``handle.unpatch()`` restores PEFT exactly. Layers added later (``add_adapter`` on new
+    modules) are not patched: patch again after unpatching.
+    """
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError as exc:  # pragma: no cover - peft is an optional extra
+        raise ImportError("patch_peft_model needs PEFT: pip install 'lora-kernels[peft]'") from exc
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a PeftModel), got {type(model).__name__}")
+    handle = PeftPatchHandle(model, backend)
+    found = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, lora_layer.LoraLayer):
+            continue
+        found += 1
+        if _ATTR in module.__dict__:
+            raise ValueError(f"layer '{name}' is already patched; call handle.unpatch() on the "
+                             f"earlier handle first")
+        reason = None
+        if not isinstance(module, lora_layer.Linear) or \
+                type(module).forward is not lora_layer.Linear.forward:
+            reason = (f"{type(module).__module__}.{type(module).__name__} layers are not "
+                      f"accelerated (only lora.Linear over nn.Linear / Conv1D)")
+        elif "forward" in module.__dict__:
+            reason = "its forward is already wrapped on the instance by another library"
+        else:
+            reason = _base_reason(module)
+        if reason is not None:
+            handle.skipped[name] = reason
+            handle.warn_once(name, reason)
+            continue
+        for adapter in module.lora_A:
+            why = _adapter_reason(module, adapter)
+            if why is not None:  # the layer is patched; this adapter alone falls back
+                handle.warn_once(name, why)
+        st = _LayerState(name, handle, is_conv1d(module.base_layer),
+                         types.MethodType(type(module).forward, module))
+        module.__dict__[_ATTR] = st
+        module.__dict__["forward"] = types.MethodType(_patched_forward, module)
+        handle.patched[name] = module
+    if found == 0:
+        raise ValueError("patch_peft_model found no PEFT LoRA layers in the model "
+                         "(expected a PeftModel from peft.get_peft_model with a LoraConfig)")
+    return handle

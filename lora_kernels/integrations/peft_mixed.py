@@ -1,0 +1,142 @@
+"""PEFT's mixed-adapter batches (``model(..., adapter_names=[...])``) on ``multi_lora_linear``.
+
+Two caches make this cheap:
+
+* the **batch** (slot per token, as a ``LoRABatch``) depends only on the names and the sequence
+  length, so it is built once per forward: PEFT hands the same list to every LoRA layer through
+  its pre-forward hooks, and every layer after the first finds it in the cache;
+* each layer's **stack** of adapters (``lora_a [S, R, K]``, ``lora_b [S, N, R]``, scalings, ranks)
+  is kept between forwards and rebuilt only when a factor changes (tracked by the tensors'
+  identity, storage and ``_version`` counters, which every in-place update bumps).
+
+When autograd could reach PEFT's parameters the stack is built differentiably on every call
+instead (``torch.stack`` of the live parameters), so gradients land in PEFT's own ``lora_A`` /
+``lora_B`` weights; a cached copy would silently cut them off.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lora_kernels.ops import LoRABatch
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+class BatchCache:
+    """``LoRABatch`` per ``(names, tokens per sample, device)``; a few entries, newest last.
+
+    Keyed on the names' *contents* (a tuple), not on the list's id: an id can be reused by a
+    new list after the old one is freed, contents cannot lie.
+    """
+
+    def __init__(self, size: int = 4):
+        self._size = size
+        self._entries: "OrderedDict[tuple, tuple[tuple[str, ...], LoRABatch]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, adapter_names: Sequence[str], tokens_per_sample: int,
+            device: torch.device) -> tuple[tuple[str, ...], LoRABatch]:
+        """``(slot_names, batch)``: slot ``i`` holds ``slot_names[i]``; ``__base__`` → ``-1``."""
+        names = tuple(adapter_names)
+        key = (names, int(tokens_per_sample), str(device))
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit
+        # Sorted, so a layer's stack cache is shared by every batch that uses the same adapters.
+        slot_names = tuple(sorted({n for n in names if n != BASE}))
+        index = {n: i for i, n in enumerate(slot_names)}
+        sample_ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64)
+        batch = LoRABatch.from_sample_ids(sample_ids.to(device), tokens_per_sample, len(slot_names))
+        with self._lock:
+            self._entries[key] = (slot_names, batch)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+        return slot_names, batch
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _fingerprint(layer, slot_names: Sequence[str]) -> tuple:
+    out = []
+    for name in slot_names:
+        if name not in layer.lora_A:
+            out.append(None)
+            continue
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        out.append((id(a), a.data_ptr(), a._version, id(b), b.data_ptr(), b._version,
+                    float(layer.scaling[name])))
+    return tuple(out)
+
+
+def build_stack(layer, slot_names: Sequence[str], dtype: torch.dtype, device: torch.device
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(lora_a [S, R, K], lora_b [S, N, R], scalings [S] f32, ranks [S] i32)`` for the adapters
+    ``slot_names`` of one PEFT layer, zero-padded to the largest rank among them. An adapter this
+    layer does not have gets rank 0 (PEFT: such samples see the base layer only).
+
+    Differentiable in the layer's ``lora_A``/``lora_B`` weights (``F.pad`` + ``torch.stack``).
+    """
+    present = [n for n in slot_names if n in layer.lora_A]
+    R = max((layer.lora_A[n].weight.shape[0] for n in present), default=1)
+    K, N = layer.in_features, layer.out_features
+    a_rows, b_rows, scalings, ranks = [], [], [], []
+    for name in slot_names:
+        if name not in layer.lora_A:
+            a_rows.append(torch.zeros(R, K, dtype=dtype, device=device))
+            b_rows.append(torch.zeros(N, R, dtype=dtype, device=device))
+            scalings.append(0.0)
+            ranks.append(0)
+            continue
+        a = layer.lora_A[name].weight.to(dtype)
+        b = layer.lora_B[name].weight.to(dtype)
+        r = a.shape[0]
+        a_rows.append(F.pad(a, (0, 0, 0, R - r)))
+        b_rows.append(F.pad(b, (0, R - r)))
+        scalings.append(float(layer.scaling[name]))
+        ranks.append(r)
+    return (torch.stack(a_rows), torch.stack(b_rows),
+            torch.tensor(scalings, dtype=torch.float32, device=device),
+            torch.tensor(ranks, dtype=torch.int32, device=device))
+
+
+class StackCache:
+    """One layer's last stack, reused while the fingerprint of its factors is unchanged."""
+
+    __slots__ = ("key", "tensors")
+
+    def __init__(self):
+        self.key: Optional[tuple] = None
+        self.tensors: Optional[tuple] = None
+
+    def get(self, layer, slot_names: Sequence[str], dtype: torch.dtype, device: torch.device):
+        key = (tuple(slot_names), dtype, str(device), _fingerprint(layer, slot_names))
+        if self.key != key:
+            with torch.no_grad():
+                self.tensors = build_stack(layer, slot_names, dtype, device)
+            self.key = key
+        return self.tensors
+
+    def clear(self) -> None:
+        self.key = self.tensors = None
+
+
+def needs_grad(layer, slot_names: Sequence[str]) -> bool:
+    """True when autograd would reach one of the factors used by this batch."""
+    if not torch.is_grad_enabled():
+        return False
+    for name in slot_names:
+        if name in layer.lora_A and (layer.lora_A[name].weight.requires_grad or
+                                     layer.lora_B[name].weight.requires_grad):
+            return True
+    return False
