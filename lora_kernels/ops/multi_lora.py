@@ -166,8 +166,10 @@ def _check_ranks(ranks: Optional[Tensor], S: int, R: int, n_slices: int, device)
         raise ValueError(f"ranks must have shape [S] = [{S}] or [S, n_slices] = [{S}, {n_slices}],"
                          f" got {list(ranks.shape)}")
     # Range check once per ranks tensor version (a sync on CUDA), not once per layer call.
-    key = (id(ranks), ranks._version, ranks.data_ptr(), R)
-    if key not in _RANKS_CHECKED:
+    # Under torch.compile a data-dependent check cannot live in the graph: it ran in eager
+    # (and MultiLoRALinear.set_adapter validates every rank it stores).
+    key = None if torch.compiler.is_compiling() else (id(ranks), ranks._version, ranks.data_ptr(), R)
+    if key is not None and key not in _RANKS_CHECKED:
         lo, hi = (int(v) for v in torch.stack([ranks.min(), ranks.max()]).tolist()) \
             if ranks.numel() else (0, 0)
         if lo < 0 or hi > R:
