@@ -1,2 +1,115 @@
-"""(in progress)"""
-__all__ = []
+"""Triton backend of the fused single-adapter LoRA linear (docs/BACKENDS.md, "Single adapter").
+
+Forward ``y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``: one fused GEMM writes y once (fused_gemm.py);
+the rank-sized ``xa = drop(x)·Aᵀ`` comes either from the GEMM's own K loop (``LORA=2``) or from
+a shrink kernel that reads x once before it (``LORA=1``), see :func:`lora_mode`.
+
+Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
+
+* ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the same fused GEMM on ``Wᵀ``/``Aᵀ`` views, the mask
+  drawn in its epilogue — no M×K temporary besides dX;
+* ``dA = s·dybᵀ·drop(x)`` and ``dB = s·dYᵀ·xa``: reductions over M into rank-sized outputs
+  (lowrank.py), deterministic;
+* ``dW = dYᵀ·x`` (only when W requires grad): the fused GEMM on transposed views, no LoRA;
+  ``db = Σ dY`` by ``torch.sum`` (fp32 accumulate; a column sum has nothing to fuse with).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from lora_kernels.triton.dropout import dropout_keep_mask
+from lora_kernels.triton.fused_gemm import fused_gemm
+from lora_kernels.triton.lowrank import reduce_rows, shrink
+
+__all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask"]
+
+# M at or below which the GEMM takes the decode path (16-row tiles, split-K): a 128-row tile
+# would leave 127/128 of its MMA rows and most SMs idle at M = 1.
+SMALL_M_MAX = 16
+# LORA=2 (u accumulated in the GEMM's K loop) costs ≈ r/BLOCK_N extra MMA work once the GEMM
+# is compute bound; LORA=1 costs a separate launch plus one read of x (M·K·2 bytes). On H100
+# (≈700 dense bf16 TFLOP/s, ≈3 TB/s), K = N = 4096, BLOCK_N = 128 the two break even near
+# M·r ≈ 15k (r=16: M ≈ 940; r=64: M ≈ 140), hence this bound. Below it the GEMM is also
+# bandwidth bound on W, where the extra MMA work is free. Prediction, to be re-measured.
+FUSED_SHRINK_MAX_MR = 16384
+# The in-loop u accumulator lives in registers next to the main one: ranks above 64 go to LORA=1.
+FUSED_SHRINK_MAX_R = 64
+
+
+def lora_mode(m: int, r: int, dropout_p: float) -> int:
+    """1 = precomputed shrink + epilogue, 2 = shrink fused in the GEMM's K loop.
+
+    Dropout always takes mode 1: mode 2 would redraw the Philox mask of every x tile in every
+    N-tile program (N/BLOCK_N times), ~60 integer ops per element on the CUDA cores — far
+    more than the one draw per element the shrink kernel makes.
+    """
+    if dropout_p > 0.0 or r > FUSED_SHRINK_MAX_R:
+        return 1
+    return 2 if m <= SMALL_M_MAX or m * r <= FUSED_SHRINK_MAX_MR else 1
+
+
+def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                    dropout_p: float, seed: int, out: Optional[torch.Tensor] = None,
+                    *, mode: Optional[int] = None, config: Optional[dict] = None):
+    """``(y [M, N], xa [M, r])``; ``mode``/``config`` force a path (tests, benchmarks)."""
+    M, K = x.shape
+    N, r = weight.shape[0], lora_a.shape[0]
+    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
+    xa = torch.empty(M, r, dtype=x.dtype, device=x.device)
+    if K == 0 or N == 0:  # degenerate: nothing for a kernel to do
+        y.copy_(bias.expand(M, N) if bias is not None else torch.zeros((), dtype=x.dtype))
+        return y, xa.zero_()
+    mode = lora_mode(M, r, dropout_p) if mode is None else mode
+    if r == 0:
+        fused_gemm(x, weight, y, bias=bias, small_m_max=SMALL_M_MAX, config=config)
+    elif mode == 1:
+        shrink(x, lora_a, xa, dropout_p, seed)
+        fused_gemm(x, weight, y, bias=bias, lora=1, u=xa, lb=lora_b, scaling=scaling,
+                   small_m_max=SMALL_M_MAX, config=config)
+    else:
+        fused_gemm(x, weight, y, bias=bias, lora=2, u=xa, la=lora_a, lb=lora_b,
+                   scaling=scaling, small_m_max=SMALL_M_MAX, config=config)
+    return y, xa
+
+
+def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    lora_a: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor,
+                    scaling: float, dropout_p: float, seed: int, needs: Sequence[bool],
+                    *, config: Optional[dict] = None):
+    """``(dx, dweight, dbias, dlora_a, dlora_b)``, ``None`` where ``needs`` is False."""
+    need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
+    M, K = x.shape
+    N, r = weight.shape[0], lora_a.shape[0]
+    dx = dw = db = da = dbb = None
+    if K == 0 or N == 0 or r == 0:
+        from lora_kernels import reference  # degenerate sizes: nothing worth a kernel
+        return reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, xa, scaling,
+                                              dropout_p, seed, needs)
+    dyb = None
+    if need_x or need_a:
+        # dyb = dY·B: the shrink kernel with Bᵀ (a [r, N] view) as its "A".
+        dyb = shrink(dy, lora_b.t(), torch.empty(M, r, dtype=dy.dtype, device=dy.device))
+    if need_x:
+        dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
+        # dX[M, K] = dY[M, N]·W[N, K]: the kernel's "w" is Wᵀ (a [K, N] view), its low-rank
+        # "lb" is Aᵀ (a [K, r] view); the dropout mask is drawn on dX's own (m, k) grid.
+        fused_gemm(dy, weight.t(), dx, lora=1, u=dyb, lb=lora_a.t(), scaling=scaling,
+                   dropout_p=dropout_p, seed=seed, small_m_max=SMALL_M_MAX, config=config)
+    if need_a:
+        da = torch.empty_like(lora_a)
+        # dAᵀ [K, r] = s·drop(x)ᵀ·dyb: K on the big (MMA-row) side, written through a view.
+        reduce_rows(x, dyb, da.t(), scaling, dropout_p, seed)
+    if need_bb:
+        dbb = torch.empty_like(lora_b)
+        reduce_rows(dy, xa, dbb, scaling)
+    if need_w:
+        dw = torch.empty_like(weight)
+        # dW[N, K] = dYᵀ[N, M]·x[M, K]: the kernel's "a" is dYᵀ and its "w" is xᵀ ([K, M]).
+        fused_gemm(dy.t(), x.t(), dw, small_m_max=SMALL_M_MAX)
+    if need_b:
+        db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, dw, db, da, dbb

@@ -1,0 +1,163 @@
+"""Launch configurations for the single-adapter kernels: autotune lists for H100/H200 and the
+single small config the CPU interpreter uses.
+
+None of these numbers has been measured yet on a GPU in this repository (the first GPU session
+runs ``bench/bench_lora_linear.py`` and prunes/extends these lists); they are chosen from the
+shape of the problem:
+
+* large M (compute bound): Hopper wgmma wants 128-row tiles and 8 warps; 128x256x64 with 3
+  stages is the usual cuBLAS-class bf16 tile (3·(128·64 + 64·256)·2 B = 144 KiB smem, under
+  the 227 KiB per SM); 128x128x64 / 4 stages covers shapes where 256-wide tiles leave SMs idle.
+* medium M (17..256): bandwidth bound on the weight; smaller M tiles and deeper pipelines.
+* small M (≤ 16, decode): a 16-row tile (the smallest tl.dot accepts) and split-K, so enough
+  programs stream the weight to saturate HBM while each reads a 128..256-wide K slab.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# The split-K workspace is allocated for the largest split any small-M config may choose.
+MAX_SPLIT_K = 8
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fp32_precision() -> str:
+    """tl.dot input precision for fp32 inputs: tf32 tensor cores by default (the project's GPU
+    fp32 tolerance, 5e-4, is set for tf32); ``LORA_KERNELS_FP32_PRECISION=ieee`` for exact fp32."""
+    return os.environ.get("LORA_KERNELS_FP32_PRECISION", "tf32").strip().lower() or "tf32"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # For fp16/bf16 operands "tf32" is Triton's default and means "tensor cores": pass it, not
+    # "ieee", which is only meaningful (and slow) for fp32.
+    return fp32_precision() if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """SM count (the interpreter pretends to have 2, so tiny test shapes still split)."""
+    if device.type != "cuda":
+        return 2
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: the next power of two, capped. Training sees many sequence lengths;
+    keying on the exact M would re-tune for each of them."""
+    return min(triton.next_power_of_2(max(int(m), 1)), 8192)
+
+
+def rank_block(r: int, cap: int = 64) -> int:
+    """Padded rank tile: a power of two ≥ 16 (tl.dot's minimum), ≤ cap (larger ranks loop)."""
+    return min(max(16, triton.next_power_of_2(max(int(r), 1))), cap)
+
+
+def _cfg(bm, bn, bk, warps, stages, split=1, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group,
+                          "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+
+
+# ---- the fused GEMM (forward, dX, dW) -------------------------------------------------------
+GEMM_LARGE = [
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 128, 64, 4, 4),
+    _cfg(128, 128, 128, 8, 3),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    # fp32/tf32: 4-byte tiles need BLOCK_K = 32 to keep several stages in shared memory.
+    _cfg(128, 128, 32, 8, 4),
+]
+
+GEMM_MEDIUM = [
+    _cfg(32, 64, 128, 4, 4),
+    _cfg(32, 128, 128, 4, 4),
+    _cfg(64, 64, 128, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 128, 128, 4, 3),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(64, 64, 64, 4, 5),
+    _cfg(64, 64, 32, 4, 4),
+]
+
+# Decode: 16-row tiles; (BLOCK_N, BLOCK_K, SPLIT_K) spans 32..128 x 128..256 x 1..8 and
+# prune_small() keeps the ones whose grid fits the GPU.
+GEMM_SMALL = [
+    _cfg(16, bn, bk, 4, 4 if bk == 128 else 3, split, group=1)
+    for bn in (32, 64, 128) for bk in (128, 256) for split in (1, 2, 4, 8)
+] + [_cfg(16, 64, 64, 4, 4, 1, group=1), _cfg(16, 32, 64, 4, 5, 2, group=1)]
+assert max(c.kwargs["SPLIT_K"] for c in GEMM_SMALL) <= MAX_SPLIT_K
+
+
+def prune_small(configs, named_args, **kwargs):
+    """Keep the decode configs whose grid fills this GPU without oversubscribing it.
+
+    Decode is HBM-bound on the weight: what matters is enough programs streaming it (≥ one per
+    SM) and no pointless split (each split costs a workspace round trip and, for a large N
+    tile count, nothing is gained). A split must still run ≥ 2 K iterations so the software
+    pipeline has something to overlap. If nothing fits (tiny N·K), the configs with the most
+    programs are kept.
+    """
+    M, N, K = named_args["M"], named_args["N"], named_args["K"]
+    sms = num_sms(named_args["a_ptr"].device)
+    usable, keep = [], []
+    for c in configs:
+        bn, bk, split = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
+        progs = triton.cdiv(N, bn) * triton.cdiv(M, c.kwargs["BLOCK_M"]) * split
+        iters = triton.cdiv(triton.cdiv(K, split), bk)
+        if bk > triton.next_power_of_2(K) or (split > 1 and iters < 2):
+            continue
+        usable.append((progs, c))
+        if sms <= progs <= 4 * sms:
+            keep.append(c)
+    if keep:
+        return keep
+    if not usable:
+        return [configs[0]]
+    most = max(p for p, _ in usable)
+    return [c for p, c in usable if p == most]
+
+
+def gemm_configs(m: int, small_m_max: int) -> tuple[str, list]:
+    if m <= small_m_max:
+        return "small", GEMM_SMALL
+    return ("medium", GEMM_MEDIUM) if m <= 256 else ("large", GEMM_LARGE)
+
+
+def gemm_interpret_config(path: str, split_k: int) -> dict:
+    """One config under TRITON_INTERPRET: the smallest tiles tl.dot allows, so CPU tests on
+    odd shapes still cross tile and split boundaries."""
+    if path == "small":
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=split_k)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SPLIT_K=1)
+
+
+# ---- rank-sized kernels (shrink, dA/dB reductions over M) -----------------------------------
+def shrink_config(m: int) -> dict:
+    """u = x·Aᵀ [M, r]: one program per BLOCK_M rows streams its rows of x once. 64 rows keep
+    ≥ 128 programs in flight from M = 8192; below that 16/32-row tiles keep more SMs busy."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=1)
+    bm = 64 if m >= 8192 else (32 if m >= 2048 else 16)
+    return dict(BLOCK_M=bm, BLOCK_K=128, num_warps=4, num_stages=4)
+
+
+def reduce_config() -> dict:
+    """dA/dB = (big operand)ᵀ·(rank-sized operand), summed over M: BLOCK_P rows of the big side
+    per program, BLOCK_M rows of M per step."""
+    if interpreting():
+        return dict(BLOCK_P=32, BLOCK_M=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_P=128, BLOCK_M=64, num_warps=4, num_stages=3)

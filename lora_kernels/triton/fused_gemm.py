@@ -1,0 +1,292 @@
+"""One GEMM kernel with the LoRA low-rank term fused into it, and its launcher.
+
+``out[M, N] = a[M, K]·w[N, K]ᵀ (+ bias) (+ s·lowrank)``, every operand a strided view, so the
+same kernel runs
+
+* the forward      a = x,  w = W         low-rank = (drop(x)·Aᵀ)·Bᵀ
+* the dX backward  a = dY, w = Wᵀ view   low-rank = mask ∘ ((dY·B)·A) / (1 − p)
+* the dW backward  a = dYᵀ view, w = xᵀ view, no low-rank term.
+
+The low-rank term (``LORA``):
+
+* ``1``: ``u [M, r]`` is precomputed (the shrink kernel in lowrank.py) and the epilogue adds
+  ``s·u·lbᵀ`` to the fp32 accumulator before the single store of ``out`` (LoRAFusion's design).
+  Costs one extra read of ``a`` (the shrink) but no extra MMA work in the main loop; the only
+  mode that supports dropout (the mask is drawn once per element of x in the shrink, or once
+  per element of dX in this epilogue).
+* ``2``: ``u`` accumulates in the main K loop from the same ``a`` tiles already in registers
+  (one extra [BLOCK_K, r] load and an r-wide dot per step: r/BLOCK_N more MMA work, no extra
+  read of x, one launch). Programs with ``pid_n == 0`` write ``u`` (= xa) for the backward.
+  Wins where the GEMM is bandwidth bound (small/medium M) and the launch of a separate shrink
+  is not amortised; see ``lora_linear.lora_mode``.
+
+Split-K (``SPLIT_K > 1``, the decode path): each program reduces one K slab into an fp32
+workspace; the last program to finish a tile (an atomic ticket per tile) sums the slabs in
+slab order, so the result is deterministic, then runs the epilogue. One launch, no atomics on
+data, no memset: the last program resets the ticket to zero for the next launch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_kernels.triton import configs as C
+from lora_kernels.triton.dropout import drop_threshold, philox_keep, seed_arg
+
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "stride_ak", "stride_wk", "LORA", "BLOCK_R", "HAS_BIAS",
+                 "DROPOUT"]
+
+
+@triton.jit
+def _lowrank_from_u(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_ur, stride_lbn,
+                    stride_lbr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """u[rows, :R]·lb[cols, :R]ᵀ in fp32, looping over rank chunks so any r fits in registers."""
+    rr = tl.arange(0, BLOCK_R)
+    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = (r0 + rr) < R
+        u = tl.load(u_ptr + rm64[:, None] * stride_um + (r0 + rr)[None, :] * stride_ur,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        lbt = tl.load(lb_ptr + rn64[None, :] * stride_lbn + (r0 + rr)[:, None] * stride_lbr,
+                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        low = tl.dot(u, lbt, low, input_precision=PRECISION)
+    return low
+
+
+@triton.jit(do_not_specialize=["seed", "drop_threshold"])
+def _fused_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, bias_ptr,
+    u_ptr, la_ptr, lb_ptr,
+    ws_ptr, wsu_ptr, cnt_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
+    stride_um, stride_ur, stride_lar, stride_lak, stride_lbn, stride_lbr,
+    scaling, seed, drop_threshold, drop_scale,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-blocks sweep the N tiles together, so a weight tile is
+    # reused from L2 by GROUP_M programs instead of being refetched from HBM.
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    n_ok = rn < N
+    r_ok = rr < R
+    # int64 row/column offsets: M·K (or N·K) may pass 2^31 elements.
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+
+    # K slab of this program (slabs are whole BLOCK_Ks, so only the last one is ragged).
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    rk64 = (k_lo + rk).to(tl.int64)
+    a_ptrs = a_ptr + rm64[:, None] * stride_am + rk64[None, :] * stride_ak
+    w_ptrs = w_ptr + rn64[None, :] * stride_wn + rk64[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LORA == 2:
+        la_ptrs = la_ptr + rr[None, :].to(tl.int64) * stride_lar + rk64[:, None] * stride_lak
+        u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = (k + rk) < k_hi
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if LORA == 2:
+            if EVEN_K:
+                la = tl.load(la_ptrs, mask=r_ok[None, :], other=0.0)
+            else:
+                la = tl.load(la_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            u_acc = tl.dot(a, la, u_acc, input_precision=PRECISION)
+            la_ptrs += BLOCK_K * stride_lak
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if LORA == 2:
+        # u is rounded to the input dtype before the second dot, as the torch composition (and
+        # the xa that the backward reads) has it; the s·(u·lbᵀ) term of a K slab is linear in
+        # the slab, so split programs each add their own share.
+        lbt = tl.load(lb_ptr + rn64[None, :] * stride_lbn + rr[:, None] * stride_lbr,
+                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(u_acc.to(lbt.dtype), lbt, input_precision=PRECISION) * scaling
+
+    if SPLIT_K > 1:
+        # Workspace [SPLIT_K, M, N] (and [SPLIT_K, M, BLOCK_R] for u), fp32, int64 offsets.
+        ws_tile = rm64[:, None] * N + rn64[None, :]
+        mn_ok = m_ok[:, None] & n_ok[None, :]
+        slab = tl.cast(M, tl.int64) * N  # tl.cast: M == 1 arrives as a constexpr
+        tl.store(ws_ptr + pid_k * slab + ws_tile, acc, mask=mn_ok)
+        if LORA == 2:
+            wsu_tile = rm64[:, None] * BLOCK_R + rr[None, :]
+            if pid_n == 0:
+                tl.store(wsu_ptr + pid_k * M * BLOCK_R + wsu_tile, u_acc, mask=m_ok[:, None])
+        # Every thread's partial must be stored before the ticket is taken (the barrier), and
+        # the ticket is acq_rel at GPU scope so the last program sees all slabs.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(0, SPLIT_K):
+                # .cg: bypass L1, the slabs were written by other SMs.
+                acc += tl.load(ws_ptr + s * slab + ws_tile, mask=mn_ok, other=0.0,
+                               cache_modifier=".cg")
+            if LORA == 2:
+                if pid_n == 0:
+                    u_sum = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                    for s in range(0, SPLIT_K):
+                        u_sum += tl.load(wsu_ptr + s * M * BLOCK_R + wsu_tile,
+                                         mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+                    tl.store(u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
+                             u_sum.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+            _epilogue(acc, out_ptr, bias_ptr, u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R,
+                      stride_om, stride_on, stride_um, stride_ur, stride_lbn, stride_lbr,
+                      scaling, seed, drop_threshold, drop_scale, HAS_BIAS, LORA, DROPOUT,
+                      BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
+    else:
+        if LORA == 2:
+            if pid_n == 0:
+                tl.store(u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
+                         u_acc.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+        _epilogue(acc, out_ptr, bias_ptr, u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R,
+                  stride_om, stride_on, stride_um, stride_ur, stride_lbn, stride_lbr,
+                  scaling, seed, drop_threshold, drop_scale, HAS_BIAS, LORA, DROPOUT,
+                  BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, bias_ptr, u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R,
+              stride_om, stride_on, stride_um, stride_ur, stride_lbn, stride_lbr,
+              scaling, seed, drop_threshold, drop_scale,
+              HAS_BIAS: tl.constexpr, LORA: tl.constexpr, DROPOUT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Precomputed low-rank term (with the output-side dropout of the dX backward), bias, one
+    store of the output tile in its dtype."""
+    if LORA == 1:
+        low = _lowrank_from_u(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_ur,
+                              stride_lbn, stride_lbr, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
+        low = low * scaling
+        if DROPOUT:
+            # dX's mask is the forward's mask on x: element (m, k) of dX, counter m·K + k,
+            # and K is this GEMM's N.
+            keep = philox_keep(seed, rm64[:, None] * N + rn64[None, :], drop_threshold)
+            low = tl.where(keep, low * drop_scale, 0.0)
+        acc += low
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn64, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _even_k(args):
+    return args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0
+
+
+_heuristic_kernel = triton.heuristics({"EVEN_K": _even_k})(_fused_gemm_kernel)
+_TUNED = {
+    "small": triton.autotune(C.GEMM_SMALL, key=_AUTOTUNE_KEY,
+                             prune_configs_by={"early_config_prune": C.prune_small})(_heuristic_kernel),
+    "medium": triton.autotune(C.GEMM_MEDIUM, key=_AUTOTUNE_KEY)(_heuristic_kernel),
+    "large": triton.autotune(C.GEMM_LARGE, key=_AUTOTUNE_KEY)(_heuristic_kernel),
+}
+
+# Split-K tickets, one int32 per output tile, kept at zero between launches by the kernel
+# itself. One buffer per (device, stream): launches on one stream are serialised, launches on
+# different streams must not share tickets.
+_TICKETS: dict = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[key] = buf
+    return buf
+
+
+def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
+               bias: Optional[torch.Tensor] = None, lora: int = 0,
+               u: Optional[torch.Tensor] = None, la: Optional[torch.Tensor] = None,
+               lb: Optional[torch.Tensor] = None, scaling: float = 1.0,
+               dropout_p: float = 0.0, seed: int = 0, small_m_max: int = 16,
+               config: Optional[dict] = None) -> torch.Tensor:
+    """``out = a·wᵀ + bias + low-rank`` (see the module doc); ``a [M, K]``, ``w [N, K]``,
+    ``out [M, N]``, ``lb [N, r]``; ``lora=1``: ``u [M, r]`` input; ``lora=2``: ``la [r, K]`` and
+    ``u [M, r]`` is *written* (xa). All may be strided views (unit inner stride not required).
+    ``config`` forces one launch config (tests; the interpreter always uses one)."""
+    M, K = a.shape
+    N = w.shape[0]
+    assert w.shape[1] == K and out.shape == (M, N) and M > 0 and N > 0
+    r = lb.shape[1] if lora else 0
+    if lora and r == 0:
+        lora = 0
+    dev = a.device
+    dummy = out  # never dereferenced when the matching constexpr flag is off
+    block_r = C.rank_block(r, cap=64 if lora == 1 else 128)
+    if lora == 2:
+        assert r <= 64 and dropout_p == 0.0, "fused shrink: r ≤ 64 and no dropout"
+        assert la is not None and u is not None
+    path, _ = C.gemm_configs(M, small_m_max)
+
+    if config is None and C.interpreting():
+        config = C.gemm_interpret_config(path, split_k=2)
+    max_split = config["SPLIT_K"] if config is not None else (C.MAX_SPLIT_K if path == "small" else 1)
+    ws = wsu = tickets = dummy
+    if max_split > 1:
+        ws = torch.empty(max_split, M, N, dtype=torch.float32, device=dev)
+        wsu = torch.empty(max_split, M, block_r, dtype=torch.float32, device=dev)
+        tickets = _tickets(dev, triton.cdiv(M, 16) * triton.cdiv(N, 16))
+
+    u_t = u if u is not None else dummy
+    la_t = la if la is not None else dummy
+    lb_t = lb if lb is not None else dummy
+    args = (
+        a, w, out, bias if bias is not None else dummy,
+        u_t, la_t, lb_t, ws, wsu, tickets,
+        M, N, K, r, C.m_bucket(M),
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        u_t.stride(0) if u is not None else 0, u_t.stride(1) if u is not None else 0,
+        la_t.stride(0) if la is not None else 0, la_t.stride(1) if la is not None else 0,
+        lb_t.stride(0) if lb is not None else 0, lb_t.stride(1) if lb is not None else 0,
+        float(scaling), seed_arg(seed), drop_threshold(dropout_p),
+        1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
+    )
+    flags = dict(HAS_BIAS=bias is not None, LORA=lora, DROPOUT=dropout_p > 0.0,
+                 BLOCK_R=block_r, PRECISION=C.dot_precision(a.dtype))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    if config is not None:
+        cfg = dict(config)
+        warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
+        _heuristic_kernel[grid](*args, **flags, **cfg, num_warps=warps, num_stages=stages)
+    else:
+        _TUNED[path][grid](*args, **flags)
+    return out

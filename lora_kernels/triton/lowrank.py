@@ -1,0 +1,146 @@
+"""Rank-sized kernels of the single-adapter LoRA: the shrink ``u = drop(x)·Aᵀ`` and the
+reductions over rows behind ``dA`` and ``dB``.
+
+Both read their big operand ([M, K] or [M, N]) exactly once and produce only rank-sized
+results ([M, r] or [K|N, r]); the dropout mask is regenerated from the seed on the tile being
+read (``philox_keep``), never loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_kernels.triton import configs as C
+from lora_kernels.triton.dropout import drop_threshold, philox_keep, seed_arg
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
+                   stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
+                   seed, threshold, scale,
+                   DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """u[M, R] = scale · (keep ∘ x)[M, K] · a[R, K]ᵀ, one program per (BLOCK_M rows, BLOCK_R ranks)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    r_ok = rr < R
+    rm64 = rm.to(tl.int64)
+    x_ptrs = x_ptr + rm64[:, None] * stride_xm + rk[None, :].to(tl.int64) * stride_xk
+    a_ptrs = a_ptr + rr[None, :].to(tl.int64) * stride_ar + rk[:, None].to(tl.int64) * stride_ak
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_ok = (k + rk) < K
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DROPOUT:
+            keep = philox_keep(seed, rm64[:, None] * K + (k + rk)[None, :], threshold)
+            x = tl.where(keep, x, 0.0)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    # 1/(1-p) is applied once to the fp32 sum instead of to every kept element of x.
+    acc = acc * scale
+    tl.store(u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
+             acc.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float = 0.0,
+           seed: int = 0) -> torch.Tensor:
+    """``out[M, r] = drop(x)·aᵀ`` for ``x [M, K]``, ``a [r, K]`` (any strides). With dropout the
+    mask is the (seed, m·K + k) Philox mask on x."""
+    M, K = x.shape
+    R = a.shape[0]
+    cfg = C.shrink_config(M)
+    bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
+    br = C.rank_block(R)
+    grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
+    _shrink_kernel[grid](
+        x, a, out, M, K, R,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+        seed_arg(seed), drop_threshold(dropout_p),
+        1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
+        DROPOUT=dropout_p > 0.0, PRECISION=C.dot_precision(x.dtype),
+        BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _reduce_rows_kernel(l_ptr, r_ptr, out_ptr, M, P, Q, rows_per_split,
+                        stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_op, stride_oq,
+                        seed, threshold, scale,
+                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """out[s, P, Q] = scale · Σ_{m in split s} (keep ∘ l)[m, P]ᵀ · r[m, Q].
+
+    P is the big side (K for dA, N for dB) and sits on the MMA's M dimension, Q is the rank:
+    128-row tiles feed Hopper's wgmma, which a 16-row rank-side tile could not. The mask, when
+    on, is the Philox mask of ``l`` (x for dA) at counter m·P + p.
+    """
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rm = tl.arange(0, BLOCK_M)
+    p_ok = rp < P
+    q_ok = rq < Q
+    rp64 = rp.to(tl.int64)
+    m_lo = pid_s * rows_per_split
+    m_hi = tl.minimum(M, m_lo + rows_per_split)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m in range(m_lo, m_hi, BLOCK_M):
+        rows = (m + rm).to(tl.int64)
+        row_ok = (m + rm) < m_hi
+        lt = tl.load(l_ptr + rows[None, :] * stride_lm + rp64[:, None] * stride_lp,
+                     mask=p_ok[:, None] & row_ok[None, :], other=0.0)
+        if DROPOUT:
+            keep = philox_keep(seed, rows[None, :] * P + rp64[:, None], threshold)
+            lt = tl.where(keep, lt, 0.0)
+        rt = tl.load(r_ptr + rows[:, None] * stride_rm + rq[None, :] * stride_rq,
+                     mask=row_ok[:, None] & q_ok[None, :], other=0.0)
+        acc = tl.dot(lt, rt, acc, input_precision=PRECISION)
+    acc = acc * scale
+    tl.store(out_ptr + pid_s.to(tl.int64) * stride_os + rp64[:, None] * stride_op
+             + rq[None, :] * stride_oq, acc.to(out_ptr.dtype.element_ty),
+             mask=p_ok[:, None] & q_ok[None, :])
+
+
+def reduce_rows(l: torch.Tensor, r: torch.Tensor, out: torch.Tensor, scale: float,
+                dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """``out[P, Q] = scale · drop(l)ᵀ·r`` for ``l [M, P]``, ``r [M, Q]`` (Q rank-sized), any
+    strides; ``out`` may be a transposed view (dA is written as ``[K, r]`` through ``.t()``).
+
+    When the P tiles alone leave SMs idle, M is split and the fp32 partials ``[S, P, Q]``
+    (rank-sized) are summed by ``torch.sum`` in a fixed order: deterministic, no atomics.
+    """
+    M, P = l.shape
+    Q = r.shape[1]
+    cfg = C.reduce_config()
+    bp, bm = cfg["BLOCK_P"], cfg["BLOCK_M"]
+    bq = C.rank_block(Q)
+    tiles = triton.cdiv(P, bp) * triton.cdiv(Q, bq)
+    # ≥ 2 programs per SM, each with ≥ 4 row blocks so its pipeline is worth filling.
+    split = max(1, min(triton.cdiv(2 * C.num_sms(l.device), tiles), triton.cdiv(M, 4 * bm)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, split), bm) * bm
+    split = triton.cdiv(M, rows_per_split)
+    if dropout_p > 0:
+        scale = scale / (1.0 - dropout_p)
+    target = out if split == 1 else torch.empty(split, P, Q, dtype=torch.float32, device=l.device)
+    so, sp, sq = (0, out.stride(0), out.stride(1)) if split == 1 else target.stride()
+    _reduce_rows_kernel[(triton.cdiv(P, bp), triton.cdiv(Q, bq), split)](
+        l, r, target, M, P, Q, rows_per_split,
+        l.stride(0), l.stride(1), r.stride(0), r.stride(1), so, sp, sq,
+        seed_arg(seed), drop_threshold(dropout_p), float(scale),
+        DROPOUT=dropout_p > 0.0, PRECISION=C.dot_precision(l.dtype),
+        BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        out.copy_(target.sum(0))
+    return out

@@ -1,0 +1,247 @@
+"""The Triton single-adapter LoRA linear, through the public op and autograd, against the
+float64 reference. On CPU the real kernels run under TRITON_INTERPRET=1 (fp32/fp16, tiny odd
+shapes); the ``gpu`` tests add bf16, benchmark-sized shapes and index math past 2³¹."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_kernels
+from lora_kernels import reference
+
+from helpers import rel_err, tol, triton_device, triton_dtypes
+
+DEVICE = triton_device()
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="Triton can run neither on a GPU nor in the interpreter")
+
+if DEVICE is not None:
+    import lora_kernels.triton.fused_gemm as FG
+    import lora_kernels.triton.lora_linear as TL
+    from lora_kernels.triton import dropout_keep_mask as triton_keep_mask
+
+DTYPES = triton_dtypes(DEVICE) if DEVICE else []
+
+
+def _inputs(M, K, N, r, dtype, device, bias=True, lead=None):
+    x = torch.randn(*(lead or (M,)), K, dtype=torch.float64)
+    w = torch.randn(N, K, dtype=torch.float64) / K ** 0.5
+    b = torch.randn(N, dtype=torch.float64) if bias else None
+    a = torch.randn(r, K, dtype=torch.float64) / K ** 0.5
+    bb = torch.randn(N, r, dtype=torch.float64) / max(r, 1) ** 0.5
+    return [None if t is None else t.to(dtype=dtype, device=device) for t in (x, w, b, a, bb)]
+
+
+def _check(x, w, b, a, bb, *, scaling=0.5, p=0.0, seed=1234, grads=("x", "a", "b"), dy=None):
+    """Run the triton op + autograd and the float64 reference on the same rounded inputs."""
+    dtype, device = x.dtype, x.device
+    names = {"x": x, "w": w, "bias": b, "a": a, "b": bb}
+    # detach (not clone): a strided x must reach the op with its strides.
+    leaves = {k: v.detach().requires_grad_(k in grads) for k, v in names.items() if v is not None}
+    y = lora_kernels.lora_linear(leaves["x"], leaves["w"], leaves.get("bias"), leaves["a"],
+                                 leaves["b"], scaling=scaling, dropout_p=p, backend="triton",
+                                 dropout_seed=seed)
+    ref_leaves = {k: v.detach().to(torch.float64).requires_grad_(k in grads) for k, v in leaves.items()}
+    ref = reference.lora_linear(ref_leaves["x"], ref_leaves["w"], ref_leaves.get("bias"),
+                                ref_leaves["a"], ref_leaves["b"], scaling, p, seed)
+    assert y.shape == ref.shape and y.dtype == dtype
+    t = tol(dtype, device)
+    assert rel_err(y, ref) <= t, ("forward", rel_err(y, ref))
+    if grads:
+        dy = torch.randn_like(ref) if dy is None else dy
+        got = torch.autograd.grad(y, [leaves[g] for g in grads], dy.to(dtype))
+        want = torch.autograd.grad(ref, [ref_leaves[g] for g in grads], dy)
+        for g, gt, wt in zip(grads, got, want):
+            assert gt.dtype == leaves[g].dtype and gt.shape == wt.shape
+            assert rel_err(gt, wt) <= t, (f"d{g}", rel_err(gt, wt))
+    return y
+
+
+# A covering set of odd shapes, not the product: every M class (1, ≤ 16, > 16), every rank
+# class (1, 8, 13, 64 — padded to 16/16/16/64), K and N below, across and not multiples of the
+# 32-wide interpreter tiles, bias on and off, scaling ≠ 1.
+SHAPES = [
+    # M, K, N, r, bias
+    (1, 37, 45, 8, True),
+    (7, 45, 19, 13, False),
+    (33, 37, 45, 1, True),
+    (33, 45, 19, 64, False),
+    (7, 19, 37, 64, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,r,bias", SHAPES)
+def test_forward_and_grads(M, K, N, r, bias, dtype):
+    x, w, b, a, bb = _inputs(M, K, N, r, dtype, DEVICE, bias)
+    _check(x, w, b, a, bb, scaling=0.75)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_and_bias_grads(dtype):
+    x, w, b, a, bb = _inputs(33, 37, 45, 8, dtype, DEVICE)
+    _check(x, w, b, a, bb, grads=("x", "w", "bias", "a", "b"))
+    x, w, b, a, bb = _inputs(3, 37, 45, 8, dtype, DEVICE)  # dW with a 3-row reduction
+    _check(x, w, b, a, bb, grads=("w", "bias"))
+
+
+def test_3d_and_noncontiguous_inputs():
+    dtype = torch.float32
+    K, N, r = 37, 45, 13
+    _, w, b, a, bb = _inputs(1, K, N, r, dtype, DEVICE)
+    # 3-D x that is a transpose (non-contiguous): [5, 3, K] -> [3, 5, K]
+    x = torch.randn(5, 3, K, dtype=dtype, device=DEVICE).transpose(0, 1)
+    assert not x.is_contiguous()
+    y = _check(x, w, b, a, bb)
+    assert y.shape == (3, 5, N)
+    # x strided along K, and a weight that is the transpose of a [K, N] tensor (strides passed).
+    x = torch.randn(7, 2 * K, dtype=dtype, device=DEVICE)[:, ::2]
+    w_t = torch.randn(K, N, dtype=dtype, device=DEVICE).t()
+    _check(x, w_t, b, a, bb, grads=("x", "w", "a", "b"))
+
+
+def test_fp32_adapters_with_fp16_input():
+    # PEFT keeps adapters in fp32 while x is fp16: the op casts, grads come back in fp32.
+    x, w, b, a, bb = _inputs(7, 37, 45, 8, torch.float16, DEVICE)
+    _check(x, w, b, a.float(), bb.float())
+
+
+# ---- dropout ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 7, -5, 2**40 + 3, 2**63 + 11])
+def test_keep_mask_matches_reference_bit_for_bit(seed):
+    for rows, cols, p in [(37, 45, 0.1), (5, 19, 0.5), (33, 64, 0.37)]:
+        got = triton_keep_mask(seed, rows, cols, p, DEVICE).cpu()
+        want = reference.dropout_keep_mask(seed, rows, cols, p)
+        assert got.dtype == torch.bool and torch.equal(got, want)
+    assert bool(triton_keep_mask(seed, 3, 4, 0.0, DEVICE).all())
+
+
+def test_keep_rate():
+    p = 0.3
+    keep = triton_keep_mask(20240601, 256, 1024, p, DEVICE).float().mean().item()
+    # 262144 Bernoulli draws: std of the rate ≈ 0.0009, so ±0.01 is > 10 sigma.
+    assert abs(keep - (1 - p)) < 0.01
+
+
+def test_dropout_p0_equals_no_dropout():
+    x, w, b, a, bb = _inputs(7, 37, 45, 8, torch.float32, DEVICE)
+    plain = lora_kernels.lora_linear(x, w, b, a, bb, scaling=0.5, backend="triton")
+    zero = lora_kernels.lora_linear(x, w, b, a, bb, scaling=0.5, dropout_p=0.0, dropout_seed=9,
+                                    backend="triton")
+    evald = lora_kernels.lora_linear(x, w, b, a, bb, scaling=0.5, dropout_p=0.4, training=False,
+                                     backend="triton")
+    assert torch.equal(plain, zero) and torch.equal(plain, evald)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,r", [(7, 37, 45, 13), (33, 45, 19, 8)])
+def test_dropout_matches_reference(M, K, N, r, dtype):
+    # Forward and every gradient against the reference drawing the mask from the same seed:
+    # dx and dA only match if the backward regenerates the forward's mask.
+    x, w, b, a, bb = _inputs(M, K, N, r, dtype, DEVICE)
+    _check(x, w, b, a, bb, p=0.25, seed=2**33 + 77, grads=("x", "a", "b"))
+
+
+def test_dropout_seed_reproducible():
+    x, w, b, a, bb = _inputs(7, 37, 45, 8, torch.float32, DEVICE)
+    run = lambda s: lora_kernels.lora_linear(x, w, b, a, bb, dropout_p=0.5, dropout_seed=s,
+                                             backend="triton")
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+
+
+# ---- paths: decode (split-K) vs tiled, fused vs precomputed shrink, out= ---------------------
+@pytest.mark.parametrize("small_m_max,mode", [(0, 2), (16, 1), (0, 1)])
+def test_forced_paths(monkeypatch, small_m_max, mode):
+    """M = 1 and 7 through the tiled path, and the precomputed-shrink epilogue at small M."""
+    monkeypatch.setattr(TL, "SMALL_M_MAX", small_m_max)
+    monkeypatch.setattr(TL, "lora_mode", lambda m, r, p: 1 if p > 0 else mode)
+    for M in (1, 7):
+        x, w, b, a, bb = _inputs(M, 37, 45, 13, torch.float32, DEVICE)
+        _check(x, w, b, a, bb)
+
+
+def _ref_fwd(x, w, b, a, bb, s, p=0.0, seed=0):
+    d = lambda t: None if t is None else t.double().cpu()
+    return reference.lora_linear_forward(d(x), d(w), d(b), d(a), d(bb), s, p, seed)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_split_k_launcher(split):
+    """The decode GEMM with 1 and 3 K slabs (3 > the slabs K needs: one slab is empty), in both
+    LoRA modes and the dX form (transposed weight, output-side dropout)."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, SPLIT_K=split)
+    M, K, N, r = 5, 37, 45, 13
+    x, w, b, a, bb = _inputs(M, K, N, r, torch.float32, DEVICE)
+    want, want_xa = _ref_fwd(x, w, b, a, bb, 0.5)
+    for mode in (1, 2):
+        y, xa = TL.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 0, mode=mode, config=cfg)
+        assert rel_err(y, want) <= 1e-5 and rel_err(xa, want_xa) <= 1e-5
+    # dX = dY·W + mask∘(s·(dY·B)·A)/(1-p) with the GEMM on Wᵀ/Aᵀ views.
+    dy = torch.randn(M, N, dtype=torch.float32, device=DEVICE)
+    dyb = dy @ bb
+    dx = torch.empty(M, K, dtype=torch.float32, device=DEVICE)
+    FG.fused_gemm(dy, w.t(), dx, lora=1, u=dyb, lb=a.t(), scaling=0.5, dropout_p=0.3, seed=11,
+                  config=cfg)
+    want_dx = dy.double() @ w.double() + reference.apply_dropout(0.5 * dyb.double() @ a.double(), 11, 0.3)
+    assert rel_err(dx, want_dx) <= 1e-5
+    # the tickets are back at zero for the next launch
+    assert all(int(t.abs().sum()) == 0 for t in FG._TICKETS.values())
+
+
+def test_out_column_view():
+    x, w, b, a, bb = _inputs(7, 37, 45, 8, torch.float32, DEVICE)
+    buf = torch.full((7, 60), 7.0, dtype=torch.float32, device=DEVICE)
+    out = buf[:, 10:55]
+    y, _ = TL.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 0, out)
+    assert y.data_ptr() == out.data_ptr()
+    assert rel_err(out, _ref_fwd(x, w, b, a, bb, 0.5)[0]) <= 1e-5
+    assert bool((buf[:, :10] == 7).all()) and bool((buf[:, 55:] == 7).all())
+
+
+def test_large_rank_loops_over_rank_chunks():
+    # r = 100 > 64: precomputed shrink over two rank tiles, epilogue loops over rank chunks.
+    x, w, b, a, bb = _inputs(7, 37, 45, 100, torch.float32, DEVICE)
+    _check(x, w, b, a, bb)
+
+
+# ---- GPU only: bf16, benchmark-sized shapes, determinism, int64 offsets ----------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,r,p", [(1, 4096, 4096, 16, 0.0), (16, 4096, 14336, 16, 0.0),
+                                       (17, 1000, 1003, 13, 0.1), (300, 4096, 4096, 64, 0.0),
+                                       (2048, 4096, 4096, 16, 0.1), (2048, 1024, 4096, 8, 0.0)])
+def test_gpu_shapes(M, K, N, r, p, dtype):
+    x, w, b, a, bb = _inputs(M, K, N, r, dtype, "cuda")
+    _check(x, w, b, a, bb, scaling=2.0, p=p, grads=("x", "w", "bias", "a", "b"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 8, 2048])
+def test_gpu_deterministic(M):
+    x, w, b, a, bb = _inputs(M, 4096, 4096, 16, torch.bfloat16, "cuda")
+    dy = torch.randn(M, 4096, dtype=torch.bfloat16, device="cuda")
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, bb)]
+        y = lora_kernels.lora_linear(leaves[0], w, b, leaves[1], leaves[2], dropout_p=0.1,
+                                     dropout_seed=5, backend="triton")
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    first, second = run(), run()
+    assert all(torch.equal(u, v) for u, v in zip(first, second))
+    assert all(int(t.abs().sum()) == 0 for t in FG._TICKETS.values())
+
+
+@pytest.mark.gpu
+def test_gpu_index_math_past_2_31():
+    K, N, r = 4096, 64, 8
+    M = 2**31 // K + 3  # M·K > 2^31 elements of x
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    _, w, b, a, bb = _inputs(1, K, N, r, torch.bfloat16, "cuda")
+    y = lora_kernels.lora_linear(x, w, b, a, bb, dropout_p=0.1, dropout_seed=3, backend="triton")
+    rows = slice(M - 5, M)  # the rows past the int32 boundary
+    keep = reference.dropout_keep_mask(3, 5, K, 0.1, device="cuda", row_offset=M - 5)
+    xd = x[rows].double() * keep / 0.9
+    want = x[rows].double() @ w.double().t() + b.double() + (xd @ a.double().t()) @ bb.double().t()
+    assert rel_err(y[rows], want) <= tol(torch.bfloat16, "cuda")
