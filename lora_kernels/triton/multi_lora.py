@@ -1,2 +1,305 @@
-"""(in progress)"""
-__all__ = []
+"""Heterogeneous multi-adapter batches on Triton: ``lora_shrink``, ``lora_expand``,
+``multi_lora_fwd``, ``multi_lora_bwd`` (contract: docs/BACKENDS.md).
+
+Kernels live in :mod:`~lora_kernels.triton.sgmv` (segment shrink / expand / weight-gradient
+reductions) and :mod:`~lora_kernels.triton.multi_fused` (base GEMM + per-token LoRA epilogue).
+Everything here is sized from the batch's host ints (``num_tokens``, ``num_active``,
+``max_seg_len``), so a layer never syncs with the host and the launches can be captured in a
+CUDA graph (run one warm-up call first: it compiles kernels and caches slice tables).
+
+How a forward is planned (:func:`plan`; every choice can be forced with :func:`override`):
+
+* **decode** shape (``max_seg_len ≤ 16``: every slot's tokens fit one 16-row tile — BGMV
+  territory): cuBLAS base GEMM, then the LoRA term as shrink + expand over slot segments.
+  Tiles are 16 rows (tensor-core minimum) and the shrink splits K into partial planes until
+  about ``programs_per_sm × SMs`` programs exist, so batch 1 still spreads its few adapter bytes
+  over the whole GPU; the expand sums the planes in a fixed order. With at most
+  ``inline_max_tokens`` tokens the shrink is recomputed inside the expand instead: one launch
+  rather than two, when launch latency outweighs re-reading A_i from L2.
+* **prefill** shape (longer segments, SGMV territory): 64-row tiles over each segment, K split
+  only when the segments give too few programs.
+* **fused** (``T ≥ fused_min_tokens``, fp16/bf16, on average ≥ 32 tokens per active slot): the
+  shrink, then one Triton GEMM whose epilogue adds each row's ``xa·B_iᵀ`` before the only write
+  of y (:mod:`multi_fused`). Below that size the base GEMM is weight-bandwidth bound and cuBLAS
+  GEMV-class kernels win, and the LoRA term's extra read-modify-write of y is small.
+  The thresholds are guesses until ``bench/bench_multi_lora.py`` has run on the target GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from lora_kernels.triton import sgmv
+from lora_kernels.triton.multi_fused import launch_fused
+
+__all__ = ["lora_shrink", "lora_expand", "multi_lora_fwd", "multi_lora_bwd"]
+
+TUNING = {
+    "path": "auto",            # "auto" | "fused" | "unfused"   (multi_lora_fwd)
+    "shape": "auto",           # "auto" | "decode" | "prefill"  (segment kernel configs)
+    "inline": "auto",          # "auto" | True | False          (decode: shrink inside expand)
+    "fused_min_tokens": 1024,
+    "decode_max_seg_len": 16,
+    "inline_max_tokens": 8,
+    "programs_per_sm": 4,
+}
+
+
+@contextlib.contextmanager
+def override(**settings):
+    """Temporarily change :data:`TUNING` (tests force each path; the benchmark compares them)."""
+    unknown = set(settings) - set(TUNING)
+    if unknown:
+        raise KeyError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(TUNING)}")
+    saved = dict(TUNING)
+    TUNING.update(settings)
+    try:
+        yield
+    finally:
+        TUNING.clear()
+        TUNING.update(saved)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return TUNING["programs_per_sm"] * _num_sms(device.index if device.index is not None
+                                                 else torch.cuda.current_device())
+
+
+_BOUNDS: dict = {}
+
+
+def _bounds(out_slices, N: int, device) -> tuple[torch.Tensor, int]:
+    """Slice column boundaries ``[0, w0, w0+w1, …, N]`` as a cached int32 device tensor
+    (created once per layout, so later calls neither copy nor sync), and their alignment
+    (16 if every boundary is a multiple of 16, else 1; see ``sgmv.launch_shrink``)."""
+    widths = tuple(int(w) for w in out_slices) if out_slices is not None else (N,)
+    key = (widths, str(device))
+    hit = _BOUNDS.get(key)
+    if hit is None:
+        edges = [0]
+        for w in widths:
+            edges.append(edges[-1] + w)
+        align = 16 if all(e % 16 == 0 for e in edges) else 1
+        hit = _BOUNDS[key] = (torch.tensor(edges, dtype=torch.int32, device=device), align)
+    return hit
+
+
+def _prec(dtype) -> str:
+    # fp32 inputs keep exact fp32 products in the LoRA MMAs (they are small); for fp16/bf16
+    # the fp32 xa operand goes through tf32, finer than the output's own rounding.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    block_m: int
+    block_r: int
+    block_k: int
+    block_n: int
+    split: int        # shrink partial planes along K
+    inline: bool      # expand recomputes the shrink (one launch)
+    num_warps: int = 4
+
+
+def plan(batch, K: int, out_width: int, R: int, n_slices: int, device,
+         allow_inline: bool = False) -> SegConfig:
+    """Block sizes for the segment kernels, from host ints only (see the module docstring)."""
+    shape = TUNING["shape"]
+    if shape == "auto":
+        shape = "decode" if batch.max_seg_len <= TUNING["decode_max_seg_len"] else "prefill"
+    decode = shape == "decode"
+    inline = TUNING["inline"]
+    if inline == "auto":
+        inline = decode and batch.num_tokens <= TUNING["inline_max_tokens"]
+    inline = bool(inline) and allow_inline
+    if device.type != "cuda":
+        # Interpreter: one small config; decode still splits K so the plane sum is exercised.
+        return SegConfig(16, 16, 32, 32, 2 if decode and K > 32 else 1, inline)
+    target = _target_programs(device)
+    block_m = 16 if decode else (64 if batch.max_seg_len >= 64 else 32)
+    block_r = 16 if decode else min(64, max(16, sgmv._pow2(R)))
+    tiles = sgmv.token_tiles(batch, block_m)[0]
+    base = tiles * n_slices * triton.cdiv(R, block_r)
+    # Split K until the grid fills the GPU, keeping ≥ 256 columns of A per program.
+    split = max(1, min(sgmv._pow2(triton.cdiv(target, max(base, 1))), K // 256))
+    block_k = 64 if not decode else max(64, min(256, sgmv._pow2(triton.cdiv(K, split))))
+    if inline:
+        block_n = 256  # fewer column tiles = fewer L2 re-reads of A_i
+    else:
+        block_n = 32
+        for bn in (256, 128, 64):
+            if tiles * n_slices * triton.cdiv(out_width, bn) >= target:
+                block_n = bn
+                break
+        if not decode:
+            block_n = min(block_n, 128)
+    return SegConfig(block_m, block_r, block_k, block_n, split, inline)
+
+
+def _slices(out_slices, N):
+    widths = list(out_slices) if out_slices is not None else [N]
+    return len(widths), max(widths)
+
+
+# Views of the stacks as the kernels see them: shrink matrix strides (slot, slice, rank, col),
+# expand matrix strides (slot, col, slice, rank).
+def _a_as_shrink(lora_a, R):
+    return lora_a.stride(0), R * lora_a.stride(1), lora_a.stride(1), lora_a.stride(2)
+
+
+def _b_as_expand(lora_b):
+    return lora_b.stride(0), lora_b.stride(1), 0, lora_b.stride(2)
+
+
+def _b_as_shrink(lora_b):  # dY·B_i: slice j reads its own columns of dY and rows of B_i
+    return lora_b.stride(0), 0, lora_b.stride(2), lora_b.stride(1)
+
+
+def _a_as_expand(lora_a, R):  # dX += u·A_i: column k of A_i, rank row j·R + r
+    return lora_a.stride(0), lora_a.stride(2), R * lora_a.stride(1), lora_a.stride(1)
+
+
+def _shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg, zero: bool):
+    """Partial planes ``[cfg.split, T, n_slices·R]`` float32 of the scaled shrink."""
+    alloc = torch.zeros if zero else torch.empty
+    planes = alloc(cfg.split, x.shape[0], n_slices * R, dtype=torch.float32, device=x.device)
+    return sgmv.launch_shrink(x, lora_a, _a_as_shrink(lora_a, R), planes, batch, cfg, R=R,
+                              n_slices=n_slices, scalings=scalings, ranks=ranks, bounds=None,
+                              max_width=x.shape[1], prec=_prec(x.dtype))
+
+
+def _one_plane(planes):
+    return planes[0] if planes.shape[0] == 1 else planes.sum(0)
+
+
+# ------------------------------------------------------------------------------------------
+# Kernel-level API
+# ------------------------------------------------------------------------------------------
+def lora_shrink(x, lora_a, batch, scalings, ranks, n_slices):
+    T, RR = x.shape[0], lora_a.shape[1]
+    R = RR // n_slices
+    if not batch.has_lora or T == 0:
+        return torch.zeros(T, RR, dtype=torch.float32, device=x.device)
+    cfg = plan(batch, x.shape[1], R, R, n_slices, x.device)
+    # Zeroed planes: the contract wants zeros for -1 tokens and ranks past each rank.
+    return _one_plane(_shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg, zero=True))
+
+
+def lora_expand(y, xa, lora_b, batch, ranks, out_slices):
+    T, N, R = y.shape[0], lora_b.shape[1], lora_b.shape[2]
+    if not batch.has_lora or T == 0:
+        return y
+    n_slices, max_w = _slices(out_slices, N)
+    cfg = plan(batch, R, max_w, R, n_slices, y.device)
+    bounds, align = _bounds(out_slices, N, y.device)
+    sgmv.launch_expand(y, xa.float().contiguous()[None], lora_b, _b_as_expand(lora_b), batch, cfg,
+                       R=R, n_slices=n_slices, ranks=ranks, bounds=bounds, slice_align=align,
+                       max_width=max_w, prec=_prec(y.dtype))
+    return y
+
+
+def _use_fused(batch, dtype, device) -> bool:
+    path = TUNING["path"]
+    if path != "auto":
+        return path == "fused"
+    T = batch.num_tokens
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and T >= TUNING["fused_min_tokens"] and T >= 32 * batch.num_active)
+
+
+def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
+                   need_xa=True):
+    T, K = x.shape
+    N, R = weight.shape[0], lora_b.shape[2]
+    n_slices, max_w = _slices(out_slices, N)
+    RR = n_slices * R
+    if not batch.has_lora or T == 0:
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+        xa = torch.zeros(T, RR, dtype=torch.float32, device=x.device) if need_xa else None
+        return y, xa
+    bounds, align = _bounds(out_slices, N, x.device)
+    prec = _prec(x.dtype)
+    if _use_fused(batch, x.dtype, x.device):
+        cfg = plan(batch, K, max_w, R, n_slices, x.device)
+        xa = _one_plane(_shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg,
+                                zero=need_xa))
+        y = torch.empty(T, N, dtype=x.dtype, device=x.device)
+        launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, R=R,
+                     n_slices=n_slices, prec="tf32" if x.dtype == torch.float32 else prec,
+                     lora_prec=prec, interpret=x.device.type != "cuda")
+        return y, (xa if need_xa else None)
+
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    cfg = plan(batch, K, max_w, R, n_slices, x.device, allow_inline=True)
+    xa_out = torch.zeros(T, RR, dtype=torch.float32, device=x.device) if need_xa else None
+    common = dict(R=R, n_slices=n_slices, ranks=ranks, bounds=bounds, slice_align=align,
+                  max_width=max_w, prec=prec)
+    if cfg.inline:
+        sgmv.launch_expand(y, None, lora_b, _b_as_expand(lora_b), batch, cfg,
+                           inline=(x, lora_a, scalings), xa_out=xa_out, **common)
+    else:
+        planes = _shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg, zero=False)
+        sgmv.launch_expand(y, planes, lora_b, _b_as_expand(lora_b), batch, cfg,
+                           xa_out=xa_out, **common)
+    return y, xa_out
+
+
+def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, needs):
+    need_x, need_w, need_b, need_a, need_bb = needs
+    T, K = x.shape
+    N, R = weight.shape[0], lora_b.shape[2]
+    n_slices, max_w = _slices(out_slices, N)
+    dx = dy @ weight if need_x else None
+    dw = dy.t() @ x if need_w else None
+    db = dy.sum(0) if need_b else None
+    da = torch.zeros_like(lora_a) if need_a else None
+    dbb = torch.zeros_like(lora_b) if need_bb else None
+    if not batch.has_lora or T == 0:
+        return dx, dw, db, da, dbb
+    bounds, align = _bounds(out_slices, N, x.device)
+    prec = _prec(x.dtype)
+    interp = x.device.type != "cuda"
+    outer = dict(batch=batch, R=R, n_slices=n_slices, ranks=ranks, prec=prec,
+                 block_t=16 if interp else 32, block_r=16, block_q=32 if interp else 64,
+                 max_width=max_w, num_warps=4, slice_align=align)
+    if need_x or need_a:
+        # u = s_i·dY·B_i (per slice), shared by dX and dA.
+        cfg = plan(batch, max_w, K, R, n_slices, x.device)
+        planes = torch.empty(cfg.split, T, n_slices * R, dtype=torch.float32, device=x.device)
+        sgmv.launch_shrink(dy, lora_b, _b_as_shrink(lora_b), planes, batch, cfg, R=R,
+                           n_slices=n_slices, scalings=scalings, ranks=ranks, bounds=bounds,
+                           slice_align=align, max_width=max_w, prec=prec)
+        u = _one_plane(planes)
+        if need_x:
+            sgmv.launch_expand(dx, u[None], lora_a, _a_as_expand(lora_a, R), batch, cfg, R=R,
+                               n_slices=n_slices, ranks=ranks, bounds=None, max_width=K,
+                               prec=prec)
+        if need_a:  # dA_i[j·R + r, k] = Σ_{t∈G_i} u[t, j·R + r]·x[t, k]
+            sgmv.launch_seg_outer(u, x, da, (da.stride(0), R * da.stride(1), da.stride(1),
+                                             da.stride(2)), bounds=None, **outer)
+    if need_bb:  # dB_i[n, r] = Σ_{t∈G_i} dY[t, n]·xa[t, j·R + r], n in slice j
+        if xa is None or xa.numel() != T * n_slices * R:
+            cfg = plan(batch, K, max_w, R, n_slices, x.device)
+            xa = _one_plane(_shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg,
+                                    zero=False))
+        xa = xa.float().contiguous()
+        sgmv.launch_seg_outer(xa, dy, dbb, (dbb.stride(0), 0, dbb.stride(2), dbb.stride(1)),
+                              bounds=bounds, **outer)
+    return dx, dw, db, da, dbb

@@ -1,0 +1,137 @@
+"""Base GEMM fused with each token's own low-rank term: ``y[t] = x[t]·Wᵀ + b + xa[t]·B_iᵀ``.
+
+One program computes a ``BLOCK_M × BLOCK_N`` tile of y over *sorted* token positions
+(``sorted_token_ids``): the base GEMM does not care about row order, and in sorted order a tile
+holds at most a few adapter segments. The epilogue then walks the distinct slots of the tile
+(ascending, found with a min-reduction — no host data) and adds ``xa[rows of slot]·B_slotᵀ`` as
+one small MMA per slot and slice, before the single write of the output tile.
+
+*Why tiles over sorted positions and not per segment*: segment-aligned M tiles would pad every
+segment up to ``BLOCK_M`` — with 64 adapters over 8192 tokens that doubles the number of M tiles
+of the base GEMM. *Why not the original order*: a random mix of adapters puts up to BLOCK_M
+distinct slots in a tile, each costing an epilogue MMA. *Why xa comes precomputed*
+(``lora_shrink``, one pass over x): computing it inside the main loop would need one A_i per
+row. The extra cost over the bare GEMM is one read of x (the shrink) plus
+``segments-per-tile × r/K`` of the tile's MMA work.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lora_kernels.triton.sgmv import _pow2, _rank_of
+
+
+@triton.jit
+def _fused_kernel(
+        X, W, BIAS, Y, XA, B, RANKS, BOUNDS, adapter_ids, sorted_ids,
+        T, N, K, R, S, n_slices, t_bucket,
+        stride_xt, stride_wn, stride_yt, stride_xat, stride_bs, stride_bn, stride_rs, stride_rj,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, PREC: tl.constexpr,
+        LORA_PREC: tl.constexpr):
+    # Grouped tile order: GROUP_M row tiles share each W column panel while it sits in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(T, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = pos < T
+    # Rows past T read token 0 and columns past N wrap: the main loop needs no row/col masks.
+    tok = tl.load(sorted_ids + pos, mask=row_mask, other=0).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    x_rows = X + tok[:, None] * stride_xt
+    w_cols = W + (cols % N)[None, :].to(tl.int64) * stride_wn
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            xt = tl.load(x_rows + kk[None, :])
+            wt = tl.load(w_cols + kk[:, None])
+        else:
+            xt = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+            wt = tl.load(w_cols + kk[:, None], mask=kk[:, None] < K, other=0.0)
+        acc = tl.dot(xt, wt, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+
+    # LoRA epilogue: one pass per distinct slot in the tile (tokens of -1 are skipped; sorted
+    # order makes the slots of a tile a short ascending run).
+    slots = tl.load(adapter_ids + tok, mask=row_mask, other=-1)
+    cur = tl.min(tl.where(slots >= 0, slots, S), 0)
+    while cur < S:
+        sel = slots == cur
+        b_cols = B + cur.to(tl.int64) * stride_bs + cols.to(tl.int64) * stride_bn
+        for j in range(0, n_slices):
+            c_lo = tl.load(BOUNDS + j)
+            c_hi = tl.load(BOUNDS + j + 1)
+            if (c_lo < n0 + BLOCK_N) & (c_hi > n0):  # slice j meets this column tile
+                rank = _rank_of(RANKS, cur, j, R, stride_rs, stride_rj, HAS_RANKS)
+                in_slice = (cols >= c_lo) & (cols < c_hi)
+                for r0 in range(0, rank, BLOCK_R):
+                    rr = r0 + tl.arange(0, BLOCK_R)
+                    r_mask = rr < rank
+                    xa = tl.load(XA + tok[:, None] * stride_xat + (j * R + rr)[None, :],
+                                 mask=sel[:, None] & r_mask[None, :], other=0.0)
+                    bt = tl.load(b_cols[None, :] + rr[:, None],
+                                 mask=r_mask[:, None] & in_slice[None, :], other=0.0)
+                    acc = tl.dot(xa, bt.to(tl.float32), acc, input_precision=LORA_PREC)
+        cur = tl.min(tl.where(slots > cur, slots, S), 0)
+
+    y_ptr = Y + tok[:, None] * stride_yt + cols[None, :]
+    tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _gpu_configs():
+    # Hopper-sized tiles (wgmma wants BLOCK_M ≥ 64); the small ones serve T of a few hundred.
+    shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+              (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 4, 8)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                          num_stages=s, num_warps=w) for m, n, k, s, w in shapes]
+
+
+# Autotuned on GPUs only: the key buckets T by powers of two so a serving loop with a new T
+# every step does not re-tune every step. The interpreter gets one small fixed config.
+_fused_tuned = triton.autotune(configs=_gpu_configs(), key=["N", "K", "t_bucket"])(_fused_kernel)
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+
+def launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, *, R, n_slices, prec,
+                 lora_prec, interpret, config=None):
+    """``y = x·Wᵀ + b + Σ_slices xa·B_iᵀ`` written once; ``xa [1 or T, T, n_slices·R]`` is the
+    scaled shrink output (only rows of adapted tokens and ranks below each rank are read)."""
+    T, K = x.shape
+    N = weight.shape[0]
+    xa2 = xa[0] if xa.dim() == 3 else xa
+    if ranks is None:
+        rk, srs, srj = y, 0, 0
+    else:
+        rk, srs, srj = ranks, ranks.stride(0), (ranks.stride(1) if ranks.dim() == 2 else 0)
+    args = (x, weight, y if bias is None else bias, y, xa2, lora_b, rk, bounds,
+            batch.adapter_ids, batch.sorted_token_ids,
+            T, N, K, R, batch.num_slots, n_slices, min(_pow2(T), 8192),
+            x.stride(0), weight.stride(0), y.stride(0), xa2.stride(0),
+            lora_b.stride(0), lora_b.stride(1), srs, srj)
+    flags = dict(BLOCK_R=16, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None,
+                 PREC=prec, LORA_PREC=lora_prec)
+    if interpret or config is not None:
+        cfg = dict(INTERPRET_CONFIG if config is None else config)
+        launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+        grid = (triton.cdiv(T, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _fused_kernel[grid](*args, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0, **flags, **launch)
+    else:
+        def grid(meta):
+            return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        # EVEN_K depends on the chosen BLOCK_K; all GPU configs use 64.
+        _fused_tuned[grid](*args, EVEN_K=K % 64 == 0, **flags)
+    return y
