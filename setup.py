@@ -43,9 +43,11 @@ def _cuda_extension():
         "lora_kernels._C",
         sources,
         include_dirs=include_dirs,
+        # No -std flag: torch's build_ext adds the standard its headers need (C++20 for 2.14,
+        # whatever the GPU box's 2.11 wants); csrc/ compiles as C++17 and C++20.
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
         py_limited_api=True,
     )
