@@ -40,6 +40,10 @@ class PoolBusyError(RuntimeError):
     """Every slot the pool could use is pinned by an in-flight batch."""
 
 
+class _WouldWait(Exception):
+    """Internal: acquiring would block while the caller already holds pins."""
+
+
 @dataclass
 class _HostAdapter:
     """A validated adapter on the host: per pool layer ``(lora_a, lora_b, scaling)``."""
@@ -248,8 +252,9 @@ class AdapterPool:
         idle = [s for s in self._slots if s.state in ("ready", "retired") and s.pins == 0]
         return min(idle, key=lambda s: (s.state != "retired", s.last_used)) if idle else None
 
-    def _acquire(self, name: str, deadline: Optional[float]) -> _Slot:
-        """Make ``name`` resident and pin its slot (lock held by the caller)."""
+    def _acquire(self, name: str, deadline: Optional[float], may_wait: bool = True) -> _Slot:
+        """Make ``name`` resident and pin its slot (lock held by the caller). With
+        ``may_wait=False`` raise ``_WouldWait`` instead of blocking."""
         if name not in self._host:
             raise KeyError(f"adapter {name!r} is not registered; known: {sorted(self._host)}")
         while True:
@@ -259,12 +264,13 @@ class AdapterPool:
                 slot.last_used = next(self._clock)
                 return slot
             if slot is not None:  # another thread is loading it: wait for that upload
-                self._wait(deadline, f"adapter {name!r} is being loaded by another thread")
+                self._wait(deadline, f"adapter {name!r} is being loaded by another thread",
+                           may_wait)
                 continue
             victim = self._victim()
             if victim is None:
                 self._wait(deadline, f"all {self.num_slots} slots are pinned by in-flight batches "
-                                     f"(release a batch, or pass timeout= to wait)")
+                                     f"(release a batch, or pass timeout= to wait)", may_wait)
                 continue
             host = self._host[name]
             for s in self._slots:  # an older version of this name is now stale
@@ -285,7 +291,9 @@ class AdapterPool:
             victim.state = "ready"
             self._cond.notify_all()
 
-    def _wait(self, deadline: Optional[float], why: str) -> None:
+    def _wait(self, deadline: Optional[float], why: str, may_wait: bool = True) -> None:
+        if not may_wait:
+            raise _WouldWait(why)
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise PoolBusyError(why)
@@ -343,11 +351,23 @@ class AdapterPool:
         slot. Evicts the least-recently-used unpinned adapter when full. If every slot is pinned:
         raise ``PoolBusyError`` (``timeout=0``), or wait up to ``timeout`` seconds (None:
         forever)."""
-        if source is not None:
-            self.register(name, source, config)
+        host = self._parse(name, source, config) if source is not None else None
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            slot = self._acquire(name, deadline)
+            previous = self._host.get(name)
+            if host is not None:
+                host.version = next(self._versions)
+                self._host[name] = host
+            try:
+                slot = self._acquire(name, deadline)
+            except BaseException:
+                # A load that could not happen leaves the registry as it was, too.
+                if host is not None and self._host.get(name) is host:
+                    if previous is None:
+                        del self._host[name]
+                    else:
+                        self._host[name] = previous
+                raise
             self._unpin_locked([slot])
             return slot.index
 
@@ -361,16 +381,23 @@ class AdapterPool:
             raise ValueError(f"a batch uses {len(distinct)} distinct adapters but the pool has "
                              f"{self.num_slots} slots")
         deadline = None if timeout is None else time.monotonic() + timeout
-        pinned, index = [], {}
         with self._lock:
-            try:
-                for n in distinct:
-                    slot = self._acquire(n, deadline)
-                    pinned.append(slot)
-                    index[n] = slot.index
-            except BaseException:
-                self._unpin_locked(pinned)
-                raise
+            # All or nothing: never wait while holding some pins, or two batches that each
+            # hold part of what they need would wait for each other forever.
+            while True:
+                pinned, index = [], {}
+                try:
+                    for n in distinct:
+                        slot = self._acquire(n, deadline, may_wait=not pinned)
+                        pinned.append(slot)
+                        index[n] = slot.index
+                    break
+                except _WouldWait as busy:
+                    self._unpin_locked(pinned)
+                    self._wait(deadline, str(busy))
+                except BaseException:
+                    self._unpin_locked(pinned)
+                    raise
         ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64).to(self.device)
         return PoolBatch(self, names, ids, pinned, tokens_per_sample)
 
