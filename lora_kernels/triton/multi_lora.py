@@ -130,8 +130,9 @@ def plan(batch, K: int, out_width: int, R: int, n_slices: int, device,
         inline = decode and batch.num_tokens <= TUNING["inline_max_tokens"]
     inline = bool(inline) and allow_inline
     if device.type != "cuda":
-        # Interpreter: one small config; decode still splits K so the plane sum is exercised.
-        return SegConfig(16, 16, 32, 32, 2 if decode and K > 32 else 1, inline)
+        # Interpreter: one small config (few, wide programs run fastest); decode still splits
+        # K so the plane sum is exercised.
+        return SegConfig(16, 16, 32, 64, 2 if decode and K > 32 else 1, inline)
     target = _target_programs(device)
     block_m = 16 if decode else (64 if batch.max_seg_len >= 64 else 32)
     block_r = 16 if decode else min(64, max(16, sgmv._pow2(R)))
@@ -277,7 +278,7 @@ def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, ou
     prec = _prec(x.dtype)
     interp = x.device.type != "cuda"
     outer = dict(batch=batch, R=R, n_slices=n_slices, ranks=ranks, prec=prec,
-                 block_t=16 if interp else 32, block_r=16, block_q=32 if interp else 64,
+                 block_t=16 if interp else 32, block_r=16, block_q=64,
                  max_width=max_w, num_warps=4, slice_align=align)
     if need_x or need_a:
         # u = s_i·dY·B_i (per slice), shared by dX and dA.

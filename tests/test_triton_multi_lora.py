@@ -1,0 +1,297 @@
+"""Triton multi-adapter kernels through the public ops (``backend="triton"``) against the float64
+oracle: adapter distributions, each kernel path forced (decode split-K, decode one-launch,
+prefill, fused GEMM), mixed ranks, packed slices, gradients of x / W / b and of every slot.
+
+On CPU this runs the real kernels under TRITON_INTERPRET=1 (fp32/fp16, tiny shapes);
+``@pytest.mark.gpu`` tests add bf16, realistic sizes, CUDA-graph capture and a no-sync check.
+"""
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import reference as ref
+from helpers import randn, rel_err, tol, triton_device, triton_dtypes
+
+DEV = triton_device()
+if DEV is None:
+    pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)", allow_module_level=True)
+
+from lora_kernels.triton import multi_lora as tml  # noqa: E402  (after the skip: imports triton)
+from lora_kernels.triton import sgmv  # noqa: E402
+
+F64 = torch.float64
+PATHS = {
+    "decode": dict(path="unfused", shape="decode", inline=False),   # split-K planes, 2 launches
+    "decode1": dict(path="unfused", shape="decode", inline=True),   # shrink inside the expand
+    "prefill": dict(path="unfused", shape="prefill", inline=False),
+    "fused": dict(path="fused", shape="decode", inline=False),      # GEMM + LoRA epilogue
+    "auto": {},                                                     # the planner's own choice
+}
+FORCED = [p for p in PATHS if p != "auto"]
+
+
+def _ids(kind, T, S):
+    g = torch.Generator().manual_seed(1000 + T)
+    if kind == "identical":
+        return torch.full((T,), S - 1)
+    if kind == "distinct":  # every token its own adapter (needs S ≥ T)
+        return torch.randperm(S, generator=g)[:T]
+    if kind == "uniform":
+        return torch.randint(0, 3, (T,), generator=g)
+    if kind == "zipf":
+        p = 1.0 / torch.arange(1, S + 1, dtype=F64) ** 1.2
+        return torch.multinomial(p / p.sum(), T, replacement=True, generator=g)
+    if kind == "with_base":
+        ids = torch.randint(-1, S, (T,), generator=g)
+        ids[0] = -1
+        return ids
+    raise AssertionError(kind)
+
+
+def _check(ids, *, S, K=37, N=45, R=8, dtype=torch.float32, path="decode", slices=None,
+           ranks=None, bias=True, grad_w=False, scale_grad=True):
+    """Forward + backward on the Triton backend vs float64 autograd of the oracle."""
+    T = ids.shape[0]
+    n_sl = 1 if slices is None else len(slices)
+    x = randn(T, K, dtype=dtype, device=DEV, requires_grad=True)
+    W = randn(N, K, dtype=dtype, device=DEV, scale=K ** -0.5, requires_grad=grad_w)
+    b = randn(N, dtype=dtype, device=DEV, requires_grad=grad_w) if bias else None
+    A = randn(S, n_sl * R, K, dtype=dtype, device=DEV, scale=K ** -0.5, requires_grad=True)
+    B = randn(S, N, R, dtype=dtype, device=DEV, requires_grad=True)
+    sc = torch.rand(S) + 0.5
+    batch = lk.LoRABatch.from_adapter_ids(ids.to(DEV), S)
+    with tml.override(**PATHS[path]):
+        y = lk.multi_lora_linear(x, W, b, A, B, batch, scalings=sc, ranks=ranks,
+                                 out_slices=slices, backend="triton")
+        dy = randn(T, N, dtype=dtype, device=DEV)
+        leaves = [t for t in (x, W, b, A, B) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(y, leaves, dy) if T else [torch.zeros_like(t) for t in leaves]
+
+    def d(t):
+        return None if t is None else t.detach().cpu().double().requires_grad_(t.requires_grad)
+
+    x64, W64, b64, A64, B64 = d(x), d(W), d(b), d(A), d(B)
+    y64 = ref.multi_lora_linear(x64, W64, b64, A64, B64, ids, sc.double(), ranks, slices)
+    tl_ = tol(dtype, DEV)
+    assert y.dtype == dtype and y.shape == (T, N)
+    assert rel_err(y, y64) <= tl_, f"y: {rel_err(y, y64):.2e}"
+    leaves64 = [t for t in (x64, W64, b64, A64, B64) if t is not None and t.requires_grad]
+    if T:
+        want = torch.autograd.grad(y64, leaves64, dy.cpu().double(), allow_unused=True,
+                                   materialize_grads=True)
+        for name, got, ref_g in zip("xWbAB" if grad_w else "xAB", grads, want):
+            assert got.dtype == dtype
+            assert rel_err(got, ref_g) <= tl_, f"d{name}: {rel_err(got, ref_g):.2e}"
+    return y, grads
+
+
+# ----------------------------------------------------------------------- distributions × paths
+@pytest.mark.parametrize("path", FORCED)
+@pytest.mark.parametrize("kind", ["identical", "uniform", "zipf", "with_base"])
+def test_distributions(kind, path):
+    _check(_ids(kind, 33, 5), S=5, path=path)
+
+
+@pytest.mark.parametrize("path", FORCED)
+def test_all_distinct_many_slots(path):
+    # 20 active slots: the in-kernel tile scan runs over a 32-wide block.
+    _check(_ids("distinct", 20, 24), S=24, path=path)
+
+
+@pytest.mark.parametrize("path", FORCED)
+@pytest.mark.parametrize("T", [1, 7])
+def test_small_batches(T, path):
+    _check(_ids("with_base", T, 5) if T > 1 else torch.tensor([3]), S=5, path=path)
+
+
+@pytest.mark.parametrize("path", FORCED)
+@pytest.mark.parametrize("kind", ["zipf", "with_base"])
+def test_fp16(kind, path):
+    if torch.float16 not in triton_dtypes(DEV):
+        pytest.skip("fp16 not run here")
+    _check(_ids(kind, 33, 5), S=5, dtype=torch.float16, path=path)
+
+
+@pytest.mark.parametrize("path", ["decode", "fused"])
+def test_weight_and_bias_grads(path):
+    _check(_ids("with_base", 7, 5), S=5, path=path, grad_w=True)
+
+
+# ------------------------------------------------------------------------ ranks and slices
+RANKS_1D = torch.tensor([8, 1, 0, 5, 3], dtype=torch.int32)          # 0 and r_max included
+RANKS_2D = torch.tensor([[8, 0, 8], [1, 2, 3], [0, 0, 0], [5, 5, 0], [3, 8, 1]], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("path", FORCED)
+@pytest.mark.parametrize("layout", ["ranks", "slices_odd", "slices_gqa"])
+def test_mixed_ranks_and_packed_slices(layout, path):
+    ids = _ids("with_base", 33, 5)
+    if layout == "ranks":
+        y, (dx, dA, dB) = _check(ids, S=5, path=path, ranks=RANKS_1D.to(DEV))
+        assert (dA[1, 1:] == 0).all() and (dA[2] == 0).all() and (dB[2] == 0).all()
+    elif layout == "slices_odd":  # widths not multiples of any block, per-slice ranks
+        y, (dx, dA, dB) = _check(ids, S=5, N=45, path=path, slices=(24, 8, 13),
+                                 ranks=RANKS_2D.to(DEV))
+        assert (dA[0, 8:16] == 0).all()  # slot 0 does not adapt slice 1
+        assert (dB[0, 24:32] == 0).all()
+    else:  # qkv-like, 16-aligned widths (q wider than k/v), one rank per slot
+        _check(ids, S=5, K=40, N=64, path=path, slices=(32, 16, 16), ranks=RANKS_1D.to(DEV))
+
+
+@pytest.mark.parametrize("R,path", [(1, "decode"), (13, "prefill"), (13, "fused"),
+                                    (64, "decode1"), (64, "decode")])
+def test_rank_sizes(R, path):
+    ranks = torch.tensor([R, R // 2, 0, 1, R], dtype=torch.int32).to(DEV) if R > 1 else None
+    _check(_ids("uniform", 21, 5), S=5, R=R, K=33, N=19, path=path, ranks=ranks)
+
+
+def test_tile_map_without_scan(monkeypatch):
+    # Batches with more active slots than SCAN_MAX_ACTIVE use one fixed tile range per slot.
+    monkeypatch.setattr(sgmv, "SCAN_MAX_ACTIVE", 0)
+    _check(_ids("zipf", 33, 5), S=5, path="prefill")
+
+
+# ------------------------------------------------------------------- base-only and empty
+@pytest.mark.parametrize("T", [0, 5])
+def test_base_only_and_empty(T):
+    S, K, N = 4, 12, 10
+    x = randn(T, K, device=DEV)
+    W, b = randn(N, K, device=DEV), randn(N, device=DEV)
+    A, B = randn(S, 8, K, device=DEV), randn(S, N, 8, device=DEV)
+    batch = lk.LoRABatch.from_adapter_ids(torch.full((T,), -1, device=DEV), S)
+    assert not batch.has_lora
+    y = lk.multi_lora_linear(x, W, b, A, B, batch, scalings=torch.ones(S), backend="triton")
+    assert y.shape == (T, N)
+    assert rel_err(y, ref.multi_lora_linear(x.double(), W.double(), b.double(), A.double(),
+                                            B.double(), batch.adapter_ids, torch.ones(S,
+                                            dtype=F64))) <= tol(torch.float32, DEV)
+    xa = lk.lora_shrink(x, A, batch, backend="triton")
+    assert xa.shape == (T, 8) and not xa.any()
+    y0 = randn(T, N, device=DEV)
+    assert torch.equal(lk.lora_expand(y0.clone(), xa, B, batch, backend="triton"), y0)
+    # the kernel-level entry skips LoRA work too
+    y1, xa1 = tml.multi_lora_fwd(x, W, None, A, B, torch.ones(S, device=DEV), None, batch, None,
+                                 True)
+    assert torch.allclose(y1, x @ W.T) and not xa1.any()
+
+
+# ------------------------------------------------------------ low-level shrink / expand
+@pytest.mark.parametrize("shape", ["decode", "prefill"])
+@pytest.mark.parametrize("slices", [None, (24, 8, 13)])
+def test_shrink_expand(slices, shape):
+    S, K, N, R, T = 5, 37, 45, 8, 33
+    n_sl = 1 if slices is None else len(slices)
+    ids = _ids("with_base", T, S)
+    x, y0 = randn(T, K, device=DEV), randn(T, N, device=DEV)
+    A = randn(S, n_sl * R, K, device=DEV, scale=K ** -0.5)
+    B = randn(S, N, R, device=DEV)
+    ranks = (RANKS_1D if slices is None else RANKS_2D).to(DEV)
+    batch = lk.LoRABatch.from_adapter_ids(ids.to(DEV), S)
+    for sc in (None, torch.rand(S) + 0.5):
+        with tml.override(shape=shape):
+            xa = lk.lora_shrink(x, A, batch, sc, ranks=ranks, n_slices=n_sl, backend="triton")
+        assert xa.dtype == torch.float32 and xa.shape == (T, n_sl * R)
+        xa64 = ref.lora_shrink(x.cpu().double(), A.cpu().double(), ids,
+                               None if sc is None else sc.double(), ranks.cpu(), n_sl)
+        assert rel_err(xa, xa64) <= tol(torch.float32, DEV)
+        assert torch.equal(xa.cpu() == 0, xa64 == 0)  # exact zeros: -1 rows, ranks past rank
+    y = y0.clone()
+    with tml.override(shape=shape):
+        out = lk.lora_expand(y, xa, B, batch, ranks=ranks, out_slices=slices, backend="triton")
+    assert out is y
+    y64 = ref.lora_expand(y0.cpu().double(), xa.cpu().double(), B.cpu().double(), ids,
+                          ranks.cpu(), slices)
+    assert rel_err(y, y64) <= tol(torch.float32, DEV)
+    assert torch.equal(y[ids.to(DEV) == -1], y0[ids.to(DEV) == -1])  # -1 rows untouched
+
+
+# ------------------------------------------------------------------- robustness, contract
+def test_bad_ids_raise_naming_adapter_ids():
+    for ids in (torch.tensor([0, 5, 1]), torch.tensor([0, -2, 1])):
+        with pytest.raises(ValueError, match="adapter_ids"):
+            lk.LoRABatch.from_adapter_ids(ids.to(DEV), 5)
+
+
+def test_nan_stays_in_its_rows():
+    S, K, N = 4, 16, 12
+    W = randn(N, K, device=DEV)
+    A, B = randn(S, 8, K, device=DEV), randn(S, N, 8, device=DEV)
+    A[3, 0, 0] = float("nan")  # slot 3's adapter is poisoned
+    x = randn(6, K, device=DEV)
+    x[1, 2] = float("nan")     # a base-only token's input is NaN
+    ids = torch.tensor([3, -1, 0, 3, 2, -1])
+    batch = lk.LoRABatch.from_adapter_ids(ids.to(DEV), S)
+    for path in ("decode", "fused"):
+        with tml.override(**PATHS[path]):
+            y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=torch.ones(S),
+                                     backend="triton")
+        nan_rows = torch.isnan(y).any(1).cpu()
+        assert nan_rows.tolist() == [True, True, False, True, False, False], path
+
+
+def test_backward_is_deterministic():
+    ids = _ids("zipf", 33, 5)
+    torch.manual_seed(3)
+    _, g1 = _check(ids, S=5, path="prefill")
+    torch.manual_seed(3)
+    _, g2 = _check(ids, S=5, path="prefill")
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+# ------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("kind,T", [("distinct", 64), ("uniform", 256), ("zipf", 2048),
+                                    ("with_base", 300), ("identical", 1)])
+def test_gpu_realistic(kind, T, path, dtype):
+    S = 300 if kind == "distinct" else 16
+    _check(_ids(kind, T, S), S=S, K=512, N=384, R=16, dtype=dtype, path=path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["decode", "fused", "prefill"])
+def test_gpu_qkv_mixed_ranks_bf16(path):
+    S, R = 8, 64
+    ranks = torch.tensor([[8, 64, 0], [64, 8, 8], [16, 16, 16], [0, 0, 0],
+                          [64, 64, 64], [8, 8, 8], [1, 2, 3], [33, 0, 17]], dtype=torch.int32)
+    _check(_ids("zipf", 1024, S), S=S, K=512, N=768, R=R, dtype=torch.bfloat16, path=path,
+           slices=(512, 128, 128), ranks=ranks.cuda())
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_and_cuda_graph():
+    S, K, N, R, T = 32, 1024, 768, 16, 64
+    x = randn(T, K, dtype=torch.bfloat16, device="cuda")
+    W = randn(N, K, dtype=torch.bfloat16, device="cuda", scale=K ** -0.5)
+    A = randn(S, R, K, dtype=torch.bfloat16, device="cuda", scale=K ** -0.5)
+    B = randn(S, N, R, dtype=torch.bfloat16, device="cuda")
+    ranks = torch.randint(0, R + 1, (S,), dtype=torch.int32, device="cuda")
+    sc = torch.rand(S, device="cuda")
+    batch = lk.LoRABatch.from_adapter_ids(torch.randint(-1, S, (T,), device="cuda"), S)
+
+    def fwd():
+        return lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, ranks=ranks,
+                                    backend="triton")
+
+    want = fwd()  # warm-up: compiles kernels, caches slice tables, checks ranks once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fwd()  # any host sync inside the layer raises here
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fwd()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fwd()
+    x.copy_(randn(T, K, dtype=torch.bfloat16, device="cuda"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, fwd()) <= 1e-6  # the replay used the new x
+    assert rel_err(want, out) > 0
