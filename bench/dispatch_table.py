@@ -1,0 +1,148 @@
+"""Write ``lora_kernels/ops/dispatch_table.json``: which backend ``auto`` runs on CUDA tensors.
+
+    python bench/dispatch_table.py --results bench/results/<device> --junit gpu-out/gpu-tests.xml \
+        [--sanitizer-dir gpu-out] [--out lora_kernels/ops/dispatch_table.json]
+
+The table is ``{op: {shape_class: "cuda" | "triton"}}`` with shape classes from
+``lora_kernels.ops.backend.shape_class`` (decode / medium / large rows). ``backend._auto_cuda``
+falls back to Triton for anything missing, so an empty table means "always Triton".
+
+Inputs
+------
+* **Timings**: every ``*.json`` under ``--results`` whose payload has a ``"rows"`` list (the
+  bench scripts' format, bench/e2e_common.write_results). A row counts when it has
+  ``"op"`` (``lora_linear`` | ``multi_lora_linear`` | ``lora_shrink`` | ``lora_expand``), a row
+  count (``"rows"``, or ``"M"`` / ``"T"``) and ``"ms": {backend: milliseconds or null}``.
+  :func:`timing_row` (re-exported by bench/cuda_columns.py) builds such rows.
+* **Validation**: the junit XML of ``pytest -m gpu tests/test_ext.py`` (bench/gpu.sh writes
+  ``$OUT/gpu-tests.xml``). An op's CUDA kernels are validated when every test in
+  ``OP_TESTS[op]`` and ``COMMON_TESTS`` ran on the GPU and passed — none failed, errored or
+  skipped. With ``--sanitizer-dir``, any compute-sanitizer log there reporting errors
+  (bench/sanitize.sh) vetoes every op.
+
+Rule
+----
+Per (op, shape class), CUDA wins iff its kernels are validated, it was timed on every shape
+of the class where Triton was, and the geometric mean of ``cuda_ms / triton_ms`` over those
+shapes is below ``1 - MARGIN``. Otherwise Triton (ties and noise go to the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lora_kernels.ops.backend import shape_class  # noqa: E402
+
+MARGIN = 0.02
+OPS = ("lora_linear", "multi_lora_linear", "lora_shrink", "lora_expand")
+# GPU tests (tests/test_ext.py, by function name) that must pass before CUDA may serve an op.
+OP_TESTS = {
+    "lora_shrink": ("test_gpu_shrink",),
+    "lora_expand": ("test_gpu_expand",),
+    "multi_lora_linear": ("test_gpu_shrink", "test_gpu_expand", "test_gpu_shrink_expand_fused",
+                          "test_gpu_multi_lora_fwd", "test_gpu_public_multi_lora_cuda_backend"),
+    "lora_linear": ("test_gpu_fused_gemm", "test_gpu_fused_gemm_strided_views",
+                    "test_gpu_lora_linear_backend", "test_gpu_public_lora_linear_cuda_backend",
+                    "test_gpu_dropout_mask"),
+}
+COMMON_TESTS = ("test_gpu_empty_batches", "test_gpu_bad_input_raises_instead_of_faulting")
+
+
+def timing_row(op: str, rows: int, ms: dict, **shape) -> dict:
+    """One benchmark measurement in the format this tool reads: ``ms`` maps backend (and any
+    baseline) names to milliseconds, ``None`` where that backend could not run."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return {"op": op, "rows": int(rows), "shape_class": shape_class(int(rows)), "ms": dict(ms), **shape}
+
+
+def load_rows(results_dirs) -> list[dict]:
+    rows = []
+    for d in results_dirs:
+        for path in sorted(Path(d).rglob("*.json")):
+            try:
+                payload = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for row in payload.get("rows", []) if isinstance(payload, dict) else []:
+                if isinstance(row, dict) and row.get("op") in OPS and isinstance(row.get("ms"), dict):
+                    n = row.get("rows", row.get("M", row.get("T")))
+                    if n is not None:
+                        rows.append({**row, "rows": int(n)})
+    return rows
+
+
+def _sanitizer_clean(sanitizer_dir) -> bool:
+    for log in Path(sanitizer_dir).glob("*.log"):
+        for m in re.finditer(r"ERROR SUMMARY: (\d+) error", log.read_text(errors="replace")):
+            if int(m.group(1)) > 0:
+                return False
+    return True
+
+
+def validated_ops(junit_path, sanitizer_dir=None) -> set:
+    """Ops whose CUDA kernels passed their GPU tests (see the module docstring)."""
+    if sanitizer_dir is not None and not _sanitizer_clean(sanitizer_dir):
+        return set()
+    status = defaultdict(list)  # test function -> ["pass" | "fail" | "skip", ...]
+    for case in ET.parse(junit_path).getroot().iter("testcase"):
+        if not case.get("classname", "").endswith("test_ext"):
+            continue
+        name = case.get("name", "").split("[", 1)[0]
+        if case.find("failure") is not None or case.find("error") is not None:
+            status[name].append("fail")
+        elif case.find("skipped") is not None:
+            status[name].append("skip")
+        else:
+            status[name].append("pass")
+
+    def ok(test):
+        return bool(status[test]) and all(s == "pass" for s in status[test])
+
+    return {op for op, tests in OP_TESTS.items() if all(ok(t) for t in tests + COMMON_TESTS)}
+
+
+def build_table(rows, validated) -> dict:
+    ratios = defaultdict(list)  # (op, class) -> [cuda/triton or None]
+    for row in rows:
+        tri = row["ms"].get("triton")
+        if not tri:
+            continue  # nothing to compare against
+        cu = row["ms"].get("cuda")
+        ratios[(row["op"], shape_class(row["rows"]))].append(cu / tri if cu else None)
+    table: dict = {}
+    for (op, cls), rs in sorted(ratios.items()):
+        wins = (op in validated and all(r is not None for r in rs)
+                and math.exp(sum(math.log(r) for r in rs) / len(rs)) < 1.0 - MARGIN)
+        table.setdefault(op, {})[cls] = "cuda" if wins else "triton"
+    return table
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", action="append", required=True, help="benchmark results dir (repeatable)")
+    ap.add_argument("--junit", required=True, help="junit XML of `pytest -m gpu tests/test_ext.py`")
+    ap.add_argument("--sanitizer-dir", help="directory of bench/sanitize.sh logs (any error vetoes CUDA)")
+    ap.add_argument("--out", default=str(REPO / "lora_kernels" / "ops" / "dispatch_table.json"))
+    args = ap.parse_args(argv)
+    validated = validated_ops(args.junit, args.sanitizer_dir)
+    rows = load_rows(args.results)
+    table = build_table(rows, validated)
+    Path(args.out).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    print(f"validated CUDA ops: {sorted(validated) or 'none'}; {len(rows)} timing rows")
+    print(json.dumps(table, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
