@@ -39,6 +39,7 @@ from lora_kernels.triton import sgmv
 from lora_kernels.triton.multi_fused import launch_fused
 
 __all__ = ["lora_shrink", "lora_expand", "multi_lora_fwd", "multi_lora_bwd"]
+# Also public here (not re-exported by the backend package): add_lora_, plan, override, TUNING.
 
 TUNING = {
     "path": "auto",            # "auto" | "fused" | "unfused"   (multi_lora_fwd)
@@ -230,36 +231,44 @@ def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_
     T, K = x.shape
     N, R = weight.shape[0], lora_b.shape[2]
     n_slices, max_w = _slices(out_slices, N)
-    RR = n_slices * R
-    if not batch.has_lora or T == 0:
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-        xa = torch.zeros(T, RR, dtype=torch.float32, device=x.device) if need_xa else None
-        return y, xa
-    bounds, align = _bounds(out_slices, N, x.device)
-    prec = _prec(x.dtype)
-    if _use_fused(batch, x.dtype, x.device):
+    if batch.has_lora and T and _use_fused(batch, x.dtype, x.device):
         cfg = plan(batch, K, max_w, R, n_slices, x.device)
         xa = _one_plane(_shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg,
                                 zero=need_xa))
         y = torch.empty(T, N, dtype=x.dtype, device=x.device)
+        bounds, _ = _bounds(out_slices, N, x.device)
+        # The base MMA of fp32 inputs runs in tf32 (fp32 tolerance on GPUs is the tf32 one).
         launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, R=R,
-                     n_slices=n_slices, prec="tf32" if x.dtype == torch.float32 else prec,
-                     lora_prec=prec, interpret=x.device.type != "cuda")
+                     n_slices=n_slices, prec="tf32", lora_prec=_prec(x.dtype),
+                     interpret=x.device.type != "cuda")
         return y, (xa if need_xa else None)
-
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    xa = torch.zeros(T, n_slices * R, dtype=torch.float32, device=x.device) if need_xa else None
+    add_lora_(y, x, lora_a, lora_b, scalings, ranks, batch, out_slices, xa)
+    return y, xa
+
+
+def add_lora_(y, x, lora_a, lora_b, scalings, ranks, batch, out_slices=None, xa_out=None):
+    """``y[t] += s_i·(x[t]·A_iᵀ)·B_iᵀ`` in place with the planned decode/prefill kernels: for
+    engines that run the base GEMM themselves, one call instead of ``lora_shrink`` +
+    ``lora_expand`` (which must materialise a reduced, zero-padded xa). Optionally writes the
+    scaled xa into ``xa_out`` (zeroed ``[T, n_slices·R]`` float32). Inputs as in BACKENDS.md."""
+    T, K = x.shape
+    N, R = lora_b.shape[1], lora_b.shape[2]
+    if not batch.has_lora or T == 0:
+        return y
+    n_slices, max_w = _slices(out_slices, N)
+    bounds, align = _bounds(out_slices, N, x.device)
     cfg = plan(batch, K, max_w, R, n_slices, x.device, allow_inline=True)
-    xa_out = torch.zeros(T, RR, dtype=torch.float32, device=x.device) if need_xa else None
     common = dict(R=R, n_slices=n_slices, ranks=ranks, bounds=bounds, slice_align=align,
-                  max_width=max_w, prec=prec)
+                  max_width=max_w, prec=_prec(x.dtype), xa_out=xa_out)
     if cfg.inline:
         sgmv.launch_expand(y, None, lora_b, _b_as_expand(lora_b), batch, cfg,
-                           inline=(x, lora_a, scalings), xa_out=xa_out, **common)
+                           inline=(x, lora_a, scalings), **common)
     else:
         planes = _shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg, zero=False)
-        sgmv.launch_expand(y, planes, lora_b, _b_as_expand(lora_b), batch, cfg,
-                           xa_out=xa_out, **common)
-    return y, xa_out
+        sgmv.launch_expand(y, planes, lora_b, _b_as_expand(lora_b), batch, cfg, **common)
+    return y
 
 
 def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, needs):
