@@ -177,6 +177,7 @@ def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, o
         y.addmm_(xa, lora_b.t(), alpha=scaling)
         return y, xa
     y = out if out is not None else x.new_empty(M, N)
+    bias = None if bias is None else bias.contiguous()
     _ops().cuda_fused_lora_gemm(x, weight, bias, xa, lora_b, float(scaling), 0.0, 0, False, y)
     return y, xa
 
