@@ -1,0 +1,171 @@
+"""torch.compile(fullgraph=True) on CPU with inductor over our modules and a patched PEFT model
+(fullgraph makes any graph break an error), and torch.library.opcheck over every registered
+``lora_kernels::`` op with the torch backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import rel_err
+from lora_kernels import LoRABatch, LoRALinear, MultiLoRALinear, PackedLoRALinear
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    # One compile worker: the CI box has two cores, shared with other tests.
+    old = torch._inductor.config.compile_threads
+    torch._inductor.config.compile_threads = 1
+    yield
+    torch._inductor.config.compile_threads = old
+    torch._dynamo.reset()
+
+
+def _randomize_b(module):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+
+
+def _check_fwd_bwd(module, *args):
+    """Compiled and eager agree on the output and on every trainable gradient."""
+    compiled = torch.compile(module, fullgraph=True)
+    out = compiled(*args)
+    out.square().sum().backward()
+    got = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    ref = module(*args)
+    ref.square().sum().backward()
+    assert rel_err(out, ref) <= TOL
+    assert got and got.keys() == {n for n, p in module.named_parameters() if p.grad is not None}
+    for n, p in module.named_parameters():
+        if p.grad is not None:
+            assert rel_err(got[n], p.grad) <= 1e-4, n
+    return compiled
+
+
+def test_compile_lora_linear_and_packed():
+    lin = LoRALinear(13, 11, r=3, lora_alpha=6, lora_dropout=0.1)
+    packed = PackedLoRALinear(13, [4, 5, 6], r=2, enable_lora=[True, False, True], lora_dropout=0.2)
+    for m in (lin, packed):
+        _randomize_b(m)
+        m.eval()  # deterministic: dropout off, so compiled == eager
+        x = torch.randn(2, 7, 13)
+        compiled = _check_fwd_bwd(m, x)
+        m.train()  # the dropout path compiles too (random masks, so no value comparison)
+        y = compiled(x)
+        y.sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(m.lora_A.weight.grad).all()
+
+
+def test_compile_multi_lora_linear():
+    ml = MultiLoRALinear(torch.nn.Linear(13, 11), num_slots=3, max_rank=4)
+    ml.set_adapter(0, torch.randn(4, 13), torch.randn(11, 4), 0.5)
+    ml.set_adapter(2, torch.randn(2, 13), torch.randn(11, 2), 2.0)
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, -1, 2, 2, 0, 1, 2]), 3)
+    _check_fwd_bwd(ml, torch.randn(7, 13), batch)
+
+
+def test_compile_patched_peft_model():
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lora_kernels import patch_peft_model
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=97, n_positions=32,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  bos_token_id=0, eos_token_id=0)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+        init_lora_weights=False, rank_pattern={"h.0.attn.c_attn": 6}))
+    handle = patch_peft_model(model)
+    ids = torch.randint(0, 97, (2, 9))
+
+    class Logits(torch.nn.Module):  # the PeftModel itself, returning a tensor
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x).logits
+    _check_fwd_bwd(Logits(model).train(), ids)
+    handle.unpatch()
+
+
+# ------------------------------------------------------------------------------------------
+# opcheck: schema, fake kernels, autograd registration, AOT dispatch - for every op
+# ------------------------------------------------------------------------------------------
+def _batch_args():
+    batch = LoRABatch.from_adapter_ids(torch.tensor([0, -1, 2, 2, 0, 1, -1]), 3)
+    return list(batch.tensors()), batch.host_ints()
+
+
+def _samples():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s, grad=False):
+        return torch.randn(*s, generator=g).requires_grad_(grad)
+    T, K, N, R, S = 7, 13, 11, 4, 3
+    x, w, b = r(T, K, grad=True), r(N, K, grad=True), r(N, grad=True)
+    a1, b1 = r(3, K, grad=True), r(N, 3, grad=True)
+    seed = torch.tensor(1234, dtype=torch.int64)
+    xa1 = (x @ a1.t()).detach()
+    bt, ints = _batch_args()
+    A, B = r(S, R, K, grad=True), r(S, N, R, grad=True)
+    A2, B2 = r(S, 2 * R, K), r(S, N, R)
+    sc = torch.tensor([0.5, 1.0, 2.0])
+    ranks = torch.tensor([4, 0, 2], dtype=torch.int32)
+    ranks2 = torch.tensor([[4, 1], [0, 0], [2, 3]], dtype=torch.int32)
+    xa_multi = torch.randn(T, R, generator=g)
+    return {
+        "lora_linear": [
+            (x, w, b, a1, b1, 0.5, 0.0, None, "torch"),
+            (x, w, None, a1, b1, 2.0, 0.3, seed, "torch"),
+        ],
+        "lora_linear_backward": [
+            (r(T, N), x.detach(), w.detach(), a1.detach(), b1.detach(), xa1, 0.5, 0.0, None,
+             [True, True, True, True, True], "torch"),
+            (r(T, N), x.detach(), w.detach(), a1.detach(), b1.detach(), xa1, 0.5, 0.3, seed,
+             [True, False, False, True, False], "torch"),
+        ],
+        "multi_lora_linear": [
+            (x, w, b, A, B, sc, ranks, *bt, ints, None, True, "torch"),
+            (x.detach(), w.detach(), None, A2, B2, sc, ranks2, *bt, ints, [5, 6], False, "torch"),
+        ],
+        "multi_lora_linear_backward": [
+            (r(T, N), x.detach(), w.detach(), A.detach(), B.detach(), xa_multi, sc, ranks, *bt,
+             ints, None, [True, True, True, True, True], "torch"),
+            (r(T, N), x.detach(), w.detach(), A2, B2, torch.randn(T, 2 * R, generator=g), sc,
+             ranks2, *bt, ints, [5, 6], [True, False, False, False, True], "torch"),
+        ],
+        "lora_shrink": [
+            (x.detach(), A.detach(), sc, ranks, *bt, ints, 1, "torch"),
+            (x.detach(), A2, None, ranks2, *bt, ints, 2, "torch"),
+        ],
+        "lora_expand": [
+            (r(T, N), xa_multi, B.detach(), ranks, *bt, ints, None, "torch"),
+            (r(T, N), torch.randn(T, 2 * R, generator=g), B2, ranks2, *bt, ints, [5, 6], "torch"),
+        ],
+    }
+
+
+def _registered_ops():
+    return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("lora_kernels::"))
+
+
+def test_every_registered_op_has_an_opcheck_sample():
+    missing = set(_registered_ops()) - set(_samples())
+    assert not missing, f"add opcheck samples to tests/test_compile.py for: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("op", _registered_ops())
+def test_opcheck(op):
+    samples = _samples().get(op)
+    if samples is None:
+        pytest.fail(f"no opcheck sample for lora_kernels::{op}")
+    for args in samples:
+        torch.library.opcheck(getattr(torch.ops.lora_kernels, op).default, args)
