@@ -94,10 +94,12 @@ def test_3d_and_noncontiguous_inputs():
     assert not x.is_contiguous()
     y = _check(x, w, b, a, bb)
     assert y.shape == (3, 5, N)
-    # x strided along K, and a weight that is the transpose of a [K, N] tensor (strides passed).
+    # x strided along K, a weight that is the transpose of a [K, N] tensor and a strided bias
+    # (the kernels take strides rather than copying).
     x = torch.randn(7, 2 * K, dtype=dtype, device=DEVICE)[:, ::2]
     w_t = torch.randn(K, N, dtype=dtype, device=DEVICE).t()
-    _check(x, w_t, b, a, bb, grads=("x", "w", "a", "b"))
+    b_s = torch.randn(2 * N, dtype=dtype, device=DEVICE)[::2]
+    _check(x, w_t, b_s, a, bb, grads=("x", "w", "bias", "a", "b"))
 
 
 def test_fp32_adapters_with_fp16_input():

@@ -131,6 +131,17 @@ def prune_small(configs, named_args, **kwargs):
     return [c for p, c in usable if p == most]
 
 
+def prune_dropout(configs, named_args, **kwargs):
+    """With dropout in the dX epilogue, drop tiles of more than 64 accumulator elements per
+    thread: in sm_90 compiles the Philox draw for 128 per thread spilled 4-5 KB per thread
+    (see fused_gemm._lowrank_seed); 64 per thread compiled spill-free."""
+    if not kwargs.get("DROPOUT"):
+        return configs
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+    return keep or configs
+
+
 def gemm_configs(m: int, small_m_max: int) -> tuple[str, list]:
     if m <= small_m_max:
         return "small", GEMM_SMALL

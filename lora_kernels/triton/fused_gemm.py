@@ -9,8 +9,8 @@ same kernel runs
 
 The low-rank term (``LORA``):
 
-* ``1``: ``u [M, r]`` is precomputed (the shrink kernel in lowrank.py) and the epilogue adds
-  ``s·u·lbᵀ`` to the fp32 accumulator before the single store of ``out`` (LoRAFusion's design).
+* ``1``: ``u [M, r]`` is precomputed (the shrink kernel in lowrank.py) and ``s·u·lbᵀ`` seeds
+  the fp32 accumulator before the main loop (LoRAFusion's design); ``out`` is stored once.
   Costs one extra read of ``a`` (the shrink) but no extra MMA work in the main loop; the only
   mode that supports dropout (the mask is drawn once per element of x in the shrink, or once
   per element of dX in this epilogue).
@@ -42,11 +42,28 @@ _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "stride_ak", "stride_wk", "LORA", "BLOCK_
 
 
 @triton.jit
-def _lowrank_from_u(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_ur, stride_lbn,
-                    stride_lbr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    """u[rows, :R]·lb[cols, :R]ᵀ in fp32, looping over rank chunks so any r fits in registers."""
+def _lowrank_seed(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride_ur, stride_lbn,
+                  stride_lbr, scaling, seed, drop_threshold, drop_scale, DROPOUT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """The LORA=1 term ``s·u[rows, :R]·lb[cols, :R]ᵀ`` (masked for the dX backward) as the
+    accumulator's initial value (LoRAFusion), so the output is stored once.
+
+    Register budget, from sm_90 compiles (ptxas -v) of the 128-row dX tiles with dropout:
+    adding the term in the epilogue instead needs a second fp32 tile next to the main one
+    (the mask applies to this term only) and spilled up to 10 KB per thread; seeding, with the
+    Philox mask drawn *before* the low-rank dot and folded into one per-element factor,
+    compiles spill-free (~245 registers) at 64 accumulator elements per thread (128x128 with
+    8 warps, 128x64 / 64x128 with 4). 128 elements per thread still spill, so those configs
+    are pruned when the dX carries dropout (``configs.prune_dropout``). Rank chunks of BLOCK_R
+    loop, so any r fits.
+    """
     rr = tl.arange(0, BLOCK_R)
+    if DROPOUT:
+        # dX's mask is the forward's mask on x: element (m, k) of dX is counter m·K + k, and
+        # K is this GEMM's N.
+        keep = philox_keep(seed, rm64[:, None] * N + rn64[None, :], drop_threshold)
+        fac = tl.where(keep, drop_scale * scaling, 0.0)
     low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r_ok = (r0 + rr) < R
@@ -55,6 +72,10 @@ def _lowrank_from_u(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_
         lbt = tl.load(lb_ptr + rn64[None, :] * stride_lbn + (r0 + rr)[:, None] * stride_lbr,
                       mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         low = tl.dot(u, lbt, low, input_precision=PRECISION)
+    if DROPOUT:
+        low = low * fac
+    else:
+        low = low * scaling
     return low
 
 
@@ -65,7 +86,7 @@ def _fused_gemm_kernel(
     ws_ptr, wsu_ptr, cnt_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
-    stride_um, stride_ur, stride_lar, stride_lak, stride_lbn, stride_lbr,
+    stride_um, stride_ur, stride_lar, stride_lak, stride_lbn, stride_lbr, stride_b,
     scaling, seed, drop_threshold, drop_scale,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
@@ -102,7 +123,12 @@ def _fused_gemm_kernel(
     rk64 = (k_lo + rk).to(tl.int64)
     a_ptrs = a_ptr + rm64[:, None] * stride_am + rk64[None, :] * stride_ak
     w_ptrs = w_ptr + rn64[None, :] * stride_wn + rk64[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LORA == 1 and SPLIT_K == 1:
+        acc = _lowrank_seed(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride_ur,
+                            stride_lbn, stride_lbr, scaling, seed, drop_threshold, drop_scale,
+                            DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if LORA == 2:
         la_ptrs = la_ptr + rr[None, :].to(tl.int64) * stride_lar + rk64[:, None] * stride_lak
         u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -126,12 +152,12 @@ def _fused_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     if LORA == 2:
-        # u is rounded to the input dtype before the second dot, as the torch composition (and
-        # the xa that the backward reads) has it; the s·(u·lbᵀ) term of a K slab is linear in
-        # the slab, so split programs each add their own share.
+        # s·u is rounded once to the input dtype (the torch composition rounds u there too) and
+        # the dot accumulates straight into acc: no second fp32 tile in registers. The term of
+        # a K slab is linear in the slab, so split programs each add their own share.
         lbt = tl.load(lb_ptr + rn64[None, :] * stride_lbn + rr[:, None] * stride_lbr,
                       mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        acc += tl.dot(u_acc.to(lbt.dtype), lbt, input_precision=PRECISION) * scaling
+        acc = tl.dot((u_acc * scaling).to(lbt.dtype), lbt, acc, input_precision=PRECISION)
 
     if SPLIT_K > 1:
         # Workspace [SPLIT_K, M, N] (and [SPLIT_K, M, BLOCK_R] for u), fp32, int64 offsets.
@@ -148,7 +174,13 @@ def _fused_gemm_kernel(
         tl.debug_barrier()
         ticket = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT_K - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if LORA == 1:
+                acc = _lowrank_seed(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R, stride_um,
+                                    stride_ur, stride_lbn, stride_lbr, scaling, seed,
+                                    drop_threshold, drop_scale, DROPOUT, BLOCK_M, BLOCK_N,
+                                    BLOCK_R, PRECISION)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(0, SPLIT_K):
                 # .cg: bypass L1, the slabs were written by other SMs.
                 acc += tl.load(ws_ptr + s * slab + ws_tile, mask=mn_ok, other=0.0,
@@ -161,43 +193,24 @@ def _fused_gemm_kernel(
                                          mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
                     tl.store(u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
                              u_sum.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
-            _epilogue(acc, out_ptr, bias_ptr, u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R,
-                      stride_om, stride_on, stride_um, stride_ur, stride_lbn, stride_lbr,
-                      scaling, seed, drop_threshold, drop_scale, HAS_BIAS, LORA, DROPOUT,
-                      BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
+            _epilogue(acc, out_ptr, bias_ptr, rm64, rn64, m_ok, n_ok, stride_om, stride_on, stride_b,
+                      HAS_BIAS)
             tl.atomic_xchg(cnt_ptr + pid, 0)
     else:
         if LORA == 2:
             if pid_n == 0:
                 tl.store(u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
                          u_acc.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
-        _epilogue(acc, out_ptr, bias_ptr, u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R,
-                  stride_om, stride_on, stride_um, stride_ur, stride_lbn, stride_lbr,
-                  scaling, seed, drop_threshold, drop_scale, HAS_BIAS, LORA, DROPOUT,
-                  BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
+        _epilogue(acc, out_ptr, bias_ptr, rm64, rn64, m_ok, n_ok, stride_om, stride_on, stride_b,
+                  HAS_BIAS)
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, bias_ptr, u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R,
-              stride_om, stride_on, stride_um, stride_ur, stride_lbn, stride_lbr,
-              scaling, seed, drop_threshold, drop_scale,
-              HAS_BIAS: tl.constexpr, LORA: tl.constexpr, DROPOUT: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """Precomputed low-rank term (with the output-side dropout of the dX backward), bias, one
-    store of the output tile in its dtype."""
-    if LORA == 1:
-        low = _lowrank_from_u(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_ur,
-                              stride_lbn, stride_lbr, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
-        low = low * scaling
-        if DROPOUT:
-            # dX's mask is the forward's mask on x: element (m, k) of dX, counter m·K + k,
-            # and K is this GEMM's N.
-            keep = philox_keep(seed, rm64[:, None] * N + rn64[None, :], drop_threshold)
-            low = tl.where(keep, low * drop_scale, 0.0)
-        acc += low
+def _epilogue(acc, out_ptr, bias_ptr, rm64, rn64, m_ok, n_ok, stride_om, stride_on, stride_b,
+              HAS_BIAS: tl.constexpr):
+    """Bias, then the one store of the output tile in its dtype."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn64, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn64 * stride_b, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -210,8 +223,10 @@ _heuristic_kernel = triton.heuristics({"EVEN_K": _even_k})(_fused_gemm_kernel)
 _TUNED = {
     "small": triton.autotune(C.GEMM_SMALL, key=_AUTOTUNE_KEY,
                              prune_configs_by={"early_config_prune": C.prune_small})(_heuristic_kernel),
-    "medium": triton.autotune(C.GEMM_MEDIUM, key=_AUTOTUNE_KEY)(_heuristic_kernel),
-    "large": triton.autotune(C.GEMM_LARGE, key=_AUTOTUNE_KEY)(_heuristic_kernel),
+    "medium": triton.autotune(C.GEMM_MEDIUM, key=_AUTOTUNE_KEY,
+                              prune_configs_by={"early_config_prune": C.prune_dropout})(_heuristic_kernel),
+    "large": triton.autotune(C.GEMM_LARGE, key=_AUTOTUNE_KEY,
+                             prune_configs_by={"early_config_prune": C.prune_dropout})(_heuristic_kernel),
 }
 
 # Split-K tickets, one int32 per output tile, kept at zero between launches by the kernel
@@ -274,7 +289,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         u_t.stride(0) if u is not None else 0, u_t.stride(1) if u is not None else 0,
         la_t.stride(0) if la is not None else 0, la_t.stride(1) if la is not None else 0,
         lb_t.stride(0) if lb is not None else 0, lb_t.stride(1) if lb is not None else 0,
-        float(scaling), seed_arg(seed), drop_threshold(dropout_p),
+        bias.stride(0) if bias is not None else 0, float(scaling), seed_arg(seed), drop_threshold(dropout_p),
         1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
     )
     flags = dict(HAS_BIAS=bias is not None, LORA=lora, DROPOUT=dropout_p > 0.0,

@@ -1,0 +1,365 @@
+"""Fused single-adapter LoRA linear, side by side in one run, forward and forward+backward:
+
+* ``bare``     — the base GEMM alone, cuBLAS ``torch.mm`` (fwd+bwd: ``x·Wᵀ`` and ``dY·W``, the
+  two GEMMs a frozen base weight costs; the floor LoRA is measured against);
+* ``unfused``  — the plain torch composition ``x·Wᵀ + s·((x·Aᵀ)·Bᵀ)`` under autograd;
+* ``peft``     — PEFT's ``lora.Linear`` around an ``nn.Linear`` (adapters cast to the same dtype:
+  PEFT's own default upcasts them to fp32, which would only make it slower);
+* ``torch``    — ``lora_kernels.lora_linear(backend="torch")`` (cuBLAS addmm + in-place addmm_);
+* ``triton``   — ``lora_kernels.lora_linear(backend="triton")``: ours, through the public op;
+* ``triton_kernel`` — the same kernels called without the custom-op/autograd layer (fwd only:
+  shows what Python dispatch costs at decode sizes);
+* ``triton_gemm`` — our fused GEMM with no LoRA term: Triton-vs-cuBLAS GEMM efficiency, the
+  context for every ``triton / bare`` ratio;
+* ``cuda`` (+ ``cuda_gemm_only``, ``cuda_fused_gemm``) — the CUDA extension's columns from
+  bench/cuda_columns.py, when it is built.
+
+Timing: ``common.bench`` = ``triton.testing.do_bench`` median, L2 flushed before each repetition.
+Decode rows (M ≤ 16, forward) also report CUDA-graph replays (``graph_ms``), i.e. without
+CPU launch overhead. TFLOP/s counts the layer's useful FLOPs (2MKN + 2Mr(K+N) forward; backward
+adds the dX GEMM, its low-rank term and dA, dB), the same count for every LoRA contender.
+
+    python bench/bench_lora_linear.py [--out DIR] [--ms 1,8192] [--shapes 4096x4096] [--ranks 16]
+                                      [--append] [--no-bwd] [--dropout 0.1]
+    python bench/bench_lora_linear.py --quick     # CPU, torch-only contenders, tiny sizes
+
+Writes ``bench_lora_linear.{json,md,png}`` under ``--out`` (default bench/results/<device>/),
+after every shape, so a run cut short keeps what it measured; ``--append`` merges into an
+existing JSON (split a long GPU run over several calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import common  # noqa: E402
+import lora_kernels as lk  # noqa: E402
+
+NAME = "bench_lora_linear"
+FULL_MS = (1, 16, 256, 2048, 8192, 16384)
+FULL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N)
+FULL_RANKS = (8, 16, 64)
+QUICK_MS = (1, 16, 256)
+QUICK_SHAPES = ((256, 256), (256, 896))
+QUICK_RANKS = (16,)
+# The issue's targets (H100 bf16): benchmark figures, reported in the markdown, never asserted.
+TARGET_SHAPE = dict(M=8192, K=4096, N=4096, r=16)
+SCALING = 2.0
+
+
+def _try_timing_row():
+    try:
+        from dispatch_table import timing_row
+        return timing_row
+    except Exception:  # noqa: BLE001 - the row format is simple enough to write by hand
+        def timing_row(op, rows, ms, **shape):
+            return {"op": op, "rows": int(rows), "ms": dict(ms), **shape}
+        return timing_row
+
+
+def _peft_layer(w, b, a, bb, p):
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
+    N, K = w.shape
+    r = a.shape[0]
+    base = torch.nn.Linear(K, N, bias=b is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        base.weight.copy_(w)
+        if b is not None:
+            base.bias.copy_(b)
+    base.requires_grad_(False)
+    cfg = LoraConfig(r=r, lora_alpha=SCALING * r, lora_dropout=p)
+    layer = PeftLinear(base, "default", cfg, r=r, lora_alpha=SCALING * r, lora_dropout=p)
+    layer.lora_A["default"].to(w.dtype)
+    layer.lora_B["default"].to(w.dtype)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(a)
+        layer.lora_B["default"].weight.copy_(bb)
+    layer.train(p > 0)
+    return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def contenders(M, K, N, r, dtype, device, *, p, bias, quick):
+    """{direction: {name: callable}} on fresh inputs of this shape."""
+    g = torch.Generator(device="cpu").manual_seed(M * 7 + K * 3 + N + r)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
+    x, w, a, bb = mk(M, K), mk(N, K, scale=K ** -0.5), mk(r, K, scale=K ** -0.5), mk(N, r, scale=r ** -0.5)
+    b = mk(N) if bias else None
+    dy = mk(M, N)
+    xg = x.detach().clone().requires_grad_(True)
+    ag, bg = a.detach().clone().requires_grad_(True), bb.detach().clone().requires_grad_(True)
+    s = SCALING
+
+    def unfused(xx, aa, bbb):
+        drop = torch.nn.functional.dropout(xx, p) if p > 0 else xx
+        y = xx @ w.t() + s * ((drop @ aa.t()) @ bbb.t())
+        return y + b if b is not None else y
+
+    def op(backend, xx, aa, bbb):
+        return lk.lora_linear(xx, w, b, aa, bbb, scaling=s, dropout_p=p, backend=backend)
+
+    def fwd_bwd(fn, leaves):
+        def run():
+            y = fn()
+            return torch.autograd.grad(y, leaves, dy)
+        return run
+
+    peft_layer, peft_params = _peft_layer(w, b, a, bb, p)
+    backends = ["torch"] + ([] if quick else ["triton"])
+    fwd = {
+        "bare": _no_grad(lambda: torch.mm(x, w.t())),
+        "unfused": _no_grad(lambda: unfused(x, a, bb)),
+        "peft": _no_grad(lambda: peft_layer(x)),
+        **{be: _no_grad(lambda be=be: op(be, x, a, bb)) for be in backends},
+    }
+    both = {
+        "bare": lambda: (torch.mm(x, w.t()), torch.mm(dy, w)),
+        "unfused": fwd_bwd(lambda: unfused(xg, ag, bg), [xg, ag, bg]),
+        "peft": fwd_bwd(lambda: peft_layer(xg), [xg, *peft_params]),
+        **{be: fwd_bwd(lambda be=be: op(be, xg, ag, bg), [xg, ag, bg]) for be in backends},
+    }
+    if not quick:
+        import lora_kernels.triton.fused_gemm as FG
+        import lora_kernels.triton.lora_linear as TL
+        out = torch.empty(M, N, dtype=dtype, device=device)
+        fwd["triton_kernel"] = lambda: TL.lora_linear_fwd(x, w, b, a, bb, s, p, 1, out)
+        fwd["triton_gemm"] = lambda: FG.fused_gemm(x, w, out, small_m_max=TL.SMALL_M_MAX)
+        try:
+            import cuda_columns
+            if cuda_columns.available(device):
+                fwd.update(cuda_columns.cuda_fns("lora_linear", x, w, b, a, bb, scaling=s))
+                both["cuda"] = fwd_bwd(lambda: op("cuda", xg, ag, bg), [xg, ag, bg])
+        except Exception as exc:  # noqa: BLE001 - the CUDA column is optional
+            print(f"cuda columns unavailable: {exc}", file=sys.stderr)
+    return {"fwd": fwd, "fwd+bwd": both}
+
+
+def flops(M, K, N, r, direction, bare):
+    fwd = 2 * M * K * N + (0 if bare else 2 * M * r * (K + N))
+    if direction == "fwd":
+        return fwd
+    # dX GEMM (+ dY·B and (dY·B)·A), dA = (dY·B)ᵀ·x, dB = dYᵀ·xa
+    return fwd + 2 * M * N * K + (0 if bare else 2 * M * r * (N + K) + 2 * M * r * K + 2 * M * N * r)
+
+
+def _triton_configs():
+    try:
+        import lora_kernels.triton.fused_gemm as FG
+    except Exception:  # noqa: BLE001
+        return {}
+    return {p: str(t.best_config) for p, t in FG._TUNED.items() if getattr(t, "best_config", None)}
+
+
+def measure(M, K, N, r, dtype, device, *, p, bias, quick, bwd, rep):
+    timing_row = _try_timing_row()
+    fns = contenders(M, K, N, r, dtype, device, p=p, bias=bias, quick=quick)
+    rows = []
+    for direction, table in fns.items():
+        if direction == "fwd+bwd" and not bwd:
+            continue
+        ms, graph_ms, errors, configs = {}, {}, {}, {}
+        for name, fn in table.items():
+            try:
+                fn()  # warm-up: allocator, autotuning, lazy init
+                if name == "triton":
+                    configs = _triton_configs()
+                ms[name] = common.bench(fn, rep=rep, cuda=not quick)
+                if not quick and direction == "fwd" and M <= 16:
+                    graph_ms[name] = common.bench_graph(fn)
+            except Exception as exc:  # noqa: BLE001 - one broken contender must not stop the run
+                errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+                ms[name] = None
+        bare = ms.get("bare")
+        fl = {n: flops(M, K, N, r, direction, n in ("bare", "triton_gemm", "cuda_gemm_only"))
+              for n in ms}
+        row = timing_row("lora_linear", M, ms, M=M, K=K, N=N, r=r, direction=direction,
+                         dtype=str(dtype).replace("torch.", ""), dropout=p, bias=bias)
+        row["tflops"] = {n: (fl[n] / (t * 1e9) if t else None) for n, t in ms.items()}
+        row["ratio_to_bare"] = {n: (t / bare if t and bare else None) for n, t in ms.items()}
+        if graph_ms:
+            row["graph_ms"] = graph_ms
+        if configs:
+            row["triton_configs"] = configs
+        if errors:
+            row["errors"] = errors
+        rows.append(row)
+    return rows
+
+
+def _fmt(v, digits=3):
+    return None if v is None else round(v, digits)
+
+
+def markdown(rows, env, quick):
+    out = [f"# {NAME}", "", common.env_line(env), ""]
+    if quick:
+        out += ["> `--quick`: CPU, fp32, tiny sizes, torch-only contenders (no Triton). The numbers "
+                "say nothing about the GPU kernels; they show the harness and the unfused overheads.",
+                ""]
+    ours = "torch" if quick else "triton"
+    for direction in ("fwd", "fwd+bwd"):
+        sel = [r for r in rows if r["direction"] == direction]
+        if not sel:
+            continue
+        names = list(dict.fromkeys(n for r in sel for n in r["ms"]))
+        out += [f"## {direction} (ms, median)", ""]
+        headers = ["M", "K", "N", "r", *names, f"{ours}/bare", f"peft/{ours}", f"{ours} TFLOP/s"]
+        table = []
+        for r in sel:
+            t, pe = r["ms"].get(ours), r["ms"].get("peft")
+            table.append([r["M"], r["K"], r["N"], r["r"], *[_fmt(r["ms"].get(n), 4) for n in names],
+                          _fmt(r["ratio_to_bare"].get(ours)), _fmt(pe / t if t and pe else None),
+                          _fmt(r["tflops"].get(ours), 4)])
+        out += [common.md_table(headers, table), ""]
+        graphs = [r for r in sel if r.get("graph_ms")]
+        if graphs:
+            gnames = list(dict.fromkeys(n for r in graphs for n in r["graph_ms"]))
+            out += ["CUDA-graph replay (ms, no launch overhead):", "",
+                    common.md_table(["M", "K", "N", "r", *gnames],
+                                    [[r["M"], r["K"], r["N"], r["r"],
+                                      *[_fmt(r["graph_ms"].get(n), 4) for n in gnames]] for r in graphs]),
+                    ""]
+    if not quick:
+        out += ["## Targets (H100 bf16; benchmark figures, not tests)", "", *targets(rows), ""]
+    return "\n".join(out)
+
+
+def _find(rows, direction, **shape):
+    for r in rows:
+        if r["direction"] == direction and all(r.get(k) == v for k, v in shape.items()):
+            return r
+    return None
+
+
+def targets(rows):
+    lines = []
+
+    def check(label, value, limit, better="≤"):
+        if value is None:
+            lines.append(f"* {label}: not measured")
+            return
+        ok = value <= limit if better == "≤" else value >= limit
+        lines.append(f"* {label}: **{value:.3f}** (target {better} {limit}) — {'met' if ok else 'NOT met'}")
+
+    f = _find(rows, "fwd", **TARGET_SHAPE)
+    fb = _find(rows, "fwd+bwd", **TARGET_SHAPE)
+    shape = "M=8192, K=N=4096, r=16"
+    check(f"fused forward / bare GEMM, {shape}", f and f["ratio_to_bare"].get("triton"), 1.05)
+    check(f"fwd+bwd / (bare fwd + bare dX GEMM), {shape}", fb and fb["ratio_to_bare"].get("triton"), 1.10)
+    for d, r in (("fwd+bwd", fb), ("fwd", f)):
+        sp = None
+        if r and r["ms"].get("peft") and r["ms"].get("triton"):
+            sp = r["ms"]["peft"] / r["ms"]["triton"]
+        check(f"speed-up over PEFT ({d}), {shape}", sp, 1.25, "≥")
+    for r_ in (16, 8, 64):
+        dec = _find(rows, "fwd", M=1, K=4096, N=4096, r=r_)
+        if dec:
+            check(f"M=1 decode forward / bare GEMV (r={r_})", dec["ratio_to_bare"].get("triton"), 1.2)
+            g = dec.get("graph_ms", {})
+            if g.get("triton") and g.get("bare"):
+                check(f"M=1 decode, CUDA-graph replay, / bare GEMV (r={r_})", g["triton"] / g["bare"], 1.2)
+    return lines
+
+
+def plot_fn(rows, quick):
+    ours = "torch" if quick else "triton"
+    K, N, r = (256, 256, 16) if quick else (4096, 4096, 16)
+
+    def plot(fig):
+        for i, direction in enumerate(("fwd", "fwd+bwd")):
+            ax = fig.add_subplot(1, 2, i + 1)
+            sel = sorted((x for x in rows if x["direction"] == direction and x["K"] == K
+                          and x["N"] == N and x["r"] == r), key=lambda x: x["M"])
+            for name in dict.fromkeys(("unfused", "peft", "torch", ours, "triton_gemm", "cuda")):
+                pts = [(x["M"], x["ratio_to_bare"].get(name)) for x in sel if x["ratio_to_bare"].get(name)]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=name)
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("M (rows)")
+            ax.set_ylabel("time / bare base GEMM(s)")
+            ax.set_title(f"{direction}, K={K} N={N} r={r}")
+            ax.legend(fontsize=8)
+    return plot
+
+
+def _row_key(r):
+    return (r["M"], r["K"], r["N"], r["r"], r["direction"], r.get("dtype"), r.get("dropout"), r.get("bias"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="CPU, tiny sizes, torch-only contenders")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<device>)")
+    ap.add_argument("--ms", default=None, help="comma-separated M values")
+    ap.add_argument("--shapes", default=None, help="comma-separated KxN, e.g. 4096x4096,4096x14336")
+    ap.add_argument("--ranks", default=None, help="comma-separated ranks")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) | float16 | float32")
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--bias", action="store_true", help="give the base layer a bias (default none, like Llama)")
+    ap.add_argument("--no-bwd", action="store_true", help="forward only")
+    ap.add_argument("--rep", type=int, default=None, help="timing budget per measurement, ms")
+    ap.add_argument("--append", action="store_true", help="merge into an existing results JSON")
+    args = ap.parse_args(argv)
+
+    quick = args.quick or not torch.cuda.is_available()
+    if quick and not args.quick:
+        print("no CUDA device: running --quick on the CPU", file=sys.stderr)
+    device = torch.device("cpu" if quick else "cuda")
+    dtype = getattr(torch, args.dtype or ("float32" if quick else "bfloat16"))
+    if quick:
+        torch.set_num_threads(1)  # tiny GEMMs gain nothing from threads on a shared CPU
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else list(QUICK_MS if quick else FULL_MS)
+    shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+              if args.shapes else list(QUICK_SHAPES if quick else FULL_SHAPES))
+    ranks = [int(v) for v in args.ranks.split(",")] if args.ranks else list(QUICK_RANKS if quick else FULL_RANKS)
+    rep = args.rep or (20 if quick else 100)
+    out_dir = args.out or common.results_dir(quick)
+    env = common.env_info(dtype, quick)
+    settings = dict(ms=ms, shapes=shapes, ranks=ranks, dropout=args.dropout, bias=args.bias,
+                    scaling=SCALING, rep_ms=rep, timer="do_bench median, L2 flushed" if not quick
+                    else "perf_counter median, 1 thread")
+
+    rows = []
+    json_path = Path(out_dir) / f"{NAME}.json"
+    if args.append and json_path.exists():
+        rows = json.loads(json_path.read_text()).get("rows", [])
+
+    # The issue's target shapes first, so a run cut short still answers them.
+    grid = [(M, K, N, r) for (K, N) in shapes for r in ranks for M in ms]
+    first = lambda t: (0 if (t[1], t[2], t[3]) == (4096, 4096, 16) and t[0] in (8192, 1) else 1)
+    grid.sort(key=first)
+    for M, K, N, r in grid:
+        print(f"M={M} K={K} N={N} r={r}", flush=True)
+        new = measure(M, K, N, r, dtype, device, p=args.dropout, bias=args.bias, quick=quick,
+                      bwd=not args.no_bwd, rep=rep)
+        keys = {_row_key(x) for x in new}
+        rows = [x for x in rows if _row_key(x) not in keys] + new
+        rows.sort(key=lambda x: (x["direction"], x["K"], x["N"], x["r"], x["M"]))
+        common.write_results(NAME, rows, out_dir, env=env, settings=settings,
+                             markdown=markdown(rows, env, quick), plot=plot_fn(rows, quick))
+        if not quick:
+            torch.cuda.empty_cache()
+    print(f"results in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
