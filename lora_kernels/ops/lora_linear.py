@@ -130,13 +130,19 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     if dropout_p > 0.0:
         seed = draw_seed() if dropout_seed is None else torch.tensor(int(dropout_seed), dtype=torch.int64)
     y, _ = torch.ops.lora_kernels.lora_linear(
-        x2.contiguous(), weight, _cast(bias, dtype), _cast(lora_a, dtype).contiguous(),
+        x2.contiguous(), weight, _contig(_cast(bias, dtype)), _cast(lora_a, dtype).contiguous(),
         _cast(lora_b, dtype).contiguous(), scaling, dropout_p, seed, name)
     return y.reshape(*lead, N)
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    # Backends read bias as a dense [N] vector (docs/BACKENDS.md); a strided view such as
+    # bias[::2] would otherwise be read as if it were dense.
+    return t if t is None else t.contiguous()
 
 
 def _resolve(backend: str, x2: Tensor, dtype: torch.dtype, op: str) -> str:

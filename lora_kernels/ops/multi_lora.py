@@ -168,7 +168,9 @@ def _check_ranks(ranks: Optional[Tensor], S: int, R: int, n_slices: int, device)
     # Range check once per ranks tensor version (a sync on CUDA), not once per layer call.
     # Under torch.compile a data-dependent check cannot live in the graph: it ran in eager
     # (and MultiLoRALinear.set_adapter validates every rank it stores).
-    key = None if torch.compiler.is_compiling() else (id(ranks), ranks._version, ranks.data_ptr(), R)
+    # Inference-mode tensors have no version counter: key those on identity alone.
+    key = None if torch.compiler.is_compiling() else (
+        id(ranks), None if ranks.is_inference() else ranks._version, ranks.data_ptr(), R)
     if key is not None and key not in _RANKS_CHECKED:
         lo, hi = (int(v) for v in torch.stack([ranks.min(), ranks.max()]).tolist()) \
             if ranks.numel() else (0, 0)
@@ -244,7 +246,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     V.check_index_math("x", x2.shape[0], K)
     sc = _check_scalings(scalings, S, x.device)
     rk = _check_ranks(ranks, S, R, n_slices, x.device)
-    bias_c = _cast(bias, dtype)
+    bias_c = None if bias is None else _cast(bias, dtype).contiguous()  # backends read it dense
     if not batch.has_lora or x2.shape[0] == 0:
         return F.linear(x2, weight, bias_c).reshape(*lead, N)
     name = _resolve(backend, x2, dtype, "multi_lora_linear")
