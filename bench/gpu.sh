@@ -9,10 +9,15 @@
 #
 # Only the repo travels to the device: nothing here may depend on ../shared. Extra wheels
 # (e.g. sglang for the peer column) travel in .whl/ and are installed into /tmp/site.
+# The device tool brings back at most 8 files from $OUT, so logs and results are written to
+# $OUT/work/ and packed into $OUT/gpu-results.tgz at the end; the summary files stay beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
+FINAL=${OUT:-$PWD/gpu-out}
+OUT=$FINAL/work
 mkdir -p "$OUT"
+export LORA_KERNELS_GIT_COMMIT=${LORA_KERNELS_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export PYTHONUNBUFFERED=1
 STAGES=${*:-build test bench}
 PY=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -35,7 +40,9 @@ try:
     import triton; tv = triton.__version__
 except ImportError:
     tv = None
-commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+import os
+commit = os.environ.get("LORA_KERNELS_GIT_COMMIT") or subprocess.run(
+    ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
 print(json.dumps({"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                   "torch": torch.__version__, "cuda": torch.version.cuda, "triton": tv,
@@ -83,4 +90,7 @@ for stage in $STAGES; do
     *) log "unknown stage $stage";;
   esac
 done
-log "done; results in $OUT"
+log "done"
+tar czf "$FINAL/gpu-results.tgz" -C "$OUT" . 2>/dev/null
+for f in gpu.log env.txt gpu-tests.txt; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/"; done
+echo "results packed in $FINAL/gpu-results.tgz"
