@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -56,8 +57,11 @@ class LoRABatch:
             raise TypeError(f"num_slots must be a non-negative int, got {num_slots!r}")
         if not isinstance(adapter_ids, Tensor):
             try:
-                adapter_ids = torch.as_tensor(list(adapter_ids), dtype=torch.int64)
-            except (TypeError, ValueError) as exc:
+                # No dtype= here: as_tensor would truncate [0.5, 1] to [0, 1]; floats must fail
+                # the dtype check below instead.
+                items = list(adapter_ids)
+                adapter_ids = torch.as_tensor(items) if items else torch.empty(0, dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError) as exc:
                 raise TypeError(f"adapter_ids must be a 1-D integer tensor or a list of ints: {exc}")
         if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or \
                 adapter_ids.dtype == torch.bool:
@@ -97,7 +101,16 @@ class LoRABatch:
         ids = sample_ids if isinstance(sample_ids, Tensor) else torch.as_tensor(list(sample_ids))
         if ids.dim() != 1:
             raise ValueError(f"sample_ids must be 1-D [B], got shape {list(ids.shape)}")
-        return cls.from_adapter_ids(ids.repeat_interleave(int(tokens_per_sample)), num_slots)
+        try:  # 2.5 or "3" is a mistake, not a count to truncate
+            if isinstance(tokens_per_sample, bool):
+                raise TypeError
+            tokens_per_sample = operator.index(tokens_per_sample)
+        except TypeError:
+            raise TypeError(f"tokens_per_sample must be an int, got "
+                            f"{type(tokens_per_sample).__name__}") from None
+        if tokens_per_sample < 0:
+            raise ValueError(f"tokens_per_sample must be >= 0, got {tokens_per_sample}")
+        return cls.from_adapter_ids(ids.repeat_interleave(tokens_per_sample), num_slots)
 
     # ---- used by the ops layer to pass the batch through a custom op and back -------------
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -6,6 +6,8 @@ for the backward; the dropout mask is regenerated from a seed (never stored).
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -123,16 +125,30 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     if not training:
         dropout_p = 0.0
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(math.prod(lead), K)  # not -1: ambiguous when K = 0
     V.check_index_math("x", x2.shape[0], K)
     name = _resolve(backend, x2, dtype, "lora_linear")
     seed = None
+    if dropout_seed is not None:
+        dropout_seed = _check_seed(dropout_seed)
     if dropout_p > 0.0:
-        seed = draw_seed() if dropout_seed is None else torch.tensor(int(dropout_seed), dtype=torch.int64)
+        seed = draw_seed() if dropout_seed is None else torch.tensor(dropout_seed, dtype=torch.int64)
     y, _ = torch.ops.lora_kernels.lora_linear(
         x2.contiguous(), weight, _contig(_cast(bias, dtype)), _cast(lora_a, dtype).contiguous(),
         _cast(lora_b, dtype).contiguous(), scaling, dropout_p, seed, name)
     return y.reshape(*lead, N)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool):
+        raise TypeError("dropout_seed must be an int, got bool")
+    try:
+        seed = operator.index(seed)  # 1.5 or "7" is a mistake, not a seed to truncate
+    except TypeError:
+        raise TypeError(f"dropout_seed must be an int, got {type(seed).__name__}") from None
+    if not -2**63 <= seed < 2**63:
+        raise ValueError(f"dropout_seed must fit in int64, got {seed}")
+    return seed
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -8,6 +8,9 @@ metadata (``LoRABatch``) travels into the custom ops as plain tensors and ints.
 
 from __future__ import annotations
 
+import math
+import operator
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -169,23 +172,32 @@ def _check_ranks(ranks: Optional[Tensor], S: int, R: int, n_slices: int, device)
     # Under torch.compile a data-dependent check cannot live in the graph: it ran in eager
     # (and MultiLoRALinear.set_adapter validates every rank it stores).
     # Inference-mode tensors have no version counter: key those on identity alone.
+    # The cache holds a weak reference to the tensor it checked: a new tensor that happens to
+    # reuse a freed one's id and memory (the CUDA caching allocator does that) is checked again.
+    # CPU ranks are always checked (no sync to save), so an in-place change under
+    # inference_mode (no version counter) cannot slip through there.
     key = None if torch.compiler.is_compiling() else (
         id(ranks), None if ranks.is_inference() else ranks._version, ranks.data_ptr(), R)
-    if key is not None and key not in _RANKS_CHECKED:
+    hit = None if key is None or ranks.device.type == "cpu" else _RANKS_CHECKED.get(key)
+    if key is not None and (hit is None or hit() is not ranks):
         lo, hi = (int(v) for v in torch.stack([ranks.min(), ranks.max()]).tolist()) \
             if ranks.numel() else (0, 0)
         if lo < 0 or hi > R:
             raise ValueError(f"ranks must lie in [0, r_max={R}], found {lo if lo < 0 else hi}")
         if len(_RANKS_CHECKED) > 256:
             _RANKS_CHECKED.clear()
-        _RANKS_CHECKED[key] = True
+        _RANKS_CHECKED[key] = weakref.ref(ranks)
     return ranks.to(device=device, dtype=torch.int32).contiguous()
 
 
 def _check_slices(out_slices, N: int) -> Optional[list[int]]:
     if out_slices is None:
         return None
-    sl = [int(w) for w in out_slices]
+    try:  # operator.index: 2.5 or "3" is a mistake, not a width to truncate
+        sl = [operator.index(w) for w in out_slices]
+    except TypeError as exc:
+        raise TypeError(f"out_slices must be a sequence of int widths summing to N={N}, got "
+                        f"{out_slices!r} ({exc})") from None
     if not sl or any(w <= 0 for w in sl) or sum(sl) != N:
         raise ValueError(f"out_slices must be positive widths summing to N={N}, got {list(out_slices)}")
     return sl
@@ -240,7 +252,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     if x.dim() < 1:
         raise ValueError("x must have shape [T, K], got a 0-D tensor")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: ambiguous when K = 0
     dtype, N, K, S, R, slices, n_slices = _check_stack(x2, weight, bias, lora_a, lora_b, out_slices)
     batch = _check_batch(batch, x2.shape[0], S, x.device)
     V.check_index_math("x", x2.shape[0], K)

@@ -50,8 +50,8 @@ def scalar(name: str, v, low: float = -math.inf, high: float = math.inf,
             raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
     v = float(v)
     # `v != v` is the NaN test: under torch.compile a float that changed between compiles
-    # arrives as a SymFloat, which math.isnan rejects (a graph break).
-    if v != v or v < low or v > high or (high_open and v >= high):
+    # arrives as a SymFloat, which math.isnan rejects (a graph break). ±inf is not finite either.
+    if v != v or abs(v) == math.inf or v < low or v > high or (high_open and v >= high):
         bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"{name} must be finite and in {bound}, got {v}")
     return v
