@@ -26,6 +26,16 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_bias_mode(bias) -> None:
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+
+
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -43,6 +53,7 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int,
     ``{"c_attn": [True, False, True]}`` puts LoRA on GPT-2's q and v only (loralib's
     ``MergedLinear``). Raises ``ValueError`` naming ``target_modules`` when nothing matches.
     """
+    _check_model(model)
     if not isinstance(target_modules, (str, list, tuple)) or not target_modules:
         raise TypeError(f"target_modules must be a regex string or a non-empty list of names, "
                         f"got {target_modules!r}")
@@ -73,8 +84,8 @@ def lora_modules(model: nn.Module):
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
     """Freeze everything but the LoRA factors; ``bias``: ``"none"``, ``"all"`` (every bias
     trains) or ``"lora_only"`` (biases of LoRA layers train) — loralib's semantics."""
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    _check_model(model)
+    _check_bias_mode(bias)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     if bias == "all":
@@ -91,6 +102,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key suffixes (``<module>.lora_A.weight``,
     ``<module>.lora_B.weight``), plus biases per ``bias`` as in :func:`mark_only_lora_as_trainable`."""
+    _check_model(model)
+    _check_bias_mode(bias)
     sd = model.state_dict()
     out = {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k or
            k.startswith(("lora_A.", "lora_B."))}
@@ -105,12 +118,14 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA layer's ``s·B·A`` into its base weight (forward = plain linear)."""
+    _check_model(model)
     for _, m in lora_modules(model):
         m.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
+    _check_model(model)
     for _, m in lora_modules(model):
         m.unmerge()
     return model

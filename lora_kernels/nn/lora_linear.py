@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_kernels.ops import block_diag_lora_b, lora_linear
+from lora_kernels.ops.backend import BACKENDS
 
 
 def lora_scaling(r: int, lora_alpha: Optional[float], use_rslora: bool) -> float:
@@ -23,6 +26,38 @@ def _check_rank(r) -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"r must be a positive int, got {r!r}")
     return r
+
+
+def check_features(name: str, v) -> int:
+    """A layer width: a non-negative int (0 is allowed, as in nn.Linear)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative int, got {type(v).__name__} {v!r}")
+    if v < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    return int(v)
+
+
+def check_alpha(alpha) -> Optional[float]:
+    """None (= r) or a finite real number; "8" or NaN would give a silently wrong scaling."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"lora_alpha must be a number or None, got {type(alpha).__name__}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"lora_alpha must be finite, got {alpha!r}")
+    return float(alpha)
+
+
+def check_backend(backend) -> str:
+    """Names only: availability depends on the device, which may change after construction."""
+    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_dtype(dtype) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
 
 
 def _check_dropout(p) -> float:
@@ -43,13 +78,14 @@ class _LoRABase(nn.Module):
 
     def _init_lora(self, in_features, out_features, r_total, b_rows, lora_alpha, r,
                    lora_dropout, use_rslora, backend, fan_in_fan_out, factory):
+        lora_alpha = check_alpha(lora_alpha)
+        self.lora_dropout = _check_dropout(lora_dropout)
+        self.backend = check_backend(backend)
         self.in_features, self.out_features = in_features, out_features
         self.r = r
         self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
         self.use_rslora = bool(use_rslora)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
-        self.lora_dropout = _check_dropout(lora_dropout)
-        self.backend = backend
         self.fan_in_fan_out = bool(fan_in_fan_out)
         self.merged = False
         # nn.Linear submodules so the state-dict keys are PEFT's: "<name>.lora_A.weight".
@@ -119,6 +155,9 @@ class LoRALinear(_LoRABase):
                  fan_in_fan_out: bool = False):
         super().__init__()
         r = _check_rank(r)
+        in_features = check_features("in_features", in_features)
+        out_features = check_features("out_features", out_features)
+        check_dtype(dtype)
         factory = {"device": device, "dtype": dtype}
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
         self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
@@ -176,6 +215,8 @@ class PackedLoRALinear(_LoRABase):
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
                  backend: str = "auto", device=None, dtype=None, fan_in_fan_out: bool = False):
         super().__init__()
+        in_features = check_features("in_features", in_features)
+        check_dtype(dtype)
         out_features = self._set_slices(out_slices, enable_lora)
         factory = {"device": device, "dtype": dtype}
         shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
@@ -188,8 +229,12 @@ class PackedLoRALinear(_LoRABase):
         LoRALinear._reset_base(self)
 
     def _set_slices(self, out_slices, enable_lora) -> int:
-        self.out_slices = tuple(int(w) for w in out_slices)
-        self.enable_lora = tuple(bool(e) for e in enable_lora)
+        try:  # 2.5 or "3" is a mistake, not a width to truncate
+            self.out_slices = tuple(operator.index(w) for w in out_slices)
+            self.enable_lora = tuple(bool(e) for e in enable_lora)
+        except TypeError as exc:
+            raise TypeError(f"out_slices must be int widths and enable_lora bools, got "
+                            f"{out_slices!r} and {enable_lora!r} ({exc})") from None
         if len(self.out_slices) != len(self.enable_lora) or not self.out_slices or \
                 any(w <= 0 for w in self.out_slices):
             raise ValueError(f"out_slices {list(out_slices)} and enable_lora {list(enable_lora)} "
@@ -207,9 +252,12 @@ class PackedLoRALinear(_LoRABase):
                     fan_in_fan_out: Optional[bool] = None) -> "PackedLoRALinear":
         """Wrap a packed ``nn.Linear``/``Conv1D`` (shared weight). ``out_slices`` defaults to
         equal slices, one per ``enable_lora`` entry (loralib's convention)."""
+        weight = getattr(linear, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise TypeError(f"linear must be an nn.Linear or transformers Conv1D, got "
+                            f"{type(linear).__name__}")
         if fan_in_fan_out is None:
             fan_in_fan_out = is_conv1d(linear)
-        weight = linear.weight
         in_f, out_f = (weight.shape if fan_in_fan_out else weight.shape[::-1])
         if out_slices is None:
             n = len(enable_lora)

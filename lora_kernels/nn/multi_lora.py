@@ -4,13 +4,15 @@ token routed to its own adapter by a ``LoRABatch`` — for serving and multi-ada
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_kernels.nn.lora_linear import is_conv1d
+from lora_kernels.nn.lora_linear import check_backend, check_dtype, is_conv1d
 from lora_kernels.ops import LoRABatch, multi_lora_linear
 
 
@@ -41,12 +43,19 @@ class MultiLoRALinear(nn.Module):
         self.bias = getattr(base_linear, "bias", None)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.out_slices = None if out_slices is None else tuple(int(w) for w in out_slices)
-        if self.out_slices is not None and sum(self.out_slices) != self.out_features:
-            raise ValueError(f"out_slices {out_slices} must sum to out_features={self.out_features}")
+        check_dtype(dtype)
+        self.backend = check_backend(backend)
+        try:  # 2.5 or "3" is a mistake, not a width to truncate
+            self.out_slices = None if out_slices is None else tuple(operator.index(w) for w in out_slices)
+        except TypeError as exc:
+            raise TypeError(f"out_slices must be a sequence of int widths, got {out_slices!r} "
+                            f"({exc})") from None
+        if self.out_slices is not None and (sum(self.out_slices) != self.out_features or
+                                            not self.out_slices or min(self.out_slices) <= 0):
+            raise ValueError(f"out_slices {out_slices} must be positive widths summing to "
+                             f"out_features={self.out_features}")
         n_slices = 1 if self.out_slices is None else len(self.out_slices)
         self.num_slots, self.max_rank, self.n_slices = num_slots, max_rank, n_slices
-        self.backend = backend
         factory = {"device": weight.device, "dtype": dtype or weight.dtype}
         self.lora_A = nn.Parameter(torch.zeros(num_slots, n_slices * max_rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(num_slots, self.out_features, max_rank, **factory))
@@ -71,6 +80,10 @@ class MultiLoRALinear(nn.Module):
         ``lora_b [out, r]``. Rows/columns past ``r`` are zeroed; ``slice_ranks`` marks slices the
         adapter does not touch with 0 (packed projections)."""
         slot = self._check_slot(slot)
+        for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)}")
         r = lora_b.shape[-1] if lora_b.dim() == 2 else -1
         if lora_b.dim() != 2 or lora_b.shape[0] != self.out_features or not 1 <= r <= self.max_rank:
             raise ValueError(f"lora_b must have shape [out={self.out_features}, r] with 1 <= r <= "
@@ -80,17 +93,24 @@ class MultiLoRALinear(nn.Module):
                              f"[{self.n_slices * r}, {self.in_features}], got {list(lora_a.shape)}")
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
             raise TypeError(f"scaling must be a float, got {type(scaling).__name__}")
-        R = self.max_rank
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
-        for j in range(self.n_slices):
-            self.lora_A[slot, j * R:j * R + r] = lora_a[j * r:(j + 1) * r]
-        self.lora_B[slot, :, :r] = lora_b
-        self.scalings[slot] = float(scaling)
+        if not math.isfinite(scaling):
+            raise ValueError(f"scaling must be finite, got {scaling}")
         ranks = [r] * self.n_slices if slice_ranks is None else [int(v) for v in slice_ranks]
         if len(ranks) != self.n_slices or any(not 0 <= v <= r for v in ranks):
             raise ValueError(f"slice_ranks must be {self.n_slices} ints in [0, {r}], got {slice_ranks}")
-        self.ranks[slot] = torch.tensor(ranks if self.n_slices > 1 else ranks[0], dtype=torch.int32)
+        # Stage the whole slot first: everything that can fail (a copy from another device, say)
+        # fails before the slot is touched, so a rejected call leaves the layer unchanged.
+        R = self.max_rank
+        a_new = self.lora_A.new_zeros(self.lora_A.shape[1:])
+        b_new = self.lora_B.new_zeros(self.lora_B.shape[1:])
+        for j in range(self.n_slices):
+            a_new[j * R:j * R + r] = lora_a[j * r:(j + 1) * r]
+        b_new[:, :r] = lora_b
+        rank_t = torch.tensor(ranks if self.n_slices > 1 else ranks[0], dtype=torch.int32)
+        self.lora_A[slot] = a_new
+        self.lora_B[slot] = b_new
+        self.scalings[slot] = float(scaling)
+        self.ranks[slot] = rank_t
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -102,6 +122,8 @@ class MultiLoRALinear(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def set_lora_batch(self, batch: Optional[LoRABatch]) -> None:
+        if batch is not None and not isinstance(batch, LoRABatch):
+            raise TypeError(f"batch must be a LoRABatch or None, got {type(batch).__name__}")
         self.lora_batch = batch
 
     def forward(self, x: Tensor, batch: Optional[LoRABatch] = None) -> Tensor:
@@ -121,6 +143,10 @@ class MultiLoRALinear(nn.Module):
 
 def set_lora_batch(model: nn.Module, batch: Optional[LoRABatch]) -> None:
     """Install ``batch`` on every ``MultiLoRALinear`` in ``model`` (built once per forward)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if batch is not None and not isinstance(batch, LoRABatch):
+        raise TypeError(f"batch must be a LoRABatch or None, got {type(batch).__name__}")
     for m in model.modules():
         if isinstance(m, MultiLoRALinear):
             m.set_lora_batch(batch)
