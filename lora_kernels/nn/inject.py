@@ -59,21 +59,32 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int,
                         f"got {target_modules!r}")
     enable_lora = dict(enable_lora or {})
     matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
-    replaced = 0
-    for name, module in matched:
-        if isinstance(module, (_LoRABase, MultiLoRALinear)) or not _is_linear(module):
-            continue
-        flags = next((f for key, f in enable_lora.items() if name == key or name.endswith("." + key)), None)
-        kwargs = dict(lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                      backend=backend)
-        if flags is not None:
-            new = PackedLoRALinear.from_linear(module, r, enable_lora=flags, **kwargs)
-        else:
-            new = LoRALinear.from_linear(module, r, **kwargs)
-        _set_child(model, name, new)
-        replaced += 1
-    if replaced == 0:
+    # Build every replacement before swapping any in: a layer that fails (bad enable_lora
+    # flags, say) leaves the model exactly as it was.
+    # (from_linear freezes the shared base weight: undone too.)
+    replacements = []
+    frozen = [(p, p.requires_grad) for _, m in matched for p in m.parameters(recurse=False)]
+    try:
+        for name, module in matched:
+            if isinstance(module, (_LoRABase, MultiLoRALinear)) or not _is_linear(module):
+                continue
+            flags = next((f for key, f in enable_lora.items()
+                          if name == key or name.endswith("." + key)), None)
+            kwargs = dict(lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          use_rslora=use_rslora, backend=backend)
+            if flags is not None:
+                new = PackedLoRALinear.from_linear(module, r, enable_lora=flags, **kwargs)
+            else:
+                new = LoRALinear.from_linear(module, r, **kwargs)
+            replacements.append((name, module, new))
+    except BaseException:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        raise
+    if not replacements:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D in the model")
+    for name, _, new in replacements:
+        _set_child(model, name, new)
     return model
 
 
