@@ -247,3 +247,20 @@ def test_gpu_index_math_past_2_31():
     xd = x[rows].double() * keep / 0.9
     want = x[rows].double() @ w.double().t() + b.double() + (xd @ a.double().t()) @ bb.double().t()
     assert rel_err(y[rows], want) <= tol(torch.bfloat16, "cuda")
+
+
+def test_config_pruning():
+    """Config lists and pruning rules (pure Python, no kernel launch)."""
+    from lora_kernels.triton import configs as C
+    big = C.prune_dropout(C.GEMM_LARGE, {}, DROPOUT=True)
+    assert big and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in big)
+    assert C.prune_dropout(C.GEMM_LARGE, {}, DROPOUT=False) == C.GEMM_LARGE
+    x = torch.empty(1, 4096)
+    for N, K in [(4096, 4096), (45, 37), (14336, 4096)]:
+        kept = C.prune_small(C.GEMM_SMALL, {"M": 1, "N": N, "K": K, "a_ptr": x})
+        assert kept and all(c.kwargs["BLOCK_M"] == 16 for c in kept)
+        for c in kept:  # a split always leaves ≥ 2 K iterations per slab
+            split, bk = c.kwargs["SPLIT_K"], c.kwargs["BLOCK_K"]
+            assert split == 1 or -(-K // split) > bk
+    assert TL.lora_mode(1, 16, 0.0) == 2 and TL.lora_mode(8192, 16, 0.0) == 1
+    assert TL.lora_mode(1, 16, 0.1) == 1 and TL.lora_mode(1, 100, 0.0) == 1

@@ -94,10 +94,12 @@ GEMM_MEDIUM = [
 ]
 
 # Decode: 16-row tiles; (BLOCK_N, BLOCK_K, SPLIT_K) spans 32..128 x 128..256 x 1..8 and
-# prune_small() keeps the ones whose grid fits the GPU.
+# prune_small() keeps the ones whose grid fits the GPU. 16-row tiles run on mma.sync, whose
+# weight operand goes through registers: 128x256 weight tiles spilled (60-270 B/thread) in
+# sm_90 compiles, so a weight tile stays ≤ 16K elements.
 GEMM_SMALL = [
     _cfg(16, bn, bk, 4, 4 if bk == 128 else 3, split, group=1)
-    for bn in (32, 64, 128) for bk in (128, 256) for split in (1, 2, 4, 8)
+    for bn in (32, 64, 128) for bk in (128, 256) for split in (1, 2, 4, 8) if bn * bk <= 16384
 ] + [_cfg(16, 64, 64, 4, 4, 1, group=1), _cfg(16, 32, 64, 4, 5, 2, group=1)]
 assert max(c.kwargs["SPLIT_K"] for c in GEMM_SMALL) <= MAX_SPLIT_K
 
@@ -166,9 +168,11 @@ def shrink_config(m: int) -> dict:
     return dict(BLOCK_M=bm, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
-def reduce_config() -> dict:
+def reduce_config(dropout: bool = False) -> dict:
     """dA/dB = (big operand)ᵀ·(rank-sized operand), summed over M: BLOCK_P rows of the big side
-    per program, BLOCK_M rows of M per step."""
+    per program, BLOCK_M rows of M per step. With dropout (dA) the Philox draw covers the
+    [BLOCK_P, BLOCK_M] tile: 32-row steps keep it at 32 draws per thread (64 spilled up to
+    330 B/thread in sm_90 compiles next to a 64-wide rank accumulator)."""
     if interpreting():
         return dict(BLOCK_P=32, BLOCK_M=16, num_warps=4, num_stages=1)
-    return dict(BLOCK_P=128, BLOCK_M=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_P=128, BLOCK_M=32 if dropout else 64, num_warps=4, num_stages=3)

@@ -122,7 +122,7 @@ def reduce_rows(l: torch.Tensor, r: torch.Tensor, out: torch.Tensor, scale: floa
     """
     M, P = l.shape
     Q = r.shape[1]
-    cfg = C.reduce_config()
+    cfg = C.reduce_config(dropout_p > 0.0)
     bp, bm = cfg["BLOCK_P"], cfg["BLOCK_M"]
     bq = C.rank_block(Q)
     tiles = triton.cdiv(P, bp) * triton.cdiv(Q, bq)
