@@ -189,14 +189,12 @@ class LoRALinear(_LoRABase):
         in_f, out_f = (weight.shape if fan_in_fan_out else weight.shape[::-1])
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        weight.requires_grad_(False)
         self.weight = weight
         self.bias = getattr(linear, "bias", None)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         factory = {"device": weight.device, "dtype": weight.dtype}
         self._init_lora(int(in_f), int(out_f), _check_rank(r), int(out_f), lora_alpha, r,
                         lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
+        _freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
         return self
 
 
@@ -269,14 +267,12 @@ class PackedLoRALinear(_LoRABase):
         nn.Module.__init__(self)
         if self._set_slices(out_slices, enable_lora) != out_f:
             raise ValueError(f"out_slices {list(out_slices)} must sum to out_features={out_f}")
-        weight.requires_grad_(False)
         self.weight, self.bias = weight, getattr(linear, "bias", None)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         r = _check_rank(r)
         factory = {"device": weight.device, "dtype": weight.dtype}
         self._init_lora(int(in_f), int(out_f), self.n_adapted * r, self.adapted_width, lora_alpha,
                         r, lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
+        _freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
         return self
 
     def _lora_b_full(self) -> Tensor:
@@ -289,6 +285,12 @@ class PackedLoRALinear(_LoRABase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", out_slices={self.out_slices}, enable_lora={self.enable_lora}"
+
+
+def _freeze(*params) -> None:
+    for p in params:
+        if p is not None:
+            p.requires_grad_(False)
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -38,11 +38,8 @@ class MultiLoRALinear(nn.Module):
         self.fan_in_fan_out = is_conv1d(base_linear)
         in_f, out_f = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
         self.in_features, self.out_features = int(in_f), int(out_f)
-        weight.requires_grad_(False)
         self.weight = weight
         self.bias = getattr(base_linear, "bias", None)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
         check_dtype(dtype)
         self.backend = check_backend(backend)
         try:  # 2.5 or "3" is a mistake, not a width to truncate
@@ -63,6 +60,10 @@ class MultiLoRALinear(nn.Module):
         rank_shape = (num_slots,) if n_slices == 1 else (num_slots, n_slices)
         self.register_buffer("ranks", torch.zeros(rank_shape, dtype=torch.int32, device=weight.device))
         self.lora_batch: Optional[LoRABatch] = None
+        # Frozen last: a rejected construction leaves the wrapped layer as it was.
+        weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
 
     def base_weight(self) -> Tensor:
         return self.weight.t() if self.fan_in_fan_out else self.weight
