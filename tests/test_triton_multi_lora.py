@@ -146,10 +146,23 @@ def test_rank_sizes(R, path):
     _check(_ids("uniform", 21, 5), S=5, R=R, K=33, N=19, path=path, ranks=ranks)
 
 
+SKEWED = torch.tensor([0] * 20 + [1, 2, 2, 3, 4, 4, 4, 5, 6, 7, -1, 7, 6])  # one long segment
+
+
+@pytest.mark.parametrize("path", ["prefill", "fused"])
+def test_tile_map_scan(path):
+    # Skewed segments: the dense tile numbering (in-kernel prefix scan) beats a fixed number
+    # of tiles per segment, so the kernels take the scan path.
+    batch = lk.LoRABatch.from_adapter_ids(SKEWED, 8)
+    assert sgmv.token_tiles(batch, 16)[1]
+    _check(SKEWED, S=8, path=path)
+
+
 def test_tile_map_without_scan(monkeypatch):
-    # Batches with more active slots than SCAN_MAX_ACTIVE use one fixed tile range per slot.
+    # With more active slots than SCAN_MAX_ACTIVE: a fixed tile range per slot, extras exit.
     monkeypatch.setattr(sgmv, "SCAN_MAX_ACTIVE", 0)
-    _check(_ids("zipf", 33, 5), S=5, path="prefill")
+    assert not sgmv.token_tiles(lk.LoRABatch.from_adapter_ids(SKEWED, 8), 16)[1]
+    _check(SKEWED, S=8, path="prefill")
 
 
 # ------------------------------------------------------------------- base-only and empty

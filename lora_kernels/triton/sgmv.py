@@ -294,14 +294,19 @@ def _pow2(n: int) -> int:
 
 
 def token_tiles(batch, block_m: int) -> tuple[int, bool, int, int]:
-    """``(grid tiles, scan, tiles_per_seg, A_BLOCK)`` from the batch's host ints only."""
+    """``(grid tiles, scan, tiles_per_seg, A_BLOCK)`` from the batch's host ints only.
+
+    A fixed ``tiles_per_seg`` per active segment when that grid is no larger than the dense
+    one (always so in decode, where every segment fits one tile: no scan, no empty program);
+    the in-kernel scan otherwise (skewed segments), unless A is too large to scan.
+    """
     A = batch.num_active
     per_seg = max(1, triton.cdiv(batch.max_seg_len, block_m))
-    if A <= SCAN_MAX_ACTIVE:
-        bound = min(triton.cdiv(batch.num_tokens, block_m) + A, A * per_seg)
-        # A_BLOCK ≥ 16: one compiled variant covers every small batch.
-        return bound, True, per_seg, max(16, _pow2(A))
-    return A * per_seg, False, per_seg, 16
+    dense = triton.cdiv(batch.num_tokens, block_m) + A
+    if A * per_seg <= dense or A > SCAN_MAX_ACTIVE:
+        return A * per_seg, False, per_seg, 16
+    # A_BLOCK ≥ 16: one compiled variant covers every small batch.
+    return dense, True, per_seg, max(16, _pow2(A))
 
 
 def _ranks_args(ranks, dummy):
