@@ -142,7 +142,8 @@ def test_dropout_uses_peft_probability_and_one_mask():
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     keep = dropout_keep_mask(seed, 6, 13, 0.25)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    expect = layer.base_layer(x) + ((torch.where(keep, x / 0.75, 0.0) @ a.t()) @ b.t()) * layer.scaling["default"]
+    dropped = torch.where(keep, x / 0.75, 0.0)
+    expect = layer.base_layer(x) + ((dropped @ a.t()) @ b.t()) * layer.scaling["default"]
     assert rel_err(y, expect) <= TOL
     y.sum().backward()
     assert a.grad is not None and b.grad is not None and x.grad is not None

@@ -80,7 +80,8 @@ def make_pool(num_slots=2, max_rank=8):
 # ------------------------------------------------------------------------------------------
 def test_mixed_batch_heterogeneous_ranks_matches_merged_models():
     model, pool = make_pool(num_slots=3, max_rank=8)
-    ads = {"a": adapter(1, r=2), "b": adapter(2, r=8, alpha=4), "c": adapter(3, r=5, modules=("2",))}
+    ads = {"a": adapter(1, r=2), "b": adapter(2, r=8, alpha=4),
+           "c": adapter(3, r=5, modules=("2",))}
     for n, (sd, cfg) in ads.items():
         pool.load(n, sd, cfg)
     names = ["a", None, "c", "b", "a", "__base__"]
@@ -223,7 +224,8 @@ def test_bad_adapters_leave_the_pool_unchanged(tmp_path):
     before = snapshot(pool)
     bad = [
         (adapter(2, r=6), AdapterMismatchError, "exceeds the pool's max_rank=4"),
-        (adapter(3, dims={"0": (K + 1, H), "2": (H, N)}), AdapterMismatchError, r"is \[in=16, out=24\]"),
+        (adapter(3, dims={"0": (K + 1, H), "2": (H, N)}), AdapterMismatchError,
+         r"is \[in=16, out=24\]"),
         (({**adapter(4)[0], "base_model.model.9.lora_A.weight": torch.zeros(4, K),
            "base_model.model.9.lora_B.weight": torch.zeros(H, 4)}, {"r": 4, "lora_alpha": 8}),
          AdapterMismatchError, "unknown target module '9'"),

@@ -42,7 +42,8 @@ class AdapterMismatchError(ValueError):
     def __init__(self, problems: Sequence[str], what: str = "adapter"):
         self.problems = list(problems)
         lines = "\n  - ".join(self.problems)
-        super().__init__(f"{what} does not fit the model ({len(self.problems)} problem(s)):\n  - {lines}")
+        super().__init__(f"{what} does not fit the model ({len(self.problems)} problem(s)):"
+                         f"\n  - {lines}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,8 +110,8 @@ class AdapterConfig:
             out.append(f"r must be a positive int, got {self.r!r}")
         for name, val in [("lora_alpha", self.lora_alpha), *(
                 (f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) \
-                    or val <= 0:
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or \
+                    not math.isfinite(val) or val <= 0:
                 out.append(f"{name} must be a positive number, got {val!r}")
         for k, v in self.rank_pattern.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -160,7 +161,8 @@ class AdapterConfig:
 # ------------------------------------------------------------------------------------------
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _UNSUPPORTED = (("lora_magnitude_vector", "DoRA magnitude vectors (use_dora)"),
-                ("lora_embedding_", "LoRA on embeddings"), (".lora_B.bias", "a LoRA bias (lora_bias)"),
+                ("lora_embedding_", "LoRA on embeddings"),
+                (".lora_B.bias", "a LoRA bias (lora_bias)"),
                 ("modules_to_save", "fully trained extra modules (modules_to_save)"))
 
 
@@ -193,8 +195,8 @@ def split_modules(state_dict: Mapping[str, Tensor], source: str = "adapter"
                             f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight')")
             continue
         if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() != 2:
-            problems.append(f"key {key!r} must be a 2-D float tensor, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+            got = f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}"
+            problems.append(f"key {key!r} must be a 2-D float tensor, got {got}")
             continue
         module, kind = parsed
         slot = parts.setdefault(module, {})
@@ -239,16 +241,19 @@ def _read_weights(d: Path) -> dict[str, Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError as exc:
-            raise AdapterFormatError(f"{st} needs the safetensors package: pip install safetensors") from exc
+            raise AdapterFormatError(f"{st} needs the safetensors package: "
+                                     f"pip install safetensors") from exc
         try:
             return load_file(str(st), device="cpu")
         except Exception as exc:  # SafetensorError, OSError: truncated or corrupt files
-            raise AdapterFormatError(f"{st} is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+            raise AdapterFormatError(f"{st} is truncated or corrupt "
+                                     f"({type(exc).__name__}: {exc})") from exc
     if bn.is_file():
         try:
             sd = torch.load(str(bn), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise AdapterFormatError(f"{bn} is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+            raise AdapterFormatError(f"{bn} is truncated or corrupt "
+                                     f"({type(exc).__name__}: {exc})") from exc
         if not isinstance(sd, Mapping):
             raise AdapterFormatError(f"{bn} must hold a dict of tensors, got {type(sd).__name__}")
         return dict(sd)
@@ -296,8 +301,9 @@ def config_problems(cfg: AdapterConfig, modules: Mapping[str, tuple[Tensor, Tens
     for module, (a, _) in modules.items():
         want = cfg.rank_for(module)
         if a.shape[0] != want:
+            via = " (rank_pattern)" if _pattern_key(cfg.rank_pattern, module) else ""
             out.append(f"module {module!r}: tensors have rank {a.shape[0]} but the config says "
-                       f"r={want}" + (" (rank_pattern)" if _pattern_key(cfg.rank_pattern, module) else ""))
+                       f"r={want}{via}")
         if not targets_match(cfg.target_modules, module):
             out.append(f"module {module!r} has weights but is not in target_modules="
                        f"{cfg.target_modules!r}")
@@ -337,7 +343,8 @@ def check_adapter(cfg: AdapterConfig, modules: Mapping[str, tuple[Tensor, Tensor
     for module, (a, b) in modules.items():
         m = find_module(model, module)
         if m is None:
-            problems.append(f"unknown target module {module!r}: the model has no module of that name")
+            problems.append(f"unknown target module {module!r}: the model has no module of "
+                            f"that name")
             continue
         feats = linear_features(m)
         if feats is None:
@@ -376,7 +383,8 @@ def _from_model(model: nn.Module) -> tuple[dict, dict]:
     if not modules:
         raise ValueError("the model has no LoRALinear/PackedLoRALinear layers to save")
     if len(rslora) > 1:
-        raise ValueError("layers mix use_rslora=True and False; PEFT stores one use_rslora per adapter")
+        raise ValueError("layers mix use_rslora=True and False; PEFT stores one use_rslora per "
+                         "adapter")
     return modules, {"ranks_alphas": ra, "use_rslora": rslora.pop()}
 
 
@@ -418,8 +426,8 @@ def save_peft_adapter(path: PathLike, source: Union[nn.Module, Mapping[str, Tens
             extra=dict(base.extra))
     else:
         if config is None:
-            raise ValueError("saving a state dict needs config= (an AdapterConfig or a dict with at "
-                             "least r and lora_alpha)")
+            raise ValueError("saving a state dict needs config= (an AdapterConfig or a dict "
+                             "with at least r and lora_alpha)")
         cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
         if base_model_name_or_path is not None:
             cfg.base_model_name_or_path = base_model_name_or_path
@@ -437,7 +445,8 @@ def save_peft_adapter(path: PathLike, source: Union[nn.Module, Mapping[str, Tens
                                                                   sort_keys=True).encode()))
     if safe_serialization:
         from safetensors.torch import save
-        _atomic_write(out / SAFETENSORS_NAME, lambda f: f.write(save(tensors, metadata={"format": "pt"})))
+        blob = save(tensors, metadata={"format": "pt"})
+        _atomic_write(out / SAFETENSORS_NAME, lambda f: f.write(blob))
     else:
         _atomic_write(out / BIN_NAME, lambda f: torch.save(tensors, f))
     return out

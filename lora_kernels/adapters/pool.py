@@ -174,7 +174,8 @@ class AdapterPool:
             what = f"adapter {name!r} ({source})"
         elif isinstance(source, Mapping):
             if config is not None:
-                cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
+                cfg = config if isinstance(config, AdapterConfig) else \
+                    AdapterConfig.from_dict(config)
             sd, what = source, f"adapter {name!r}"
         else:
             raise TypeError(f"source must be a PEFT adapter directory or a state dict, got "
@@ -371,8 +372,9 @@ class AdapterPool:
             self._unpin_locked([slot])
             return slot.index
 
-    def batch(self, names: Sequence[Optional[str]], tokens_per_sample: Union[int, Sequence[int]] = 1,
-              *, timeout: Optional[float] = 0.0) -> PoolBatch:
+    def batch(self, names: Sequence[Optional[str]],
+              tokens_per_sample: Union[int, Sequence[int]] = 1, *,
+              timeout: Optional[float] = 0.0) -> PoolBatch:
         """Pin the slots of ``names`` (one per sample; ``None``/``"__base__"`` = base model),
         loading registered adapters that are not resident. Use as ``with pool.batch(...)``."""
         names = list(names)

@@ -264,7 +264,8 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
     except ImportError as exc:  # pragma: no cover - peft is an optional extra
         raise ImportError("patch_peft_model needs PEFT: pip install 'lora-kernels[peft]'") from exc
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (a PeftModel), got {type(model).__name__}")
+        raise TypeError(f"model must be a torch.nn.Module (a PeftModel), got "
+                        f"{type(model).__name__}")
     handle = PeftPatchHandle(model, backend)
     found = 0
     for name, module in model.named_modules():
