@@ -219,6 +219,20 @@ def test_gpu_shapes(M, K, N, r, p, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 300])
+def test_gpu_fp32_tf32_when_torch_allows_it(M):
+    # torch.set_float32_matmul_precision("high") lets the fp32 path use tf32 tensor cores,
+    # which the project's GPU fp32 tolerance (5e-4) is set for.
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        x, w, b, a, bb = _inputs(M, 4096, 4096, 16, torch.float32, "cuda")
+        _check(x, w, b, a, bb, p=0.1)
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 8, 2048])
 def test_gpu_deterministic(M):
     x, w, b, a, bb = _inputs(M, 4096, 4096, 16, torch.bfloat16, "cuda")

@@ -30,9 +30,14 @@ def interpreting() -> bool:
 
 
 def fp32_precision() -> str:
-    """tl.dot input precision for fp32 inputs: tf32 tensor cores by default (the project's GPU
-    fp32 tolerance, 5e-4, is set for tf32); ``LORA_KERNELS_FP32_PRECISION=ieee`` for exact fp32."""
-    return os.environ.get("LORA_KERNELS_FP32_PRECISION", "tf32").strip().lower() or "tf32"
+    """tl.dot input precision for fp32 inputs, following torch's own switch for fp32 matmuls:
+    ``torch.set_float32_matmul_precision("high")`` (or ``"medium"``) allows tf32 tensor cores
+    (within the project's 5e-4 GPU fp32 tolerance), the default ``"highest"`` keeps exact fp32
+    (CUDA-core FMAs, slow). ``LORA_KERNELS_FP32_PRECISION=tf32|ieee|tf32x3`` overrides."""
+    env = os.environ.get("LORA_KERNELS_FP32_PRECISION", "").strip().lower()
+    if env:
+        return env
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

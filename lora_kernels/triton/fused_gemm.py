@@ -37,8 +37,10 @@ import triton.language as tl
 from lora_kernels.triton import configs as C
 from lora_kernels.triton.dropout import drop_threshold, philox_keep, seed_arg
 
+# M is bucketed (training sees many sequence lengths); the strides tell the forward's K-major
+# weight from the dX's N-major view of the same [N, K] tensor, which tune differently.
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "stride_ak", "stride_wk", "LORA", "BLOCK_R", "HAS_BIAS",
-                 "DROPOUT"]
+                 "PRECISION", "DROPOUT"]
 
 
 @triton.jit
@@ -263,7 +265,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         lora = 0
     dev = a.device
     dummy = out  # never dereferenced when the matching constexpr flag is off
-    block_r = C.rank_block(r, cap=64 if lora == 1 else 128)
+    block_r = C.rank_block(r)
     if lora == 2:
         assert r <= 64 and dropout_p == 0.0, "fused shrink: r ≤ 64 and no dropout"
         assert la is not None and u is not None
