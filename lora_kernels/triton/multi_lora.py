@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +66,16 @@ def override(**settings):
         TUNING.update(saved)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _on_input_device(fn):
+    """Triton launches on the *current* CUDA device: make it the first input's device."""
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        dev = first.device
+        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+    return wrapper
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,6 +201,7 @@ def _one_plane(planes):
 # ------------------------------------------------------------------------------------------
 # Kernel-level API
 # ------------------------------------------------------------------------------------------
+@_on_input_device
 def lora_shrink(x, lora_a, batch, scalings, ranks, n_slices):
     T, RR = x.shape[0], lora_a.shape[1]
     R = RR // n_slices
@@ -204,6 +212,7 @@ def lora_shrink(x, lora_a, batch, scalings, ranks, n_slices):
     return _one_plane(_shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg, zero=True))
 
 
+@_on_input_device
 def lora_expand(y, xa, lora_b, batch, ranks, out_slices):
     T, N, R = y.shape[0], lora_b.shape[1], lora_b.shape[2]
     if not batch.has_lora or T == 0:
@@ -226,6 +235,7 @@ def _use_fused(batch, dtype, device) -> bool:
             and T >= TUNING["fused_min_tokens"] and T >= 32 * batch.num_active)
 
 
+@_on_input_device
 def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
                    need_xa=True):
     T, K = x.shape
@@ -248,6 +258,7 @@ def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_
     return y, xa
 
 
+@_on_input_device
 def add_lora_(y, x, lora_a, lora_b, scalings, ranks, batch, out_slices=None, xa_out=None):
     """``y[t] += s_i·(x[t]·A_iᵀ)·B_iᵀ`` in place with the planned decode/prefill kernels: for
     engines that run the base GEMM themselves, one call instead of ``lora_shrink`` +
@@ -271,6 +282,7 @@ def add_lora_(y, x, lora_a, lora_b, scalings, ranks, batch, out_slices=None, xa_
     return y
 
 
+@_on_input_device
 def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, needs):
     need_x, need_w, need_b, need_a, need_bb = needs
     T, K = x.shape
