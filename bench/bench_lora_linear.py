@@ -9,6 +9,9 @@
 * ``triton``   — ``lora_kernels.lora_linear(backend="triton")``: ours, through the public op;
 * ``triton_kernel`` — the same kernels called without the custom-op/autograd layer (fwd only:
   shows what Python dispatch costs at decode sizes);
+* ``triton_shrink_epi`` / ``triton_fused_loop`` — the two forward designs forced (precomputed
+  ``x·Aᵀ`` + accumulator seed vs ``x·Aᵀ`` accumulated in the GEMM's K loop), to re-fit the rule
+  that picks between them (``lora_kernels.triton.lora_linear.lora_mode``);
 * ``triton_gemm`` — our fused GEMM with no LoRA term: Triton-vs-cuBLAS GEMM efficiency, the
   context for every ``triton / bare`` ratio;
 * ``cuda`` (+ ``cuda_gemm_only``, ``cuda_fused_gemm``) — the CUDA extension's columns from
@@ -140,6 +143,10 @@ def contenders(M, K, N, r, dtype, device, *, p, bias, quick):
         import lora_kernels.triton.lora_linear as TL
         out = torch.empty(M, N, dtype=dtype, device=device)
         fwd["triton_kernel"] = lambda: TL.lora_linear_fwd(x, w, b, a, bb, s, p, 1, out)
+        if p == 0 and r <= TL.FUSED_SHRINK_MAX_R:
+            # Both forward designs forced, to re-fit TL.FUSED_SHRINK_MAX_MR on this GPU.
+            fwd["triton_shrink_epi"] = lambda: TL.lora_linear_fwd(x, w, b, a, bb, s, 0.0, 1, out, mode=1)
+            fwd["triton_fused_loop"] = lambda: TL.lora_linear_fwd(x, w, b, a, bb, s, 0.0, 1, out, mode=2)
         fwd["triton_gemm"] = lambda: FG.fused_gemm(x, w, out, small_m_max=TL.SMALL_M_MAX)
         try:
             import cuda_columns
@@ -182,7 +189,9 @@ def measure(M, K, N, r, dtype, device, *, p, bias, quick, bwd, rep):
                     configs = _triton_configs()
                 ms[name] = common.bench(fn, rep=rep, cuda=not quick)
                 if not quick and direction == "fwd" and M <= 16:
-                    graph_ms[name] = common.bench_graph(fn)
+                    g_ms = common.bench_graph(fn)
+                    if g_ms is not None:
+                        graph_ms[name] = g_ms
             except Exception as exc:  # noqa: BLE001 - one broken contender must not stop the run
                 errors[name] = f"{type(exc).__name__}: {exc}"[:300]
                 ms[name] = None
