@@ -279,3 +279,14 @@ def test_bad_calls():
         model.merge_adapter()
         with pytest.raises(ValueError, match="merged adapters"):
             model(ids(), adapter_names=["a1"] * 3)
+
+
+def test_rejected_patch_changes_nothing():
+    model = mlp_peft()
+    with pytest.raises(ValueError, match="backend"):
+        patch_peft_model(model, backend="fast")
+    handle = patch_peft_model(model.base_model.model.down)  # one layer patched on its own
+    with pytest.raises(ValueError, match="already patched"):
+        patch_peft_model(model)
+    assert "forward" not in model.base_model.model.up.__dict__  # not half-patched
+    handle.unpatch()

@@ -274,3 +274,44 @@ def test_pool_over_existing_multilora_layers_and_bad_construction():
     with torch.no_grad(), pool.batch(["a", None]):
         y = model(x)
     assert rel_err(y, expected({"a": adapter(1, r=4, modules=("0",))}, ["a", None], x)) <= 1e-5
+
+
+def test_with_blocks_nest_and_threads_cannot_share_the_layers():
+    model, pool = make_pool(num_slots=2)
+    ads = {"a": adapter(1), "b": adapter(2)}
+    for n, (sd, cfg) in ads.items():
+        pool.load(n, sd, cfg)
+    x = torch.randn(2, K)
+    with torch.no_grad(), pool.batch(["a", "a"]):
+        with pool.batch(["b", None]):
+            assert rel_err(model(x), expected(ads, ["b", None], x)) <= 1e-5
+        assert rel_err(model(x), expected(ads, ["a", "a"], x)) <= 1e-5  # the outer batch is back
+        errors = []
+
+        def other_thread():
+            try:
+                with pool.batch(["b", "b"]):
+                    pass
+            except RuntimeError as exc:
+                errors.append(exc)
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join(10)
+        assert errors and "pass batch.lora_batch" in str(errors[0])
+    assert all(layer.lora_batch is None for layer in pool.layers.values())
+    assert all(s.pins == 0 for s in pool._slots)  # the refused thread's pins were released
+
+
+def test_bad_batch_arguments_pin_nothing():
+    model, pool = make_pool(num_slots=2)
+    pool.load("a", *adapter(1))
+    for names, tps, err, msg in [("a", 1, TypeError, "one adapter name"),
+                                 ([3], 1, TypeError, "strings or None"),
+                                 (["a"], -1, ValueError, ">= 0"),
+                                 (["a"], 1.5, TypeError, "tokens_per_sample"),
+                                 (["a", None], [1], ValueError, "1 lengths for 2 samples")]:
+        with pytest.raises(err, match=msg):
+            pool.batch(names, tps)
+        assert all(s.pins == 0 for s in pool._slots)
+    with pytest.raises(TypeError, match="model"):
+        AdapterPool("model", ["0"], num_slots=1, max_rank=1)

@@ -224,6 +224,9 @@ def split_modules(state_dict: Mapping[str, Tensor], source: str = "adapter"
 
 
 def _resolve_dir(path: PathLike) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike (an adapter directory), got "
+                        f"{type(path).__name__}")
     p = Path(path)
     if p.is_file() and p.name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
         p = p.parent
@@ -283,6 +286,8 @@ def load_peft_adapter(path: PathLike, model: Optional[nn.Module] = None
     exists in it with matching shapes (:func:`check_adapter`). Raises ``AdapterFormatError`` /
     ``AdapterMismatchError`` saying exactly what does not fit.
     """
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (or None), got {type(model).__name__}")
     d = _resolve_dir(path)
     cfg = read_config(d)
     sd = _read_weights(d)

@@ -68,23 +68,21 @@ class _Slot:
 
 class PoolBatch:
     """A batch's view of the pool: ``ids`` (slot per sample, ``-1`` = base), ``token_ids`` and
-    ``lora_batch`` (per token). As a context manager it installs ``lora_batch`` on the pool's
-    layers and releases the pins on exit."""
+    ``lora_batch`` (per token), with its slots pinned until :meth:`release`.
 
-    def __init__(self, pool: "AdapterPool", names, ids: Tensor, slots: list,
-                 tokens_per_sample):
-        self.pool, self.names, self.ids, self._slots = pool, tuple(names), ids, slots
-        if isinstance(tokens_per_sample, int):
-            self.token_ids = ids.repeat_interleave(tokens_per_sample)
-        else:
-            lengths = torch.as_tensor(list(tokens_per_sample), dtype=torch.int64, device=ids.device)
-            if lengths.shape != ids.shape:
-                pool._release_slots(slots)
-                raise ValueError(f"tokens_per_sample has {lengths.numel()} lengths for "
-                                 f"{ids.numel()} samples")
-            self.token_ids = ids.repeat_interleave(lengths)
-        self.lora_batch = LoRABatch.from_adapter_ids(self.token_ids, pool.num_slots)
+    As a context manager it also installs ``lora_batch`` on the pool's layers (and puts back
+    whatever was there on exit, so ``with`` blocks nest). The layers are shared module state:
+    two threads cannot each have a ``with`` batch on one model at the same time (the second
+    raises) - threads that run forwards concurrently pass ``batch.lora_batch`` to the layers
+    themselves.
+    """
+
+    def __init__(self, pool: "AdapterPool", names, ids: Tensor, token_ids: Tensor, slots: list):
+        self.pool, self.names, self.ids, self.token_ids = pool, tuple(names), ids, token_ids
+        self._slots = slots
+        self.lora_batch = LoRABatch.from_adapter_ids(token_ids, pool.num_slots)
         self.released = False
+        self._previous: Optional[dict] = None
 
     def release(self) -> None:
         if not self.released:
@@ -92,15 +90,18 @@ class PoolBatch:
             self.pool._release_slots(self._slots)
 
     def __enter__(self) -> "PoolBatch":
-        for layer in self.pool.layers.values():
-            layer.set_lora_batch(self.lora_batch)
+        try:
+            self._previous = self.pool._install(self)
+        except BaseException:
+            self.release()  # __exit__ will not run: do not leak the pins
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        for layer in self.pool.layers.values():
-            if layer.lora_batch is self.lora_batch:
-                layer.set_lora_batch(None)
-        self.release()
+        try:
+            self.pool._uninstall(self, self._previous)
+        finally:
+            self.release()
 
 
 class AdapterPool:
@@ -120,6 +121,8 @@ class AdapterPool:
     def __init__(self, model: nn.Module, target_modules=None, *, num_slots: Optional[int] = None,
                  max_rank: Optional[int] = None, backend: str = "auto",
                  dtype: Optional[torch.dtype] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         if target_modules is None:
             self.layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
@@ -144,11 +147,12 @@ class AdapterPool:
             if not matched:
                 raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D "
                                  f"in the model")
-            self.layers = {}
-            for n, m in matched:
-                layer = MultiLoRALinear(m, num_slots, max_rank, backend=backend, dtype=dtype)
+            # Build every layer before swapping any in: a rejected argument leaves the model as
+            # it was.
+            self.layers = {n: MultiLoRALinear(m, num_slots, max_rank, backend=backend, dtype=dtype)
+                           for n, m in matched}
+            for n, layer in self.layers.items():
                 _set_child(model, n, layer)
-                self.layers[n] = layer
         self.num_slots, self.max_rank = num_slots, max_rank
         first = next(iter(self.layers.values()))
         self.device = first.lora_A.device
@@ -162,6 +166,8 @@ class AdapterPool:
         self._versions = itertools.count(1)
         self._outstanding: dict[int, tuple[Tensor, list]] = {}
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # ``with pool.batch(...)`` installs batches on the shared layers: one thread at a time
+        self._installed: list = []  # stack of (thread id, PoolBatch)
 
     # ---- registration (host side, validation) ------------------------------------------
     def _parse(self, name, source, config) -> _HostAdapter:
@@ -376,8 +382,10 @@ class AdapterPool:
               tokens_per_sample: Union[int, Sequence[int]] = 1, *,
               timeout: Optional[float] = 0.0) -> PoolBatch:
         """Pin the slots of ``names`` (one per sample; ``None``/``"__base__"`` = base model),
-        loading registered adapters that are not resident. Use as ``with pool.batch(...)``."""
-        names = list(names)
+        loading registered adapters that are not resident. ``tokens_per_sample``: one length for
+        every sample, or one per sample (ragged, packed rows). Use as ``with pool.batch(...)``."""
+        names = _check_names(names)
+        lengths = _check_lengths(tokens_per_sample, len(names))
         distinct = sorted({n for n in names if n not in BASE_NAMES})
         if len(distinct) > self.num_slots:
             raise ValueError(f"a batch uses {len(distinct)} distinct adapters but the pool has "
@@ -400,8 +408,34 @@ class AdapterPool:
                 except BaseException:
                     self._unpin_locked(pinned)
                     raise
-        ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64).to(self.device)
-        return PoolBatch(self, names, ids, pinned, tokens_per_sample)
+        try:
+            ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64)
+            token_ids = ids.repeat_interleave(lengths)
+            return PoolBatch(self, names, ids.to(self.device), token_ids.to(self.device), pinned)
+        except BaseException:
+            self._release_slots(pinned)
+            raise
+
+    def _install(self, batch: PoolBatch) -> dict:
+        me = threading.get_ident()
+        with self._lock:
+            other = [t for t, _ in self._installed if t != me]
+            if other:
+                raise RuntimeError("another thread has a `with pool.batch(...)` block open on this "
+                                   "model; threads running forwards concurrently must pass "
+                                   "batch.lora_batch to the layers explicitly")
+            self._installed.append((me, batch))
+        previous = {n: layer.lora_batch for n, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.set_lora_batch(batch.lora_batch)
+        return previous
+
+    def _uninstall(self, batch: PoolBatch, previous: Optional[dict]) -> None:
+        for n, layer in self.layers.items():
+            if layer.lora_batch is batch.lora_batch:
+                layer.set_lora_batch(None if previous is None else previous.get(n))
+        with self._lock:
+            self._installed = [(t, b) for t, b in self._installed if b is not batch]
 
     def batch_ids(self, names: Sequence[Optional[str]],
                   tokens_per_sample: Union[int, Sequence[int]] = 1, *,
@@ -455,6 +489,37 @@ class AdapterPool:
         return (f"AdapterPool(layers={len(self.layers)}, num_slots={self.num_slots}, "
                 f"max_rank={self.max_rank}, resident={self.resident()}, "
                 f"registered={len(self._host)})")
+
+
+def _check_names(names) -> list:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError(f"names must be a list with one adapter name (or None) per sample, got "
+                        f"{type(names).__name__}")
+    bad = [n for n in names if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"names must be strings or None, got {bad[0]!r}")
+    return list(names)
+
+
+def _check_lengths(tokens_per_sample, samples: int):
+    """An int >= 0 or a tensor of ``samples`` ints >= 0, checked before any slot is pinned."""
+    if isinstance(tokens_per_sample, bool):
+        raise TypeError("tokens_per_sample must be an int or a sequence of ints, got a bool")
+    if isinstance(tokens_per_sample, int):
+        if tokens_per_sample < 0:
+            raise ValueError(f"tokens_per_sample must be >= 0, got {tokens_per_sample}")
+        return tokens_per_sample
+    if isinstance(tokens_per_sample, (str, bytes)) or not isinstance(tokens_per_sample, Sequence):
+        raise TypeError(f"tokens_per_sample must be an int or a sequence of ints, got "
+                        f"{type(tokens_per_sample).__name__}")
+    vals = list(tokens_per_sample)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in vals):
+        raise TypeError(f"tokens_per_sample must hold ints, got {vals}")
+    if len(vals) != samples:
+        raise ValueError(f"tokens_per_sample has {len(vals)} lengths for {samples} samples")
+    if any(v < 0 for v in vals):
+        raise ValueError(f"tokens_per_sample must be >= 0, got {vals}")
+    return torch.tensor(vals, dtype=torch.int64)
 
 
 class _nullcontext:

@@ -28,6 +28,7 @@ from lora_kernels.integrations.peft_mixed import (BatchCache, StackCache, build_
                                                   needs_grad)
 from lora_kernels.nn.lora_linear import is_conv1d
 from lora_kernels.ops import lora_linear, multi_lora_linear
+from lora_kernels.ops.backend import BACKENDS
 
 _ATTR = "_lora_kernels_patch"
 
@@ -266,15 +267,19 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a PeftModel), got "
                         f"{type(model).__name__}")
-    handle = PeftPatchHandle(model, backend)
-    found = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, lora_layer.LoraLayer):
-            continue
-        found += 1
+    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer.LoraLayer)]
+    if not layers:
+        raise ValueError("patch_peft_model found no PEFT LoRA layers in the model "
+                         "(expected a PeftModel from peft.get_peft_model with a LoraConfig)")
+    # Every check before any change: a rejected call leaves no layer half-patched.
+    for name, module in layers:
         if _ATTR in module.__dict__:
             raise ValueError(f"layer '{name}' is already patched; call handle.unpatch() on the "
                              f"earlier handle first")
+    handle = PeftPatchHandle(model, backend)
+    for name, module in layers:
         reason = None
         if not isinstance(module, lora_layer.Linear) or \
                 type(module).forward is not lora_layer.Linear.forward:
@@ -297,7 +302,4 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
         module.__dict__[_ATTR] = st
         module.__dict__["forward"] = types.MethodType(_patched_forward, module)
         handle.patched[name] = module
-    if found == 0:
-        raise ValueError("patch_peft_model found no PEFT LoRA layers in the model "
-                         "(expected a PeftModel from peft.get_peft_model with a LoraConfig)")
     return handle
