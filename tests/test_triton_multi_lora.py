@@ -243,6 +243,15 @@ def test_nan_stays_in_its_rows():
         assert nan_rows.tolist() == [True, True, False, True, False, False], path
 
 
+@pytest.mark.parametrize("slices", [None, (24, 8, 13)])
+def test_grad_token_splits(slices):
+    # dA/dB reduced through per-chunk fp32 planes (what long single-adapter segments get on GPU)
+    ranks = torch.cat([RANKS_1D, RANKS_1D[:3]]) if slices is None else \
+        torch.cat([RANKS_2D, RANKS_2D[:3]])
+    with tml.override(grad_splits=3):
+        _check(SKEWED, S=8, path="prefill", slices=slices, ranks=ranks.to(DEV))
+
+
 def test_backward_is_deterministic():
     ids = _ids("zipf", 33, 5)
     torch.manual_seed(3)

@@ -48,6 +48,7 @@ TUNING = {
     "decode_max_seg_len": 16,
     "inline_max_tokens": 8,
     "programs_per_sm": 4,
+    "grad_splits": "auto",     # "auto" | int: token chunks per segment in the dA/dB reductions
 }
 
 
@@ -282,6 +283,19 @@ def add_lora_(y, x, lora_a, lora_b, scalings, ranks, batch, out_slices=None, xa_
     return y
 
 
+def _grad_splits(batch, n_slices, R, width, block_t, block_q, device) -> int:
+    """Token chunks per segment for dA/dB: enough programs to fill the GPU when few adapters
+    own long segments, each chunk keeping ≥ 8 token blocks of work."""
+    forced = TUNING["grad_splits"]
+    if forced != "auto":
+        return max(1, int(forced))
+    if device.type != "cuda":
+        return 1
+    base = batch.num_active * n_slices * triton.cdiv(R, 16) * triton.cdiv(width, block_q)
+    want = sgmv._pow2(triton.cdiv(_target_programs(device), max(base, 1)))
+    return max(1, min(want, batch.max_seg_len // (8 * block_t)))
+
+
 @_on_input_device
 def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, needs):
     need_x, need_w, need_b, need_a, need_bb = needs
@@ -298,9 +312,10 @@ def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, ou
     bounds, align = _bounds(out_slices, N, x.device)
     prec = _prec(x.dtype)
     interp = x.device.type != "cuda"
+    block_t, block_q = (16 if interp else 32), 64
     outer = dict(batch=batch, R=R, n_slices=n_slices, ranks=ranks, prec=prec,
-                 block_t=16 if interp else 32, block_r=16, block_q=64,
-                 max_width=max_w, num_warps=4, slice_align=align)
+                 block_t=block_t, block_r=16, block_q=block_q, max_width=max_w, num_warps=4,
+                 slice_align=align)
     if need_x or need_a:
         # u = s_i·dY·B_i (per slice), shared by dX and dA.
         cfg = plan(batch, max_w, K, R, n_slices, x.device)
@@ -315,7 +330,9 @@ def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, ou
                                prec=prec)
         if need_a:  # dA_i[j·R + r, k] = Σ_{t∈G_i} u[t, j·R + r]·x[t, k]
             sgmv.launch_seg_outer(u, x, da, (da.stride(0), R * da.stride(1), da.stride(1),
-                                             da.stride(2)), bounds=None, **outer)
+                                             da.stride(2)), bounds=None,
+                                  t_splits=_grad_splits(batch, n_slices, R, K, block_t, block_q,
+                                                        x.device), **outer)
     if need_bb:  # dB_i[n, r] = Σ_{t∈G_i} dY[t, n]·xa[t, j·R + r], n in slice j
         if xa is None or xa.numel() != T * n_slices * R:
             cfg = plan(batch, K, max_w, R, n_slices, x.device)
@@ -323,5 +340,7 @@ def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, ou
                                     zero=False))
         xa = xa.float().contiguous()
         sgmv.launch_seg_outer(xa, dy, dbb, (dbb.stride(0), 0, dbb.stride(2), dbb.stride(1)),
-                              bounds=bounds, **outer)
+                              bounds=bounds, t_splits=_grad_splits(batch, n_slices, R, max_w,
+                                                                   block_t, block_q, x.device),
+                              **outer)
     return dx, dw, db, da, dbb
