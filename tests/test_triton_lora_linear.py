@@ -201,6 +201,19 @@ def test_out_column_view():
     assert bool((buf[:, :10] == 7).all()) and bool((buf[:, 55:] == 7).all())
 
 
+@pytest.mark.parametrize("M", [3, 33])
+def test_nan_propagates_to_its_row_only(M):
+    # A NaN in row 1 of x must reach all of row 1 of y (through W, dropout or not) and no other
+    # row; dx depends on dy, W, A, B only, so it stays finite.
+    x, w, b, a, bb = _inputs(M, 37, 45, 8, torch.float32, DEVICE)
+    x[1, 5] = float("nan")
+    x.requires_grad_(True)
+    y = lora_kernels.lora_linear(x, w, b, a, bb, dropout_p=0.3, dropout_seed=1, backend="triton")
+    (dx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
+    assert bool(y[1].isnan().all()) and bool(y[[0, 2]].isfinite().all())
+    assert bool(dx.isfinite().all())
+
+
 def test_large_rank_loops_over_rank_chunks():
     # r = 100 > 64: precomputed shrink over two rank tiles, epilogue loops over rank chunks.
     x, w, b, a, bb = _inputs(7, 37, 45, 100, torch.float32, DEVICE)

@@ -11,6 +11,7 @@ Other kernel files may import :func:`philox_keep`, :func:`drop_threshold` and :f
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -72,6 +73,7 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) ->
     if numel == 0:
         return out
     block = 1024
-    _keep_mask_kernel[(triton.cdiv(numel, block),)](
-        out.view(torch.int8), numel, seed_arg(seed), drop_threshold(p), BLOCK=block)
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _keep_mask_kernel[(triton.cdiv(numel, block),)](
+            out.view(torch.int8), numel, seed_arg(seed), drop_threshold(p), BLOCK=block)
     return out

@@ -75,7 +75,9 @@ def _lowrank_seed(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride
                       mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         low = tl.dot(u, lbt, low, input_precision=PRECISION)
     if DROPOUT:
-        low = low * fac
+        # where, not a bare product: a dropped element is 0 even when the term is inf/NaN (as
+        # in the reference); testing fac keeps no second mask tile alive.
+        low = tl.where(fac != 0.0, low * fac, 0.0)
     else:
         low = low * scaling
     return low

@@ -16,6 +16,7 @@ Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -39,6 +40,12 @@ FUSED_SHRINK_MAX_MR = 16384
 FUSED_SHRINK_MAX_R = 64
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on torch's *current* device: tensors on cuda:1 while cuda:0 is current
+    # would otherwise be read from the wrong GPU.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def lora_mode(m: int, r: int, dropout_p: float) -> int:
     """1 = precomputed shrink + epilogue, 2 = shrink fused in the GEMM's K loop.
 
@@ -56,6 +63,11 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     dropout_p: float, seed: int, out: Optional[torch.Tensor] = None,
                     *, mode: Optional[int] = None, config: Optional[dict] = None):
     """``(y [M, N], xa [M, r])``; ``mode``/``config`` force a path (tests, benchmarks)."""
+    with _on_device(x):
+        return _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, config)
+
+
+def _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, config):
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -81,6 +93,11 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     scaling: float, dropout_p: float, seed: int, needs: Sequence[bool],
                     *, config: Optional[dict] = None):
     """``(dx, dweight, dbias, dlora_a, dlora_b)``, ``None`` where ``needs`` is False."""
+    with _on_device(x):
+        return _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, config)
+
+
+def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, config):
     need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
