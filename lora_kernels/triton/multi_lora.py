@@ -127,9 +127,18 @@ class SegConfig:
     num_warps: int = 4
 
 
-def plan(batch, K: int, out_width: int, R: int, n_slices: int, device,
+# A program should move at least this much, or its fixed latency chain (metadata → token ids
+# → rows) dominates; below it, fewer and fuller programs are faster than filling every SM.
+MIN_BYTES_PER_PROGRAM = 16 << 10
+
+
+def plan(batch, K: int, out_width: int, R: int, n_slices: int, device, elem: int = 2,
          allow_inline: bool = False) -> SegConfig:
-    """Block sizes for the segment kernels, from host ints only (see the module docstring)."""
+    """Block sizes for the segment kernels from host ints only (see the module docstring).
+
+    ``K``: reduction width of the shrink; ``out_width``: widest output slice of the expand;
+    ``elem``: bytes per element of the inputs.
+    """
     shape = TUNING["shape"]
     if shape == "auto":
         shape = "decode" if batch.max_seg_len <= TUNING["decode_max_seg_len"] else "prefill"
@@ -142,25 +151,44 @@ def plan(batch, K: int, out_width: int, R: int, n_slices: int, device,
         # Interpreter: one small config (few, wide programs run fastest); decode still splits
         # K so the plane sum is exercised.
         return SegConfig(16, 16, 32, 64, 2 if decode and K > 32 else 1, inline)
-    target = _target_programs(device)
+    A, T = batch.num_active, batch.num_tokens
+
+    def programs_for(nbytes):  # enough programs to fill the GPU, but not emptier than the floor
+        return max(1, min(_target_programs(device), nbytes // MIN_BYTES_PER_PROGRAM))
+
     block_m = 16 if decode else (64 if batch.max_seg_len >= 64 else 32)
     block_r = 16 if decode else min(64, max(16, sgmv._pow2(R)))
     tiles = sgmv.token_tiles(batch, block_m)[0]
     base = tiles * n_slices * triton.cdiv(R, block_r)
-    # Split K until the grid fills the GPU, keeping ≥ 256 columns of A per program.
-    split = max(1, min(sgmv._pow2(triton.cdiv(target, max(base, 1))), K // 256))
+    # Shrink: split K until the programs cover its bytes (A rows + x), ≥ 256 columns each.
+    want = programs_for((A * n_slices * R + T) * K * elem)
+    split = max(1, min(sgmv._pow2(triton.cdiv(want, base)), K // 256))
     block_k = 64 if not decode else max(64, min(256, sgmv._pow2(triton.cdiv(K, split))))
     if inline:
         block_n = 256  # fewer column tiles = fewer L2 re-reads of A_i
     else:
+        # Expand: the widest column tile that still gives enough programs for B + y traffic.
+        want = programs_for(n_slices * out_width * (A * R + 2 * T) * elem)
         block_n = 32
         for bn in (256, 128, 64):
-            if tiles * n_slices * triton.cdiv(out_width, bn) >= target:
+            if tiles * n_slices * triton.cdiv(out_width, bn) >= want:
                 block_n = bn
                 break
         if not decode:
-            block_n = min(block_n, 128)
+            block_n = min(block_n, 128)  # 64-row tiles: keep the fp32 accumulator in registers
     return SegConfig(block_m, block_r, block_k, block_n, split, inline)
+
+
+def _fold_planes(planes, cfg, batch, K, out_width, R, n_slices, elem):
+    """Sum the split-K planes once up front when every column tile of the expand re-reading
+    all of them would cost more than a quarter of the essential traffic (few adapters, many
+    tokens); otherwise the expand sums them itself and no launch is added."""
+    if planes.shape[0] == 1:
+        return planes
+    T, A = batch.num_tokens, batch.num_active
+    rereads = triton.cdiv(out_width, cfg.block_n) * planes.shape[0] * T * n_slices * R * 4
+    essential = (A * n_slices * R * (K + out_width) + T * (K + 2 * n_slices * out_width)) * elem
+    return planes.sum(0, keepdim=True) if 4 * rereads > essential else planes
 
 
 def _slices(out_slices, N):
@@ -208,7 +236,7 @@ def lora_shrink(x, lora_a, batch, scalings, ranks, n_slices):
     R = RR // n_slices
     if not batch.has_lora or T == 0:
         return torch.zeros(T, RR, dtype=torch.float32, device=x.device)
-    cfg = plan(batch, x.shape[1], R, R, n_slices, x.device)
+    cfg = plan(batch, x.shape[1], R, R, n_slices, x.device, x.element_size())
     # Zeroed planes: the contract wants zeros for -1 tokens and ranks past each rank.
     return _one_plane(_shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg, zero=True))
 
@@ -219,7 +247,7 @@ def lora_expand(y, xa, lora_b, batch, ranks, out_slices):
     if not batch.has_lora or T == 0:
         return y
     n_slices, max_w = _slices(out_slices, N)
-    cfg = plan(batch, R, max_w, R, n_slices, y.device)
+    cfg = plan(batch, R, max_w, R, n_slices, y.device, y.element_size())
     bounds, align = _bounds(out_slices, N, y.device)
     sgmv.launch_expand(y, xa.float().contiguous()[None], lora_b, _b_as_expand(lora_b), batch, cfg,
                        R=R, n_slices=n_slices, ranks=ranks, bounds=bounds, slice_align=align,
@@ -243,7 +271,7 @@ def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_
     N, R = weight.shape[0], lora_b.shape[2]
     n_slices, max_w = _slices(out_slices, N)
     if batch.has_lora and T and _use_fused(batch, x.dtype, x.device):
-        cfg = plan(batch, K, max_w, R, n_slices, x.device)
+        cfg = plan(batch, K, max_w, R, n_slices, x.device, x.element_size())
         xa = _one_plane(_shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg,
                                 zero=need_xa))
         y = torch.empty(T, N, dtype=x.dtype, device=x.device)
@@ -271,7 +299,7 @@ def add_lora_(y, x, lora_a, lora_b, scalings, ranks, batch, out_slices=None, xa_
         return y
     n_slices, max_w = _slices(out_slices, N)
     bounds, align = _bounds(out_slices, N, x.device)
-    cfg = plan(batch, K, max_w, R, n_slices, x.device, allow_inline=True)
+    cfg = plan(batch, K, max_w, R, n_slices, x.device, x.element_size(), allow_inline=True)
     common = dict(R=R, n_slices=n_slices, ranks=ranks, bounds=bounds, slice_align=align,
                   max_width=max_w, prec=_prec(x.dtype), xa_out=xa_out)
     if cfg.inline:
@@ -279,6 +307,7 @@ def add_lora_(y, x, lora_a, lora_b, scalings, ranks, batch, out_slices=None, xa_
                            inline=(x, lora_a, scalings), **common)
     else:
         planes = _shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg, zero=False)
+        planes = _fold_planes(planes, cfg, batch, K, max_w, R, n_slices, x.element_size())
         sgmv.launch_expand(y, planes, lora_b, _b_as_expand(lora_b), batch, cfg, **common)
     return y
 
@@ -318,7 +347,7 @@ def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, ou
                  slice_align=align)
     if need_x or need_a:
         # u = s_i·dY·B_i (per slice), shared by dX and dA.
-        cfg = plan(batch, max_w, K, R, n_slices, x.device)
+        cfg = plan(batch, max_w, K, R, n_slices, x.device, x.element_size())
         planes = torch.empty(cfg.split, T, n_slices * R, dtype=torch.float32, device=x.device)
         sgmv.launch_shrink(dy, lora_b, _b_as_shrink(lora_b), planes, batch, cfg, R=R,
                            n_slices=n_slices, scalings=scalings, ranks=ranks, bounds=bounds,
@@ -335,7 +364,7 @@ def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, ou
                                                         x.device), **outer)
     if need_bb:  # dB_i[n, r] = Σ_{t∈G_i} dY[t, n]·xa[t, j·R + r], n in slice j
         if xa is None or xa.numel() != T * n_slices * R:
-            cfg = plan(batch, K, max_w, R, n_slices, x.device)
+            cfg = plan(batch, K, max_w, R, n_slices, x.device, x.element_size())
             xa = _one_plane(_shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg,
                                     zero=False))
         xa = xa.float().contiguous()
