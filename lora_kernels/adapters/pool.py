@@ -168,6 +168,8 @@ class AdapterPool:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # ``with pool.batch(...)`` installs batches on the shared layers: one thread at a time
         self._installed: list = []  # stack of (thread id, PoolBatch)
+        # Batches waiting for slots go before new loads, or a busy loader could starve them.
+        self._batch_waiters = 0
 
     # ---- registration (host side, validation) ------------------------------------------
     def _parse(self, name, source, config) -> _HostAdapter:
@@ -366,6 +368,8 @@ class AdapterPool:
                 host.version = next(self._versions)
                 self._host[name] = host
             try:
+                while self._batch_waiters:
+                    self._wait(deadline, "batches are waiting for slots (they go first)")
                 slot = self._acquire(name, deadline)
             except BaseException:
                 # A load that could not happen leaves the registry as it was, too.
@@ -404,7 +408,11 @@ class AdapterPool:
                     break
                 except _WouldWait as busy:
                     self._unpin_locked(pinned)
-                    self._wait(deadline, str(busy))
+                    self._batch_waiters += 1
+                    try:
+                        self._wait(deadline, str(busy))
+                    finally:
+                        self._batch_waiters -= 1
                 except BaseException:
                     self._unpin_locked(pinned)
                     raise
