@@ -45,7 +45,8 @@ class BatchCache:
             device: torch.device) -> tuple[tuple[str, ...], LoRABatch]:
         """``(slot_names, batch)``: slot ``i`` holds ``slot_names[i]``; ``__base__`` → ``-1``."""
         names = tuple(adapter_names)
-        key = (names, int(tokens_per_sample), str(device))
+        # Tensors made under inference_mode cannot be saved for a later backward: keep apart.
+        key = (names, int(tokens_per_sample), str(device), torch.is_inference_mode_enabled())
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None:
@@ -120,7 +121,8 @@ class StackCache:
         self.tensors: Optional[tuple] = None
 
     def get(self, layer, slot_names: Sequence[str], dtype: torch.dtype, device: torch.device):
-        key = (tuple(slot_names), dtype, str(device), _fingerprint(layer, slot_names))
+        key = (tuple(slot_names), dtype, str(device), torch.is_inference_mode_enabled(),
+               _fingerprint(layer, slot_names))
         if self.key != key:
             with torch.no_grad():
                 self.tensors = build_stack(layer, slot_names, dtype, device)
