@@ -292,3 +292,20 @@ def test_rejected_patch_changes_nothing():
         patch_peft_model(model)
     assert "forward" not in model.base_model.model.up.__dict__  # not half-patched
     handle.unpatch()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_no_worse_than_peft(dtype):
+    """The contract's rule for low precision: within 2x the error of PEFT's own same-dtype
+    forward, both measured against PEFT in float64 (and within the dtype's tolerance)."""
+    model = mlp_peft().eval()
+    x = torch.randn(16, 13)
+    with torch.no_grad():
+        ref = model.double()(x.double())
+        model.to(dtype)
+        peft_out = model(x.to(dtype))
+        with patch_peft_model(model):
+            ours = model(x.to(dtype))
+    assert ours.dtype == dtype
+    assert rel_err(ours, ref) <= max(2 * rel_err(peft_out, ref), {torch.float16: 2e-3,
+                                                                   torch.bfloat16: 1e-2}[dtype])
