@@ -388,7 +388,9 @@ def launch_expand(y, xa, mat, mat_strides, batch, cfg, *, R, n_slices, ranks, bo
         # xa planes and xa_out are contiguous rows of n_slices·R floats.
         y.stride(0), 0 if inline is not None else xa.stride(0), n_slices * R,
         *mat_strides, sx, sas, sar, srs, srj,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k,
+        # Rank tiles of 16 whatever the shrink used: the expand loops over them anyway, and a
+        # 64-wide fp32 xa tile next to the [BLOCK_M, BLOCK_N] accumulator exhausts registers.
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=16, BLOCK_K=cfg.block_k,
         A_BLOCK=a_block, SCAN=scan, HAS_RANKS=has_rk, SUM_SLICES=sum_slices,
         INLINE=inline is not None, HAS_SCALE=scalings is not None, WRITE_XA=xa_out is not None,
         SLICE_ALIGN=slice_align, PREC=prec, num_warps=cfg.num_warps)
