@@ -102,6 +102,20 @@ def test_mixed_batch_heterogeneous_ranks_matches_merged_models():
                                       x3[:, 1])) <= 1e-5
 
 
+def test_registered_weights_are_a_private_copy():
+    model, pool = make_pool(num_slots=1)
+    ads = {"a": adapter(1), "b": adapter(2)}
+    sd, cfg = ads["a"]
+    pool.register("a", sd, cfg)
+    pool.load("b", *ads["b"])
+    keep = {k: v.clone() for k, v in sd.items()}
+    for v in sd.values():
+        v.mul_(-7.0)  # the caller reuses its tensors after registering
+    x = torch.randn(1, K)
+    with torch.no_grad(), pool.batch(["a"]):  # loaded on demand now, from the host copy
+        assert rel_err(model(x), expected({"a": (keep, cfg)}, ["a"], x)) <= 1e-5
+
+
 def test_lru_eviction_and_on_demand_reload():
     model, pool = make_pool(num_slots=2)
     ads = {n: adapter(i) for i, n in enumerate("abc")}
@@ -232,6 +246,8 @@ def test_bad_adapters_leave_the_pool_unchanged(tmp_path):
         (({"base_model.model.0.lora_A.weight": torch.zeros(4, K)}, {"r": 4}), AdapterFormatError,
          "has no lora_B"),
         ((adapter(5, r=4)[0], {"r": 2, "lora_alpha": 8}), AdapterMismatchError, "config says r=2"),
+        (({k: v * float("nan") for k, v in adapter(8)[0].items()}, {"r": 4, "lora_alpha": 8}),
+         AdapterMismatchError, "NaN or infinite"),
     ]
     for (sd, cfg), err, msg in bad:
         for target in ("good", "new"):

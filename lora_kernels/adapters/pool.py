@@ -206,6 +206,8 @@ class AdapterPool:
                 problems.append(f"module {module!r} is [in={layer.in_features}, "
                                 f"out={layer.out_features}] but the adapter has lora_A "
                                 f"{list(a.shape)} and lora_B {list(b.shape)}")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                problems.append(f"module {module!r}: the adapter holds NaN or infinite values")
             scaling = 1.0 if cfg is None else cfg.scaling_for(module, r)
             layers[module] = (a, b, scaling)
         if problems:
@@ -229,7 +231,8 @@ class AdapterPool:
         return str(names[:4])[:-1] + more + "]"
 
     def _stage(self, t: Tensor, layer: MultiLoRALinear) -> Tensor:
-        t = t.detach().to(device="cpu", dtype=layer.lora_A.dtype).contiguous()
+        # A private copy: the caller may change its state dict after registering it.
+        t = t.detach().to(device="cpu", dtype=layer.lora_A.dtype, copy=True).contiguous()
         if self._stream is not None:  # pinned: the upload is a true async copy
             t = t.pin_memory()
         return t

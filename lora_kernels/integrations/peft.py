@@ -146,8 +146,8 @@ def _patched_forward(self, x: Tensor, *args, **kwargs):
     st: _LayerState = self.__dict__[_ATTR]
     extra = {k for k, v in kwargs.items() if k != "adapter_names" and v is not None}
     if args or extra:
-        return _fallback(self, st, f"extra forward arguments {sorted(extra) or len(args)}", x,
-                         args, kwargs)
+        return _fallback(self, st, f"extra forward arguments ({len(args)} positional, "
+                         f"keywords {sorted(extra)})", x, args, kwargs)
     self._check_forward_args(x, **kwargs)  # PEFT's own errors, word for word
     adapter_names = kwargs.get("adapter_names")
     if self.disable_adapters:
