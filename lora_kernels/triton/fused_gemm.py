@@ -296,7 +296,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         bias.stride(0) if bias is not None else 0, float(scaling), seed_arg(seed), drop_threshold(dropout_p),
         1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
     )
-    flags = dict(HAS_BIAS=bias is not None, LORA=lora, DROPOUT=dropout_p > 0.0,
+    flags = dict(HAS_BIAS=bias is not None, LORA=lora, DROPOUT=lora == 1 and dropout_p > 0.0,
                  BLOCK_R=block_r, PRECISION=C.dot_precision(a.dtype))
 
     def grid(meta):

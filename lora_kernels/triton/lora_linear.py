@@ -6,8 +6,8 @@ a shrink kernel that reads x once before it (``LORA=1``), see :func:`lora_mode`.
 
 Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
 
-* ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the same fused GEMM on ``Wᵀ``/``Aᵀ`` views, the mask
-  drawn in its epilogue — no M×K temporary besides dX;
+* ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the same fused GEMM on ``Wᵀ``/``Aᵀ`` views, the masked
+  low-rank term seeding its accumulator — no M×K temporary besides dX;
 * ``dA = s·dybᵀ·drop(x)`` and ``dB = s·dYᵀ·xa``: reductions over M into rank-sized outputs
   (lowrank.py), deterministic;
 * ``dW = dYᵀ·x`` (only when W requires grad): the fused GEMM on transposed views, no LoRA;
