@@ -93,9 +93,11 @@ def _fused_kernel(
 
 
 def _gpu_configs():
-    # Hopper-sized tiles (wgmma wants BLOCK_M ≥ 64); the small ones serve T of a few hundred.
+    # Hopper-sized tiles (wgmma wants BLOCK_M ≥ 64); the small ones serve T of a few hundred,
+    # and the last keeps fp32 inputs within shared memory. BLOCK_K divides 64 in all of them
+    # (launch_fused's EVEN_K test relies on it).
     shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-              (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 4, 8)]
+              (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 4, 8), (64, 64, 32, 3, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
                           num_stages=s, num_warps=w) for m, n, k, s, w in shapes]
 
@@ -132,6 +134,6 @@ def launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, *, R, n_s
     else:
         def grid(meta):
             return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        # EVEN_K depends on the chosen BLOCK_K; all GPU configs use 64.
+        # K % 64 == 0 implies K % BLOCK_K == 0 for every GPU config.
         _fused_tuned[grid](*args, EVEN_K=K % 64 == 0, **flags)
     return y
