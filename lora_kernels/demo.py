@@ -184,8 +184,8 @@ def _tour(dev: torch.device, sz: dict, steps: int, tmp: Path) -> int:
 
     # 6. the table ------------------------------------------------------------------------
     _table([
-        ("trainable parameters ('sql')", f"{trainable:,} of {total:,}",
-         f"1 : {total / max(trainable, 1):,.0f}"),
+        (f"trainable / total params (1 : {total / max(trainable, 1):,.0f})",
+         f"{trainable:,} / {total:,}", "same adapter"),
         (f"train step, fwd+bwd (ms, best of {sz['reps']})", f"{ours_step:.2f}",
          f"{peft_step:.2f}"),
         ("mixed batch, 3 adapters + base (ms)", f"{r['pool_ms']:.2f} (pool)",

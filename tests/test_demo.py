@@ -22,7 +22,7 @@ def test_demo_runs_and_its_checks_pass(monkeypatch, capsys):
     assert main(["demo", "--device", "cpu", "--steps", "12"]) == 0
     out = capsys.readouterr().out
     assert "check vs PEFT: PASS" in out and "loss went down" in out
-    for row in ("trainable parameters ('sql')", "train step, fwd+bwd", "mixed batch",
+    for row in ("trainable / total params (1 : ", "train step, fwd+bwd", "mixed batch",
                 "max |logits - PEFT adapter_names|"):
         assert row in out
     assert "patched 8 PEFT LoRA layers" in out and "(0 left on PEFT's forward)" in out
