@@ -7,9 +7,10 @@
 * ``gather`` — gather each token's A_i/B_i, two batched GEMVs (``torch.bmm``);
 * ``sglang`` — SGLang's Triton chunked-SGMV kernels (shrink + expand), if the wheel is
   importable (its ``sglang.srt`` helpers are stubbed here when the rest of SGLang won't import);
-* ``ours``   — ``lora_kernels`` Triton kernels (``add_lora_``: planned decode/prefill kernels;
-  ``ours_pair``: the public ``lora_shrink`` + ``lora_expand``; ``multi_lora_linear`` for the
-  whole layer, auto / forced fused / forced unfused);
+* ``ours``   — ``lora_kernels`` Triton kernels (``add_lora_``: planned decode/prefill kernels,
+  also forced to one launch / two launches in decode; ``ours_pair``: the public
+  ``lora_shrink`` + ``lora_expand``; ``multi_lora_linear`` for the whole layer, auto / forced
+  fused / forced unfused);
 * ``base``   — the bare base GEMM (cuBLAS ``torch.mm``).
 
 Timing: every contender is captured in a CUDA graph that runs it over ``n_rot`` rotated input
@@ -386,6 +387,15 @@ def ours_delta(inp: Inputs, j: int):
                   inp.case.slices if len(inp.case.slices) > 1 else None)
 
 
+def ours_forced(**settings):
+    """add_lora_ with a forced plan (decode: one launch vs shrink + expand), so a run on the
+    target GPU shows where each wins (TUNING['inline_max_tokens'] is set from it)."""
+    def fn(inp: Inputs, j: int):
+        with tml.override(**settings):
+            ours_delta(inp, j)
+    return fn
+
+
 def ours_pair_delta(inp: Inputs, j: int):
     sl = inp.case.slices if len(inp.case.slices) > 1 else None
     xa = lk.lora_shrink(inp.xs[j], inp.A, inp.batches[j], inp.scal, ranks=inp.ranks_arg,
@@ -545,6 +555,8 @@ def run_case(case: Case, dtype, sgl, l2_bytes, copy_bw, smoke, reps) -> dict:
     eager = set(contenders)
     if case.phase == "decode":
         contenders.update({f"lora:{k}": v for k, v in lora.items()})
+        contenders["lora:ours_1launch"] = ours_forced(inline=True)
+        contenders["lora:ours_2launch"] = ours_forced(inline=False)
         contenders["layer:base"] = base
         contenders["layer:ours"] = ours_layer("auto")
     else:
