@@ -22,6 +22,7 @@ backend, draw the same mask from a seed: see :func:`dropout_keep_mask`.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -52,13 +53,15 @@ def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return hi & _MASK32, lo
 
 
-def philox_uint32(seed: int, counter: Tensor) -> Tensor:
+def philox_uint32(seed, counter: Tensor) -> Tensor:
     """First output word of Philox4x32-10 for 64-bit counters ``counter`` (int64 tensor).
 
     Key = (seed & 0xffffffff, seed >> 32 & 0xffffffff); counter words = (lo32, hi32, 0, 0).
     Same constants and round function as Triton's ``tl.randint`` and curand's Philox.
+    ``seed`` is an int or a 0-d int64 tensor (two's complement for seeds ≥ 2⁶³).
     """
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    if not isinstance(seed, Tensor):
+        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     counter = counter.to(torch.int64)
     c0 = counter & _MASK32
@@ -74,6 +77,12 @@ def philox_uint32(seed: int, counter: Tensor) -> Tensor:
     return c0
 
 
+def keep_threshold(p: float) -> int:
+    """``ceil(p·2²⁴)``: an element is kept iff its 24 random bits are ≥ this, i.e. iff
+    ``bits·2⁻²⁴ ≥ p`` (exact: p·2²⁴ is exact in float64)."""
+    return int(math.ceil(float(p) * 16777216.0))
+
+
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
                       row_offset: int = 0) -> Tensor:
     """Boolean keep-mask ``[rows, cols]`` for dropout probability ``p``.
@@ -87,15 +96,15 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
     m = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device)
     k = torch.arange(cols, dtype=torch.int64, device=device)
     counter = m[:, None] * cols + k[None, :]
-    bits = philox_uint32(seed, counter) >> 8
-    return bits.to(torch.float64) * (1.0 / 16777216.0) >= p
+    return (philox_uint32(seed, counter) >> 8) >= keep_threshold(p)
 
 
-def apply_dropout(x: Tensor, seed: int, p: float) -> Tensor:
-    """``x ∘ keep / (1 − p)`` with the counter-based mask over the rows of 2-D ``x``."""
+def apply_dropout(x: Tensor, seed: int, p: float, keep_mask=None) -> Tensor:
+    """``x ∘ keep / (1 − p)`` with the counter-based mask over the rows of 2-D ``x``.
+    ``keep_mask`` replaces :func:`dropout_keep_mask` by an equal but faster generator."""
     if p <= 0.0:
         return x
-    keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+    keep = (keep_mask or dropout_keep_mask)(seed, x.shape[0], x.shape[1], p, device=x.device)
     return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -254,13 +263,13 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
 # --------------------------------------------------------------------------------------------
 def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                         lora_b: Tensor, scaling: float, dropout_p: float = 0.0, seed: int = 0,
-                        out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                        out: Optional[Tensor] = None, keep_mask=None) -> tuple[Tensor, Tensor]:
     """Forward for 2-D ``x [M, K]``: returns ``(y, xa)`` with ``xa = drop(x)·Aᵀ`` (saved for backward).
 
     ``addmm`` writes the base GEMM, then ``addmm_`` adds the rank-r term in place: one extra
     read-modify-write of y instead of PEFT's temporaries and casts.
     """
-    xd = apply_dropout(x, seed, dropout_p)
+    xd = apply_dropout(x, seed, dropout_p, keep_mask)
     xa = xd @ lora_a.t()
     if out is None:
         y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
@@ -276,7 +285,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
 
 def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                          xa: Tensor, scaling: float, dropout_p: float, seed: int,
-                         needs: Sequence[bool]) -> tuple[Optional[Tensor], ...]:
+                         needs: Sequence[bool], keep_mask=None) -> tuple[Optional[Tensor], ...]:
     """Gradients ``(dx, dweight, dbias, dlora_a, dlora_b)`` for ``needs`` in that order.
 
     ``dx = dy·W + drop'(s·(dy·B)·A)``; ``dA = s·(dy·B)ᵀ·drop(x)``; ``dB = s·dyᵀ·xa``. The only
@@ -290,7 +299,7 @@ def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, 
     if need_x:
         low = (dyb @ lora_a) * scaling
         if dropout_p > 0.0:
-            dx = dy @ weight + apply_dropout(low, seed, dropout_p)
+            dx = dy @ weight + apply_dropout(low, seed, dropout_p, keep_mask)
         else:
             dx = torch.addmm(low, dy, weight)
     if need_w:
@@ -298,7 +307,7 @@ def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, 
     if need_b:
         db = dy.sum(0)
     if need_a:
-        da = (dyb.t() @ apply_dropout(x, seed, dropout_p)) * scaling
+        da = (dyb.t() @ apply_dropout(x, seed, dropout_p, keep_mask)) * scaling
     if need_bb:
         dbb = (dy.t() @ xa) * scaling
     return dx, dw, db, da, dbb

@@ -103,3 +103,20 @@ def test_philox_known_answer():
     # Philox4x32-10 with key 0 and counter 0: first word of the published test vector
     # (Salmon et al., Random123 kat_vectors: philox4x32_10 zero key -> 6627e8d5 ...).
     assert ref.philox_uint32(0, torch.tensor([0])).item() == 0x6627E8D5
+
+
+def test_compiled_cpu_mask_is_bit_identical():
+    """The torch backend's fast (inductor-compiled) Philox mask equals the oracle's, bit for bit,
+    above and below the size where it switches to the compiled loop."""
+    from lora_kernels.ops import cpu_dropout
+    for seed, rows, cols, p, off in [(0, 300, 301, 0.3, 0), (2**63 + 11, 257, 300, 0.05, 3),
+                                     (-3, 5, 7, 0.5, 0)]:
+        want = ref.dropout_keep_mask(seed, rows, cols, p, row_offset=off)
+        got = cpu_dropout.dropout_keep_mask(seed, rows, cols, p, row_offset=off)
+        assert torch.equal(got, want)
+
+
+def test_keep_threshold_matches_float_rule():
+    for p in (0.0, 1e-9, 0.05, 0.1, 0.3, 0.5, 0.999999):
+        t = ref.keep_threshold(p)
+        assert t * 2.0**-24 >= p and (t - 1) * 2.0**-24 < p

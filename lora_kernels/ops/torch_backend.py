@@ -3,11 +3,14 @@ CPU kernels. Runs on any device; it is what ``auto`` uses for CPU tensors."""
 
 from __future__ import annotations
 
-from lora_kernels import reference
-from lora_kernels.reference import dropout_keep_mask  # noqa: F401  (part of the API)
+import functools
 
-lora_linear_fwd = reference.lora_linear_forward
-lora_linear_bwd = reference.lora_linear_backward
+from lora_kernels import reference
+from lora_kernels.ops.cpu_dropout import dropout_keep_mask
+
+# The reference's CPU kernels, with the compiled (bit-identical) Philox mask on big CPU tensors.
+lora_linear_fwd = functools.partial(reference.lora_linear_forward, keep_mask=dropout_keep_mask)
+lora_linear_bwd = functools.partial(reference.lora_linear_backward, keep_mask=dropout_keep_mask)
 
 
 def _host(t):
