@@ -138,6 +138,30 @@ def kernel(name: str, fn: str):
     raise RuntimeError(f"no backend implements {fn}")  # unreachable: the torch backend has all
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors) -> bool:
+    """True when nothing needs the custom op itself — no autograd graph to record, no compiler
+    tracing, no dispatch mode, no tensor subclass — so the ops may call the backend kernel
+    directly. Measured on CPU: the custom-op dispatch costs ~10-30 µs a call, a whole tiny
+    forward ~8 µs; eager decode pays it once per layer per token."""
+    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def _current_dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return _get_current_dispatch_mode()
+
+
 def describe() -> dict:
     """For ``lora-kernels info``: each backend and, if unavailable, why."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"

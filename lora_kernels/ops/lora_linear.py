@@ -28,11 +28,14 @@ def _seed_int(seed: Optional[Tensor]) -> int:
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                     lora_b: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
                     backend: str) -> tuple[Tensor, Tensor]:
+    return _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend)
+
+
+def _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
     if x.shape[0] == 0:
         return x.new_empty(0, weight.shape[0]), x.new_empty(0, lora_a.shape[0])
     fwd = _backend.kernel(backend, "lora_linear_fwd")
-    y, xa = fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, _seed_int(seed), None)
-    return y, xa
+    return fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, _seed_int(seed), None)
 
 
 @_lora_linear_op.register_fake
@@ -133,9 +136,12 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         dropout_seed = _check_seed(dropout_seed)
     if dropout_p > 0.0:
         seed = draw_seed() if dropout_seed is None else torch.tensor(dropout_seed, dtype=torch.int64)
-    y, _ = torch.ops.lora_kernels.lora_linear(
-        x2.contiguous(), weight, _contig(_cast(bias, dtype)), _cast(lora_a, dtype).contiguous(),
-        _cast(lora_b, dtype).contiguous(), scaling, dropout_p, seed, name)
+    args = (x2.contiguous(), weight, _contig(_cast(bias, dtype)), _cast(lora_a, dtype).contiguous(),
+            _cast(lora_b, dtype).contiguous(), scaling, dropout_p, seed, name)
+    if _backend.plain_eager(x, weight, bias, lora_a, lora_b):
+        y, _ = _forward(*args)  # inference: skip the custom-op dispatch, same kernels
+    else:
+        y, _ = torch.ops.lora_kernels.lora_linear(*args)
     return y.reshape(*lead, N)
 
 

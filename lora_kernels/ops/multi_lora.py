@@ -35,6 +35,11 @@ def _multi_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
               batch_ints: Sequence[int], out_slices: Optional[Sequence[int]], need_xa: bool,
               backend: str) -> tuple[Tensor, Tensor]:
     batch = _batch(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    return _forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
+                    need_xa, backend)
+
+
+def _forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices, need_xa, backend):
     slices = None if out_slices is None else tuple(out_slices)
     fwd = _backend.kernel(backend, "multi_lora_fwd")
     y, xa = fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, slices, need_xa)
@@ -265,9 +270,13 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     a, b = _cast(lora_a, dtype).contiguous(), _cast(lora_b, dtype).contiguous()
     need_xa = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or
                                            x2.requires_grad or weight.requires_grad)
-    y, _ = torch.ops.lora_kernels.multi_lora_linear(
-        x2.contiguous(), weight, bias_c, a, b, sc, rk, *batch.tensors(), batch.host_ints(),
-        slices, need_xa, name)
+    if _backend.plain_eager(x, weight, bias, lora_a, lora_b):
+        # inference: skip the custom-op dispatch, same kernels
+        y, _ = _forward(x2.contiguous(), weight, bias_c, a, b, sc, rk, batch, slices, False, name)
+    else:
+        y, _ = torch.ops.lora_kernels.multi_lora_linear(
+            x2.contiguous(), weight, bias_c, a, b, sc, rk, *batch.tensors(), batch.host_ints(),
+            slices, need_xa, name)
     return y.reshape(*lead, N)
 
 
