@@ -165,6 +165,46 @@ def test_tile_map_without_scan(monkeypatch):
     _check(SKEWED, S=8, path="prefill")
 
 
+@pytest.mark.parametrize("path", ["decode", "fused"])
+def test_transposed_weight(path):
+    # transformers' Conv1D stores the weight [in, out]: the kernels take W's strides as given.
+    S, K, N, T = 5, 37, 45, 33
+    ids = _ids("with_base", T, S)
+    x = randn(T, K, device=DEV, requires_grad=True)
+    W = randn(K, N, device=DEV, scale=K ** -0.5).t()
+    A = randn(S, 8, K, device=DEV, scale=K ** -0.5, requires_grad=True)
+    B = randn(S, N, 8, device=DEV, requires_grad=True)
+    sc = torch.rand(S) + 0.5
+    batch = lk.LoRABatch.from_adapter_ids(ids.to(DEV), S)
+    with tml.override(**PATHS[path]):
+        y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, backend="triton")
+        dx = torch.autograd.grad(y, x, torch.ones_like(y))[0]
+    x64 = x.detach().cpu().double().requires_grad_()
+    y64 = ref.multi_lora_linear(x64, W.cpu().double(), None, A.detach().cpu().double(),
+                                B.detach().cpu().double(), ids, sc.double())
+    assert rel_err(y, y64) <= tol(torch.float32, DEV)
+    dx64 = torch.autograd.grad(y64, x64, torch.ones_like(y64))[0]
+    assert rel_err(dx, dx64) <= tol(torch.float32, DEV)
+
+
+@pytest.mark.parametrize("K,N", [(0, 12), (12, 0)])
+@pytest.mark.parametrize("path", ["decode", "fused"])
+def test_zero_width(K, N, path):
+    S, T = 4, 9
+    ids = _ids("with_base", T, S)
+    x = randn(T, K, device=DEV, requires_grad=True)
+    W = randn(N, K, device=DEV)
+    A = randn(S, 8, K, device=DEV, requires_grad=True)
+    B = randn(S, N, 8, device=DEV, requires_grad=True)
+    batch = lk.LoRABatch.from_adapter_ids(ids.to(DEV), S)
+    with tml.override(**PATHS[path]):
+        y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=torch.ones(S),
+                                 backend="triton")
+        grads = torch.autograd.grad(y.sum(), (x, A, B), allow_unused=True, materialize_grads=True)
+    assert y.shape == (T, N) and not y.any()
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, (x, A, B)))
+
+
 # ------------------------------------------------------------------- base-only and empty
 @pytest.mark.parametrize("T", [0, 5])
 def test_base_only_and_empty(T):
@@ -317,3 +357,77 @@ def test_gpu_no_host_sync_and_cuda_graph():
     torch.cuda.synchronize()
     assert rel_err(out, fwd()) <= 1e-6  # the replay used the new x
     assert rel_err(want, out) > 0
+
+
+# ------------------------------------------------- CPU: the GPU code paths compile for sm_90
+_SM90_SCRIPT = r'''
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+class _FakeDriver:  # what Triton asks the driver for when it compiles
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+    def get_device_interface(self): return torch.cuda
+    def get_benchmarker(self): return None
+driver.set_active(_FakeDriver())
+_run = JITFunction.run
+compiled = []
+def _compile_only(self, *args, grid, warmup, **kw):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kw)
+    compiled.append((self.fn.__name__, kernel.metadata.shared))
+JITFunction.run = _compile_only
+
+import lora_kernels as lk
+from lora_kernels.triton import multi_lora as ml, multi_fused as mf
+
+class _H100:  # the planner's GPU branch (132 SMs) for CPU tensors
+    type, index = "cuda", 0
+ml._target_programs = lambda device: 4 * 132
+_plan, _splits = ml.plan, ml._grad_splits
+ml.plan = lambda *a, **k: _plan(*a[:5], _H100(), *a[6:], **k)
+ml._grad_splits = lambda *a: _splits(*a[:-1], _H100())
+ml._use_fused = lambda batch, dtype, device: ml.TUNING["path"] == "fused"
+_fused = ml.launch_fused
+ml.launch_fused = lambda *a, **k: _fused(*a, **{**k, "interpret": False, "config": dict(
+    BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)})
+
+def case(T, ids, K, N, R, slices, dtype, ranks, path, S=64):
+    n = 1 if slices is None else len(slices)
+    x, W = torch.empty(T, K, dtype=dtype), torch.empty(N, K, dtype=dtype)
+    A, B = torch.empty(S, n * R, K, dtype=dtype), torch.empty(S, N, R, dtype=dtype)
+    sc, batch = torch.ones(S), lk.LoRABatch.from_adapter_ids(ids, S)
+    with ml.override(path=path):
+        y, xa = ml.multi_lora_fwd(x, W, None, A, B, sc, ranks, batch, slices, True)
+        ml.multi_lora_bwd(y, x, W, A, B, xa, sc, ranks, batch, slices, (True, False, False, True, True))
+
+bf = torch.bfloat16
+case(64, torch.arange(64), 4096, 4096, 16, None, bf, None, "unfused")           # decode, split-K
+case(4, torch.arange(4), 4096, 4096, 16, None, bf, None, "unfused")             # one launch
+case(1024, torch.arange(1024) % 8, 4096, 6144, 16, (4096, 1024, 1024), bf,     # packed prefill
+     torch.full((64, 3), 16, dtype=torch.int32), "fused")
+print("compiled", len(compiled), "kernels; max smem", max(s for _, s in compiled))
+'''
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter never compiles: constexpr branches, layouts, int64 offsets and the fused
+    GEMM's epilogue loop only meet Triton's compiler and ptxas on a GPU. Compile the GPU configs
+    for sm_90 here, without one (a fake driver + warmup-only launches), in a process without
+    the interpreter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("triton wheel without ptxas")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "compiled" in proc.stdout

@@ -27,7 +27,8 @@ from lora_kernels.triton.sgmv import _pow2, _rank_of
 def _fused_kernel(
         X, W, BIAS, Y, XA, B, RANKS, BOUNDS, adapter_ids, sorted_ids,
         T, N, K, R, S, n_slices, t_bucket,
-        stride_xt, stride_wn, stride_yt, stride_xat, stride_bs, stride_bn, stride_rs, stride_rj,
+        stride_xt, stride_wn, stride_wk, stride_yt, stride_xat, stride_bs, stride_bn,
+        stride_rs, stride_rj,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, PREC: tl.constexpr,
@@ -49,19 +50,24 @@ def _fused_kernel(
     n0 = pid_n * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    x_rows = X + tok[:, None] * stride_xt
-    w_cols = W + (cols % N)[None, :].to(tl.int64) * stride_wn
+    # W keeps the caller's strides (a transposed view from a Conv1D works as is). Pointers
+    # advance by BLOCK_K per step (64-bit adds; no per-step offset products).
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + tok[:, None] * stride_xt + offs_k[None, :]
+    w_ptrs = (W + (cols % N)[None, :].to(tl.int64) * stride_wn
+              + offs_k[:, None].to(tl.int64) * stride_wk)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
-            xt = tl.load(x_rows + kk[None, :])
-            wt = tl.load(w_cols + kk[:, None])
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
         else:
-            xt = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
-            wt = tl.load(w_cols + kk[:, None], mask=kk[:, None] < K, other=0.0)
+            xt = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+            wt = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
         acc = tl.dot(xt, wt, acc, input_precision=PREC)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
 
@@ -122,7 +128,7 @@ def launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, *, R, n_s
     args = (x, weight, y if bias is None else bias, y, xa2, lora_b, rk, bounds,
             batch.adapter_ids, batch.sorted_token_ids,
             T, N, K, R, batch.num_slots, n_slices, min(_pow2(T), 8192),
-            x.stride(0), weight.stride(0), y.stride(0), xa2.stride(0),
+            x.stride(0), weight.stride(0), weight.stride(1), y.stride(0), xa2.stride(0),
             lora_b.stride(0), lora_b.stride(1), srs, srj)
     flags = dict(BLOCK_R=16, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None,
                  PREC=prec, LORA_PREC=lora_prec)
