@@ -195,6 +195,12 @@ def _expand_kernel(
                                          tiles_per_seg, BLOCK_M, A_BLOCK, SCAN)
     if slot < 0:
         return
+    # A slot that does not adapt these slices (rank 0) leaves y alone: no read-modify-write.
+    live = 0
+    for j in range(j_lo, j_hi):
+        live += _rank_of(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
+    if live == 0:
+        return
     slot64 = slot.to(tl.int64)
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_mask = rows < seg_hi
