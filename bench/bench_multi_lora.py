@@ -52,26 +52,9 @@ sys.path.insert(0, str(REPO / "bench"))
 import lora_kernels as lk  # noqa: E402
 from lora_kernels.triton import multi_lora as tml  # noqa: E402
 
-# bench/common.py (shared kernel-bench helpers) did not exist when this was written; the
-# results writer and table helper of e2e_common are reused, the rest is local.
-try:
-    from e2e_common import env_info as _env_info, md_table, Mode, write_results
-except ImportError:  # pragma: no cover - keeps the script standalone
-    _env_info = Mode = None
-
-    def md_table(headers, rows):
-        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        return "\n".join(lines + ["| " + " | ".join("n/a" if v is None else (f"{v:,.2f}" if
-                                  isinstance(v, float) else str(v)) for v in r) + " |"
-                                  for r in rows])
-
-    def write_results(out_dir, name, payload, markdown, plot=None):
-        import json
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
-        (out_dir / f"{name}.md").write_text(markdown)
-        return [out_dir / f"{name}.json"]
+# Shared kernel-bench helpers (results folder, environment, tables, writer). Timing stays
+# local: contenders run over rotated inputs inside one CUDA graph (see time_graph).
+from common import env_info, env_line, md_table, results_dir, write_results  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------
@@ -637,9 +620,9 @@ def summarize_targets(rows: list, copy_bw: float) -> list[str]:
 
 def markdown(payload: dict) -> str:
     rows = payload["rows"]
-    lines = [f"# Multi-adapter LoRA ({payload['dtype']})", "",
-             f"Device: **{payload['env'].get('device')}**; measured copy bandwidth "
-             f"{payload['copy_GBps']:.0f} GB/s; SGLang column: {payload['sglang']}.", "",
+    lines = [f"# Multi-adapter LoRA ({payload['dtype']})", "", env_line(payload["env"]), "",
+             f"Measured copy bandwidth {payload['copy_GBps']:.0f} GB/s; SGLang column: "
+             f"{payload['sglang']}.", "",
              "Times are µs per call (median of CUDA-graph replays over rotated inputs). "
              "`lora:*` add the LoRA term into an existing base output; `layer:*` are the whole "
              "layer (base GEMM included). `layer:peft` (PEFT's adapter_names= loop) and "
@@ -726,22 +709,17 @@ def main(argv=None) -> int:
         bad = {k: v for k, v in res["mode"].items() if v not in ("graph", "eager", "eager-cpu")}
         print(f"[{i + 1}/{len(cases)}] {case.label()}: {us}" + (f"  !! {bad}" if bad else ""),
               flush=True)
-    env = _env_info(Mode(quick=args.smoke, device=torch.device("cuda" if cuda else "cpu"),
-                         dtype=dtype)) if _env_info else {"device": torch.cuda.get_device_name(0)
-                                                          if cuda else "cpu"}
-    payload = {"env": env, "dtype": str(dtype).replace("torch.", ""), "copy_GBps": copy_bw,
-               "l2_bytes": l2, "sglang": sgl[2], "rows": rows,
-               "targets": summarize_targets(rows, copy_bw)}
+    settings = {"dtype": str(dtype).replace("torch.", ""), "copy_GBps": copy_bw, "l2_bytes": l2,
+                "sglang": sgl[2], "targets": summarize_targets(rows, copy_bw),
+                "tuning": dict(tml.TUNING)}
+    payload = {"env": env_info(dtype, quick=args.smoke), "rows": rows, **settings}
     md = markdown(payload)
     print(md)
     if args.smoke and args.out is None:
         return 0
-    dev_dir = (env.get("device") or "cpu").replace(" ", "_")
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / dev_dir
-    try:
-        paths = write_results(out, "bench_multi_lora", payload, md, plot(payload))
-    except ImportError:  # no matplotlib: tables only
-        paths = write_results(out, "bench_multi_lora", payload, md)
+    out = Path(args.out) if args.out else results_dir(args.smoke)
+    paths = write_results("bench_multi_lora", rows, out, env=payload["env"], settings=settings,
+                          markdown=md, plot=plot(payload))
     print("wrote", *map(str, paths))
     return 0
 
