@@ -54,7 +54,7 @@ from lora_kernels.triton import multi_lora as tml  # noqa: E402
 
 # Shared kernel-bench helpers (results folder, environment, tables, writer). Timing stays
 # local: contenders run over rotated inputs inside one CUDA graph (see time_graph).
-from common import env_info, env_line, md_table, results_dir, write_results  # noqa: E402
+from common import bench, env_info, env_line, md_table, results_dir, write_results  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------
@@ -471,23 +471,13 @@ def time_eager(fn, inp: Inputs, n_rot: int, reps: int) -> tuple[float, str]:
 
 
 def copy_bandwidth_gbs() -> float:
+    """Device copy bandwidth, 2·bytes / time of a 1 GiB ``copy_`` (what HBM really sustains)."""
     if not torch.cuda.is_available():
         return float("nan")
-    n = 1 << 29  # 1 GiB in bf16
-    a = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+    a = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
     b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * a.numel() * a.element_size() / statistics.median(times) / 1e9
+    ms = bench(lambda: b.copy_(a), warmup=50, rep=200)
+    return 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
 
 
 def rotations(case: Case, dtype, l2_bytes: int, smoke: bool) -> int:
@@ -552,8 +542,7 @@ def run_case(case: Case, dtype, sgl, l2_bytes, copy_bw, smoke, reps) -> dict:
         contenders["layer:ours_unfused"] = ours_layer("unfused")
     for name, fn in contenders.items():
         if name != "layer:base":
-            kind, who = name.split(":")
-            ref = ours_delta if kind == "lora" else full(ours_delta)
+            ref = ours_delta if name.startswith("lora:") else full(ours_delta)
             if name not in ("lora:ours",) and not check(name, fn, ref, inp, res, tol):
                 res["mode"][name] = "WRONG"
         try:
