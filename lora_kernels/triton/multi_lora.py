@@ -12,8 +12,9 @@ How a forward is planned (:func:`plan`; every choice can be forced with :func:`o
 * **decode** shape (``max_seg_len ≤ 16``: every slot's tokens fit one 16-row tile — BGMV
   territory): cuBLAS base GEMM, then the LoRA term as shrink + expand over slot segments.
   Tiles are 16 rows (tensor-core minimum) and the shrink splits K into partial planes until
-  about ``programs_per_sm × SMs`` programs exist, so batch 1 still spreads its few adapter bytes
-  over the whole GPU; the expand sums the planes in a fixed order. With at most
+  its bytes are spread over up to ``programs_per_sm × SMs`` programs of ≥ 16 KiB each, so a
+  small batch still streams its adapters with many SMs; the expand sums the planes in a fixed
+  order (or they are summed once first when many column tiles would re-read them). With at most
   ``inline_max_tokens`` tokens the shrink is recomputed inside the expand instead: one launch
   rather than two, when launch latency outweighs re-reading A_i from L2.
 * **prefill** shape (longer segments, SGMV territory): 64-row tiles over each segment, K split
