@@ -409,6 +409,8 @@ case(64, torch.arange(64), 4096, 4096, 16, None, bf, None, "unfused")           
 case(4, torch.arange(4), 4096, 4096, 16, None, bf, None, "unfused")             # one launch
 case(1024, torch.arange(1024) % 8, 4096, 6144, 16, (4096, 1024, 1024), bf,     # packed prefill
      torch.full((64, 3), 16, dtype=torch.int32), "fused")
+case(600, torch.cat([torch.zeros(500, dtype=torch.long), torch.arange(100) % 50 + 1]),  # skewed:
+     1024, 1024, 16, None, torch.float16, None, "unfused")                          # tile scan
 print("compiled", len(compiled), "kernels; max smem", max(s for _, s in compiled))
 '''
 
