@@ -215,6 +215,10 @@ def _expand_kernel(
         for r0 in range(0, rank, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             r_mask = rr < rank
+            # The B tile (the bulk of the bytes) is requested before the xa work it waits on,
+            # so its latency overlaps the plane loads / inline shrink.
+            bt = tl.load(b_cols[None, :] + j * stride_bj + rr[:, None].to(tl.int64) * stride_br,
+                         mask=r_mask[:, None] & c_mask[None, :], other=0.0)
             if INLINE:
                 a_rows = A + slot64 * stride_as + (j * R + rr).to(tl.int64) * stride_ar
                 xa = _shrink_tile(X, tok, row_mask, r_mask, 0, K, stride_xt, a_rows, 1,
@@ -231,8 +235,6 @@ def _expand_kernel(
             if WRITE_XA:
                 tl.store(XA_OUT + tok[:, None] * stride_xat + (j * R + rr)[None, :], xa,
                          mask=row_mask[:, None] & r_mask[None, :] & (nt == 0))
-            bt = tl.load(b_cols[None, :] + j * stride_bj + rr[:, None].to(tl.int64) * stride_br,
-                         mask=r_mask[:, None] & c_mask[None, :], other=0.0)
             acc = tl.dot(xa, bt.to(tl.float32), acc, input_precision=PREC)
 
     y_ptr = Y + tok[:, None] * stride_yt + cols[None, :]
