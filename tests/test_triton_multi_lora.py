@@ -292,6 +292,28 @@ def test_grad_token_splits(slices):
         _check(SKEWED, S=8, path="prefill", slices=slices, ranks=ranks.to(DEV))
 
 
+def test_opcheck_on_triton():
+    # Schema, fake kernels, autograd registration and dynamic-shape tracing with the Triton
+    # backend behind the custom ops (the kernels' outputs must match the fake shapes/dtypes).
+    S, T, K, N, R = 5, 6, 9, 7, 8
+    x = randn(T, K, device=DEV, requires_grad=True)
+    W = randn(N, K, device=DEV)
+    A = randn(S, R, K, device=DEV, requires_grad=True)
+    B = randn(S, N, R, device=DEV, requires_grad=True)
+    batch = lk.LoRABatch.from_adapter_ids(torch.tensor([0, -1, 4, 4, 1, 0], device=DEV), S)
+    sc = torch.rand(S, device=DEV)
+    ranks = torch.tensor([3, 8, 0, 2, 5], dtype=torch.int32, device=DEV)
+    meta = (*batch.tensors(), batch.host_ints())
+    ops = torch.ops.lora_kernels
+    torch.library.opcheck(ops.multi_lora_linear.default,
+                          (x, W, None, A, B, sc, ranks, *meta, None, True, "triton"))
+    xa = randn(T, R, device=DEV)
+    torch.library.opcheck(ops.lora_shrink.default, (x.detach(), A.detach(), sc, ranks, *meta, 1,
+                                                     "triton"))
+    torch.library.opcheck(ops.lora_expand.default, (randn(T, N, device=DEV), xa, B.detach(), ranks,
+                                                     *meta, None, "triton"))
+
+
 def test_backward_is_deterministic():
     ids = _ids("zipf", 33, 5)
     torch.manual_seed(3)
