@@ -116,8 +116,9 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
 def launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, *, R, n_slices, prec,
                  lora_prec, interpret, config=None):
-    """``y = x·Wᵀ + b + Σ_slices xa·B_iᵀ`` written once; ``xa [1 or T, T, n_slices·R]`` is the
-    scaled shrink output (only rows of adapted tokens and ranks below each rank are read)."""
+    """``y = x·Wᵀ + b + Σ_slices xa·B_iᵀ`` written once. ``xa``: the scaled shrink output,
+    ``[T, n_slices·R]`` float32 (or one ``[1, T, n_slices·R]`` plane); only rows of adapted
+    tokens and ranks below each rank are read. ``W`` may have any strides; the rest is dense."""
     T, K = x.shape
     N = weight.shape[0]
     xa2 = xa[0] if xa.dim() == 3 else xa
