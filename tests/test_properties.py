@@ -569,17 +569,12 @@ def test_lora_batch_invariants(S, data):
 # ------------------------------------------------------------------------------------------
 # Regressions the fuzzer found, pinned as plain tests (they run in every profile)
 # ------------------------------------------------------------------------------------------
-FUSED_STRIDES = pytest.mark.xfail(strict=False, reason=(
-    "known bug, owner triton/multi_fused.py: the fused multi-adapter GEMM indexes W with "
-    "stride_wn only (assumes W[n, k] contiguous in k), so a transposed (Conv1D / GPT-2) or "
-    "strided weight gives wrong output; found by test_multi_lora_linear_matches_reference"))
-
-
 def _multi_plans(be: Backend):
     if be.name != "triton":
         return [pytest.param(None, id="default")]
     return [pytest.param((("path", "unfused"),), id="unfused"),
-            pytest.param((("path", "fused"),), id="fused", marks=FUSED_STRIDES)]
+            # the fused GEMM once read W through stride_wn only (fixed); found by the fuzzer
+            pytest.param((("path", "fused"),), id="fused")]
 
 
 @pytest.mark.parametrize("w_layout", ["transposed", "strided"])
