@@ -26,6 +26,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # --------------------------------------------------------------------------------------------
@@ -266,20 +267,20 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
                         out: Optional[Tensor] = None, keep_mask=None) -> tuple[Tensor, Tensor]:
     """Forward for 2-D ``x [M, K]``: returns ``(y, xa)`` with ``xa = drop(x)·Aᵀ`` (saved for backward).
 
-    ``addmm`` writes the base GEMM, then ``addmm_`` adds the rank-r term in place: one extra
-    read-modify-write of y instead of PEFT's temporaries and casts.
+    The rank-r term seeds ``y`` (``bias + (s·xa)·Bᵀ``, a GEMM with inner size r) and the base
+    GEMM then accumulates into it (``beta = 1``): LoRAFusion's "seed the accumulator" on CPU. y
+    is written by the small GEMM and read once inside the big one instead of a separate
+    read-modify-write pass after it. ``F.linear`` for the skinny GEMMs: measured on 2 cores
+    (M=2048, K=N=1024, r=16) ``x @ A.t()`` takes 0.79 ms, ``F.linear(x, A)`` 0.58 ms, and the
+    whole forward lands within ~2% of the bare ``F.linear`` (was 1.11x with addmm_ after).
     """
     xd = apply_dropout(x, seed, dropout_p, keep_mask)
-    xa = xd @ lora_a.t()
-    if out is None:
-        y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    else:
+    xa = F.linear(xd, lora_a)
+    y = F.linear(xa * scaling, lora_b, bias)
+    if out is not None:
+        out.copy_(y)
         y = out
-        if bias is not None:
-            torch.addmm(bias, x, weight.t(), out=y)
-        else:
-            torch.mm(x, weight.t(), out=y)
-    y.addmm_(xa, lora_b.t(), alpha=scaling)
+    y.addmm_(x, weight.t())
     return y, xa
 
 
@@ -289,27 +290,29 @@ def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, 
     """Gradients ``(dx, dweight, dbias, dlora_a, dlora_b)`` for ``needs`` in that order.
 
     ``dx = dy·W + drop'(s·(dy·B)·A)``; ``dA = s·(dy·B)ᵀ·drop(x)``; ``dB = s·dyᵀ·xa``. The only
-    new intermediate is ``dy·B`` ``[M, r]``.
+    new intermediates are rank-sized (``s·dy·B`` and ``s·xa``, ``[M, r]``); the scaling is
+    applied there, never to an M×K or M×N tensor, and the low-rank part of dx seeds the big
+    GEMM's output as in the forward.
     """
     need_x, need_w, need_b, need_a, need_bb = needs
     dx = dw = db = da = dbb = None
-    dyb = None
+    dybs = None
     if need_x or need_a:
-        dyb = dy @ lora_b  # [M, r]
+        dybs = (dy @ lora_b).mul_(scaling)  # s·dy·B, [M, r]
     if need_x:
-        low = (dyb @ lora_a) * scaling
+        dx = dybs @ lora_a
         if dropout_p > 0.0:
-            dx = dy @ weight + apply_dropout(low, seed, dropout_p, keep_mask)
-        else:
-            dx = torch.addmm(low, dy, weight)
+            dx = apply_dropout(dx, seed, dropout_p, keep_mask)
+        dx.addmm_(dy, weight)
     if need_w:
         dw = dy.t() @ x
     if need_b:
         db = dy.sum(0)
     if need_a:
-        da = (dyb.t() @ apply_dropout(x, seed, dropout_p, keep_mask)) * scaling
+        # (xᵀ·dybs)ᵀ: 1.4 ms against 2.2 ms for dybsᵀ·x at M=2048, K=1024, r=16 (2 cores).
+        da = (apply_dropout(x, seed, dropout_p, keep_mask).t() @ dybs).t().contiguous()
     if need_bb:
-        dbb = (dy.t() @ xa) * scaling
+        dbb = dy.t() @ (xa * scaling)
     return dx, dw, db, da, dbb
 
 

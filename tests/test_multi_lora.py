@@ -238,3 +238,29 @@ def test_contiguous_runs_and_gathered_groups_agree(per_sample):
     for got, want in zip(torch.autograd.grad(y, (x, A, B), dy),
                          torch.autograd.grad(y64, (x64, A64, B64), dy.double())):
         assert rel_err(got, want) <= TOL[torch.float32]
+
+
+def test_padded_bmm_path_isolates_nan_adapters_and_matches_reference():
+    """Interleaved, balanced segments take the torch backend's padded-bmm path; its padding rows
+    must not leak an adapter's NaN into other tokens, and xa (for the backward) must match."""
+    K, N = 12, 10
+    ids = torch.tensor([3, 0, 1, 4] * 6 + [-1])  # 24 runs, four segments of 6
+    batch = lk.LoRABatch.from_adapter_ids(ids, S)
+    assert batch.contiguous_runs(max_runs=2 * batch.num_active + 8) is None
+    x = randn(25, K, requires_grad=True)
+    W = randn(N, K)
+    A, B = _stack(K, N, grad=True)
+    sc = torch.rand(S) + 0.5
+    ranks = torch.tensor([8, 3, 8, 5, 8])
+    y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, ranks=ranks, backend="torch")
+    x64, A64, B64 = _d(x), _d(A), _d(B)
+    y64 = ref.multi_lora_linear(x64, W.double(), None, A64, B64, ids, sc.double(), ranks)
+    assert rel_err(y, y64) <= TOL[torch.float32]
+    dy = randn(25, N)
+    for got, want in zip(torch.autograd.grad(y, (x, A, B), dy),
+                         torch.autograd.grad(y64, (x64, A64, B64), dy.double())):
+        assert rel_err(got, want) <= TOL[torch.float32]
+    with torch.no_grad():
+        A[3, 0, 0] = float("nan")
+        y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, backend="torch")
+    assert torch.isnan(y[ids == 3]).all() and not torch.isnan(y[ids != 3]).any()

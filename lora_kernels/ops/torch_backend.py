@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 
+import torch
+import torch.nn.functional as F
+
 from lora_kernels import reference
 from lora_kernels.ops.cpu_dropout import dropout_keep_mask
 
@@ -18,14 +21,28 @@ def _host(t):
     return None if t is None else t.tolist()
 
 
+def _plans(batch) -> dict:
+    """Per-batch grouping plans, built once and reused by every layer of a forward. The custom
+    op rebuilds the LoRABatch object per call but passes the same ``sorted_token_ids`` tensor
+    through, so the plans hang off that tensor (and die with it)."""
+    key = batch.sorted_token_ids
+    plans = getattr(key, "_lora_kernels_plans", None)
+    if plans is None:
+        plans = {}
+        key._lora_kernels_plans = plans
+    return plans
+
+
 def _groups(batch):
     # Contiguous runs (one per sample in PEFT-style batches) work on views; a batch interleaved
     # token by token is gathered once per active slot instead.
-    runs = batch.contiguous_runs(max_runs=2 * batch.num_active + 8) \
-        if batch.adapter_ids.device.type == "cpu" else None
-    if runs is not None:
-        return [(slot, slice(a, b)) for slot, a, b in runs]
-    return batch.groups()
+    plans = _plans(batch)
+    if "groups" not in plans:
+        runs = batch.contiguous_runs(max_runs=2 * batch.num_active + 8) \
+            if batch.adapter_ids.device.type == "cpu" else None
+        plans["groups"] = [(slot, slice(a, b)) for slot, a, b in runs] if runs is not None \
+            else batch.groups()
+    return plans["groups"]
 
 
 def lora_shrink(x, lora_a, batch, scalings, ranks, n_slices):
@@ -36,10 +53,78 @@ def lora_expand(y, xa, lora_b, batch, ranks, out_slices):
     return reference.lora_expand(y, xa, lora_b, batch.adapter_ids, ranks, out_slices)
 
 
+# A token-interleaved batch whose segments are about equally long goes through two bmm calls
+# over segments padded to the longest one, instead of ~5 small ops per slot: measured on 2 cores
+# (T=2048, K=N=1024, r=16, 16 adapters) the per-slot loop costs ~1.18x the bare F.linear, mostly
+# op overhead. Padding is wasted work, so only when it adds at most this fraction of tokens.
+_MAX_PAD_FRACTION = 0.25
+
+
+def _pad_plan(batch):
+    """``(active slots, x rows [A·G], y rows [A·G])``: every slot's segment padded to the
+    longest (G); padding reads row 0 of x and writes the scratch row T of y. None when padding
+    would add too much work. Cached per batch."""
+    plans = _plans(batch)
+    if "pad" not in plans:
+        plans["pad"] = _build_pad_plan(batch)
+    return plans["pad"]
+
+
+def _build_pad_plan(batch):
+    off = batch.host_offsets()
+    active = [i for i in range(batch.num_slots) if off[i + 2] > off[i + 1]]
+    g, T, S = batch.max_seg_len, batch.num_tokens, batch.num_slots
+    if len(active) < 2 or len(active) * g > (1 + _MAX_PAD_FRACTION) * (T - off[1]):
+        return None
+    act = torch.tensor(active)
+    tok = batch.sorted_token_ids[off[1]:].to(torch.int64)  # tokens with a slot, sorted by slot
+    slot = batch.adapter_ids.to(torch.int64)[tok]
+    group = torch.full((S,), -1, dtype=torch.int64)
+    group[act] = torch.arange(len(active))
+    pos = torch.arange(off[1], T) - torch.tensor(off[1:-1])[slot]
+    y_rows = torch.full((len(active) * g,), T, dtype=torch.int64)
+    y_rows[group[slot] * g + pos] = tok
+    return act, torch.where(y_rows == T, 0, y_rows), y_rows
+
+
+def _padded_forward(x, weight, bias, lora_a, lora_b, scalings, ranks, plan, need_xa):
+    """Base GEMM, then every token's ``s_i·(x·A_iᵀ)·B_iᵀ`` with one gather, two bmm and one
+    ``index_add_``. Padding rows write a scratch row (T) of y/xa, so they never touch a real
+    token, whatever they computed (even from inf/NaN adapters)."""
+    act, x_rows, y_rows = plan
+    T, N = x.shape[0], weight.shape[0]
+    y_ext = torch.empty(T + 1, N, dtype=x.dtype)
+    y = y_ext[:T]
+    if bias is not None:
+        torch.addmm(bias, x, weight.t(), out=y)
+    else:
+        torch.mm(x, weight.t(), out=y)
+    xs = x.index_select(0, x_rows).view(len(act), -1, x.shape[1])
+    a, b = lora_a.index_select(0, act), lora_b.index_select(0, act)
+    if ranks is not None:  # rank rows/cols past each slot's rank are ignored, NaN-safe
+        keep = torch.arange(a.shape[1]) < ranks.index_select(0, act).to(torch.int64)[:, None]
+        zero = torch.zeros((), dtype=a.dtype)
+        a = torch.where(keep[:, :, None], a, zero)
+        b = torch.where(keep[:, None, :], b, zero)
+    u = torch.bmm(xs, a.transpose(1, 2)) * scalings.index_select(0, act).to(x.dtype)[:, None, None]
+    y_ext.index_add_(0, y_rows, torch.bmm(u, b.transpose(1, 2)).view(-1, N))
+    xa = None
+    if need_xa:
+        xa = x.new_zeros(T + 1, a.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
+        xa.index_copy_(0, y_rows, u.view(-1, u.shape[2]).to(xa.dtype))
+        xa = xa[:T]
+    return y, xa
+
+
 def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
                    need_xa=True):
+    groups = _groups(batch)
+    if out_slices is None and x.device.type == "cpu" and groups and not isinstance(groups[0][1], slice):
+        plan = _pad_plan(batch)
+        if plan is not None:
+            return _padded_forward(x, weight, bias, lora_a, lora_b, scalings, ranks, plan, need_xa)
     return reference.multi_lora_forward(x, weight, bias, lora_a, lora_b, _host(scalings),
-                                        _groups(batch), _host(ranks), out_slices, need_xa)
+                                        groups, _host(ranks), out_slices, need_xa)
 
 
 def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, needs):
