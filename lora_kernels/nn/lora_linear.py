@@ -180,13 +180,7 @@ class LoRALinear(_LoRABase):
                     fan_in_fan_out: Optional[bool] = None) -> "LoRALinear":
         """Wrap an existing ``nn.Linear`` (or transformers ``Conv1D``) sharing its frozen weight
         and bias — the same Parameter objects, no copy."""
-        weight = getattr(linear, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() != 2:
-            raise TypeError(f"linear must be an nn.Linear or transformers Conv1D, got "
-                            f"{type(linear).__name__}")
-        if fan_in_fan_out is None:
-            fan_in_fan_out = is_conv1d(linear)
-        in_f, out_f = (weight.shape if fan_in_fan_out else weight.shape[::-1])
+        weight, in_f, out_f, fan_in_fan_out = linear_dims(linear, "linear", fan_in_fan_out)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.weight = weight
@@ -250,13 +244,7 @@ class PackedLoRALinear(_LoRABase):
                     fan_in_fan_out: Optional[bool] = None) -> "PackedLoRALinear":
         """Wrap a packed ``nn.Linear``/``Conv1D`` (shared weight). ``out_slices`` defaults to
         equal slices, one per ``enable_lora`` entry (loralib's convention)."""
-        weight = getattr(linear, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() != 2:
-            raise TypeError(f"linear must be an nn.Linear or transformers Conv1D, got "
-                            f"{type(linear).__name__}")
-        if fan_in_fan_out is None:
-            fan_in_fan_out = is_conv1d(linear)
-        in_f, out_f = (weight.shape if fan_in_fan_out else weight.shape[::-1])
+        weight, in_f, out_f, fan_in_fan_out = linear_dims(linear, "linear", fan_in_fan_out)
         if out_slices is None:
             n = len(enable_lora)
             if n == 0 or out_f % n:
@@ -291,6 +279,19 @@ def _freeze(*params) -> None:
     for p in params:
         if p is not None:
             p.requires_grad_(False)
+
+
+def linear_dims(linear: nn.Module, name: str, fan_in_fan_out: Optional[bool] = None):
+    """``(weight, in_features, out_features, fan_in_fan_out)`` of an ``nn.Linear`` or a
+    transformers ``Conv1D`` (weight ``[in, out]``); TypeError naming ``name`` otherwise."""
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(f"{name} must be an nn.Linear or transformers Conv1D, got "
+                        f"{type(linear).__name__}")
+    if fan_in_fan_out is None:
+        fan_in_fan_out = is_conv1d(linear)
+    in_f, out_f = weight.shape if fan_in_fan_out else weight.shape[::-1]
+    return weight, int(in_f), int(out_f), bool(fan_in_fan_out)
 
 
 def is_conv1d(module: nn.Module) -> bool:

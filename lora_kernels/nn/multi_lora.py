@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_kernels.nn.lora_linear import check_backend, check_dtype, is_conv1d
+from lora_kernels.nn.lora_linear import check_backend, check_dtype, linear_dims
 from lora_kernels.ops import LoRABatch, multi_lora_linear
 
 
@@ -32,12 +32,8 @@ class MultiLoRALinear(nn.Module):
         for name, v in (("num_slots", num_slots), ("max_rank", max_rank)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        weight = getattr(base_linear, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() != 2:
-            raise TypeError(f"base_linear must be an nn.Linear or Conv1D, got {type(base_linear).__name__}")
-        self.fan_in_fan_out = is_conv1d(base_linear)
-        in_f, out_f = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
-        self.in_features, self.out_features = int(in_f), int(out_f)
+        weight, self.in_features, self.out_features, self.fan_in_fan_out = \
+            linear_dims(base_linear, "base_linear")
         self.weight = weight
         self.bias = getattr(base_linear, "bias", None)
         check_dtype(dtype)

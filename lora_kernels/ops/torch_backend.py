@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from lora_kernels import reference
 from lora_kernels.ops.cpu_dropout import dropout_keep_mask
