@@ -46,3 +46,21 @@ def triton_dtypes(device: str) -> list:
 def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
     t = (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
     return t.requires_grad_(requires_grad)
+
+
+# Prefix of the subprocess scripts that compile the Triton kernels for an H100 (sm_90) on a
+# machine without one: Triton asks its driver only for these when it compiles (warmup=True).
+SM90_FAKE_DRIVER = r'''
+import os, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+class _FakeDriver:
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+    def get_device_interface(self): return torch.cuda
+    def get_benchmarker(self): return None
+driver.set_active(_FakeDriver())
+'''

@@ -10,7 +10,7 @@ import torch
 import lora_kernels
 from lora_kernels import reference
 
-from helpers import rel_err, tol, triton_device, triton_dtypes
+from helpers import SM90_FAKE_DRIVER, rel_err, tol, triton_device, triton_dtypes
 
 DEVICE = triton_device()
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="Triton can run neither on a GPU nor in the interpreter")
@@ -294,19 +294,7 @@ def test_config_pruning():
 
 
 # ---- CPU: the GPU code paths at least compile for sm_90 --------------------------------------
-_SM90_SCRIPT = r'''
-import os, sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-
-class _FakeDriver:  # compile for an H100 without one: Triton asks the driver only for these
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_active_torch_device(self): return torch.device("cpu")
-    def get_device_interface(self): return torch.cuda
-    def get_benchmarker(self): return None
-driver.set_active(_FakeDriver())
+_SM90_SCRIPT = SM90_FAKE_DRIVER + r'''
 
 import lora_kernels.triton.fused_gemm as FG, lora_kernels.triton.lowrank as LR
 import lora_kernels.triton.lora_linear as TL, lora_kernels.triton.configs as C

@@ -11,7 +11,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
-from helpers import randn, rel_err, tol, triton_device, triton_dtypes
+from helpers import SM90_FAKE_DRIVER, randn, rel_err, tol, triton_device, triton_dtypes
 
 DEV = triton_device()
 if DEV is None:
@@ -382,20 +382,8 @@ def test_gpu_no_host_sync_and_cuda_graph():
 
 
 # ------------------------------------------------- CPU: the GPU code paths compile for sm_90
-_SM90_SCRIPT = r'''
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
+_SM90_SCRIPT = SM90_FAKE_DRIVER + r'''
 from triton.runtime.jit import JITFunction
-
-class _FakeDriver:  # what Triton asks the driver for when it compiles
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_active_torch_device(self): return torch.device("cpu")
-    def get_device_interface(self): return torch.cuda
-    def get_benchmarker(self): return None
-driver.set_active(_FakeDriver())
 _run = JITFunction.run
 compiled = []
 def _compile_only(self, *args, grid, warmup, **kw):

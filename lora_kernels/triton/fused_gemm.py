@@ -36,6 +36,7 @@ import triton.language as tl
 
 from lora_kernels.triton import configs as C
 from lora_kernels.triton.dropout import drop_threshold, philox_keep, seed_arg
+from lora_kernels.triton.tiles import grouped_tile
 
 # M is bucketed (training sees many sequence lengths); the strides tell the forward's K-major
 # weight from the dX's N-major view of the same [N, K] tensor, which tune differently.
@@ -101,13 +102,7 @@ def _fused_gemm_kernel(
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-blocks sweep the N tiles together, so a weight tile is
-    # reused from L2 by GROUP_M programs instead of being refetched from HBM.
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

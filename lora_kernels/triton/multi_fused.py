@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.triton.sgmv import _pow2, _rank_of
+from lora_kernels.triton.tiles import grouped_tile
 
 
 @triton.jit
@@ -33,15 +34,7 @@ def _fused_kernel(
         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, PREC: tl.constexpr,
         LORA_PREC: tl.constexpr):
-    # Grouped tile order: GROUP_M row tiles share each W column panel while it sits in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(T, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_size
-    pid_n = (pid % in_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = pos < T
