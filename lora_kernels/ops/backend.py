@@ -165,4 +165,9 @@ def _current_dispatch_mode():
 def describe() -> dict:
     """For ``lora-kernels info``: each backend and, if unavailable, why."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    return {name: (_why_unavailable(name, dev) or "available") for name in BACKENDS if name != "auto"}
+    out = {name: (_why_unavailable(name, dev) or "available") for name in BACKENDS if name != "auto"}
+    if dev == "cpu":  # say whether the extension itself is built, not only that no GPU is here
+        from lora_kernels import _ext
+        ext = _ext.why_unavailable()
+        out["cuda"] += "; extension " + ("built and loaded" if ext is None else f"not built: {ext}")
+    return out
