@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -362,8 +361,8 @@ def main(argv=None):
         keys = {_row_key(x) for x in new}
         rows = [x for x in rows if _row_key(x) not in keys] + new
         rows.sort(key=lambda x: (x["direction"], x["K"], x["N"], x["r"], x["M"]))
-        common.write_results(NAME, rows, out_dir, env=env, settings=settings,
-                             markdown=markdown(rows, env, quick), plot=plot_fn(rows, quick))
+        common.write_results(out_dir, common.results_payload(NAME, rows, env, settings),
+                             markdown(rows, env, quick), plot_fn(rows, quick))
         if not quick:
             torch.cuda.empty_cache()
     print(f"results in {out_dir}")

@@ -23,7 +23,6 @@ base-only with 32 distinct adapters (a benchmark target, never a test assertion)
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import e2e_common as C  # noqa: E402
 
 NAME = "bench_serving"
@@ -167,7 +167,6 @@ def run(quick: bool = False, out_dir=None, dtype=None, steps=None) -> dict:
     sh = shapes(mode.quick)
     if steps:
         sh["steps"] = steps
-    out_dir = Path(out_dir) if out_dir else C.REPO / "bench" / "results" / C.device_label(mode.quick)
     rows, errors = [], {}
     with C.quick_threads(mode):
         contenders = build_contenders(mode, errors)
@@ -210,13 +209,10 @@ def run(quick: bool = False, out_dir=None, dtype=None, steps=None) -> dict:
                 "timing": "CUDA events per step, synchronised" if mode.cuda else "perf_counter"}
     ours32 = next((r.get("pct_of_base") for r in rows
                    if r["scenario"] == "32 adapters" and r["method"] == "ours"), None)
-    payload = {"benchmark": NAME, "env": env, "settings": settings, "rows": rows,
-               "target": {"ours_pct_of_base_32_adapters": ours32, "goal_pct": TARGET_PCT,
-                          "met": bool(ours32 is not None and ours32 >= TARGET_PCT)}}
-    md = markdown(payload)
-    payload["files"] = [str(p) for p in C.write_results(out_dir, NAME, payload, md,
-                                                        lambda fig: plot(fig, payload))]
-    return payload
+    target = {"ours_pct_of_base_32_adapters": ours32, "goal_pct": TARGET_PCT,
+              "met": bool(ours32 is not None and ours32 >= TARGET_PCT)}
+    payload = common.results_payload(NAME, rows, env, settings, target=target)
+    return C.save(payload, out_dir, markdown, plot)
 
 
 def markdown(payload: dict) -> str:
@@ -233,15 +229,15 @@ def markdown(payload: dict) -> str:
             "harness works, not how the kernels perform.\n\n" if quick else "")
     return f"""# Multi-adapter serving: decode throughput with many adapters
 
-{C.env_line(env)}
+{common.env_line(env)}
 
 {note}{s['model']}; {s['n_seq']} concurrent sequences, prompt {s['prompt']} tokens, then
 {s['steps']} timed decode steps after {s['warmup']} warm-up. {s['loaded_adapters']} adapters of
 rank {s['rank']} on every linear layer are loaded in each LoRA contender. Timed: {s['timed']};
 {s['timing']}. tokens/s = {s['n_seq']} / median step time.
 
-{C.md_table(["Scenario", "Method", "decode tokens/s", "% of base-only", "median ms/step",
-             "mean ms/step", "prefill ms", "prefill speed % of base"], table)}
+{common.md_table(["Scenario", "Method", "decode tokens/s", "% of base-only", "median ms/step",
+                  "mean ms/step", "prefill ms", "prefill speed % of base"], table)}
 
 {verdict}
 """
@@ -277,15 +273,7 @@ def plot(fig, payload: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny model on the CPU")
-    p.add_argument("--out", default=None, help="results dir (default bench/results/<device>)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
-    p.add_argument("--steps", type=int, default=None, help="timed decode steps per run")
-    a = p.parse_args(argv)
-    payload = run(a.quick, a.out, a.dtype, a.steps)
-    print(Path(payload["files"][1]).read_text())
-    return 0
+    return C.cli(run, __doc__, argv, count="steps", count_help="timed decode steps per run")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ linear layers.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import e2e_common as C  # noqa: E402
 
 NAME = "bench_training"
@@ -88,6 +88,12 @@ def measure(kind: str, method: str, target: str, mode: C.Mode, sh: dict) -> dict
     C.free_memory()
     if mode.cuda:
         torch.cuda.reset_peak_memory_stats()
+    row = _train(kind, method, target, mode, sh)
+    C.free_memory()  # _train's model, optimizer and inputs died with its frame
+    return row
+
+
+def _train(kind: str, method: str, target: str, mode: C.Mode, sh: dict) -> dict:
     targets = C.TARGETS[kind][target] if target else None
     model, trainable = prepare(kind, method, targets, mode)
     opt = torch.optim.AdamW(trainable, lr=1e-5)
@@ -111,8 +117,6 @@ def measure(kind: str, method: str, target: str, mode: C.Mode, sh: dict) -> dict
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2 ** 30 if mode.cuda else None,
         "state_mb": state_bytes(model, opt) / 2 ** 20,
     }
-    del model, opt, trainable, inputs
-    C.free_memory()
     return row
 
 
@@ -131,7 +135,6 @@ def run(quick: bool = False, out_dir=None, dtype=None, steps=None) -> dict:
     sh = shapes(mode.quick)
     if steps:
         sh["steps"] = steps
-    out_dir = Path(out_dir) if out_dir else C.REPO / "bench" / "results" / C.device_label(mode.quick)
     todo = list(cases(mode.quick))
     rows = []
     with C.quick_threads(mode):
@@ -165,16 +168,12 @@ def run(quick: bool = False, out_dir=None, dtype=None, steps=None) -> dict:
         "targets": {k: {t: v for t, v in C.TARGETS[k].items()} for k in MODELS},
         "timing": "CUDA events per step, synchronised" if mode.cuda else "perf_counter",
     }
-    payload = {"benchmark": NAME, "env": env, "settings": settings, "rows": rows}
-    md = markdown(payload)
-    payload["files"] = [str(p) for p in C.write_results(out_dir, NAME, payload, md,
-                                                        lambda fig: plot(fig, payload))]
-    return payload
+    return C.save(common.results_payload(NAME, rows, env, settings), out_dir, markdown, plot)
 
 
 def markdown(payload: dict) -> str:
     env, s = payload["env"], payload["settings"]
-    parts = [f"# Training step: full fine-tuning vs PEFT LoRA vs lora-kernels\n\n{C.env_line(env)}\n"]
+    parts = [f"# Training step: full fine-tuning vs PEFT LoRA vs lora-kernels\n\n{common.env_line(env)}\n"]
     if env["mode"] == "quick":
         parts.append("> **--quick mode**: tiny models on the CPU; shows the harness works, not how "
                      "the kernels perform. Peak memory needs CUDA (n/a here).\n")
@@ -185,7 +184,7 @@ def markdown(payload: dict) -> str:
     for kind in MODELS:
         table = [_md_row(r) for r in payload["rows"] if r["model"] == kind]
         names = QUICK_MODEL_NAMES if env["mode"] == "quick" else MODEL_NAMES
-        parts.append(f"## {names[kind]} ({s['models'][kind]})\n\n" + C.md_table(
+        parts.append(f"## {names[kind]} ({s['models'][kind]})\n\n" + common.md_table(
             ["Method", "LoRA on", "trainable", "tokens/s", "vs full FT", "peak GB",
              "less memory than full FT", "state MB", "less state than full FT"], table) + "\n")
     parts.append("Paper's claims for reference: ~3x less memory (GPT-3 175B: 1.2 TB -> 350 GB) and "
@@ -231,15 +230,8 @@ def plot(fig, payload: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny models on the CPU")
-    p.add_argument("--out", default=None, help="results dir (default bench/results/<device>)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per contender")
-    a = p.parse_args(argv)
-    payload = run(a.quick, a.out, a.dtype, a.steps)
-    print(Path(payload["files"][1]).read_text())
-    return 0
+    return C.cli(run, __doc__, argv, count="steps", count_help="timed steps per contender",
+                 quick_help="tiny models on the CPU")
 
 
 if __name__ == "__main__":

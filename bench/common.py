@@ -1,16 +1,19 @@
-"""Small shared helpers for the kernel-level benchmarks (bench_lora_linear.py, bench_multi_lora.py):
-where results go, what was measured on, one timing function, one results writer.
+"""Shared helpers for every script in bench/: where results go, what was measured on, one
+timing function, one markdown table and one results writer.
 
 * :func:`device_name` / :func:`results_dir` — ``bench/results/<device>/`` (``cpu-quick`` for CPU
-  runs, else the GPU's name as a slug, e.g. ``nvidia-h100-80gb-hbm3``; same rule as
-  e2e_common.device_label);
-* :func:`env_info` — device, torch / CUDA / triton / peft versions, git commit (+ dirty flag), date;
+  runs, else the GPU's name as a slug, e.g. ``nvidia-h100-80gb-hbm3``);
+* :func:`git_commit` / :func:`env_info` / :func:`env_line` — device, torch / CUDA / triton /
+  transformers / peft versions, git commit (+ dirty flag), date, and that record as one line;
 * :func:`bench` — median milliseconds: ``triton.testing.do_bench`` on CUDA (warm-up, L2 flushed
   before every repetition so caches cannot flatter), ``perf_counter`` on the CPU;
   :func:`bench_graph` — the same callable replayed from a CUDA graph (no CPU launch overhead);
-* :func:`write_results` — ``<name>.json`` (env, settings, rows), ``<name>.md`` (env line + table)
-  and ``<name>.png`` when matplotlib is importable and a plot function is given.
+* :func:`md_table` — a markdown table;
+* :func:`results_payload` / :func:`write_results` — ``<name>.json`` (benchmark, env, settings,
+  rows: the shape bench/dispatch_table.py and the tests read), ``<name>.md`` and ``<name>.png``
+  when matplotlib is importable and a plot function is given.
 
+The end-to-end benchmarks' own helpers (models, contenders, timer) live in e2e_common.py.
 Numbers go in these files, never in test assertions.
 """
 
@@ -22,6 +25,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -51,6 +55,11 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def git_commit() -> Optional[str]:
+    # A copy of the tree without .git (a device machine) gets the commit from the environment.
+    return _git("rev-parse", "HEAD") or os.environ.get("LORA_KERNELS_GIT_COMMIT") or None
+
+
 def _version(module: str) -> Optional[str]:
     try:
         return __import__(module).__version__
@@ -61,25 +70,33 @@ def _version(module: str) -> Optional[str]:
 def env_info(dtype: Optional[torch.dtype] = None, quick: bool = False) -> dict:
     """Everything a reader needs to trust or reproduce a number."""
     cuda = torch.cuda.is_available() and not quick
-    commit = _git("rev-parse", "HEAD") or os.environ.get("LORA_KERNELS_GIT_COMMIT")
-    return {
-        "device": torch.cuda.get_device_name(0) if cuda else f"{platform.machine()} CPU",
+    info = {
+        "device": (torch.cuda.get_device_name(0) if cuda
+                   else (platform.processor() or platform.machine()) + " CPU"),
         "device_label": device_name(quick),
         "mode": "quick" if quick else "full",
         "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
         "torch": torch.__version__, "cuda": torch.version.cuda,
-        "triton": _version("triton"), "peft": _version("peft"),
-        "python": platform.python_version(),
-        "git_commit": commit, "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "triton": _version("triton"), "transformers": _version("transformers"),
+        "peft": _version("peft"), "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    try:
+        from lora_kernels.ops import backend
+        info["backends"] = {k: str(v) for k, v in backend.describe().items()}
+    except Exception:  # noqa: BLE001 - describing backends must never stop a benchmark
+        pass
+    return info
 
 
 def env_line(env: dict) -> str:
     commit = (env.get("git_commit") or "unknown")[:10] + (" (dirty tree)" if env.get("git_dirty") else "")
-    return (f"Measured on **{env['device']}** ({env['mode']} mode, {env.get('dtype')}), "
-            f"torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, "
-            f"commit `{commit}`, {env['date']}.")
+    return (f"Measured on **{env['device']}** ({env['mode']} mode, {env['dtype']}), "
+            f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+            f"peft {env['peft']}, commit `{commit}`, {env['date']}.")
 
 
 def bench(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100,
@@ -121,7 +138,7 @@ def bench_graph(fn: Callable[[], object], *, rep: int = 100) -> Optional[float]:
         return None
 
 
-def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+def md_table(headers: Sequence, rows: Sequence[Sequence]) -> str:
     def cell(v):
         if v is None:
             return "n/a"
@@ -133,48 +150,40 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def _flat(row: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in row.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def results_payload(name: str, rows: Sequence[dict], env: dict, settings: dict, **extra) -> dict:
+    """The JSON every benchmark writes; ``extra`` keys (a benchmark's own summary) go after."""
+    return {"benchmark": name, "env": env, "settings": settings, "rows": list(rows), **extra}
 
 
-def write_results(name: str, rows: Sequence[dict], out_dir, *, env: Optional[dict] = None,
-                  settings: Optional[dict] = None, markdown: Optional[str] = None,
-                  plot: Optional[Callable[[object], None]] = None) -> list[Path]:
-    """Write ``<name>.json`` / ``.md`` (/ ``.png``) under ``out_dir``; returns the paths.
+def write_results(out_dir, payload: dict, markdown: str,
+                  plot: Optional[Callable[[object], None]] = None, *,
+                  figsize: tuple = (12, 6)) -> list[Path]:
+    """Write ``<benchmark>.json`` / ``.md`` (/ ``.png``) under ``out_dir``; returns the paths.
 
-    ``markdown`` defaults to the env line plus one table of the flattened rows; ``plot(fig)``
-    draws on a matplotlib figure (skipped when matplotlib is not installed).
+    ``plot(fig)`` draws on a matplotlib figure. Without matplotlib the PNG is skipped: the
+    numbers are already on disk, and a long GPU run must not end in an ImportError.
     """
+    name = payload["benchmark"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = env or env_info()
-    payload = {"benchmark": name, "env": env, "settings": settings or {}, "rows": list(rows)}
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
     paths[0].write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    if markdown is None:
-        flat = [_flat(r) for r in rows]
-        headers = list(dict.fromkeys(k for r in flat for k in r))
-        markdown = f"# {name}\n\n{env_line(env)}\n\n" + md_table(headers, [[r.get(h) for h in headers] for r in flat])
     paths[1].write_text(markdown.rstrip() + "\n")
-    if plot is not None:
-        try:
-            import matplotlib
-        except ImportError:
-            return paths
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig = plt.figure(figsize=(12, 6), dpi=110)
-        try:
-            plot(fig)
-            fig.tight_layout()
-            fig.savefig(out_dir / f"{name}.png")
-            paths.append(out_dir / f"{name}.png")
-        finally:
-            plt.close(fig)
+    if plot is None:
+        return paths
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {name}.png", file=sys.stderr)
+        return paths
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=figsize, dpi=110)
+    try:
+        plot(fig)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}.png")
+        paths.append(out_dir / f"{name}.png")
+    finally:
+        plt.close(fig)
     return paths

@@ -10,7 +10,7 @@ falls back to Triton for anything missing, so an empty table means "always Trito
 Inputs
 ------
 * **Timings**: every ``*.json`` under ``--results`` whose payload has a ``"rows"`` list (the
-  bench scripts' format, bench/e2e_common.write_results). A row counts when it has
+  bench scripts' format, bench/common.write_results). A row counts when it has
   ``"op"`` (``lora_linear`` | ``multi_lora_linear`` | ``lora_shrink`` | ``lora_expand``), a row
   count (``"rows"``, or ``"M"`` / ``"T"``) and ``"ms": {backend: milliseconds or null}``.
   :func:`timing_row` (re-exported by bench/cuda_columns.py) builds such rows.

@@ -1,23 +1,21 @@
 """Helpers for the end-to-end benchmarks (paper_table1, bench_training, bench_serving).
 
 Models are built from configs with random weights (no download); every contender gets its own
-copy of the same seeded model so they can be timed side by side in one process. Kernel-level
-helpers (do_bench wrapper, GEMM tables) live in common.py; this file holds what only whole-model
-benchmarks need: model builders, the ways each contender attaches LoRA, a per-trial timer that
-gives mean *and* median, and the JSON + markdown + PNG writer.
+copy of the same seeded model so they can be timed side by side in one process. What every
+benchmark shares (environment record, markdown table, JSON + markdown + PNG writer, results
+folder) lives in common.py; this file holds what only whole-model benchmarks need: model
+builders, the ways each contender attaches LoRA, a per-trial timer that gives mean *and*
+median, progress bars, and the command line the three scripts share.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import datetime as _dt
 import gc
-import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -28,7 +26,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parent.parent
+import common
+
+# lora_kernels/bench_runner.py (outside bench/) writes SUMMARY.md with these, through this module.
+env_line, md_table = common.env_line, common.md_table
 
 # LoRA target sets. GPT-2 packs q, k and v into one Conv1D (c_attn); PEFT can only adapt all of
 # it, so "qv" on GPT-2 means c_attn for every contender (same FLOPs for PEFT and ours).
@@ -65,14 +66,6 @@ def resolve_mode(quick: bool, dtype: Optional[str] = None) -> Mode:
     return Mode(quick, device, getattr(torch, name))
 
 
-def device_label(quick: bool) -> str:
-    """Results folder name: ``cpu-quick`` or the GPU's name, e.g. ``nvidia-h100-80gb-hbm3``."""
-    if quick or not torch.cuda.is_available():
-        return "cpu-quick"
-    name = torch.cuda.get_device_name(0).lower()
-    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
-
-
 @contextlib.contextmanager
 def quick_threads(mode: Mode):
     """One intra-op thread for the --quick CPU runs: tiny GEMMs gain nothing from threads, and on
@@ -92,6 +85,11 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def env_info(mode: Mode) -> dict:
+    """common.env_info for a Mode (the scripts and lora_kernels/bench_runner.py hold one)."""
+    return common.env_info(mode.dtype, mode.quick)
 
 
 # ------------------------------------------------------------------------------------------
@@ -263,91 +261,6 @@ def summarize(ms: Sequence[float]) -> dict:
             "std_ms": statistics.pstdev(ms) if len(ms) > 1 else 0.0}
 
 
-# ------------------------------------------------------------------------------------------
-# Results
-# ------------------------------------------------------------------------------------------
-def _git(*args) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def env_info(mode: Mode) -> dict:
-    """Everything a reader needs to trust or reproduce a number."""
-    def version(name):
-        try:
-            return __import__(name).__version__
-        except ImportError:
-            return None
-    # A copy of the tree without .git (a device machine) gets the commit from the environment.
-    commit = _git("rev-parse", "HEAD") or os.environ.get("LORA_KERNELS_GIT_COMMIT") or None
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    info = {
-        "device": torch.cuda.get_device_name(0) if mode.cuda else (platform.processor() or
-                                                                    platform.machine()) + " CPU",
-        "device_label": device_label(mode.quick),
-        "mode": "quick" if mode.quick else "full",
-        "dtype": str(mode.dtype).replace("torch.", ""),
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "triton": version("triton"), "transformers": version("transformers"),
-        "peft": version("peft"), "python": platform.python_version(),
-        "cpu_threads": torch.get_num_threads(),
-        "git_commit": commit, "git_dirty": dirty,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    try:
-        from lora_kernels.ops import backend
-        info["backends"] = {k: str(v) for k, v in backend.describe().items()}
-    except Exception:  # describing backends must never stop a benchmark
-        pass
-    return info
-
-
-def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    def cell(v):
-        if v is None:
-            return "n/a"
-        if isinstance(v, float):
-            return f"{v:,.2f}" if abs(v) < 1e4 else f"{v:,.0f}"
-        return str(v)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def env_line(env: dict) -> str:
-    commit = (env.get("git_commit") or "unknown")[:10] + (" (dirty tree)" if env.get("git_dirty") else "")
-    return (f"Measured on **{env['device']}** ({env['mode']} mode, {env['dtype']}), "
-            f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
-            f"peft {env['peft']}, commit `{commit}`, {env['date']}.")
-
-
-def write_results(out_dir: Path, name: str, payload: dict, markdown: str,
-                  plot: Optional[Callable[[object], None]] = None) -> list[Path]:
-    """``<name>.json`` (everything), ``<name>.md`` (tables) and ``<name>.png`` (``plot(fig)``
-    draws on a matplotlib figure). Returns the paths written."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
-    paths[0].write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    paths[1].write_text(markdown.rstrip() + "\n")
-    if plot is not None:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
-        fig = plt.figure(figsize=(10, 5.5), dpi=110)
-        try:
-            plot(fig)
-            fig.tight_layout()
-            fig.savefig(out_dir / f"{name}.png")
-        finally:
-            plt.close(fig)
-        paths.append(out_dir / f"{name}.png")
-    return paths
-
-
 def progress(iterable, desc: str, total: Optional[int] = None):
     """A tqdm bar (inner level under the runner's bar); a plain iterator without tqdm."""
     try:
@@ -358,3 +271,33 @@ def progress(iterable, desc: str, total: Optional[int] = None):
     off = os.environ.get("LORA_KERNELS_BENCH_NO_PROGRESS") == "1"
     return tqdm(iterable, desc=desc, total=total, leave=False, position=1,
                 disable=True if off else None)
+
+
+# ------------------------------------------------------------------------------------------
+# Results and command line
+# ------------------------------------------------------------------------------------------
+def save(payload: dict, out_dir, markdown: Callable[[dict], str],
+         plot: Callable[[object, dict], None]) -> dict:
+    """Write ``payload`` (common.write_results) with ``markdown(payload)`` and ``plot(fig,
+    payload)``, under ``out_dir`` or bench/results/<device>/; the paths go in
+    ``payload["files"]`` (after the JSON is written: they are where it is, not what it says)."""
+    out_dir = Path(out_dir) if out_dir else common.results_dir(payload["env"]["mode"] == "quick")
+    paths = common.write_results(out_dir, payload, markdown(payload),
+                                 lambda fig: plot(fig, payload), figsize=(10, 5.5))
+    payload["files"] = [str(p) for p in paths]
+    return payload
+
+
+def cli(run: Callable[..., dict], doc: str, argv=None, *, count: str,
+        count_help: Optional[str] = None, quick_help: str = "tiny model on the CPU") -> int:
+    """The scripts' shared command line: ``run(quick, out, dtype, <count>)``, then print the
+    markdown it wrote. ``count`` names the script's repetition option (steps, trials)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", default=None, help="results dir (default bench/results/<device>)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
+    p.add_argument(f"--{count}", type=int, default=None, help=count_help)
+    a = p.parse_args(argv)
+    payload = run(a.quick, a.out, a.dtype, getattr(a, count))
+    print(Path(payload["files"][1]).read_text())
+    return 0

@@ -24,7 +24,6 @@ Rows:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import adapters_baselines as AB  # noqa: E402
+import common  # noqa: E402
 import e2e_common as C  # noqa: E402
 
 NAME = "paper_table1"
@@ -193,7 +193,6 @@ def run(quick: bool = False, out_dir=None, dtype=None, trials=None) -> dict:
     settings = QUICK_SETTINGS if mode.quick else SETTINGS
     trials = trials or (10 if mode.quick else 100)
     warmup = 2 if mode.quick else 10
-    out_dir = Path(out_dir) if out_dir else C.REPO / "bench" / "results" / C.device_label(mode.quick)
     cfg = C.gpt2_config(mode.quick)
     columns, results = [], []
     bar = C.progress(range(trials * len(settings)), desc=NAME, total=trials * len(settings))
@@ -213,12 +212,8 @@ def run(quick: bool = False, out_dir=None, dtype=None, trials=None) -> dict:
         "lora_targets": ["c_attn"], "multi_adapters": N_MULTI,
         "budget_scale": budget_scale(cfg) if mode.quick else 1.0,
     }
-    payload = {"benchmark": NAME, "env": env, "settings": settings_doc, "rows": results,
-               "paper_ms_rtx8000": PAPER_MS}
-    md = markdown(payload)
-    payload["files"] = [str(p) for p in C.write_results(out_dir, NAME, payload, md,
-                                                        lambda fig: plot(fig, payload))]
-    return payload
+    payload = common.results_payload(NAME, results, env, settings_doc, paper_ms_rtx8000=PAPER_MS)
+    return C.save(payload, out_dir, markdown, plot)
 
 
 def _cell(r: dict, stat: str) -> str:
@@ -236,8 +231,8 @@ def _layout(payload: dict, stat: str) -> str:
     keys = [k for k in ROWS if any((k, c) in by for c in cols)]
     rows = [[ROWS[k]] + [_cell(by[(k, c)], stat) if (k, c) in by else "n/a" for c in cols]
             for k in keys]
-    return C.md_table(["Batch size / Sequence length / #adapter params"] +
-                      [c.replace("/", " / ") for c in cols], rows)
+    return common.md_table(["Batch size / Sequence length / #adapter params"] +
+                           [c.replace("/", " / ") for c in cols], rows)
 
 
 def markdown(payload: dict) -> str:
@@ -250,14 +245,15 @@ def markdown(payload: dict) -> str:
         detail.append(f"{c}: LoRA r={lo.get('rank')} on c_attn ({C.human(lo.get('adapter_params', 0))}), "
                       f"AdapterL b={al.get('bottleneck')} ({C.human(al.get('adapter_params', 0))}), "
                       f"AdapterH b={ah.get('bottleneck')} ({C.human(ah.get('adapter_params', 0))})")
-    paper = C.md_table(["Paper (Quadro RTX8000)", "32 / 512 / 0.5M", "16 / 256 / 11M", "1 / 128 / 11M"],
-                       [[ROWS[k], *(f"{v:.1f}" for v in vals)] for k, vals in PAPER_MS.items()])
+    paper = common.md_table(["Paper (Quadro RTX8000)", "32 / 512 / 0.5M", "16 / 256 / 11M",
+                             "1 / 128 / 11M"],
+                            [[ROWS[k], *(f"{v:.1f}" for v in vals)] for k, vals in PAPER_MS.items()])
     quick_note = ("\n> **--quick mode**: tiny GPT-2 on the CPU with scaled-down sizes; these numbers "
                   "show the harness works, not how the kernels perform. GPU figures come from the "
                   "full run.\n" if env["mode"] == "quick" else "")
     return f"""# LoRA paper Table 1, reproduced with unmerged LoRA
 
-{C.env_line(env)}
+{common.env_line(env)}
 {quick_note}
 Forward latency of {s['model']} in ms, **mean of {s['trials']} trials** (the paper's statistic)
 after {s['warmup']} warm-up calls, % over the base model in brackets.
@@ -302,15 +298,7 @@ def plot(fig, payload: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny model on the CPU")
-    p.add_argument("--out", default=None, help="results dir (default bench/results/<device>)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16")
-    p.add_argument("--trials", type=int, default=None)
-    a = p.parse_args(argv)
-    payload = run(a.quick, a.out, a.dtype, a.trials)
-    print(Path(payload["files"][1]).read_text())
-    return 0
+    return C.cli(run, __doc__, argv, count="trials")
 
 
 if __name__ == "__main__":
