@@ -197,6 +197,10 @@ def _tour(dev: torch.device, sz: dict, steps: int, tmp: Path) -> int:
     print(f"check vs PEFT: {'PASS' if r['ok'] else 'FAIL'} (relative error {r['rel']:.1e} pool, "
           f"{r['rel_patched']:.1e} patched PEFT; tolerance {r['tol']:.0e}); training: "
           f"{'loss went down' if ok_learn else 'loss did NOT go down'}")
+    if dev.type == "cpu":
+        print("note: CPU timings of a toy model measure per-layer Python overhead, not kernels; "
+              "`python bench/bench_cpu_torch.py` compares the CPU path at a real size, "
+              "`bash bench/gpu.sh` the Triton/CUDA kernels on a GPU")
     return 0 if r["ok"] and ok_learn else 1
 
 
