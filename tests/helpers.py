@@ -64,3 +64,34 @@ class _FakeDriver:
     def get_benchmarker(self): return None
 driver.set_active(_FakeDriver())
 '''
+
+
+def tiny_gpt2(n_embd=32, n_head=2, vocab=64, n_layer=2, n_positions=16, seed=None):
+    """A GPT-2 built from a config with random weights (no download), its own dropout off so
+    outputs are comparable between runs and implementations."""
+    import transformers
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab,
+                                  n_positions=n_positions, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def run_sm90_compile(script: str) -> str:
+    """Run a compile-only script (prefixed by SM90_FAKE_DRIVER) in a process without the
+    interpreter; skip when the triton wheel ships no ptxas. Returns its stdout."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    import triton
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("triton wheel without ptxas")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "compiled" in proc.stdout
+    return proc.stdout

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import rel_err, tiny_gpt2
 from lora_kernels import LoRABatch, LoRALinear, MultiLoRALinear, PackedLoRALinear
 
 TOL = 1e-5
@@ -71,14 +71,11 @@ def test_compile_multi_lora_linear():
 
 
 def test_compile_patched_peft_model():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from lora_kernels import patch_peft_model
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=97, n_positions=32,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                  bos_token_id=0, eos_token_id=0)
-    model = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(
+    base = tiny_gpt2(n_layer=1, n_embd=32, n_head=4, vocab=97, n_positions=32, seed=0)
+    model = peft.get_peft_model(base, peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
         init_lora_weights=False, rank_pattern={"h.0.attn.c_attn": 6}))
     handle = patch_peft_model(model)

@@ -8,7 +8,7 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
-from helpers import TOL, randn, rel_err
+from helpers import TOL, randn, rel_err, tiny_gpt2
 
 
 def _trained(layer):
@@ -120,10 +120,7 @@ def test_packed_uneven_slices_gqa():
 
 
 def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
-                     bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()  # eval: GPT-2's own dropout off, outputs comparable
+    return tiny_gpt2().eval()
 
 
 def test_inject_mark_state_dict_merge_on_gpt2():

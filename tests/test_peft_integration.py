@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import rel_err
+from helpers import rel_err, tiny_gpt2
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -26,11 +26,7 @@ VOCAB = 97
 
 
 def gpt2(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                  bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg)
+    return tiny_gpt2(n_embd=32, n_head=4, vocab=VOCAB, n_positions=32, seed=seed)
 
 
 def gpt2_peft(dropout=0.0):

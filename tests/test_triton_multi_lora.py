@@ -11,7 +11,8 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
-from helpers import SM90_FAKE_DRIVER, randn, rel_err, tol, triton_device, triton_dtypes
+from helpers import (SM90_FAKE_DRIVER, randn, rel_err, run_sm90_compile, tol, triton_device,
+                     triton_dtypes)
 
 DEV = triton_device()
 if DEV is None:
@@ -430,16 +431,4 @@ def test_kernels_compile_for_sm90():
     GEMM's epilogue loop only meet Triton's compiler and ptxas on a GPU. Compile the GPU configs
     for sm_90 here, without one (a fake driver + warmup-only launches), in a process without
     the interpreter."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
-        pytest.skip("triton wheel without ptxas")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "compiled" in proc.stdout
+    run_sm90_compile(_SM90_SCRIPT)
