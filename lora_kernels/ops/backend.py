@@ -123,6 +123,18 @@ def resolve(backend: str, device: torch.device, op: str, shape_class: str = "any
     return backend
 
 
+def resolve_for(backend: str, rows: torch.Tensor, op: str) -> str:
+    """:func:`resolve` for an op whose leading operand is ``rows`` (``x`` / ``y`` as 2-D): its
+    device, its row count (the shape class) and its dtype — float64 runs on the torch backend
+    only, which ``auto`` picks silently and an explicit other backend refuses."""
+    name = resolve(backend, rows.device, op, shape_class(rows.shape[0]))
+    if rows.dtype == torch.float64 and name != "torch":
+        if backend == "auto":
+            return "torch"
+        raise TypeError(f"float64 inputs run on backend='torch' only (asked for {name!r})")
+    return name
+
+
 @functools.lru_cache(maxsize=None)
 def _module(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name])

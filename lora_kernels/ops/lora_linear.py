@@ -130,14 +130,14 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), K)  # not -1: ambiguous when K = 0
     V.check_index_math("x", x2.shape[0], K)
-    name = _resolve(backend, x2, dtype, "lora_linear")
+    name = _backend.resolve_for(backend, x2, "lora_linear")
     seed = None
     if dropout_seed is not None:
         dropout_seed = _check_seed(dropout_seed)
     if dropout_p > 0.0:
         seed = draw_seed() if dropout_seed is None else torch.tensor(dropout_seed, dtype=torch.int64)
-    args = (x2.contiguous(), weight, _contig(_cast(bias, dtype)), _cast(lora_a, dtype).contiguous(),
-            _cast(lora_b, dtype).contiguous(), scaling, dropout_p, seed, name)
+    args = (x2.contiguous(), weight, V.dense(bias, dtype), V.dense(lora_a, dtype),
+            V.dense(lora_b, dtype), scaling, dropout_p, seed, name)
     if _backend.plain_eager(x, weight, bias, lora_a, lora_b):
         y, _ = _forward(*args)  # inference: skip the custom-op dispatch, same kernels
     else:
@@ -155,25 +155,6 @@ def _check_seed(seed) -> int:
     if not -2**63 <= seed < 2**63:
         raise ValueError(f"dropout_seed must fit in int64, got {seed}")
     return seed
-
-
-def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    # Backends read bias as a dense [N] vector (docs/BACKENDS.md); a strided view such as
-    # bias[::2] would otherwise be read as if it were dense.
-    return t if t is None else t.contiguous()
-
-
-def _resolve(backend: str, x2: Tensor, dtype: torch.dtype, op: str) -> str:
-    name = _backend.resolve(backend, x2.device, op, _backend.shape_class(x2.shape[0]))
-    if dtype == torch.float64 and name != "torch":
-        if backend == "auto":
-            return "torch"
-        raise TypeError(f"float64 inputs run on backend='torch' only (asked for {name!r})")
-    return name
 
 
 def block_diag_lora_b(lora_b_slices: Sequence[Optional[Tensor]], out_slices: Sequence[int]) -> Tensor:

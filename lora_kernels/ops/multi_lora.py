@@ -208,10 +208,6 @@ def _check_slices(out_slices, N: int) -> Optional[list[int]]:
     return sl
 
 
-def _cast(t, dtype):
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
 def _check_stack(x2, weight, bias, lora_a, lora_b, out_slices):
     V.tensor("weight", weight, 2)
     V.tensor("lora_a", lora_a, 3)
@@ -229,15 +225,6 @@ def _check_stack(x2, weight, bias, lora_a, lora_b, out_slices):
         V.shape("bias", bias, (N,), "[N]")
     V.same_device("x", x2, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     return dtype, N, K, S, R, slices, n_slices
-
-
-def _resolve(backend, x2, dtype, op):
-    name = _backend.resolve(backend, x2.device, op, _backend.shape_class(x2.shape[0]))
-    if dtype == torch.float64 and name != "torch":
-        if backend == "auto":
-            return "torch"
-        raise TypeError(f"float64 inputs run on backend='torch' only (asked for {name!r})")
-    return name
 
 
 # ------------------------------------------------------------------------------------------
@@ -263,11 +250,11 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     V.check_index_math("x", x2.shape[0], K)
     sc = _check_scalings(scalings, S, x.device)
     rk = _check_ranks(ranks, S, R, n_slices, x.device)
-    bias_c = None if bias is None else _cast(bias, dtype).contiguous()  # backends read it dense
+    bias_c = V.dense(bias, dtype)
     if not batch.has_lora or x2.shape[0] == 0:
         return F.linear(x2, weight, bias_c).reshape(*lead, N)
-    name = _resolve(backend, x2, dtype, "multi_lora_linear")
-    a, b = _cast(lora_a, dtype).contiguous(), _cast(lora_b, dtype).contiguous()
+    name = _backend.resolve_for(backend, x2, "multi_lora_linear")
+    a, b = V.dense(lora_a, dtype), V.dense(lora_b, dtype)
     need_xa = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or
                                            x2.requires_grad or weight.requires_grad)
     if _backend.plain_eager(x, weight, bias, lora_a, lora_b):
@@ -299,9 +286,9 @@ def lora_shrink(x: Tensor, lora_a: Tensor, batch: LoRABatch, scalings=None, *,
     rk = _check_ranks(ranks, S, RR // n_slices, n_slices, x.device)
     if not batch.has_lora or x.shape[0] == 0:
         return x.new_zeros(x.shape[0], RR, dtype=torch.promote_types(x.dtype, torch.float32))
-    name = _resolve(backend, x, x.dtype, "lora_shrink")
+    name = _backend.resolve_for(backend, x, "lora_shrink")
     return torch.ops.lora_kernels.lora_shrink(
-        x.contiguous(), _cast(lora_a, x.dtype).contiguous(), sc, rk, *batch.tensors(),
+        x.contiguous(), V.dense(lora_a, x.dtype), sc, rk, *batch.tensors(),
         batch.host_ints(), n_slices, name)
 
 
@@ -328,8 +315,8 @@ def lora_expand(y: Tensor, xa: Tensor, lora_b: Tensor, batch: LoRABatch, *,
         return y
     if not y.is_contiguous():
         raise ValueError("y must be contiguous: lora_expand adds into it in place")
-    name = _resolve(backend, y, y.dtype, "lora_expand")
+    name = _backend.resolve_for(backend, y, "lora_expand")
     torch.ops.lora_kernels.lora_expand(
         y, xa.to(torch.promote_types(y.dtype, torch.float32)).contiguous(),
-        _cast(lora_b, y.dtype).contiguous(), rk, *batch.tensors(), batch.host_ints(), slices, name)
+        V.dense(lora_b, y.dtype), rk, *batch.tensors(), batch.host_ints(), slices, name)
     return y

@@ -69,3 +69,12 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
         raise TypeError(f"x and weight must share a dtype (x is {x.dtype}, weight is "
                         f"{weight.dtype}); LoRA factors may differ (they are cast to x's dtype)")
     return x.dtype
+
+
+def dense(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t`` in ``dtype``, contiguous (what backends read): no copy when it already is. Casting
+    happens here, outside the custom op, so fp32 PEFT adapters on a bf16 base get their
+    gradients back in fp32 through autograd."""
+    if t is None:
+        return None
+    return (t if t.dtype == dtype else t.to(dtype)).contiguous()
