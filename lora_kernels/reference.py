@@ -276,10 +276,12 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     """
     xd = apply_dropout(x, seed, dropout_p, keep_mask)
     xa = F.linear(xd, lora_a)
-    y = F.linear(xa * scaling, lora_b, bias)
-    if out is not None:
-        out.copy_(y)
-        y = out
+    if out is None:
+        y = F.linear(xa * scaling, lora_b, bias)
+    elif bias is not None:  # write the seed straight into out: no copy pass
+        y = torch.addmm(bias, xa, lora_b.t(), alpha=scaling, out=out)
+    else:
+        y = torch.mm(xa * scaling, lora_b.t(), out=out)
     y.addmm_(x, weight.t())
     return y, xa
 

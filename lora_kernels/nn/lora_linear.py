@@ -264,12 +264,23 @@ class PackedLoRALinear(_LoRABase):
         return self
 
     def _lora_b_full(self) -> Tensor:
-        blocks, row = [], 0
         b = self.lora_B.weight
+        # Training rebuilds it every call so gradients reach lora_B; inference reuses the last
+        # block-diagonal matrix until lora_B changes (its storage or version counter).
+        cacheable = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and
+                                                               b.requires_grad)
+        key = (b.data_ptr(), None if b.is_inference() else b._version, b.dtype) if cacheable else None
+        cached = self.__dict__.get("_b_full_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        blocks, row = [], 0
         for width, adapted in zip(self.out_slices, self.enable_lora):
             blocks.append(b[row:row + width] if adapted else None)
             row += width if adapted else 0
-        return block_diag_lora_b(blocks, self.out_slices)
+        full = block_diag_lora_b(blocks, self.out_slices)
+        if key is not None:
+            self.__dict__["_b_full_cache"] = (key, full.detach())
+        return full
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", out_slices={self.out_slices}, enable_lora={self.enable_lora}"
