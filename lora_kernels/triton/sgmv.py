@@ -87,6 +87,17 @@ def _rank_of(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS: tl.constexpr):
 
 
 @triton.jit
+def _slice_bounds(BOUNDS, j, full, SLICED: tl.constexpr, SLICE_ALIGN: tl.constexpr):
+    """Columns [lo, hi) of slice j (the whole [0, full) when unsliced). The alignment hint
+    keeps the slices' row segments 16-byte aligned for vector loads/stores."""
+    if SLICED:
+        return (tl.multiple_of(tl.load(BOUNDS + j), SLICE_ALIGN),
+                tl.multiple_of(tl.load(BOUNDS + j + 1), SLICE_ALIGN))
+    else:
+        return 0, full
+
+
+@triton.jit
 def _shrink_tile(X, tok, row_mask, r_mask, k_lo, k_hi, stride_xt, a_row_ptr, stride_ak,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                  PREC: tl.constexpr):
@@ -133,12 +144,7 @@ def _shrink_kernel(
     rank = _rank_of(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
     if r0 >= rank:  # cost follows the real rank: rank tiles past it do nothing
         return
-    if SLICED_IN:
-        c_lo = tl.multiple_of(tl.load(BOUNDS + j), SLICE_ALIGN)
-        c_hi = tl.multiple_of(tl.load(BOUNDS + j + 1), SLICE_ALIGN)
-    else:
-        c_lo = 0
-        c_hi = K
+    c_lo, c_hi = _slice_bounds(BOUNDS, j, K, SLICED_IN, SLICE_ALIGN)
     # An empty K range still stores its (zero) partial: the planes are not pre-zeroed.
     k_lo = c_lo + split * k_per_split
     k_hi = tl.minimum(c_hi, k_lo + k_per_split)
@@ -185,9 +191,7 @@ def _expand_kernel(
         j_lo = rest % n_slices
         j_hi = j_lo + 1
         tile = rest // n_slices
-        # The hint keeps y's row segments 16-byte aligned for vector loads/stores.
-        c_lo = tl.multiple_of(tl.load(BOUNDS + j_lo), SLICE_ALIGN)
-        c_hi = tl.multiple_of(tl.load(BOUNDS + j_lo + 1), SLICE_ALIGN)
+        c_lo, c_hi = _slice_bounds(BOUNDS, j_lo, N_OUT, True, SLICE_ALIGN)
     n0 = c_lo + nt * BLOCK_N
     if n0 >= c_hi:  # the grid covers the widest slice; narrower ones (GQA k/v) stop here
         return
@@ -265,12 +269,7 @@ def _seg_outer_kernel(
     rank = _rank_of(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
     if r0 >= rank:
         return
-    if SLICED_Q:
-        q_lo = tl.multiple_of(tl.load(BOUNDS + j), SLICE_ALIGN)
-        q_hi = tl.multiple_of(tl.load(BOUNDS + j + 1), SLICE_ALIGN)
-    else:
-        q_lo = 0
-        q_hi = Q
+    q_lo, q_hi = _slice_bounds(BOUNDS, j, Q, SLICED_Q, SLICE_ALIGN)
     q0 = q_lo + qt * BLOCK_Q
     if q0 >= q_hi:
         return
