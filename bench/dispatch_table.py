@@ -17,8 +17,9 @@ Inputs
 * **Validation**: the junit XML of ``pytest -m gpu tests/test_ext.py`` (bench/gpu.sh writes
   ``$OUT/gpu-tests.xml``). An op's CUDA kernels are validated when every test in
   ``OP_TESTS[op]`` and ``COMMON_TESTS`` ran on the GPU and passed — none failed, errored or
-  skipped. With ``--sanitizer-dir``, any compute-sanitizer log there reporting errors
-  (bench/sanitize.sh) vetoes every op.
+  skipped. With ``--sanitizer-dir``, every op is vetoed unless that folder holds
+  compute-sanitizer logs (bench/sanitize.sh) and each one is complete (has its
+  ``ERROR SUMMARY`` line) and reports no errors.
 
 Rule
 ----
@@ -83,10 +84,15 @@ def load_rows(results_dirs) -> list[dict]:
 
 
 def _sanitizer_clean(sanitizer_dir) -> bool:
-    for log in Path(sanitizer_dir).glob("*.log"):
-        for m in re.finditer(r"ERROR SUMMARY: (\d+) error", log.read_text(errors="replace")):
-            if int(m.group(1)) > 0:
-                return False
+    """True iff there is at least one sanitizer log and every log is complete (has its
+    ``ERROR SUMMARY`` line; a run cut off by the timeout has none) and reports no errors."""
+    logs = sorted(Path(sanitizer_dir).glob("*.log"))
+    if not logs:
+        return False  # sanitizer missing or never ran: nothing vouches for the kernels
+    for log in logs:
+        summaries = re.findall(r"ERROR SUMMARY: (\d+) error", log.read_text(errors="replace"))
+        if not summaries or any(int(n) > 0 for n in summaries):
+            return False
     return True
 
 
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", action="append", required=True, help="benchmark results dir (repeatable)")
     ap.add_argument("--junit", required=True, help="junit XML of `pytest -m gpu tests/test_ext.py`")
-    ap.add_argument("--sanitizer-dir", help="directory of bench/sanitize.sh logs (any error vetoes CUDA)")
+    ap.add_argument("--sanitizer-dir", help="directory of bench/sanitize.sh logs (an error, an incomplete log or no log vetoes CUDA)")
     ap.add_argument("--out", default=str(REPO / "lora_kernels" / "ops" / "dispatch_table.json"))
     args = ap.parse_args(argv)
     validated = validated_ops(args.junit, args.sanitizer_dir)

@@ -189,9 +189,15 @@ def test_dispatch_table_only_names_validated_winners(tmp_path):
         '</testsuite></testsuites>')
     ok = tool.validated_ops(junit)
     assert "lora_shrink" in ok and "lora_expand" not in ok and "lora_linear" not in ok
-    log = tmp_path / "memcheck.log"
-    log.write_text("========= ERROR SUMMARY: 2 errors\n")
-    assert tool.validated_ops(junit, sanitizer_dir=tmp_path) == set()  # sanitizer findings veto all
+    san = tmp_path / "san"
+    san.mkdir()
+    assert tool.validated_ops(junit, sanitizer_dir=san) == set()  # no logs: nothing vouches
+    (san / "sanitize-memcheck.log").write_text("========= ERROR SUMMARY: 0 errors\n")
+    assert tool.validated_ops(junit, sanitizer_dir=san) == ok     # complete and clean
+    (san / "sanitize-racecheck.log").write_text("========= Program hit an error\n")
+    assert tool.validated_ops(junit, sanitizer_dir=san) == set()  # cut off (timeout): no summary
+    (san / "sanitize-racecheck.log").write_text("========= ERROR SUMMARY: 2 errors\n")
+    assert tool.validated_ops(junit, sanitizer_dir=san) == set()  # sanitizer findings veto all
 
 
 # =============================================================================================
