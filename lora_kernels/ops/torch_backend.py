@@ -101,7 +101,10 @@ def _padded_forward(x, weight, bias, lora_a, lora_b, scalings, ranks, plan, need
     xs = x.index_select(0, x_rows).view(len(act), -1, x.shape[1])
     a, b = lora_a.index_select(0, act), lora_b.index_select(0, act)
     if ranks is not None:  # rank rows/cols past each slot's rank are ignored, NaN-safe
-        keep = torch.arange(a.shape[1]) < ranks.index_select(0, act).to(torch.int64)[:, None]
+        # The contract allows [S] or [S, n_slices]; this path only runs with one slice, so
+        # [S, 1] is the same ranks (reshape raises on a wider [S, n] rather than guess).
+        rk = ranks.reshape(ranks.shape[0])
+        keep = torch.arange(a.shape[1]) < rk.index_select(0, act).to(torch.int64)[:, None]
         zero = torch.zeros((), dtype=a.dtype)
         a = torch.where(keep[:, :, None], a, zero)
         b = torch.where(keep[:, None, :], b, zero)
