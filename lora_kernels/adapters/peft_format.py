@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from lora_kernels.nn.inject import matches_targets
 from lora_kernels.nn.lora_linear import PackedLoRALinear, _LoRABase, is_conv1d
 from lora_kernels.nn.multi_lora import MultiLoRALinear
 
@@ -58,13 +59,8 @@ def _pattern_key(patterns: Mapping[str, Any], module: str) -> Optional[str]:
 
 
 def targets_match(target_modules, module: str) -> bool:
-    """PEFT's rule: a string is a full-match regex; a list matches a path equal to an entry or
-    ending with ``"." + entry``."""
-    if target_modules is None:
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module) is not None
-    return any(module == t or module.endswith("." + t) for t in target_modules)
+    """PEFT's rule (:func:`~lora_kernels.nn.inject.matches_targets`); None targets everything."""
+    return target_modules is None or matches_targets(module, target_modules)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lora_kernels.adapters.peft_format import (AdapterConfig, AdapterMismatchError, PathLike,
                                                config_problems, load_peft_adapter, split_modules)
-from lora_kernels.nn.inject import _is_linear, _matches, _set_child
+from lora_kernels.nn.inject import _is_linear, _set_child, matches_targets
 from lora_kernels.nn.multi_lora import MultiLoRALinear
 from lora_kernels.ops import LoRABatch
 
@@ -143,7 +143,7 @@ class AdapterPool:
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ValueError(f"{nm} must be a positive int, got {v!r}")
             matched = [(n, m) for n, m in model.named_modules()
-                       if n and _matches(n, target_modules) and _is_linear(m)]
+                       if n and matches_targets(n, target_modules) and _is_linear(m)]
             if not matched:
                 raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D "
                                  f"in the model")

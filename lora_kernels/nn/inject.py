@@ -14,7 +14,7 @@ from lora_kernels.nn.multi_lora import MultiLoRALinear
 Targets = Union[str, Sequence[str]]
 
 
-def _matches(name: str, targets: Targets) -> bool:
+def matches_targets(name: str, targets: Targets) -> bool:
     """PEFT's rule: a string is a full-match regex on the module path; a list matches a module
     whose path equals an entry or ends with ``"." + entry``."""
     if isinstance(targets, str):
@@ -58,7 +58,7 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int,
         raise TypeError(f"target_modules must be a regex string or a non-empty list of names, "
                         f"got {target_modules!r}")
     enable_lora = dict(enable_lora or {})
-    matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
+    matched = [(n, m) for n, m in model.named_modules() if n and matches_targets(n, target_modules)]
     # Build every replacement before swapping any in: a layer that fails (bad enable_lora
     # flags, say) leaves the model exactly as it was.
     # (from_linear freezes the shared base weight: undone too.)
