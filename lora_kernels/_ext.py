@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lora_kernels import reference
+
 # Kept in sync with csrc/torch_bindings.cpp (tests/test_ext.py compares them with the registry).
 SCHEMAS = {
     "cuda_dropout_keep_mask":
@@ -95,10 +97,8 @@ def _ops():
     return torch.ops.lora_kernels
 
 
-def _i64(seed: int) -> int:
-    """A seed as the signed int64 the schema carries (same 64 bits the reference masks)."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
+# A seed as the signed int64 the schema carries (same 64 bits the reference masks).
+_i64 = reference.seed_int64
 
 
 def _slices(out_slices) -> list[int]:

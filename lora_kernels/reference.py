@@ -78,6 +78,14 @@ def philox_uint32(seed, counter: Tensor) -> Tensor:
     return c0
 
 
+def seed_int64(seed) -> int:
+    """A seed as the signed int64 carrying the same 64 bits :func:`philox_uint32` keys on
+    (``seed & (2⁶⁴ − 1)`` in two's complement): what int64 op schemas, Triton (which types ints
+    past int64 as uint64) and int64 tensors take."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
 def keep_threshold(p: float) -> int:
     """``ceil(p·2²⁴)``: an element is kept iff its 24 random bits are ≥ this, i.e. iff
     ``bits·2⁻²⁴ ≥ p`` (exact: p·2²⁴ is exact in float64)."""

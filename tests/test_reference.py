@@ -120,3 +120,12 @@ def test_keep_threshold_matches_float_rule():
     for p in (0.0, 1e-9, 0.05, 0.1, 0.3, 0.5, 0.999999):
         t = ref.keep_threshold(p)
         assert t * 2.0**-24 >= p and (t - 1) * 2.0**-24 < p
+
+
+def test_seed_int64_is_the_two_complement_of_the_masked_seed():
+    for seed, want in [(5, 5), (2**64 - 1, -1), (2**63, -(2**63)), (-3, -3), (2**64 + 7, 7)]:
+        assert ref.seed_int64(seed) == want
+    # the same 64 bits key philox_uint32 whichever form the seed comes in
+    c = torch.arange(10)
+    for seed in (2**63 + 11, -3):
+        assert torch.equal(ref.philox_uint32(ref.seed_int64(seed), c), ref.philox_uint32(seed, c))

@@ -44,8 +44,7 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
     if (p <= 0.0 or n < MIN_ELEMENTS or dev.type != "cpu" or _BROKEN
             or os.environ.get("LORA_KERNELS_COMPILE_DROPOUT", "1") == "0"):
         return reference.dropout_keep_mask(seed, rows, cols, p, device, row_offset)
-    s64 = int(seed) & 0xFFFFFFFFFFFFFFFF
-    seed_t = torch.tensor(s64 - 2**64 if s64 >= 2**63 else s64, dtype=torch.int64)
+    seed_t = torch.tensor(reference.seed_int64(seed), dtype=torch.int64)
     start = torch.tensor(row_offset * cols, dtype=torch.int64)
     try:
         keep = _compiled()(seed_t, start, n, reference.keep_threshold(p))

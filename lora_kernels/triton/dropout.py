@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["philox_keep", "drop_threshold", "seed_arg", "dropout_keep_mask"]
+from lora_kernels.reference import seed_int64
 
-_U64 = (1 << 64) - 1
+__all__ = ["philox_keep", "drop_threshold", "seed_arg", "dropout_keep_mask"]
 
 
 def drop_threshold(p: float) -> int:
@@ -36,12 +36,10 @@ def drop_threshold(p: float) -> int:
     return int(math.ceil(float(p) * 16777216.0))
 
 
-def seed_arg(seed: int) -> int:
-    """The seed as a signed 64-bit Python int (Triton types ints past int64 as uint64, and
-    ``tl.randint`` widens any int seed to uint64 two's-complement, like the reference's
-    ``seed & (2⁶⁴ − 1)``)."""
-    s = int(seed) & _U64
-    return s - (1 << 64) if s >= (1 << 63) else s
+# The seed as a signed 64-bit Python int: Triton types ints past int64 as uint64, and
+# ``tl.randint`` widens any int seed to uint64 two's-complement, like the reference's
+# ``seed & (2⁶⁴ − 1)``.
+seed_arg = seed_int64
 
 
 @triton.jit
