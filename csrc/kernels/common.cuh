@@ -2,6 +2,7 @@
 // Philox dropout, batch lookups. No torch here (see lora_kernels.h for why).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -122,5 +123,17 @@ __device__ __forceinline__ int64_t token_at(const BatchMeta& b, int64_t i, int64
 }
 
 template <typename T> __host__ __device__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
+
+// SM count of the current device, asked once per device: every launch's tile heuristic needs it.
+inline int num_sms() {
+  static std::atomic<int> cache[64];  // zero-initialised (static storage); 0 = not asked yet
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 64 && cache[dev].load(std::memory_order_relaxed) > 0) return cache[dev].load(std::memory_order_relaxed);
+  int sms = 132;  // H100 SXM, if the query fails
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (dev < 64) cache[dev].store(sms, std::memory_order_relaxed);
+  return sms;
+}
 
 }  // namespace lk

@@ -236,9 +236,7 @@ cudaError_t launch_fused_gemm_layout(const GemmParams& p, cudaStream_t stream) {
   if (ok(p.w, p.ldw, TRANS_B ? p.N : p.K)) vec |= kVecW;
   if (ok(p.u, p.ldu, p.r)) vec |= kVecU;
   if (ok(p.v, p.ldv, TRANS_B ? p.N : p.r)) vec |= kVecV;
-  int dev = 0, sms = 132;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = num_sms();
   if (p.M <= GemmSmall::BM) return run_fused_gemm<T, TRANS_B, GemmSmall>(p, vec, stream);
   const int64_t large_blocks = ceil_div<int64_t>(p.M, GemmLarge::BM) * ceil_div<int64_t>(p.N, GemmLarge::BN);
   if (large_blocks >= sms) return run_fused_gemm<T, TRANS_B, GemmLarge>(p, vec, stream);

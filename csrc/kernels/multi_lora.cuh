@@ -405,9 +405,7 @@ cudaError_t launch_fused_decode_impl(FusedDecodeParams p, cudaStream_t stream) {
   if (RR > kFusedDecodeMaxRankRows) return cudaErrorInvalidValue;
   // Aim for ~2 blocks per SM; more column blocks per token mean more shrink recomputation,
   // so widen the column range (up to 8 columns per thread) once there are enough tokens.
-  int dev = 0, sms = 132;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = num_sms();
   int64_t cols = kFusedThreads;
   while (cols < 8 * kFusedThreads && p.T * ceil_div<int64_t>(p.N, 2 * cols) >= 2 * sms) cols *= 2;
   p.cols_per_block = cols;
