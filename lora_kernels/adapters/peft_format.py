@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_kernels.nn.inject import matches_targets
-from lora_kernels.nn.lora_linear import PackedLoRALinear, _LoRABase, is_conv1d
+from lora_kernels.nn.lora_linear import PackedLoRALinear, _LoRABase, is_conv1d, lora_scaling
 from lora_kernels.nn.multi_lora import MultiLoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -137,8 +137,7 @@ class AdapterConfig:
     def scaling_for(self, module: str, r: Optional[int] = None) -> float:
         """PEFT's scaling: ``alpha / r`` or, with rsLoRA, ``alpha / sqrt(r)``."""
         r = self.rank_for(module) if r is None else r
-        alpha = self.alpha_for(module)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scaling(r, self.alpha_for(module), self.use_rslora)
 
     def to_dict(self) -> dict:
         """PEFT's ``adapter_config.json`` content (``LoraConfig.from_pretrained`` reads it)."""
