@@ -121,13 +121,6 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
     return out
 
 
-def _apply_dropout(t: Tensor, seed: int, p: float) -> Tensor:
-    if p <= 0.0:
-        return t
-    keep = dropout_keep_mask(seed, t.shape[0], t.shape[1], p, device=t.device)
-    return torch.where(keep, t * (1.0 / (1.0 - p)), torch.zeros((), dtype=t.dtype, device=t.device))
-
-
 def _batch_args(batch) -> tuple:
     return (*batch.tensors(), batch.num_active, batch.max_seg_len)
 
@@ -188,7 +181,8 @@ def lora_linear_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
     dyb = dy @ lora_b if (need_x or need_a) else None  # [M, r], the only new intermediate
     if need_x:
         if x.dtype == torch.float32:
-            low = _apply_dropout((dyb @ lora_a) * scaling, seed, dropout_p)
+            low = reference.apply_dropout((dyb @ lora_a) * scaling, seed, dropout_p,
+                                          dropout_keep_mask)
             dx = torch.mm(dy, weight).add_(low)
         else:
             # dx = dy·W + drop(s·(dy·B)·A) in one tensor-core pass (mask applied in registers)
@@ -200,7 +194,7 @@ def lora_linear_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
     if need_b:
         db = dy.sum(0)
     if need_a:
-        da = (dyb.t() @ _apply_dropout(x, seed, dropout_p)) * scaling
+        da = (dyb.t() @ reference.apply_dropout(x, seed, dropout_p, dropout_keep_mask)) * scaling
     if need_bb:
         dbb = (dy.t() @ xa) * scaling
     return dx, dw, db, da, dbb
