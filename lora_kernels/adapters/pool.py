@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -319,7 +320,7 @@ class AdapterPool:
         """Copy one adapter into slot ``index`` of every layer (lock not held; the slot is
         ``loading`` so no batch can reference it)."""
         stream = self._stream
-        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
             for ev in events:  # kernels of released batches that read this slot are done first
                 stream.wait_event(ev)
@@ -531,11 +532,3 @@ def _check_lengths(tokens_per_sample, samples: int):
     if any(v < 0 for v in vals):
         raise ValueError(f"tokens_per_sample must be >= 0, got {vals}")
     return torch.tensor(vals, dtype=torch.int64)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
