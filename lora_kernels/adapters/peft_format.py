@@ -378,7 +378,7 @@ def _from_model(model: nn.Module) -> tuple[dict, dict]:
         alpha = m.lora_alpha * (math.sqrt(factor) if m.use_rslora else factor) \
             if isinstance(m, PackedLoRALinear) else m.lora_alpha
         modules[name] = (a, b)
-        ra[name] = (r, alpha, is_conv1d_layer(m))
+        ra[name] = (r, alpha, m.fan_in_fan_out)
         rslora.add(m.use_rslora)
     if not modules:
         raise ValueError("the model has no LoRALinear/PackedLoRALinear layers to save")
@@ -386,10 +386,6 @@ def _from_model(model: nn.Module) -> tuple[dict, dict]:
         raise ValueError("layers mix use_rslora=True and False; PEFT stores one use_rslora per "
                          "adapter")
     return modules, {"ranks_alphas": ra, "use_rslora": rslora.pop()}
-
-
-def is_conv1d_layer(m: nn.Module) -> bool:
-    return bool(getattr(m, "fan_in_fan_out", False))
 
 
 def _most_common(values):
