@@ -11,7 +11,10 @@
   also forced to one launch / two launches in decode; ``ours_pair``: the public
   ``lora_shrink`` + ``lora_expand``; ``multi_lora_linear`` for the whole layer, auto / forced
   fused / forced unfused);
-* ``base``   — the bare base GEMM (cuBLAS ``torch.mm``).
+* ``base``   — the bare base GEMM (cuBLAS ``torch.mm``);
+* ``cuda``   — the CUDA extension's whole layer (``multi_lora_linear(backend="cuda")``, the
+  ``cuda`` column of bench/cuda_columns.py), when the extension is built: with ``layer:ours``
+  it gives the ``ms`` pair bench/dispatch_table.py compares.
 
 The peer contenders (``peft``, ``loop``, ``gather``, ``sglang``) live in
 bench/multi_lora_baselines.py; this file holds the cases, ours, the timing and the report.
@@ -224,6 +227,27 @@ def full(delta):
     return fn
 
 
+def cuda_layer(inp: Inputs, n_rot: int):
+    """The CUDA extension's whole layer (bench/cuda_columns.py's ``cuda`` column: the public op
+    with ``backend="cuda"``), one callable per rotation; None when the extension is unavailable."""
+    try:
+        import cuda_columns
+    except Exception as exc:  # noqa: BLE001 - the CUDA column is optional
+        print(f"cuda column unavailable: {exc}", file=sys.stderr)
+        return None
+    if not cuda_columns.available(inp.xs[0].device):
+        return None
+    sl = inp.case.slices if len(inp.case.slices) > 1 else None
+    calls = [cuda_columns.cuda_fns("multi_lora_linear", inp.xs[j], inp.Ws[j % len(inp.Ws)], None,
+                                   inp.A, inp.B, inp.batches[j], scalings=inp.scal,
+                                   ranks=inp.ranks_arg, out_slices=sl)["cuda"]
+             for j in range(n_rot)]
+
+    def fn(inp_: Inputs, j: int):
+        inp_.ys[j] = calls[j]()
+    return fn
+
+
 def ours_layer(path):
     def fn(inp: Inputs, j: int):
         sl = inp.case.slices if len(inp.case.slices) > 1 else None
@@ -366,6 +390,10 @@ def run_case(case: Case, dtype, sgl, l2_bytes, copy_bw, smoke, reps) -> dict:
                 contenders[f"layer:{k}"] = full(v) if k != "ours" else ours_layer("auto")
         contenders["layer:ours_fused"] = ours_layer("fused")
         contenders["layer:ours_unfused"] = ours_layer("unfused")
+    cuda = cuda_layer(inp, n_rot)
+    if cuda is not None:
+        contenders["layer:cuda"] = cuda  # same timer and reference check as layer:ours
+    timer_mode = {}  # name -> how it was timed (res["mode"] says "WRONG" instead when wrong)
     for name, fn in contenders.items():
         if name != "layer:base":
             ref = ours_delta if name.startswith("lora:") else full(ours_delta)
@@ -378,6 +406,7 @@ def run_case(case: Case, dtype, sgl, l2_bytes, copy_bw, smoke, reps) -> dict:
             res["mode"][name] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
             continue
         res["us"][name] = us
+        timer_mode[name] = mode
         res["mode"].setdefault(name, mode)
     ours_us = res["us"].get("lora:ours")
     if ours_us:
@@ -387,6 +416,12 @@ def run_case(case: Case, dtype, sgl, l2_bytes, copy_bw, smoke, reps) -> dict:
     res["op"], res["rows"] = "multi_lora_linear", case.T
     if "layer:ours" in res["us"]:
         res["ms"] = {"triton": res["us"]["layer:ours"] / 1e3}
+        if "layer:cuda" in contenders:
+            # CUDA counts only when its output matched the reference and it was timed the same
+            # way as Triton (both graph replays); None otherwise, which keeps this class on Triton.
+            ok = (res["mode"].get("layer:cuda") != "WRONG" and "layer:cuda" in res["us"]
+                  and timer_mode.get("layer:cuda") == timer_mode.get("layer:ours"))
+            res["ms"]["cuda"] = res["us"]["layer:cuda"] / 1e3 if ok else None
     del inp
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
