@@ -179,11 +179,19 @@ def lora_linear_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
     need_x, need_w, need_b, need_a, need_bb = needs
     dx = dw = db = da = dbb = None
     dyb = dy @ lora_b if (need_x or need_a) else None  # [M, r], the only new intermediate
+    fp32 = x.dtype == torch.float32
+    # The float32 dx and dA drop on the same [M, K] grid: one mask for both (the fp16/bf16
+    # dx applies it in-kernel). None without dropout.
+    keep = None
+    if need_a or (need_x and fp32):
+        keep = reference.keep_like(x, seed, dropout_p, dropout_keep_mask)
     if need_x:
-        if x.dtype == torch.float32:
-            low = reference.apply_dropout((dyb @ lora_a) * scaling, seed, dropout_p,
-                                          dropout_keep_mask)
-            dx = torch.mm(dy, weight).add_(low)
+        if fp32:
+            dx = torch.mm(dy, weight)
+            if keep is None:
+                dx.addmm_(dyb, lora_a, alpha=scaling)
+            else:  # scale the rank-sized factor, not the [M, K] product
+                dx.add_(reference.apply_keep((dyb * scaling) @ lora_a, keep, dropout_p))
         else:
             # dx = dy·W + drop(s·(dy·B)·A) in one tensor-core pass (mask applied in registers)
             dx = torch.empty_like(x)
@@ -194,7 +202,7 @@ def lora_linear_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
     if need_b:
         db = dy.sum(0)
     if need_a:
-        da = (dyb.t() @ reference.apply_dropout(x, seed, dropout_p, dropout_keep_mask)) * scaling
+        da = (dyb.t() @ reference.apply_keep(x, keep, dropout_p)) * scaling
     if need_bb:
         dbb = (dy.t() @ xa) * scaling
     return dx, dw, db, da, dbb

@@ -129,3 +129,56 @@ def test_seed_int64_is_the_two_complement_of_the_masked_seed():
     c = torch.arange(10)
     for seed in (2**63 + 11, -3):
         assert torch.equal(ref.philox_uint32(ref.seed_int64(seed), c), ref.philox_uint32(seed, c))
+
+
+def _counting(gen):
+    calls = []
+
+    def keep_mask(*args, **kwargs):
+        calls.append(args)
+        return gen(*args, **kwargs)
+    return keep_mask, calls
+
+
+def _single_case():
+    x, W = randn(9, 21, dtype=F64, requires_grad=True), randn(14, 21, dtype=F64)
+    A, B = randn(3, 21, dtype=F64, requires_grad=True), randn(14, 3, dtype=F64, requires_grad=True)
+    return x, W, A, B, randn(9, 14, dtype=F64)
+
+
+@pytest.mark.parametrize("needs", [(True, True, True, True, True), (True, False, False, False, True),
+                                   (False, True, True, True, False)])
+def test_single_backward_builds_one_mask(needs):
+    """dx and dA drop on the same [M, K] grid: one keep-mask per backward, same gradients."""
+    x, W, A, B, dy = _single_case()
+    y_ref = ref.lora_linear(x, W, None, A, B, 0.7, 0.25, 11)
+    g_ref = torch.autograd.grad(y_ref, (x, A, B), dy)
+    keep_mask, calls = _counting(ref.dropout_keep_mask)
+    _, xa = ref.lora_linear_forward(x, W, None, A, B, 0.7, 0.25, 11)
+    dx, _, _, da, dbb = ref.lora_linear_backward(dy, x, W, A, B, xa, 0.7, 0.25, 11, needs,
+                                                 keep_mask=keep_mask)
+    assert len(calls) == (1 if needs[0] or needs[3] else 0)
+    for got, want, need in zip((dx, da, dbb), g_ref, (needs[0], needs[3], needs[4])):
+        assert (got is None) == (not need)
+        if need:
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_ext_fp32_backward_builds_one_mask(monkeypatch):
+    """The CUDA backend's float32 single-adapter backward is plain torch around the mask: run it
+    on CPU with the reference mask standing in for the kernel's (bit-identical by contract)."""
+    from lora_kernels import _ext
+    keep_mask, calls = _counting(ref.dropout_keep_mask)
+    monkeypatch.setattr(_ext, "dropout_keep_mask", keep_mask)
+    x, W, A, B, dy = _single_case()
+    x32, W32, A32, B32, dy32 = (t.detach().float() for t in (x, W, A, B, dy))
+    for p in (0.0, 0.25):
+        calls.clear()
+        y_ref = ref.lora_linear(x, W, None, A, B, 0.7, p, 11)
+        g_ref = torch.autograd.grad(y_ref, (x, A, B), dy)
+        xa = ref.lora_linear_forward(x32, W32, None, A32, B32, 0.7, p, 11)[1]
+        dx, _, _, da, dbb = _ext.lora_linear_bwd(dy32, x32, W32, A32, B32, xa, 0.7, p, 11,
+                                                 (True, False, False, True, True))
+        assert len(calls) == (1 if p > 0 else 0)
+        for got, want in zip((dx, da, dbb), g_ref):
+            assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)
