@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_kernels.nn.lora_linear import check_backend, check_dtype, linear_dims
+from lora_kernels.nn.lora_linear import _freeze, check_backend, check_dtype, linear_dims
 from lora_kernels.ops import LoRABatch, multi_lora_linear
+from lora_kernels.ops.multi_lora import _check_slices
 
 
 class MultiLoRALinear(nn.Module):
@@ -38,15 +38,8 @@ class MultiLoRALinear(nn.Module):
         self.bias = getattr(base_linear, "bias", None)
         check_dtype(dtype)
         self.backend = check_backend(backend)
-        try:  # 2.5 or "3" is a mistake, not a width to truncate
-            self.out_slices = None if out_slices is None else tuple(operator.index(w) for w in out_slices)
-        except TypeError as exc:
-            raise TypeError(f"out_slices must be a sequence of int widths, got {out_slices!r} "
-                            f"({exc})") from None
-        if self.out_slices is not None and (sum(self.out_slices) != self.out_features or
-                                            not self.out_slices or min(self.out_slices) <= 0):
-            raise ValueError(f"out_slices {out_slices} must be positive widths summing to "
-                             f"out_features={self.out_features}")
+        slices = _check_slices(out_slices, self.out_features)  # the op's own rule and errors
+        self.out_slices = None if slices is None else tuple(slices)
         n_slices = 1 if self.out_slices is None else len(self.out_slices)
         self.num_slots, self.max_rank, self.n_slices = num_slots, max_rank, n_slices
         factory = {"device": weight.device, "dtype": dtype or weight.dtype}
@@ -56,10 +49,7 @@ class MultiLoRALinear(nn.Module):
         rank_shape = (num_slots,) if n_slices == 1 else (num_slots, n_slices)
         self.register_buffer("ranks", torch.zeros(rank_shape, dtype=torch.int32, device=weight.device))
         self.lora_batch: Optional[LoRABatch] = None
-        # Frozen last: a rejected construction leaves the wrapped layer as it was.
-        weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        _freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
 
     def base_weight(self) -> Tensor:
         return self.weight.t() if self.fan_in_fan_out else self.weight
