@@ -26,9 +26,8 @@ from torch import Tensor, nn
 
 from lora_kernels.integrations.peft_mixed import (BatchCache, StackCache, build_stack,
                                                   needs_grad)
-from lora_kernels.nn.lora_linear import is_conv1d
+from lora_kernels.nn.lora_linear import check_backend, is_conv1d
 from lora_kernels.ops import lora_linear, multi_lora_linear
-from lora_kernels.ops.backend import BACKENDS
 
 _ATTR = "_lora_kernels_patch"
 
@@ -267,8 +266,7 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a PeftModel), got "
                         f"{type(model).__name__}")
-    if not isinstance(backend, str) or backend.lower() not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer.LoraLayer)]
     if not layers:
         raise ValueError("patch_peft_model found no PEFT LoRA layers in the model "
