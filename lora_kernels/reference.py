@@ -424,28 +424,29 @@ def multi_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
         xs = _rows(x, rows)
         dys = _rows(dy, rows)
         rks = _host_ranks(ranks, slot, len(bounds), R)
-        dx_s = None
+        # A run of tokens accumulates straight into its rows of dx (a view); gathered tokens
+        # sum their slices in dx_s, then one index_add_.
+        dx_s = dx[rows] if need_x and isinstance(rows, slice) else None
         for j, (c0, c1) in enumerate(bounds):
             rk = rks[j]
             if rk == 0:
                 continue
             a = lora_a[slot, j * R:j * R + rk]
             b = lora_b[slot, c0:c1, :rk]
-            u = dys[:, c0:c1] @ b  # [G, rk]
+            us = (dys[:, c0:c1] @ b).mul_(s)  # s·dy[G]·B_i, [G, rk]: the scaling goes here
             if need_x:
-                term = (u @ a) * s
-                dx_s = term if dx_s is None else dx_s + term
+                if dx_s is None:
+                    dx_s = us @ a
+                else:
+                    dx_s.addmm_(us, a)
             if need_a:
-                da[slot, j * R:j * R + rk] += (u.t() @ xs) * s
+                da[slot, j * R:j * R + rk].addmm_(us.t(), xs)
             if need_bb:
                 if xa is None:
                     xas = (xs @ a.t()) * s
                 else:
                     xas = _rows(xa, rows)[:, j * R:j * R + rk].to(dys.dtype)
                 dbb[slot, c0:c1, :rk] += dys[:, c0:c1].t() @ xas
-        if dx_s is not None:
-            if isinstance(rows, slice):
-                dx[rows] += dx_s
-            else:
-                dx.index_add_(0, rows, dx_s)
+        if dx_s is not None and not isinstance(rows, slice):
+            dx.index_add_(0, rows, dx_s)
     return dx, dw, db, da, dbb
