@@ -204,7 +204,8 @@ void lora_shrink(const Tensor& x, const Tensor& lora_a, const OptTensor& scaling
   } else {
     TORCH_CHECK(S == 1, "without adapter_ids (single-adapter mode) lora_a must hold one slot, got S = ", S);
   }
-  TORCH_CHECK(lk::ceil_div_host(RR, 8) <= kMaxGridYZ && n_slices * lk::ceil_div_host(p.R, 16) <= kMaxGridYZ,
+  TORCH_CHECK(lk::ceil_div_host(RR, lk::kShrinkWarps) <= kMaxGridYZ &&
+                  n_slices * lk::ceil_div_host(p.R, lk::kPR) <= kMaxGridYZ,
               "too many rank rows: ", RR);
   p.drop = make_dropout(dropout_p, seed);
   p.x = x.data_ptr();
@@ -235,7 +236,7 @@ void lora_expand(Tensor& y, const Tensor& xa, const Tensor& lora_b, const OptTen
   p.n_slices = fill_slices(out_slices, N, p.slice_start);
   check_dense(xa, "xa", at::kFloat, dev, {T, p.n_slices * R});
   TORCH_CHECK(T <= kInt32Max && R <= kInt32Max, "too many tokens or ranks");
-  TORCH_CHECK(lk::ceil_div_host(N, 128) <= kMaxGridYZ, "N = ", N, " is too wide");
+  TORCH_CHECK(lk::ceil_div_host(N, lk::kExpandCols) <= kMaxGridYZ, "N = ", N, " is too wide");
   p.T = T; p.N = N; p.R = static_cast<int>(R);
   p.ranks = make_ranks(ranks, S, p.n_slices, dev);
   p.batch = make_batch(adapter_ids, sorted_token_ids, seg_offsets, active_slots, T, S, num_active,
@@ -274,7 +275,7 @@ void lora_shrink_expand(Tensor& y, const Tensor& x, const Tensor& lora_a, const 
   TORCH_CHECK(RR <= lk::kFusedDecodeMaxRankRows, "cuda_lora_shrink_expand keeps n_slices*R <= ",
               lk::kFusedDecodeMaxRankRows, " rank rows in shared memory, got ", RR,
               "; use cuda_lora_shrink + cuda_lora_expand");
-  TORCH_CHECK(T <= kInt32Max && lk::ceil_div_host(N, 256) <= kMaxGridYZ, "T or N too large");
+  TORCH_CHECK(T <= kInt32Max && lk::ceil_div_host(N, lk::kFusedThreads) <= kMaxGridYZ, "T or N too large");
   p.T = T; p.K = K; p.N = N; p.R = static_cast<int>(R);
   p.ranks = make_ranks(ranks, S, p.n_slices, dev);
   p.adapter_ids = adapter_ids.data_ptr<int32_t>();
@@ -320,7 +321,7 @@ void fused_lora_gemm(const Tensor& a, const Tensor& w, const OptTensor& bias, co
   check_dropout(dropout_p, false);
   TORCH_CHECK(std::isfinite(scaling), "scaling must be finite, got ", scaling);
   TORCH_CHECK(r <= kInt32Max, "rank too large: ", r);
-  TORCH_CHECK(lk::ceil_div_host(N, 64) <= kMaxGridYZ, "N = ", N, " is too wide");
+  TORCH_CHECK(lk::ceil_div_host(N, lk::kGemmNarrowestBN) <= kMaxGridYZ, "N = ", N, " is too wide");
 
   lk::GemmParams p;
   p.a = a.data_ptr(); p.lda = lda;

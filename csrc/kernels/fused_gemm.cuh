@@ -35,6 +35,8 @@ struct GemmCfg {
 using GemmSmall = GemmCfg<32, 64, 64, 2, 2, 4>;    // 128 threads, 48 KB
 using GemmMedium = GemmCfg<64, 128, 64, 2, 2, 3>;  // 128 threads, 72 KB
 using GemmLarge = GemmCfg<128, 128, 64, 2, 4, 3>;  // 256 threads, 96 KB
+static_assert(GemmSmall::BN == kGemmNarrowestBN && GemmMedium::BN >= kGemmNarrowestBN &&
+                  GemmLarge::BN >= kGemmNarrowestBN, "the bindings check the grid with kGemmNarrowestBN");
 
 // Element offset of (row, col) in a tile of ROW_ELEMS-element rows. The 16-byte chunk index is
 // XORed with row % 8, so the 8 rows one ldmatrix phase reads hit 8 different bank groups.

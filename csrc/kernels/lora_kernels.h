@@ -116,4 +116,12 @@ constexpr int64_t ceil_div_host(int64_t a, int64_t b) { return (a + b - 1) / b; 
 // Largest xa footprint (n_slices * R floats) the fused decode kernel keeps in shared memory.
 constexpr int64_t kFusedDecodeMaxRankRows = 8192;
 
+// Tile widths the launch grids are built from; the bindings check grid limits with the same
+// numbers (they were literals there and could drift from the kernels).
+constexpr int kShrinkWarps = 8;      // shrink decode: rank rows per block (one warp each)
+constexpr int kPR = 16;              // shrink prefill: rank rows per block
+constexpr int kExpandCols = 128;     // expand decode: output columns per block
+constexpr int kFusedThreads = 256;   // fused decode: threads = fewest columns per block
+constexpr int kGemmNarrowestBN = 64; // fused GEMM: narrowest column tile of any config
+
 }  // namespace lk

@@ -60,8 +60,6 @@ __device__ __forceinline__ float column_dot(const float* xa, const T* __restrict
 // ------------------------------------------------------------------------------------------
 // shrink, decode: grid (T, ceil(RR / kShrinkWarps)), one warp per (token, rank row)
 // ------------------------------------------------------------------------------------------
-constexpr int kShrinkWarps = 8;
-
 template <typename T>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
 shrink_decode_kernel(ShrinkParams p, bool vec) {
@@ -92,7 +90,7 @@ shrink_decode_kernel(ShrinkParams p, bool vec) {
 // or past the slot's rank exit at once: the cost follows the real rank (in steps of kPR).
 // `out` is zeroed by the launcher, so -1 tokens and rows past the rank need no writes.
 // ------------------------------------------------------------------------------------------
-constexpr int kPT = 128, kPR = 16, kPK = 32;
+constexpr int kPT = 128, kPK = 32;  // kPR: lora_kernels.h
 
 template <typename T>
 __global__ void __launch_bounds__(kPT)
@@ -187,8 +185,6 @@ shrink_prefill_kernel(ShrinkParams p, bool vec) {
 // ------------------------------------------------------------------------------------------
 // expand, decode: grid (T, ceil(N / kExpandCols)), one thread per (token, output column)
 // ------------------------------------------------------------------------------------------
-constexpr int kExpandCols = 128;
-
 template <typename T>
 __global__ void __launch_bounds__(kExpandCols)
 expand_decode_kernel(ExpandParams p, bool vec) {
@@ -295,8 +291,6 @@ expand_prefill_kernel(ExpandParams p) {
 // recomputation stays a small multiple. The block holding a slice's first column also writes
 // that slice's xa (scaled, zeros past the rank) for the backward.
 // ------------------------------------------------------------------------------------------
-constexpr int kFusedThreads = 256;
-
 template <typename T>
 __global__ void __launch_bounds__(kFusedThreads)
 fused_decode_kernel(FusedDecodeParams p, bool vec_a, bool vec_b) {
