@@ -129,7 +129,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         dropout_p = 0.0
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), K)  # not -1: ambiguous when K = 0
-    V.check_index_math("x", x2.shape[0], K)
+    V.check_index_math("x", x2.shape[0])
     name = _backend.resolve_for(backend, x2, "lora_linear")
     seed = None
     if dropout_seed is not None:

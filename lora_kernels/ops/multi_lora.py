@@ -247,7 +247,7 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: ambiguous when K = 0
     dtype, N, K, S, R, slices, n_slices = _check_stack(x2, weight, bias, lora_a, lora_b, out_slices)
     batch = _check_batch(batch, x2.shape[0], S, x.device)
-    V.check_index_math("x", x2.shape[0], K)
+    V.check_index_math("x", x2.shape[0])
     sc = _check_scalings(scalings, S, x.device)
     rk = _check_ranks(ranks, S, R, n_slices, x.device)
     bias_c = V.dense(bias, dtype)

@@ -57,11 +57,11 @@ def scalar(name: str, v, low: float = -math.inf, high: float = math.inf,
     return v
 
 
-def check_index_math(name: str, rows: int, cols: int) -> None:
-    """Kernels compute element offsets in int64, but a row index must fit int32."""
+def check_index_math(name: str, rows: int) -> None:
+    """Kernels compute element offsets in int64 (any column count is fine), but a row index
+    must fit int32."""
     if rows > INDEX_LIMIT:
         raise ValueError(f"{name} has {rows} rows; at most {INDEX_LIMIT} are supported")
-    del cols
 
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
