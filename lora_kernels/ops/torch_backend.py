@@ -16,7 +16,8 @@ lora_linear_bwd = functools.partial(reference.lora_linear_backward, keep_mask=dr
 
 
 def _host(t):
-    # Free for CPU tensors; for CUDA tensors this is the torch fallback's one sync per call.
+    # Free for CPU tensors. On CUDA each call is a device->host sync: the torch fallback pays
+    # one for scalings and one for ranks (when given), in forward and again in backward.
     return None if t is None else t.tolist()
 
 
