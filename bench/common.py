@@ -3,8 +3,9 @@ timing function, one markdown table and one results writer.
 
 * :func:`device_name` / :func:`results_dir` — ``bench/results/<device>/`` (``cpu-quick`` for CPU
   runs, else the GPU's name as a slug, e.g. ``nvidia-h100-80gb-hbm3``);
-* :func:`git_commit` / :func:`env_info` / :func:`env_line` — device, torch / CUDA / triton /
-  transformers / peft versions, git commit (+ dirty flag), date, and that record as one line;
+* :func:`git_commit` / :func:`git_dirty` / :func:`env_info` / :func:`env_line` — device, torch /
+  CUDA / triton / transformers / peft versions, git commit (+ dirty flag; None where unknown),
+  date, and that record as one line;
 * :func:`bench` — median milliseconds: ``triton.testing.do_bench`` on CUDA (warm-up, L2 flushed
   before every repetition so caches cannot flatter), ``perf_counter`` on the CPU;
   :func:`bench_graph` — the same callable replayed from a CUDA graph (no CPU launch overhead);
@@ -56,8 +57,16 @@ def _git(*args: str) -> Optional[str]:
 
 
 def git_commit() -> Optional[str]:
-    # A copy of the tree without .git (a device machine) gets the commit from the environment.
-    return _git("rev-parse", "HEAD") or os.environ.get("LORA_KERNELS_GIT_COMMIT") or None
+    """HEAD's hash; None when unknown. A copy of the tree without .git (a device machine) gets
+    it from ``LORA_KERNELS_GIT_COMMIT`` (bench/gpu.sh); unset or empty means unknown."""
+    return (_git("rev-parse", "HEAD") or os.environ.get("LORA_KERNELS_GIT_COMMIT", "").strip()
+            or None)
+
+
+def git_dirty() -> Optional[bool]:
+    """Whether tracked files differ from HEAD; None when git cannot tell (no git, no .git)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def _version(module: str) -> Optional[str]:
@@ -81,7 +90,7 @@ def env_info(dtype: Optional[torch.dtype] = None, quick: bool = False) -> dict:
         "peft": _version("peft"), "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_dirty": git_dirty(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
@@ -93,7 +102,9 @@ def env_info(dtype: Optional[torch.dtype] = None, quick: bool = False) -> dict:
 
 
 def env_line(env: dict) -> str:
-    commit = (env.get("git_commit") or "unknown")[:10] + (" (dirty tree)" if env.get("git_dirty") else "")
+    dirty = env.get("git_dirty")
+    commit = (env.get("git_commit") or "unknown")[:10] + (
+        " (dirty tree)" if dirty else " (tree state unknown)" if dirty is None else "")
     return (f"Measured on **{env['device']}** ({env['mode']} mode, {env['dtype']}), "
             f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
             f"peft {env['peft']}, commit `{commit}`, {env['date']}.")

@@ -11,12 +11,15 @@
 # (e.g. sglang for the peer column) travel in .whl/ and are installed into /tmp/site.
 # The device tool brings back at most 8 files from $OUT, so logs and results are written to
 # $OUT/work/ and packed into $OUT/gpu-results.tgz at the end; the summary files stay beside it.
+# The device's copy of the tree has no .git: pass the commit in, e.g. (expanded by the caller)
+#   LORA_KERNELS_GIT_COMMIT=<output of `git rev-parse HEAD` here> bash bench/gpu.sh
+# Results record git_commit null when it is neither passed nor readable from git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FINAL=${OUT:-$PWD/gpu-out}
 OUT=$FINAL/work
 mkdir -p "$OUT"
-export LORA_KERNELS_GIT_COMMIT=${LORA_KERNELS_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export LORA_KERNELS_GIT_COMMIT=${LORA_KERNELS_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 export PYTHONUNBUFFERED=1
 STAGES=${*:-build test bench}
 PY=${PYTHON:-python3}
@@ -34,20 +37,8 @@ fi
 
 {
   nvidia-smi || true
-  $PY - <<'EOF'
-import json, subprocess, torch
-try:
-    import triton; tv = triton.__version__
-except ImportError:
-    tv = None
-import os
-commit = os.environ.get("LORA_KERNELS_GIT_COMMIT") or subprocess.run(
-    ["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
-print(json.dumps({"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                  "torch": torch.__version__, "cuda": torch.version.cuda, "triton": tv,
-                  "commit": commit, "dirty": dirty}, indent=2))
-EOF
+  # the same record every results JSON carries (bench/common.env_info)
+  $PY -c 'import json, sys; sys.path.insert(0, "bench"); import common; print(json.dumps(common.env_info(), indent=2))'
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" | tee -a "$OUT/gpu.log"
 

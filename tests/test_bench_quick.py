@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 
 import pytest
 
@@ -29,6 +31,12 @@ TABLE1_ROWS = {
 }
 PATCHED_TABLE1 = "PEFT LoRA + patch_peft_model, unmerged"
 SCENARIOS = ("1 adapter", "8 adapters", "32 adapters", "32 adapters + half base")
+
+
+def _in_git_checkout() -> bool:
+    repo = find_bench_dir().parent
+    return shutil.which("git") is not None and subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True).returncode == 0
 
 
 def _has_patch_peft() -> bool:
@@ -79,6 +87,9 @@ def test_json_records_where_and_how(results, name):
     env = payload["env"]
     for key in ("device", "torch", "triton", "transformers", "peft", "git_commit", "date", "dtype"):
         assert key in env, key
+    if _in_git_checkout():  # run from the repo: the commit is known, so it must be recorded
+        assert isinstance(env["git_commit"], str) and len(env["git_commit"]) == 40, env["git_commit"]
+        assert isinstance(env["git_dirty"], bool)
     assert env["mode"] == "quick"
     assert payload["settings"] and payload["rows"]
 
