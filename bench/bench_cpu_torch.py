@@ -2,7 +2,8 @@
 
 Default: 2 threads, M=2048, K=N=1024, r=16, float32 (issue #2's setting). This machine is noisy
 (±10% run to run), so candidates are interleaved round by round and the *minimum* per candidate
-is compared. Writes JSON + markdown under bench/results/<device>/ (``--out`` to change).
+is compared. Writes ``cpu_torch_backend.{json,md}`` (bench/common.write_results: the record
+carries commit, device and versions) under bench/results/cpu/ (``--out`` to change).
 
     python bench/bench_cpu_torch.py [--rounds 15] [--threads 2] [--out DIR]
 """
@@ -10,8 +11,6 @@ is compared. Writes JSON + markdown under bench/results/<device>/ (``--out`` to 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -22,7 +21,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import lora_kernels as lk  # noqa: E402
+
+NAME = "cpu_torch_backend"
 
 
 def _peft_layer(lin, r, n_adapters=1):
@@ -125,8 +127,7 @@ def run(M=2048, K=1024, N=1024, r=16, n_mixed=16, rounds=15, threads=2):
               for k, d in denom.items()}
     return {"setting": dict(M=M, K=K, N=N, r=r, n_mixed=n_mixed, rounds=rounds, threads=threads,
                             dtype="float32"),
-            "min_ms": best, "ratio_to_bare": ratio, "paired_median_ratio": paired,
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "min_ms": best, "ratio_to_bare": ratio, "paired_median_ratio": paired}
 
 
 def main(argv=None):
@@ -137,20 +138,21 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     res = run(M=a.M, rounds=a.rounds, threads=a.threads)
-    lines = ["| candidate | min ms | × bare (min/min) | × bare (paired median) |",
-             "|---|---|---|---|"]
-    for k, v in res["min_ms"].items():
-        rr, pr = res["ratio_to_bare"].get(k), res["paired_median_ratio"].get(k)
-        lines.append(f"| {k} | {v:.2f} | {'' if rr is None else f'{rr:.3f}'} | "
-                     f"{'' if pr is None else f'{pr:.3f}'} |")
-    table = "\n".join(lines)
+    env = common.env_info(torch.float32, quick=True)  # after run(): records its thread count
+    env["mode"], env["device_label"] = "cpu", "cpu"  # a full-size CPU run, not the --quick check
+    rows = [{"candidate": k, "min_ms": v, "ratio_to_bare": res["ratio_to_bare"].get(k),
+             "paired_median_ratio": res["paired_median_ratio"].get(k)}
+            for k, v in res["min_ms"].items()]
+    table = common.md_table(["candidate", "min ms", "× bare (min/min)", "× bare (paired median)"],
+                            [[r["candidate"], r["min_ms"], r["ratio_to_bare"], r["paired_median_ratio"]]
+                             for r in rows])
     print(table)
-    out = Path(a.out or Path(__file__).resolve().parent / "results" / "cpu")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_torch_backend.json").write_text(json.dumps(res, indent=2))
-    (out / "cpu_torch_backend.md").write_text(
-        f"CPU torch backend, {res['setting']}, torch {res['torch']}, {res['date']}, "
-        f"{os.cpu_count()} cores\n\n" + table + "\n")
+    # Not results_dir(): these CPU runs have always lived in bench/results/cpu/ (cited by the docs).
+    out = Path(a.out) if a.out else common.REPO / "bench" / "results" / "cpu"
+    md = "\n".join([f"# {NAME}", "", common.env_line(env), "",
+                    f"Setting: {res['setting']}; minimum over interleaved rounds.", "", table])
+    paths = common.write_results(out, common.results_payload(NAME, rows, env, res["setting"]), md)
+    print("wrote", *map(str, paths))
 
 
 if __name__ == "__main__":
