@@ -24,17 +24,13 @@ from lora_kernels.ops.batch import LoRABatch
 _EMPTY = (0,)
 
 
-def _batch(ids, order, offsets, active, ints) -> LoRABatch:
-    return LoRABatch.from_parts(ids, order, offsets, active, ints)
-
-
 @torch.library.custom_op("lora_kernels::multi_lora_linear", mutates_args=())
 def _multi_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
               scalings: Tensor, ranks: Optional[Tensor], adapter_ids: Tensor,
               sorted_token_ids: Tensor, seg_offsets: Tensor, active_slots: Tensor,
               batch_ints: Sequence[int], out_slices: Optional[Sequence[int]], need_xa: bool,
               backend: str) -> tuple[Tensor, Tensor]:
-    batch = _batch(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
     return _forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
                     need_xa, backend)
 
@@ -63,7 +59,7 @@ def _multi_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lo
                        active_slots: Tensor, batch_ints: Sequence[int],
                        out_slices: Optional[Sequence[int]], needs: Sequence[bool],
                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    batch = _batch(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
     needs = tuple(bool(n) for n in needs)
     slices = None if out_slices is None else tuple(out_slices)
     bwd = _backend.kernel(backend, "multi_lora_bwd")
@@ -105,7 +101,7 @@ def _shrink_op(x: Tensor, lora_a: Tensor, scalings: Optional[Tensor], ranks: Opt
                adapter_ids: Tensor, sorted_token_ids: Tensor, seg_offsets: Tensor,
                active_slots: Tensor, batch_ints: Sequence[int], n_slices: int,
                backend: str) -> Tensor:
-    batch = _batch(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
     return _backend.kernel(backend, "lora_shrink")(x, lora_a, batch, scalings, ranks, n_slices)
 
 
@@ -120,7 +116,7 @@ def _expand_op(y: Tensor, xa: Tensor, lora_b: Tensor, ranks: Optional[Tensor],
                adapter_ids: Tensor, sorted_token_ids: Tensor, seg_offsets: Tensor,
                active_slots: Tensor, batch_ints: Sequence[int],
                out_slices: Optional[Sequence[int]], backend: str) -> None:
-    batch = _batch(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
     slices = None if out_slices is None else tuple(out_slices)
     out = _backend.kernel(backend, "lora_expand")(y, xa, lora_b, batch, ranks, slices)
     if out is not y:
