@@ -96,6 +96,34 @@ def test_forward_matches_peft_single_and_switched_adapters(monkeypatch):
     assert calls["lora_linear"] > 0
 
 
+def test_several_active_adapters_reuse_their_concatenated_factors(monkeypatch):
+    """Inference with several active adapters concatenates each layer's factors once and reuses
+    them until one changes in place (no .to/scale/cat per forward)."""
+    model = gpt2_peft().eval()
+    model.base_model.set_adapter(["a1", "a2"])
+    x = ids()
+    builds = []
+    orig = integ.concat_adapters
+
+    def counting(layer, adapters, dtype, device):
+        builds.append(tuple(adapters))
+        return orig(layer, adapters, dtype, device)
+    monkeypatch.setattr(integ, "concat_adapters", counting)
+    with torch.no_grad():
+        ref = model(x).logits
+        handle = patch_peft_model(model)
+        out = model(x).logits
+        assert rel_err(out, ref) <= TOL
+        n = len(builds)
+        assert n == 2 and set(builds) == {("a1", "a2")}  # the two c_attn layers have both
+        assert torch.equal(model(x).logits, out) and len(builds) == n  # cache hits
+        model.base_model.model.transformer.h[0].attn.c_attn.lora_B["a2"].weight.mul_(3.0)
+        out2 = model(x).logits
+        assert len(builds) == n + 1  # that layer alone rebuilt
+        handle.unpatch()
+        assert rel_err(out2, model(x).logits) <= TOL
+
+
 def test_plain_linear_layers_and_unpatch_bit_for_bit():
     model = mlp_peft().eval()
     x = torch.randn(2, 5, 13)

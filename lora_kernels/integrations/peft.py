@@ -39,11 +39,12 @@ class LoRAKernelsFallbackWarning(UserWarning):
 class _LayerState:
     """What the patched forward of one layer needs besides the layer itself."""
 
-    __slots__ = ("name", "handle", "conv1d", "stack", "peft_forward")
+    __slots__ = ("name", "handle", "conv1d", "stack", "concat", "peft_forward")
 
     def __init__(self, name: str, handle: "PeftPatchHandle", conv1d: bool, peft_forward):
         self.name, self.handle, self.conv1d = name, handle, conv1d
-        self.stack = StackCache()
+        self.stack = StackCache()  # mixed batches (adapter_names=)
+        self.concat = StackCache(concat_adapters)  # several active adapters
         self.peft_forward = peft_forward
 
 
@@ -197,12 +198,13 @@ def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tens
                            scaling=float(self.scaling[a]), dropout_p=drops[0],
                            training=drops[0] > 0.0, backend=backend)
     if not any(drops):
-        # Several adapters, no dropout: one fused op with their ranks side by side and each
-        # scaling folded into its B columns; torch.cat keeps gradients flowing to every factor.
-        dt = x.dtype
-        lora_a = torch.cat([self.lora_A[a].weight.to(dt) for a in active], dim=0)
-        lora_b = torch.cat([self.lora_B[a].weight.to(dt) * float(self.scaling[a]) for a in active],
-                           dim=1)
+        # Several adapters, no dropout: one fused op with their ranks side by side. Built afresh
+        # when autograd reaches the factors (or under torch.compile, where the cache's checks
+        # would break the graph), else reused until one of them changes.
+        if needs_grad(self, active) or torch.compiler.is_compiling():
+            lora_a, lora_b = concat_adapters(self, active, x.dtype, x.device)
+        else:
+            lora_a, lora_b = st.concat.get(self, active, x.dtype, x.device)
         return lora_linear(x, weight, bias, lora_a, lora_b, scaling=1.0, training=False,
                            backend=backend)
     # With dropout each adapter draws its own mask (PEFT's semantics): the first adapter is
@@ -215,6 +217,17 @@ def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tens
         xa = self.lora_dropout[a](x.to(self.lora_A[a].weight.dtype))
         y = y + (self.lora_B[a](self.lora_A[a](xa)) * float(self.scaling[a])).to(y.dtype)
     return y
+
+
+def concat_adapters(layer: nn.Module, adapters, dtype: torch.dtype, device: torch.device
+                    ) -> tuple[Tensor, Tensor]:
+    """``(lora_a [sum r, K], lora_b [N, sum r])``: the adapters' ranks side by side, each
+    scaling folded into its B columns; torch.cat keeps gradients flowing to every factor."""
+    lora_a = torch.cat([layer.lora_A[a].weight.to(device=device, dtype=dtype) for a in adapters],
+                       dim=0)
+    lora_b = torch.cat([layer.lora_B[a].weight.to(device=device, dtype=dtype) *
+                        float(layer.scaling[a]) for a in adapters], dim=1)
+    return lora_a, lora_b
 
 
 def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> Tensor:

@@ -7,7 +7,9 @@ Two caches make this cheap:
   its pre-forward hooks, and every layer after the first finds it in the cache;
 * each layer's **stack** of adapters (``lora_a [S, R, K]``, ``lora_b [S, N, R]``, scalings, ranks)
   is kept between forwards and rebuilt only when a factor changes (tracked by the tensors'
-  identity, storage and ``_version`` counters, which every in-place update bumps).
+  identity, storage and ``_version`` counters, which every in-place update bumps). The same
+  :class:`StackCache` keeps the side-by-side factors of several *active* adapters (no
+  ``adapter_names``) for :mod:`lora_kernels.integrations.peft`.
 
 When autograd could reach PEFT's parameters the stack is built differentiably on every call
 instead (``torch.stack`` of the live parameters), so gradients land in PEFT's own ``lora_A`` /
@@ -112,11 +114,14 @@ def build_stack(layer, slot_names: Sequence[str], dtype: torch.dtype, device: to
 
 
 class StackCache:
-    """One layer's last stack, reused while the fingerprint of its factors is unchanged."""
+    """One layer's last ``build(layer, names, dtype, device)`` (by default :func:`build_stack`),
+    reused while the fingerprint of its factors is unchanged. Only for forwards autograd does not
+    reach the factors (:func:`needs_grad` False): the cached tensors are built under no_grad."""
 
-    __slots__ = ("key", "tensors")
+    __slots__ = ("build", "key", "tensors")
 
-    def __init__(self):
+    def __init__(self, build=build_stack):
+        self.build = build
         self.key: Optional[tuple] = None
         self.tensors: Optional[tuple] = None
 
@@ -125,7 +130,7 @@ class StackCache:
                _fingerprint(layer, slot_names))
         if self.key != key:
             with torch.no_grad():
-                self.tensors = build_stack(layer, slot_names, dtype, device)
+                self.tensors = self.build(layer, slot_names, dtype, device)
             self.key = key
         return self.tensors
 
