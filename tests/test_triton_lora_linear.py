@@ -192,6 +192,29 @@ def test_split_k_launcher(split):
     assert all(int(t.abs().sum()) == 0 for t in FG._TICKETS.values())
 
 
+def test_split_k_workspace_is_cached():
+    """The decode path's fp32 workspaces are cached per (device, stream) and grown on demand,
+    not allocated per call; u's workspace exists only for LORA=2. A reused (stale) buffer must
+    not leak into the result."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, SPLIT_K=2)
+    FG._WORKSPACE.clear()
+    FG._WORKSPACE_U.clear()
+    x, w, b, a, bb = _inputs(5, 37, 45, 13, torch.float32, DEVICE)
+    TL.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 0, mode=1, config=cfg)
+    assert len(FG._WORKSPACE) == 1 and not FG._WORKSPACE_U
+    (buf,) = FG._WORKSPACE.values()
+    y, xa = TL.lora_linear_fwd(x[:3], w, b, a, bb, 0.5, 0.0, 0, mode=2, config=cfg)
+    (same,) = FG._WORKSPACE.values()
+    assert same is buf and len(FG._WORKSPACE_U) == 1
+    want, want_xa = _ref_fwd(x[:3], w, b, a, bb, 0.5)
+    assert rel_err(y, want) <= 1e-5 and rel_err(xa, want_xa) <= 1e-5
+    x, w, b, a, bb = _inputs(5, 37, 300, 13, torch.float32, DEVICE)  # 2·5·300 > the buffer
+    y, _ = TL.lora_linear_fwd(x, w, b, a, bb, 0.5, 0.0, 0, mode=1, config=cfg)
+    (grown,) = FG._WORKSPACE.values()
+    assert grown is not buf and grown.numel() >= 2 * 5 * 300
+    assert rel_err(y, _ref_fwd(x, w, b, a, bb, 0.5)[0]) <= 1e-5
+
+
 def test_out_column_view():
     x, w, b, a, bb = _inputs(7, 37, 45, 8, torch.float32, DEVICE)
     buf = torch.full((7, 60), 7.0, dtype=torch.float32, device=DEVICE)

@@ -228,20 +228,36 @@ _TUNED = {
                              prune_configs_by={"early_config_prune": C.prune_dropout})(_heuristic_kernel),
 }
 
-# Split-K tickets, one int32 per output tile, kept at zero between launches by the kernel
-# itself. One buffer per (device, stream): launches on one stream are serialised, launches on
-# different streams must not share tickets.
+# Split-K scratch: the tickets (one int32 per output tile, kept at zero between launches by the
+# kernel itself) and the fp32 workspaces ([split, M, N] output slabs; [split, M, BLOCK_R] u
+# slabs for LORA=2). One buffer of each per (device, stream), grown on demand and never shrunk
+# (no allocation per decode step): launches on one stream are serialised, launches on
+# different streams must not share them.
 _TICKETS: dict = {}
+_WORKSPACE: dict = {}
+_WORKSPACE_U: dict = {}
+
+
+def _scratch(cache: dict, device: torch.device, n: int, dtype: torch.dtype,
+             zero: bool = False, floor: int = 1024) -> torch.Tensor:
+    """≥ ``n`` elements of the (device, current stream)'s buffer in ``cache``.
+
+    Under CUDA-graph capture the buffer is allocated per call instead (from the graph's private
+    pool, which the graph keeps alive): a cached buffer baked into a graph would be freed by a
+    later grow while the graph still replays into it."""
+    alloc = torch.zeros if zero else torch.empty
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return alloc(n, dtype=dtype, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < n:
+        buf = cache[key] = alloc(max(n, floor), dtype=dtype, device=device)
+    return buf
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _TICKETS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _TICKETS[key] = buf
-    return buf
+    return _scratch(_TICKETS, device, n, torch.int32, zero=True)
 
 
 def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
@@ -273,8 +289,9 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     max_split = config["SPLIT_K"] if config is not None else (C.MAX_SPLIT_K if path == "small" else 1)
     ws = wsu = tickets = dummy
     if max_split > 1:
-        ws = torch.empty(max_split, M, N, dtype=torch.float32, device=dev)
-        wsu = torch.empty(max_split, M, block_r, dtype=torch.float32, device=dev)
+        ws = _scratch(_WORKSPACE, dev, max_split * M * N, torch.float32)
+        if lora == 2:
+            wsu = _scratch(_WORKSPACE_U, dev, max_split * M * block_r, torch.float32)
         tickets = _tickets(dev, triton.cdiv(M, 16) * triton.cdiv(N, 16))
 
     u_t = u if u is not None else dummy
