@@ -149,17 +149,19 @@ def prune_dropout(configs, named_args, **kwargs):
     return keep or configs
 
 
-def gemm_configs(m: int, small_m_max: int) -> tuple[str, list]:
+def gemm_path(m: int, small_m_max: int) -> str:
+    """Which autotune list (``GEMM_SMALL`` / ``_MEDIUM`` / ``_LARGE``) an M takes."""
     if m <= small_m_max:
-        return "small", GEMM_SMALL
-    return ("medium", GEMM_MEDIUM) if m <= 256 else ("large", GEMM_LARGE)
+        return "small"
+    return "medium" if m <= 256 else "large"
 
 
-def gemm_interpret_config(path: str, split_k: int) -> dict:
+def gemm_interpret_config(path: str) -> dict:
     """One config under TRITON_INTERPRET: the smallest tiles tl.dot allows, so CPU tests on
-    odd shapes still cross tile and split boundaries."""
+    odd shapes still cross tile and split boundaries (the small path splits K in two, so the
+    split-K reduction runs too)."""
     if path == "small":
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=split_k)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=2)
     return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SPLIT_K=1)
 
 

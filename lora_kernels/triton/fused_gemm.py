@@ -282,10 +282,10 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     if lora == 2:
         assert r <= 64 and dropout_p == 0.0, "fused shrink: r ≤ 64 and no dropout"
         assert la is not None and u is not None
-    path, _ = C.gemm_configs(M, small_m_max)
+    path = C.gemm_path(M, small_m_max)
 
     if config is None and C.interpreting():
-        config = C.gemm_interpret_config(path, split_k=2)
+        config = C.gemm_interpret_config(path)
     max_split = config["SPLIT_K"] if config is not None else (C.MAX_SPLIT_K if path == "small" else 1)
     ws = wsu = tickets = dummy
     if max_split > 1:
