@@ -1,5 +1,6 @@
-"""Launch configurations for the single-adapter kernels: autotune lists for H100/H200 and the
-single small config the CPU interpreter uses.
+"""Launch configurations: autotune lists for H100/H200 and the single small config the CPU
+interpreter uses, for the single-adapter kernels and the multi-adapter fused GEMM
+(``multi_fused``; the multi-adapter segment kernels are sized by ``multi_lora.plan``).
 
 None of these numbers has been measured yet on a GPU in this repository (the first GPU session
 runs ``bench/bench_lora_linear.py`` and prunes/extends these lists); they are chosen from the
@@ -183,3 +184,16 @@ def reduce_config(dropout: bool = False) -> dict:
     if interpreting():
         return dict(BLOCK_P=32, BLOCK_M=16, num_warps=4, num_stages=1)
     return dict(BLOCK_P=128, BLOCK_M=32 if dropout else 64, num_warps=4, num_stages=3)
+
+
+# ---- the multi-adapter fused GEMM (multi_fused.py) -------------------------------------------
+# Hopper-sized tiles (wgmma wants BLOCK_M ≥ 64); the small ones serve T of a few hundred, and
+# the last keeps fp32 inputs within shared memory.
+MULTI_FUSED = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                  num_stages=s, num_warps=w)
+    for m, n, k, s, w in [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+                          (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 4, 8),
+                          (64, 64, 32, 3, 4)]
+]
+MULTI_FUSED_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}

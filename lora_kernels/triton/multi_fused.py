@@ -20,6 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lora_kernels.triton import configs as C
 from lora_kernels.triton.sgmv import _pow2, _rank_of
 from lora_kernels.triton.tiles import grouped_tile
 
@@ -91,20 +92,11 @@ def _fused_kernel(
     tl.store(y_ptr, acc.to(Y.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _gpu_configs():
-    # Hopper-sized tiles (wgmma wants BLOCK_M ≥ 64); the small ones serve T of a few hundred,
-    # and the last keeps fp32 inputs within shared memory. BLOCK_K divides 64 in all of them
-    # (launch_fused's EVEN_K test relies on it).
-    shapes = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-              (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 4, 8), (64, 64, 32, 3, 4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                          num_stages=s, num_warps=w) for m, n, k, s, w in shapes]
-
-
+# EVEN_K (no K masks in the main loop) follows whichever BLOCK_K the config has.
+_fused_even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_fused_kernel)
 # Autotuned on GPUs only: the key buckets T by powers of two so a serving loop with a new T
 # every step does not re-tune every step. The interpreter gets one small fixed config.
-_fused_tuned = triton.autotune(configs=_gpu_configs(), key=["N", "K", "t_bucket"])(_fused_kernel)
-INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+_fused_tuned = triton.autotune(configs=C.MULTI_FUSED, key=["N", "K", "t_bucket"])(_fused_even_k)
 
 
 def launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, *, R, n_slices, prec,
@@ -126,14 +118,14 @@ def launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, *, R, n_s
             lora_b.stride(0), lora_b.stride(1), srs, srj)
     flags = dict(BLOCK_R=16, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None,
                  PREC=prec, LORA_PREC=lora_prec)
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
     if interpret or config is not None:
-        cfg = dict(INTERPRET_CONFIG if config is None else config)
+        cfg = dict(C.MULTI_FUSED_INTERPRET if config is None else config)
         launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-        grid = (triton.cdiv(T, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _fused_kernel[grid](*args, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0, **flags, **launch)
+        _fused_even_k[grid](*args, **cfg, **flags, **launch)
     else:
-        def grid(meta):
-            return (triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        # K % 64 == 0 implies K % BLOCK_K == 0 for every GPU config.
-        _fused_tuned[grid](*args, EVEN_K=K % 64 == 0, **flags)
+        _fused_tuned[grid](*args, **flags)
     return y
