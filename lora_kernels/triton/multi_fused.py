@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.triton import configs as C
-from lora_kernels.triton.sgmv import _pow2, _rank_of
+from lora_kernels.triton.sgmv import _rank_of, _ranks_args
 from lora_kernels.triton.tiles import grouped_tile
 
 
@@ -107,16 +107,13 @@ def launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, *, R, n_s
     T, K = x.shape
     N = weight.shape[0]
     xa2 = xa[0] if xa.dim() == 3 else xa
-    if ranks is None:
-        rk, srs, srj = y, 0, 0
-    else:
-        rk, srs, srj = ranks, ranks.stride(0), (ranks.stride(1) if ranks.dim() == 2 else 0)
+    rk, srs, srj, has_rk = _ranks_args(ranks, y)
     args = (x, weight, y if bias is None else bias, y, xa2, lora_b, rk, bounds,
             batch.adapter_ids, batch.sorted_token_ids,
-            T, N, K, R, batch.num_slots, n_slices, min(_pow2(T), 8192),
+            T, N, K, R, batch.num_slots, n_slices, C.m_bucket(T),
             x.stride(0), weight.stride(0), weight.stride(1), y.stride(0), xa2.stride(0),
             lora_b.stride(0), lora_b.stride(1), srs, srj)
-    flags = dict(BLOCK_R=16, HAS_BIAS=bias is not None, HAS_RANKS=ranks is not None,
+    flags = dict(BLOCK_R=16, HAS_BIAS=bias is not None, HAS_RANKS=has_rk,
                  PREC=prec, LORA_PREC=lora_prec)
 
     def grid(meta):

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from lora_kernels.triton import sgmv
+from lora_kernels.triton import configs as C, sgmv
+from lora_kernels.triton.lora_linear import _on_device
 from lora_kernels.triton.multi_fused import launch_fused
 
 __all__ = ["lora_shrink", "lora_expand", "multi_lora_fwd", "multi_lora_bwd"]
@@ -72,24 +73,15 @@ def _on_input_device(fn):
     """Triton launches on the *current* CUDA device: make it the first input's device."""
     @functools.wraps(fn)
     def wrapper(first, *args, **kwargs):
-        dev = first.device
-        if dev.type == "cuda" and dev.index != torch.cuda.current_device():
-            with torch.cuda.device(dev):
-                return fn(first, *args, **kwargs)
-        return fn(first, *args, **kwargs)
+        with _on_device(first):
+            return fn(first, *args, **kwargs)
     return wrapper
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _target_programs(device) -> int:
     if device.type != "cuda":
         return 1
-    return TUNING["programs_per_sm"] * _num_sms(device.index if device.index is not None
-                                                 else torch.cuda.current_device())
+    return TUNING["programs_per_sm"] * C.num_sms(device)
 
 
 _BOUNDS: dict = {}
@@ -158,13 +150,13 @@ def plan(batch, K: int, out_width: int, R: int, n_slices: int, device, elem: int
         return max(1, min(_target_programs(device), nbytes // MIN_BYTES_PER_PROGRAM))
 
     block_m = 16 if decode else (64 if batch.max_seg_len >= 64 else 32)
-    block_r = 16 if decode else min(64, max(16, sgmv._pow2(R)))
+    block_r = 16 if decode else C.rank_block(R)
     tiles = sgmv.token_tiles(batch, block_m)[0]
     base = tiles * n_slices * triton.cdiv(R, block_r)
     # Shrink: split K until the programs cover its bytes (A rows + x), ≥ 256 columns each.
     want = programs_for((A * n_slices * R + T) * K * elem)
-    split = max(1, min(sgmv._pow2(triton.cdiv(want, base)), K // 256))
-    block_k = 64 if not decode else max(64, min(256, sgmv._pow2(triton.cdiv(K, split))))
+    split = max(1, min(triton.next_power_of_2(triton.cdiv(want, base)), K // 256))
+    block_k = 64 if not decode else max(64, min(256, triton.next_power_of_2(triton.cdiv(K, split))))
     if inline:
         block_n = 256  # fewer column tiles = fewer L2 re-reads of A_i
     else:
@@ -323,7 +315,7 @@ def _grad_splits(batch, n_slices, R, width, block_t, block_q, device) -> int:
     if device.type != "cuda":
         return 1
     base = batch.num_active * n_slices * triton.cdiv(R, 16) * triton.cdiv(width, block_q)
-    want = sgmv._pow2(triton.cdiv(_target_programs(device), max(base, 1)))
+    want = triton.next_power_of_2(triton.cdiv(_target_programs(device), max(base, 1)))
     return max(1, min(want, batch.max_seg_len // (8 * block_t)))
 
 

@@ -305,10 +305,6 @@ def _seg_outer_kernel(
 SCAN_MAX_ACTIVE = 4096  # beyond this the per-program prefix scan costs more than empty programs
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def token_tiles(batch, block_m: int) -> tuple[int, bool, int, int]:
     """``(grid tiles, scan, tiles_per_seg, A_BLOCK)`` from the batch's host ints only.
 
@@ -322,7 +318,7 @@ def token_tiles(batch, block_m: int) -> tuple[int, bool, int, int]:
     if A * per_seg <= dense or A > SCAN_MAX_ACTIVE:
         return A * per_seg, False, per_seg, 16
     # A_BLOCK ≥ 16: one compiled variant covers every small batch.
-    return dense, True, per_seg, max(16, _pow2(A))
+    return dense, True, per_seg, max(16, triton.next_power_of_2(A))
 
 
 def _ranks_args(ranks, dummy):
