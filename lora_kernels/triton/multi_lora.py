@@ -103,12 +103,6 @@ def _bounds(out_slices, N: int, device) -> tuple[torch.Tensor, int]:
     return hit
 
 
-def _prec(dtype) -> str:
-    # fp32 inputs keep exact fp32 products in the LoRA MMAs (they are small); for fp16/bf16
-    # the fp32 xa operand goes through tf32, finer than the output's own rounding.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 @dataclass(frozen=True)
 class SegConfig:
     block_m: int
@@ -213,7 +207,7 @@ def _shrink(x, lora_a, batch, scalings, ranks, R, n_slices, cfg, zero: bool):
     planes = alloc(cfg.split, x.shape[0], n_slices * R, dtype=torch.float32, device=x.device)
     return sgmv.launch_shrink(x, lora_a, _a_as_shrink(lora_a, R), planes, batch, cfg, R=R,
                               n_slices=n_slices, scalings=scalings, ranks=ranks, bounds=None,
-                              max_width=x.shape[1], prec=_prec(x.dtype))
+                              max_width=x.shape[1], prec=C.dot_precision(x.dtype))
 
 
 def _one_plane(planes):
@@ -244,7 +238,7 @@ def lora_expand(y, xa, lora_b, batch, ranks, out_slices):
     bounds, align = _bounds(out_slices, N, y.device)
     sgmv.launch_expand(y, xa.float().contiguous()[None], lora_b, _b_as_expand(lora_b), batch, cfg,
                        R=R, n_slices=n_slices, ranks=ranks, bounds=bounds, slice_align=align,
-                       max_width=max_w, prec=_prec(y.dtype))
+                       max_width=max_w, prec=C.dot_precision(y.dtype))
     return y
 
 
@@ -272,7 +266,7 @@ def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_
         # fp32 inputs: the base MMA in 3-pass tf32 (≈ fp32 accuracy, like torch.mm's default;
         # plain tf32's ~4e-4 relative error would sit at the GPU fp32 tolerance).
         launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, R=R,
-                     n_slices=n_slices, prec="tf32x3", lora_prec=_prec(x.dtype),
+                     n_slices=n_slices, prec="tf32x3", lora_prec=C.dot_precision(x.dtype),
                      interpret=x.device.type != "cuda")
         return y, (xa if need_xa else None)
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
@@ -295,7 +289,7 @@ def add_lora_(y, x, lora_a, lora_b, scalings, ranks, batch, out_slices=None, xa_
     bounds, align = _bounds(out_slices, N, x.device)
     cfg = plan(batch, K, max_w, R, n_slices, x.device, x.element_size(), allow_inline=True)
     common = dict(R=R, n_slices=n_slices, ranks=ranks, bounds=bounds, slice_align=align,
-                  max_width=max_w, prec=_prec(x.dtype), xa_out=xa_out)
+                  max_width=max_w, prec=C.dot_precision(x.dtype), xa_out=xa_out)
     if cfg.inline:
         sgmv.launch_expand(y, None, lora_b, _b_as_expand(lora_b), batch, cfg,
                            inline=(x, lora_a, scalings), **common)
@@ -333,7 +327,7 @@ def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, ou
     if not batch.has_lora or T == 0:
         return dx, dw, db, da, dbb
     bounds, align = _bounds(out_slices, N, x.device)
-    prec = _prec(x.dtype)
+    prec = C.dot_precision(x.dtype)
     interp = x.device.type != "cuda"
     block_t, block_q = (16 if interp else 32), 64
     outer = dict(batch=batch, R=R, n_slices=n_slices, ranks=ranks, prec=prec,
