@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import common  # noqa: E402
 import lora_kernels as lk  # noqa: E402
+from dispatch_table import timing_row  # noqa: E402  (the row format lives with its reader)
 
 NAME = "bench_lora_linear"
 FULL_MS = (1, 16, 256, 2048, 8192, 16384)
@@ -61,16 +62,6 @@ QUICK_RANKS = (16,)
 # The targets (H100 bf16): benchmark figures, reported in the markdown, never asserted.
 TARGET_SHAPE = dict(M=8192, K=4096, N=4096, r=16)
 SCALING = 2.0
-
-
-def _try_timing_row():
-    try:
-        from dispatch_table import timing_row
-        return timing_row
-    except Exception:  # noqa: BLE001 - the row format is simple enough to write by hand
-        def timing_row(op, rows, ms, **shape):
-            return {"op": op, "rows": int(rows), "ms": dict(ms), **shape}
-        return timing_row
 
 
 def _peft_layer(w, b, a, bb, p):
@@ -198,7 +189,6 @@ def _triton_configs():
 
 
 def measure(M, K, N, r, dtype, device, *, p, bias, quick, bwd, rep):
-    timing_row = _try_timing_row()
     fns = contenders(M, K, N, r, dtype, device, p=p, bias=bias, quick=quick)
     graph = not quick and M <= 16  # decode: CUDA-graph replays too, over rotated weight copies
     copies = graph_copies(K, N, dtype, device) if graph else 0

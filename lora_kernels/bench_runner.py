@@ -141,10 +141,7 @@ def run_benchmarks(quick: bool = False, out=None, only: Optional[str] = None) ->
         print("lora-kernels bench: no CUDA device, running --quick on the CPU instead "
               "(GPU figures pending)", file=sys.stderr)
         quick = True
-    try:  # the kernel benchmarks' helper names result folders; the same rule either way
-        from common import device_name
-    except ImportError:
-        from e2e_common import device_label as device_name
+    from common import device_name  # bench/common.py: names every benchmark's results folder
     out = Path(out) if out else bench_dir / "results" / device_name(quick)
     out.mkdir(parents=True, exist_ok=True)
     try:
