@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import common  # noqa: E402
 import lora_kernels as lk  # noqa: E402
 from dispatch_table import timing_row  # noqa: E402  (the row format lives with its reader)
+from e2e_common import quick_threads, resolve_mode  # noqa: E402
 
 NAME = "bench_lora_linear"
 FULL_MS = (1, 16, 256, 2048, 8192, 16384)
@@ -346,14 +347,12 @@ def main(argv=None):
     ap.add_argument("--rep", type=int, default=None, help="timing budget per measurement, ms")
     ap.add_argument("--append", action="store_true", help="merge into an existing results JSON")
     args = ap.parse_args(argv)
+    mode = resolve_mode(args.quick, args.dtype)  # no GPU: --quick on the CPU, said so
+    with quick_threads(mode):  # --quick: one thread (tiny GEMMs gain nothing from more)
+        return run(args, mode.quick, mode.device, mode.dtype)
 
-    quick = args.quick or not torch.cuda.is_available()
-    if quick and not args.quick:
-        print("no CUDA device: running --quick on the CPU", file=sys.stderr)
-    device = torch.device("cpu" if quick else "cuda")
-    dtype = getattr(torch, args.dtype or ("float32" if quick else "bfloat16"))
-    if quick:
-        torch.set_num_threads(1)  # tiny GEMMs gain nothing from threads on a shared CPU
+
+def run(args, quick, device, dtype):
     ms = [int(v) for v in args.ms.split(",")] if args.ms else list(QUICK_MS if quick else FULL_MS)
     shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
               if args.shapes else list(QUICK_SHAPES if quick else FULL_SHAPES))
