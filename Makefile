@@ -8,7 +8,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test ext install bench bench-quick clean
+.PHONY: demo test ext install bench-quick clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)

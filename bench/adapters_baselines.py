@@ -101,7 +101,7 @@ def _first(out):
 
 class AttachedAdapters:
     """Handle returned by :func:`attach_adapters`: the adapters (registered as sub-modules of
-    their blocks, so ``.to()`` and ``parameters()`` see them) and ``remove()``."""
+    their blocks, so ``.to()`` and ``parameters()`` see them) and their forward-hook handles."""
 
     def __init__(self, kind: str, bottleneck: int, modules: list, handles: list):
         self.kind, self.bottleneck = kind, bottleneck
@@ -110,11 +110,6 @@ class AttachedAdapters:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for m in self.modules for p in m.parameters())
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 def attach_adapters(model: nn.Module, kind: str, bottleneck: int,
