@@ -7,10 +7,12 @@ minutes on 2 cores) is shared by the tests below.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -19,17 +21,12 @@ from lora_kernels.bench_runner import find_bench_dir, run_benchmarks
 
 BENCHES = ("paper_table1", "bench_training", "bench_serving")
 
-TABLE1_ROWS = {
-    "base": "Fine-Tune / LoRA merged (base model)",
-    "adapter_l": "AdapterL (Lin et al.)",
-    "adapter_h": "AdapterH (Houlsby et al.)",
-    "peft": "PEFT LoRA, unmerged",
-    "ours": "lora-kernels fused LoRA, unmerged",
-    "ours_merged": "lora-kernels LoRA, merged (merge_lora)",
-    "peft_multi": "PEFT LoRA, 8 adapters mixed batch (adapter_names=)",
-    "ours_multi": "lora-kernels MultiLoRALinear, 8 adapters mixed batch",
-}
-PATCHED_TABLE1 = "PEFT LoRA + patch_peft_model, unmerged"
+# The row labels paper_table1 writes (bench/ is not a package: import it from its folder).
+sys.path.insert(0, str(find_bench_dir()))
+import paper_table1  # noqa: E402
+
+TABLE1_ROWS = {k: v for k, v in paper_table1.ROWS.items() if k != "peft_patched"}
+PATCHED_TABLE1 = paper_table1.ROWS["peft_patched"]
 SCENARIOS = ("1 adapter", "8 adapters", "32 adapters", "32 adapters + half base")
 
 
@@ -41,10 +38,9 @@ def _in_git_checkout() -> bool:
 
 def _has_patch_peft() -> bool:
     try:
-        from lora_kernels.integrations.peft import patch_peft_model  # noqa: F401
+        return hasattr(importlib.import_module("lora_kernels.integrations.peft"), "patch_peft_model")
     except ImportError:
         return False
-    return True
 
 
 @pytest.fixture(scope="module")
