@@ -43,9 +43,36 @@ def triton_dtypes(device: str) -> list:
     return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
-    t = (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
-    return t.requires_grad_(requires_grad)
+def gen(seed: int = 0) -> torch.Generator:
+    """A seeded CPU generator (inputs are drawn on the CPU, then moved)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False,
+          generator=None):
+    """Normal values drawn in float64 (from ``generator`` if given), scaled, then rounded to
+    ``dtype``: the float64 reference sees exactly the values the op sees."""
+    t = (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale)
+    return t.to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+def f64(t, grad=None):
+    """``t`` as a float64 CPU leaf for the reference (None stays None); it requires grad as
+    ``t`` does, or as ``grad`` says."""
+    if t is None:
+        return None
+    return t.detach().to("cpu", torch.float64).requires_grad_(t.requires_grad if grad is None else grad)
+
+
+def assert_within_contract(name, got, want64, comp, dtype, device, context="") -> None:
+    """The accuracy contract (DESIGN.md numerics): ``rel_err(got, want64)`` is within the dtype's
+    tolerance or within 2x the error of ``comp``, the same computation composed from torch ops in
+    ``dtype`` (None: the tolerance alone)."""
+    err = rel_err(got, want64)
+    bound = tol(dtype, device)
+    if comp is not None:
+        bound = max(bound, 2 * rel_err(comp, want64))
+    assert err <= bound, f"{name}: rel_err {err:.3g} > {bound:.3g}" + (f" ({context})" if context else "")
 
 
 # Prefix of the subprocess scripts that compile the Triton kernels for an H100 (sm_90) on a

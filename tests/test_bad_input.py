@@ -22,9 +22,8 @@ import torch
 from torch import Tensor, nn
 
 import lora_kernels as lk
-from helpers import triton_device
+from helpers import randn, triton_device
 
-F32 = torch.float32
 META = "meta"  # a second device every machine has: mixed-device misuse without a GPU
 
 
@@ -88,12 +87,8 @@ K, N, R, S, T = 8, 6, 4, 3, 5
 IDS = [0, -1, 2, 2, -1]
 
 
-def rnd(*shape, dtype=F32):
-    return torch.randn(*shape, dtype=torch.float64).to(dtype)
-
-
 def single_kw():
-    return dict(x=rnd(T, K), weight=rnd(N, K), bias=rnd(N), lora_a=rnd(R, K), lora_b=rnd(N, R))
+    return dict(x=randn(T, K), weight=randn(N, K), bias=randn(N), lora_a=randn(R, K), lora_b=randn(N, R))
 
 
 def batch(ids=IDS, slots=S):
@@ -101,17 +96,17 @@ def batch(ids=IDS, slots=S):
 
 
 def multi_kw():
-    return dict(x=rnd(T, K), weight=rnd(N, K), bias=rnd(N), lora_a=rnd(S, R, K),
-                lora_b=rnd(S, N, R), batch=batch(), scalings=torch.ones(S),
+    return dict(x=randn(T, K), weight=randn(N, K), bias=randn(N), lora_a=randn(S, R, K),
+                lora_b=randn(S, N, R), batch=batch(), scalings=torch.ones(S),
                 ranks=torch.tensor([4, 1, 3]))
 
 
 def shrink_kw():
-    return dict(x=rnd(T, K), lora_a=rnd(S, R, K), batch=batch(), scalings=torch.ones(S))
+    return dict(x=randn(T, K), lora_a=randn(S, R, K), batch=batch(), scalings=torch.ones(S))
 
 
 def expand_kw():
-    return dict(y=rnd(T, N), xa=rnd(T, R), lora_b=rnd(S, N, R), batch=batch())
+    return dict(y=randn(T, N), xa=randn(T, R), lora_b=randn(S, N, R), batch=batch())
 
 
 # ------------------------------------------------------------------------------------------
@@ -150,26 +145,26 @@ LL = lk.lora_linear
 ROWS += [op("lora_linear", LL, single_kw, m, c, e, n) for m, c, e, n in [
     ("x 0-D", {"x": torch.tensor(1.0)}, ValueError, r"x.*\[\.\.\., K\]"),
     ("x not a tensor", {"x": [[1.0] * K]}, TypeError, "x must be a torch.Tensor"),
-    ("weight 3-D", {"weight": rnd(N, K, 1)}, ValueError, "weight must be 2-D"),
-    ("weight 1-D", {"weight": rnd(K)}, ValueError, "weight must be 2-D"),
-    ("lora_a 1-D", {"lora_a": rnd(K)}, ValueError, "lora_a must be 2-D"),
-    ("lora_b 3-D", {"lora_b": rnd(N, R, 1)}, ValueError, "lora_b must be 2-D"),
-    ("bias 2-D", {"bias": rnd(N, 1)}, ValueError, "bias must be 1-D"),
-    ("K of x", {"x": rnd(T, K + 1)}, ValueError, r"x must have shape \[\.\.\., K\]"),
-    ("K of lora_a", {"lora_a": rnd(R, K - 1)}, ValueError, r"lora_a must have shape \[r, K\]"),
-    ("N of lora_b", {"lora_b": rnd(N + 1, R)}, ValueError, r"lora_b must have shape \[N, r\]"),
-    ("N of bias", {"bias": rnd(N - 1)}, ValueError, r"bias must have shape \[N\]"),
-    ("r of lora_b", {"lora_b": rnd(N, R + 1)}, ValueError, r"lora_b must have shape \[N, r\] = \[6, 4\]"),
+    ("weight 3-D", {"weight": randn(N, K, 1)}, ValueError, "weight must be 2-D"),
+    ("weight 1-D", {"weight": randn(K)}, ValueError, "weight must be 2-D"),
+    ("lora_a 1-D", {"lora_a": randn(K)}, ValueError, "lora_a must be 2-D"),
+    ("lora_b 3-D", {"lora_b": randn(N, R, 1)}, ValueError, "lora_b must be 2-D"),
+    ("bias 2-D", {"bias": randn(N, 1)}, ValueError, "bias must be 1-D"),
+    ("K of x", {"x": randn(T, K + 1)}, ValueError, r"x must have shape \[\.\.\., K\]"),
+    ("K of lora_a", {"lora_a": randn(R, K - 1)}, ValueError, r"lora_a must have shape \[r, K\]"),
+    ("N of lora_b", {"lora_b": randn(N + 1, R)}, ValueError, r"lora_b must have shape \[N, r\]"),
+    ("N of bias", {"bias": randn(N - 1)}, ValueError, r"bias must have shape \[N\]"),
+    ("r of lora_b", {"lora_b": randn(N, R + 1)}, ValueError, r"lora_b must have shape \[N, r\] = \[6, 4\]"),
     ("x int64", {"x": torch.ones(T, K, dtype=torch.int64)}, TypeError, "x must be float"),
     ("x complex", {"x": torch.ones(T, K, dtype=torch.complex64)}, TypeError, "x must be float"),
     ("x bool", {"x": torch.ones(T, K, dtype=torch.bool)}, TypeError, "x must be float"),
-    ("weight dtype != x", {"weight": rnd(N, K, dtype=torch.float16)}, TypeError, "x and weight must share a dtype"),
+    ("weight dtype != x", {"weight": randn(N, K, dtype=torch.float16)}, TypeError, "x and weight must share a dtype"),
     ("lora_a int32", {"lora_a": torch.ones(R, K, dtype=torch.int32)}, TypeError, "lora_a must be float"),
     ("bias int64", {"bias": torch.ones(N, dtype=torch.int64)}, TypeError, "bias must be float"),
     ("weight None", {"weight": None}, TypeError, "weight must be a torch.Tensor"),
-    ("lora_b on meta", {"lora_b": rnd(N, R).to(META)}, ValueError, "lora_b is on meta"),
-    ("bias on meta", {"bias": rnd(N).to(META)}, ValueError, "bias is on meta"),
-    ("weight on meta", {"weight": rnd(N, K).to(META)}, ValueError, "weight is on meta"),
+    ("lora_b on meta", {"lora_b": randn(N, R).to(META)}, ValueError, "lora_b is on meta"),
+    ("bias on meta", {"bias": randn(N).to(META)}, ValueError, "bias is on meta"),
+    ("weight on meta", {"weight": randn(N, K).to(META)}, ValueError, "weight is on meta"),
     ("scaling str", {"scaling": "2"}, TypeError, "scaling"),
     ("scaling None", {"scaling": None}, TypeError, "scaling"),
     ("scaling complex", {"scaling": 1j}, TypeError, "scaling"),
@@ -194,17 +189,17 @@ ML = lk.multi_lora_linear
 ROWS += [op("multi_lora_linear", ML, multi_kw, m, c, e, n) for m, c, e, n in [
     ("x 0-D", {"x": torch.tensor(1.0)}, ValueError, r"x.*\[T, K\]"),
     ("x int64", {"x": torch.ones(T, K, dtype=torch.int64)}, TypeError, "x must be float"),
-    ("weight 3-D", {"weight": rnd(N, K, 1)}, ValueError, "weight must be 2-D"),
-    ("lora_a 2-D", {"lora_a": rnd(R, K)}, ValueError, "lora_a must be 3-D"),
-    ("lora_b 2-D", {"lora_b": rnd(N, R)}, ValueError, "lora_b must be 3-D"),
-    ("K of x", {"x": rnd(T, K + 1)}, ValueError, r"x must have shape \[T, K\]"),
-    ("K of lora_a", {"lora_a": rnd(S, R, K + 1)}, ValueError, r"lora_a must have shape \[S, n_slices·r_max, K\]"),
-    ("N of lora_b", {"lora_b": rnd(S, N + 1, R)}, ValueError, r"lora_b must have shape \[S, N, r_max\]"),
-    ("r_max of lora_a", {"lora_a": rnd(S, R + 1, K)}, ValueError, r"lora_a must have shape \[S, n_slices·r_max, K\]"),
-    ("S of lora_b", {"lora_b": rnd(S + 1, N, R)}, ValueError, r"lora_a must have shape|num_slots"),
-    ("N of bias", {"bias": rnd(N + 1)}, ValueError, r"bias must have shape \[N\]"),
-    ("weight dtype != x", {"weight": rnd(N, K, dtype=torch.bfloat16)}, TypeError, "x and weight must share a dtype"),
-    ("lora_b on meta", {"lora_b": rnd(S, N, R).to(META)}, ValueError, "lora_b is on meta"),
+    ("weight 3-D", {"weight": randn(N, K, 1)}, ValueError, "weight must be 2-D"),
+    ("lora_a 2-D", {"lora_a": randn(R, K)}, ValueError, "lora_a must be 3-D"),
+    ("lora_b 2-D", {"lora_b": randn(N, R)}, ValueError, "lora_b must be 3-D"),
+    ("K of x", {"x": randn(T, K + 1)}, ValueError, r"x must have shape \[T, K\]"),
+    ("K of lora_a", {"lora_a": randn(S, R, K + 1)}, ValueError, r"lora_a must have shape \[S, n_slices·r_max, K\]"),
+    ("N of lora_b", {"lora_b": randn(S, N + 1, R)}, ValueError, r"lora_b must have shape \[S, N, r_max\]"),
+    ("r_max of lora_a", {"lora_a": randn(S, R + 1, K)}, ValueError, r"lora_a must have shape \[S, n_slices·r_max, K\]"),
+    ("S of lora_b", {"lora_b": randn(S + 1, N, R)}, ValueError, r"lora_a must have shape|num_slots"),
+    ("N of bias", {"bias": randn(N + 1)}, ValueError, r"bias must have shape \[N\]"),
+    ("weight dtype != x", {"weight": randn(N, K, dtype=torch.bfloat16)}, TypeError, "x and weight must share a dtype"),
+    ("lora_b on meta", {"lora_b": randn(S, N, R).to(META)}, ValueError, "lora_b is on meta"),
     ("batch not a LoRABatch", {"batch": torch.tensor(IDS)}, TypeError, "batch must be a LoRABatch"),
     ("batch for other T", {"batch": lambda kw: batch(IDS + [0])}, ValueError, "batch describes 6 tokens but x has T=5"),
     ("batch for other S", {"batch": lambda kw: batch(IDS, S + 1)}, ValueError, "num_slots=4 but the adapter stack has S=3"),
@@ -246,31 +241,31 @@ ROWS.append(Row("multi_lora_linear", "ranks mutated in inference_mode", _ranks_m
 
 SH, EX = lk.lora_shrink, lk.lora_expand
 ROWS += [op("lora_shrink", SH, shrink_kw, m, c, e, n) for m, c, e, n in [
-    ("x 3-D", {"x": rnd(1, T, K)}, ValueError, "x must be 2-D"),
+    ("x 3-D", {"x": randn(1, T, K)}, ValueError, "x must be 2-D"),
     ("x int64", {"x": torch.ones(T, K, dtype=torch.int64)}, TypeError, "x must be float"),
-    ("lora_a 2-D", {"lora_a": rnd(R, K)}, ValueError, "lora_a must be 3-D"),
-    ("K of x", {"x": rnd(T, K - 1)}, ValueError, r"x must have shape \[T, K\]"),
+    ("lora_a 2-D", {"lora_a": randn(R, K)}, ValueError, "lora_a must be 3-D"),
+    ("K of x", {"x": randn(T, K - 1)}, ValueError, r"x must have shape \[T, K\]"),
     ("n_slices 0", {"n_slices": 0}, ValueError, "n_slices must be a positive int"),
     ("n_slices bool", {"n_slices": True}, ValueError, "n_slices"),
     ("n_slices not dividing", {"n_slices": 3}, ValueError, "n_slices must be a positive int dividing"),
     ("batch for other T", {"batch": lambda kw: batch(IDS[:-1])}, ValueError, "T=5"),
     ("scalings too long", {"scalings": torch.ones(S + 1)}, ValueError, r"scalings must have shape \[S\]"),
     ("ranks > r_max", {"ranks": torch.tensor([5, 1, 1])}, ValueError, r"ranks must lie in \[0, r_max=4\]"),
-    ("lora_a on meta", {"lora_a": rnd(S, R, K).to(META)}, ValueError, "lora_a is on meta"),
+    ("lora_a on meta", {"lora_a": randn(S, R, K).to(META)}, ValueError, "lora_a is on meta"),
 ]]
-ROWS.append(op("lora_shrink", SH, lambda: {**shrink_kw(), "x": rnd(T, K).double()},
+ROWS.append(op("lora_shrink", SH, lambda: {**shrink_kw(), "x": randn(T, K).double()},
                "float64 on triton", {"backend": "triton"}, TypeError, "float64", _interp_only()))
 ROWS += [op("lora_expand", EX, expand_kw, m, c, e, n) for m, c, e, n in [
-    ("y 1-D", {"y": rnd(N)}, ValueError, "y must be 2-D"),
+    ("y 1-D", {"y": randn(N)}, ValueError, "y must be 2-D"),
     ("y int64", {"y": torch.zeros(T, N, dtype=torch.int64)}, TypeError, "y must be float"),
     ("xa int64", {"xa": torch.zeros(T, R, dtype=torch.int64)}, TypeError, "xa must be float"),
-    ("xa wrong width", {"xa": rnd(T, R + 1)}, ValueError, r"xa must have shape \[T, n_slices·r_max\]"),
-    ("lora_b 2-D", {"lora_b": rnd(N, R)}, ValueError, "lora_b must be 3-D"),
-    ("N of y", {"y": rnd(T, N + 1)}, ValueError, r"y must have shape \[T, N\]"),
-    ("y non-contiguous", {"y": rnd(N, T).t()}, ValueError, "y must be contiguous"),
+    ("xa wrong width", {"xa": randn(T, R + 1)}, ValueError, r"xa must have shape \[T, n_slices·r_max\]"),
+    ("lora_b 2-D", {"lora_b": randn(N, R)}, ValueError, "lora_b must be 3-D"),
+    ("N of y", {"y": randn(T, N + 1)}, ValueError, r"y must have shape \[T, N\]"),
+    ("y non-contiguous", {"y": randn(N, T).t()}, ValueError, "y must be contiguous"),
     ("ranks > r_max", {"ranks": torch.tensor([1, 1, 7])}, ValueError, r"ranks must lie in \[0, r_max=4\]"),
     ("out_slices wrong sum", {"out_slices": (1, 2)}, ValueError, "out_slices"),
-    ("xa on meta", {"xa": rnd(T, R).to(META)}, ValueError, "xa is on meta"),
+    ("xa on meta", {"xa": randn(T, R).to(META)}, ValueError, "xa is on meta"),
     ("batch for other S", {"batch": lambda kw: batch(IDS, S + 2)}, ValueError, "num_slots=5"),
 ]]
 
@@ -369,26 +364,26 @@ def _trained_lora():
 
 def _multi(out_slices=None):
     layer = lk.MultiLoRALinear(nn.Linear(8, 6), num_slots=2, max_rank=4, out_slices=out_slices)
-    layer.set_adapter(0, rnd(2 * (1 if out_slices is None else len(out_slices)), 8), rnd(6, 2), 0.5)
+    layer.set_adapter(0, randn(2 * (1 if out_slices is None else len(out_slices)), 8), randn(6, 2), 0.5)
     return layer
 
 
 SA = "MultiLoRALinear.set_adapter"
 ROWS += [
-    module_call("LoRALinear.forward", "K of x", _trained_lora, lambda m: m(rnd(3, 9)), ValueError, r"x must have shape \[\.\.\., K\]"),
+    module_call("LoRALinear.forward", "K of x", _trained_lora, lambda m: m(randn(3, 9)), ValueError, r"x must have shape \[\.\.\., K\]"),
     module_call("LoRALinear.forward", "x int64", _trained_lora, lambda m: m(torch.ones(3, 8, dtype=torch.int64)), TypeError, "x must be float"),
-    module_call("LoRALinear.forward", "x on meta", _trained_lora, lambda m: m(rnd(3, 8).to(META)), ValueError, "is on"),
-    module_call(SA, "slot out of range", _multi, lambda m: m.set_adapter(2, rnd(2, 8), rnd(6, 2), 1.0), ValueError, "slot"),
-    module_call(SA, "slot float", _multi, lambda m: m.set_adapter(1.0, rnd(2, 8), rnd(6, 2), 1.0), ValueError, "slot"),
-    module_call(SA, "rank > max_rank", _multi, lambda m: m.set_adapter(1, rnd(5, 8), rnd(6, 5), 1.0), ValueError, "lora_b must have shape"),
-    module_call(SA, "lora_a wrong K", _multi, lambda m: m.set_adapter(1, rnd(2, 7), rnd(6, 2), 1.0), ValueError, r"lora_a must have shape \[n_slices·r, in\]"),
-    module_call(SA, "lora_a list", _multi, lambda m: m.set_adapter(1, [[1.0] * 8] * 2, rnd(6, 2), 1.0), TypeError, "lora_a"),
-    module_call(SA, "lora_b int", _multi, lambda m: m.set_adapter(1, rnd(2, 8), torch.ones(6, 2, dtype=torch.int64), 1.0), TypeError, "lora_b"),
-    module_call(SA, "scaling str", _multi, lambda m: m.set_adapter(0, rnd(2, 8), rnd(6, 2), "1"), TypeError, "scaling"),
-    module_call(SA, "scaling nan", _multi, lambda m: m.set_adapter(0, rnd(2, 8), rnd(6, 2), float("nan")), ValueError, "scaling"),
-    module_call(SA, "slice_ranks > r", lambda: _multi((3, 3)), lambda m: m.set_adapter(0, rnd(4, 8), rnd(6, 2), 1.0, slice_ranks=[2, 3]), ValueError, "slice_ranks"),
-    module_call("MultiLoRALinear.forward", "batch for other T", _multi, lambda m: m(rnd(3, 8), batch([0, 1], 2)), ValueError, "T=3"),
-    module_call("MultiLoRALinear.forward", "batch not a LoRABatch", _multi, lambda m: m(rnd(3, 8), [0, 1, 0]), TypeError, "batch"),
+    module_call("LoRALinear.forward", "x on meta", _trained_lora, lambda m: m(randn(3, 8).to(META)), ValueError, "is on"),
+    module_call(SA, "slot out of range", _multi, lambda m: m.set_adapter(2, randn(2, 8), randn(6, 2), 1.0), ValueError, "slot"),
+    module_call(SA, "slot float", _multi, lambda m: m.set_adapter(1.0, randn(2, 8), randn(6, 2), 1.0), ValueError, "slot"),
+    module_call(SA, "rank > max_rank", _multi, lambda m: m.set_adapter(1, randn(5, 8), randn(6, 5), 1.0), ValueError, "lora_b must have shape"),
+    module_call(SA, "lora_a wrong K", _multi, lambda m: m.set_adapter(1, randn(2, 7), randn(6, 2), 1.0), ValueError, r"lora_a must have shape \[n_slices·r, in\]"),
+    module_call(SA, "lora_a list", _multi, lambda m: m.set_adapter(1, [[1.0] * 8] * 2, randn(6, 2), 1.0), TypeError, "lora_a"),
+    module_call(SA, "lora_b int", _multi, lambda m: m.set_adapter(1, randn(2, 8), torch.ones(6, 2, dtype=torch.int64), 1.0), TypeError, "lora_b"),
+    module_call(SA, "scaling str", _multi, lambda m: m.set_adapter(0, randn(2, 8), randn(6, 2), "1"), TypeError, "scaling"),
+    module_call(SA, "scaling nan", _multi, lambda m: m.set_adapter(0, randn(2, 8), randn(6, 2), float("nan")), ValueError, "scaling"),
+    module_call(SA, "slice_ranks > r", lambda: _multi((3, 3)), lambda m: m.set_adapter(0, randn(4, 8), randn(6, 2), 1.0, slice_ranks=[2, 3]), ValueError, "slice_ranks"),
+    module_call("MultiLoRALinear.forward", "batch for other T", _multi, lambda m: m(randn(3, 8), batch([0, 1], 2)), ValueError, "T=3"),
+    module_call("MultiLoRALinear.forward", "batch not a LoRABatch", _multi, lambda m: m(randn(3, 8), [0, 1, 0]), TypeError, "batch"),
     module_call("MultiLoRALinear.set_lora_batch", "batch str", _multi, lambda m: m.set_lora_batch("b"), TypeError, "batch"),
 ]
 
@@ -447,8 +442,8 @@ def _sd(r=4, modules=("0", "2"), dims=None):
     sd = {}
     for m in modules:
         k, n = dims[m]
-        sd[f"base_model.model.{m}.lora_A.weight"] = rnd(r, k)
-        sd[f"base_model.model.{m}.lora_B.weight"] = rnd(n, r)
+        sd[f"base_model.model.{m}.lora_A.weight"] = randn(r, k)
+        sd[f"base_model.model.{m}.lora_B.weight"] = randn(n, r)
     return sd, {"r": r, "lora_alpha": 8, "target_modules": list(modules)}
 
 
@@ -489,7 +484,7 @@ ROWS += [
     pool_row("rank > max_rank", lambda p: p.load("b", *_sd(r=6)), ValueError, "exceeds the pool's max_rank=4"),
     pool_row("in/out mismatch", lambda p: p.load("b", *_sd(dims={"0": (PK + 1, PH), "2": (PH, 8)})), ValueError, r"module '0' is \[in=16, out=24\]"),
     pool_row("unknown module", lambda p: p.load("b", *_sd(modules=("0", "1"), dims={"0": (PK, PH), "1": (PH, 8)})), ValueError, "module '1'"),
-    pool_row("lora_B missing", lambda p: p.load("b", {"base_model.model.0.lora_A.weight": rnd(4, PK)}, {"r": 4}), ValueError, "has no lora_B"),
+    pool_row("lora_B missing", lambda p: p.load("b", {"base_model.model.0.lora_A.weight": randn(4, PK)}, {"r": 4}), ValueError, "has no lora_B"),
     pool_row("lora_A int tensor", lambda p: p.load("b", {**_sd()[0], "base_model.model.0.lora_A.weight": torch.ones(4, PK, dtype=torch.int64)}, _sd()[1]), ValueError, "must be a 2-D float tensor"),
     pool_row("config r disagrees", lambda p: p.load("a", _sd(r=4)[0], {"r": 2, "lora_alpha": 8}), ValueError, "config says r=2"),
     pool_row("unknown adapter in batch", lambda p: p.batch(["zzz"]), KeyError, "zzz"),
@@ -536,12 +531,12 @@ def _spoil(tmp: Path, how: str) -> Path:
         from safetensors.torch import load_file, save_file
         sd = load_file(str(st))
         key = next(k for k in sd if "lora_B" in k)
-        sd[key] = rnd(sd[key].shape[0], 3)
+        sd[key] = randn(sd[key].shape[0], 3)
         save_file(sd, str(st))
     elif how == "non-LoRA key":
         from safetensors.torch import load_file, save_file
         sd = load_file(str(st))
-        sd["base_model.model.0.weight"] = rnd(PH, PK)
+        sd["base_model.model.0.weight"] = randn(PH, PK)
         save_file(sd, str(st))
     elif how == "no config":
         cfg.unlink()
@@ -653,7 +648,7 @@ def save_row(misuse, source, config, exc, needle):
 ROWS += [
     save_row("state dict without config", lambda: _sd()[0], None, ValueError, "config="),
     save_row("model without LoRA layers", _mlp, None, ValueError, "no LoRALinear"),
-    save_row("state dict with a non-LoRA key", lambda: {**_sd()[0], "x.weight": rnd(2, 2)},
+    save_row("state dict with a non-LoRA key", lambda: {**_sd()[0], "x.weight": randn(2, 2)},
              {"r": 4, "lora_alpha": 8}, ValueError, "not a LoRA factor"),
     save_row("config r disagrees with tensors", lambda: _sd(r=4)[0], {"r": 2, "lora_alpha": 8},
              ValueError, "config says r=2"),

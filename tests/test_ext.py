@@ -26,7 +26,7 @@ import lora_kernels as lk
 from lora_kernels import _ext, reference as ref
 from lora_kernels.ops import backend as B
 from lora_kernels.ops.batch import LoRABatch
-from helpers import randn, rel_err, tol
+from helpers import f64, randn, rel_err, tol
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +208,8 @@ DEV = "cuda"
 
 
 def _d(t):
-    return None if t is None else t.detach().to(F64).cpu()
+    """float64 CPU copy for the reference, never requiring grad (the GPU tests set that)."""
+    return f64(t, grad=False)
 
 
 def _triton(fn):

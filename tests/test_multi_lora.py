@@ -7,7 +7,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
-from helpers import TOL, randn, rel_err
+from helpers import TOL, f64, randn, rel_err
 
 F64 = torch.float64
 S, R = 5, 8
@@ -39,10 +39,6 @@ def _stack(K, N, n_slices=1, dtype=torch.float32, grad=False):
     return A, B
 
 
-def _d(t):
-    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-
-
 @pytest.mark.parametrize("kind", ["identical", "distinct", "uniform", "zipf", "with_base", "only_base"])
 @pytest.mark.parametrize("T", [1, 7, 33])
 def test_forward_and_grads_over_distributions(kind, T):
@@ -54,7 +50,7 @@ def test_forward_and_grads_over_distributions(kind, T):
     sc = torch.rand(S) + 0.5
     batch = lk.LoRABatch.from_adapter_ids(ids, S)
     y = lk.multi_lora_linear(x, W, b, A, B, batch, scalings=sc, backend="torch")
-    x64, A64, B64 = _d(x), _d(A), _d(B)
+    x64, A64, B64 = f64(x), f64(A), f64(B)
     y64 = ref.multi_lora_linear(x64, W.double(), b.double(), A64, B64, ids, sc.double())
     assert rel_err(y, y64) <= TOL[torch.float32]
     dy = randn(T, N)
@@ -82,7 +78,7 @@ def test_mixed_ranks_and_packed_slices(slices):
     batch = lk.LoRABatch.from_adapter_ids(ids, S)
     y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, ranks=ranks, out_slices=slices,
                              backend="torch")
-    x64, A64, B64 = _d(x), _d(A), _d(B)
+    x64, A64, B64 = f64(x), f64(A), f64(B)
     y64 = ref.multi_lora_linear(x64, W.double(), None, A64, B64, ids, sc.double(), ranks, slices)
     assert rel_err(y, y64) <= TOL[torch.float32]
     dy = randn(T, N)
@@ -231,7 +227,7 @@ def test_contiguous_runs_and_gathered_groups_agree(per_sample):
     A, B = _stack(K, N, grad=True)
     sc = torch.rand(S) + 0.5
     y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, backend="torch")
-    x64, A64, B64 = _d(x), _d(A), _d(B)
+    x64, A64, B64 = f64(x), f64(A), f64(B)
     y64 = ref.multi_lora_linear(x64, W.double(), None, A64, B64, ids, sc.double())
     assert rel_err(y, y64) <= TOL[torch.float32]
     dy = randn(T, N)
@@ -253,7 +249,7 @@ def test_padded_bmm_path_isolates_nan_adapters_and_matches_reference():
     sc = torch.rand(S) + 0.5
     ranks = torch.tensor([8, 3, 8, 5, 8])
     y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, ranks=ranks, backend="torch")
-    x64, A64, B64 = _d(x), _d(A), _d(B)
+    x64, A64, B64 = f64(x), f64(A), f64(B)
     y64 = ref.multi_lora_linear(x64, W.double(), None, A64, B64, ids, sc.double(), ranks)
     assert rel_err(y, y64) <= TOL[torch.float32]
     dy = randn(25, N)

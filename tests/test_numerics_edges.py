@@ -23,7 +23,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
-from helpers import rel_err, tol, triton_device
+from helpers import assert_within_contract, f64, gen, randn, rel_err, tol, triton_device
 
 
 # numpy (under the Triton interpreter) warns about the very NaN/inf arithmetic tested here.
@@ -57,18 +57,6 @@ def _dtypes(be) -> list:
 
 def _interp(be) -> bool:
     return be == ("triton", "cpu")
-
-
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
-def rnd(*shape, g, dtype, device, scale=1.0):
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
-
-
-def f64(t):
-    return None if t is None else t.detach().to("cpu", torch.float64).requires_grad_(t.requires_grad)
 
 
 def same_nonfinite(name: str, got: torch.Tensor, want: torch.Tensor, exact: bool = True) -> None:
@@ -108,13 +96,13 @@ SINGLE_SPOTS = {"x": (3, 11), "weight": (4, 11), "bias": (6,), "lora_a": (2, 20)
 @pytest.mark.parametrize("poison", list(POISONS))
 def test_single_nonfinite_lands_where_the_reference_puts_it(be, where, poison):
     name, dev = be
-    g = _gen(1)
+    g = gen(1)
     for dtype in _dtypes(be):
-        t = dict(x=rnd(M, K, g=g, dtype=dtype, device=dev),
-                 weight=rnd(N, K, g=g, dtype=dtype, device=dev, scale=K ** -0.5),
-                 bias=rnd(N, g=g, dtype=dtype, device=dev),
-                 lora_a=rnd(R, K, g=g, dtype=dtype, device=dev, scale=K ** -0.5),
-                 lora_b=rnd(N, R, g=g, dtype=dtype, device=dev))
+        t = dict(x=randn(M, K, generator=g, dtype=dtype, device=dev),
+                 weight=randn(N, K, generator=g, dtype=dtype, device=dev, scale=K ** -0.5),
+                 bias=randn(N, generator=g, dtype=dtype, device=dev),
+                 lora_a=randn(R, K, generator=g, dtype=dtype, device=dev, scale=K ** -0.5),
+                 lora_b=randn(N, R, generator=g, dtype=dtype, device=dev))
         t[where][SINGLE_SPOTS[where]] = POISONS[poison]
         for k in t:
             t[k].requires_grad_(True)
@@ -129,7 +117,7 @@ def test_single_nonfinite_lands_where_the_reference_puts_it(be, where, poison):
         exact = not (where == "lora_b" and poison == "inf")
         same_nonfinite(f"{dtype} y", y, y64, exact)
         close_where_finite(f"{dtype} y", y, y64, dtype, dev)
-        dy = rnd(M, N, g=g, dtype=dtype, device=dev)
+        dy = randn(M, N, generator=g, dtype=dtype, device=dev)
         grads = torch.autograd.grad(y, list(t.values()), dy)
         grads64 = torch.autograd.grad(y64, list(t64.values()), dy.to("cpu", torch.float64))
         for k, got, want in zip(t, grads, grads64):
@@ -158,11 +146,11 @@ MULTI_SPOTS = {
 
 def _multi_inputs(dtype, dev, g):
     T = len(IDS)
-    return dict(x=rnd(T, K, g=g, dtype=dtype, device=dev),
-                weight=rnd(N, K, g=g, dtype=dtype, device=dev, scale=K ** -0.5),
-                bias=rnd(N, g=g, dtype=dtype, device=dev),
-                lora_a=rnd(S, RMAX, K, g=g, dtype=dtype, device=dev, scale=K ** -0.5),
-                lora_b=rnd(S, N, RMAX, g=g, dtype=dtype, device=dev),
+    return dict(x=randn(T, K, generator=g, dtype=dtype, device=dev),
+                weight=randn(N, K, generator=g, dtype=dtype, device=dev, scale=K ** -0.5),
+                bias=randn(N, generator=g, dtype=dtype, device=dev),
+                lora_a=randn(S, RMAX, K, generator=g, dtype=dtype, device=dev, scale=K ** -0.5),
+                lora_b=randn(S, N, RMAX, generator=g, dtype=dtype, device=dev),
                 scalings=torch.tensor([0.5, 1.5, 2.0, -0.75]))
 
 
@@ -171,7 +159,7 @@ def _multi_inputs(dtype, dev, g):
 @pytest.mark.parametrize("poison", ["nan", "inf"])
 def test_multi_nonfinite_stays_in_its_slot(be, spot, poison):
     name, dev = be
-    g = _gen(2)
+    g = gen(2)
     ids = torch.tensor(IDS)
     ranks = torch.tensor(RANKS)
     for dtype in _dtypes(be):
@@ -190,7 +178,7 @@ def test_multi_nonfinite_stays_in_its_slot(be, spot, poison):
         exact = key != "scalings"
         same_nonfinite(f"{dtype} y", y, y64, exact)
         close_where_finite(f"{dtype} y", y, y64, dtype, dev)
-        dy = rnd(len(IDS), N, g=g, dtype=dtype, device=dev)
+        dy = randn(len(IDS), N, generator=g, dtype=dtype, device=dev)
         opts = dict(allow_unused=True, materialize_grads=True)
         grads = torch.autograd.grad(y, [t[k] for k in diff], dy, **opts)
         grads64 = torch.autograd.grad(y64, [t64[k] for k in diff], dy.to("cpu", torch.float64), **opts)
@@ -204,7 +192,7 @@ def test_multi_nonfinite_stays_in_its_slot(be, spot, poison):
         xa64 = ref.lora_shrink(f64(xs), f64(t["lora_a"]), ids, t64["scalings"].detach(), ranks)
         same_nonfinite(f"{dtype} xa", xa, xa64, exact)
         assert (xa[(ids == -1).to(dev)] == 0).all()
-        y0 = rnd(len(IDS), N, g=g, dtype=dtype, device=dev)
+        y0 = randn(len(IDS), N, generator=g, dtype=dtype, device=dev)
         y1 = lk.lora_expand(y0.clone(), xa, t["lora_b"].detach(), batch, ranks=ranks.to(dev),
                             backend=name)
         want = ref.lora_expand(f64(y0), xa.double().cpu(), f64(t["lora_b"]).detach(), ids, ranks)
@@ -223,13 +211,13 @@ def test_fp16_out_of_range_results_are_signed_inf_in_their_rows_only(be):
     scaling)."""
     name, dev = be
     h, Kc, Nc, r = torch.float16, 64, 24, 4
-    g = _gen(3)
-    x = rnd(6, Kc, g=g, dtype=h, device=dev)
+    g = gen(3)
+    x = randn(6, Kc, generator=g, dtype=h, device=dev)
     x[0], x[1] = 4000.0, -4000.0
     W = (torch.rand(Nc, Kc, generator=g, dtype=torch.float64) + 0.5).to(h).to(dev)
     A = (torch.rand(r, Kc, generator=g, dtype=torch.float64) * 0.01).to(h).to(dev)
     B = (torch.rand(Nc, r, generator=g, dtype=torch.float64) * 0.01).to(h).to(dev)
-    b = rnd(Nc, g=g, dtype=h, device=dev)
+    b = randn(Nc, generator=g, dtype=h, device=dev)
     y = lk.lora_linear(x, W, b, A, B, scaling=0.5, backend=name)
     assert torch.isposinf(y[0]).all() and torch.isneginf(y[1]).all()
     assert torch.isfinite(y[2:]).all()
@@ -290,12 +278,6 @@ def test_fp16_overflowing_partial_sums_are_never_silently_wrong(be, partial):
 BIG_K = 16384 + 37
 
 
-def _check(name, got, want64, comp, dtype, device):
-    err = rel_err(got, want64)
-    bound = max(tol(dtype, device), 2 * rel_err(comp, want64))
-    assert err <= bound, f"{name}: rel_err {err:.3g} > {bound:.3g}"
-
-
 def _large_k_dtypes(be):
     # The interpreter's bf16 is wrong (DESIGN.md); fp16 is the case that needs fp32 accumulation.
     return [torch.float32, torch.float16] if _interp(be) else _dtypes(be)
@@ -310,42 +292,42 @@ def _grads_if_cheap(be, y, wrt, y64, wrt64, yc, wrtc, dy, dtype, dev):
     for nm, a, b_, c in zip(("dx", "dA", "dB"), torch.autograd.grad(y, wrt, dy),
                             torch.autograd.grad(y64, wrt64, dy.double().cpu()),
                             torch.autograd.grad(yc, wrtc, dy)):
-        _check(f"{dtype} {nm}", a, b_, c, dtype, dev)
+        assert_within_contract(f"{dtype} {nm}", a, b_, c, dtype, dev)
 
 
 @pytest.mark.parametrize("be", BACKENDS)
 def test_large_k_single_within_tolerance(be):
     name, dev = be
-    g = _gen(4)
+    g = gen(4)
     Mc, Nc, r = 3, 19, 8
     for dtype in _large_k_dtypes(be):
-        x = rnd(Mc, BIG_K, g=g, dtype=dtype, device=dev).requires_grad_()
-        W = rnd(Nc, BIG_K, g=g, dtype=dtype, device=dev, scale=BIG_K ** -0.5)
-        A = rnd(r, BIG_K, g=g, dtype=dtype, device=dev, scale=BIG_K ** -0.5).requires_grad_()
-        B = rnd(Nc, r, g=g, dtype=dtype, device=dev).requires_grad_()
+        x = randn(Mc, BIG_K, generator=g, dtype=dtype, device=dev).requires_grad_()
+        W = randn(Nc, BIG_K, generator=g, dtype=dtype, device=dev, scale=BIG_K ** -0.5)
+        A = randn(r, BIG_K, generator=g, dtype=dtype, device=dev, scale=BIG_K ** -0.5).requires_grad_()
+        B = randn(Nc, r, generator=g, dtype=dtype, device=dev).requires_grad_()
         y = lk.lora_linear(x, W, None, A, B, scaling=0.5, backend=name)
         x64, W64, A64, B64 = (f64(t) for t in (x, W, A, B))
         y64 = ref.lora_linear(x64, W64, None, A64, B64, 0.5)
         xc, Ac, Bc = (t.detach().requires_grad_() for t in (x, A, B))
         yc = ref.lora_linear(xc, W, None, Ac, Bc, 0.5)
-        _check(f"{dtype} y", y, y64, yc, dtype, dev)
-        dy = rnd(Mc, Nc, g=g, dtype=dtype, device=dev)
+        assert_within_contract(f"{dtype} y", y, y64, yc, dtype, dev)
+        dy = randn(Mc, Nc, generator=g, dtype=dtype, device=dev)
         _grads_if_cheap(be, y, (x, A, B), y64, (x64, A64, B64), yc, (xc, Ac, Bc), dy, dtype, dev)
 
 
 @pytest.mark.parametrize("be", BACKENDS)
 def test_large_k_multi_within_tolerance(be):
     name, dev = be
-    g = _gen(5)
+    g = gen(5)
     ids = torch.tensor([0, -1, 2, 2, 1, -1])
     Sc, Rc, Nc = 3, 8, 11
     ranks = torch.tensor([8, 3, 5])
     sc = torch.tensor([0.5, 1.0, -2.0])
     for dtype in _large_k_dtypes(be):
-        x = rnd(len(ids), BIG_K, g=g, dtype=dtype, device=dev).requires_grad_()
-        W = rnd(Nc, BIG_K, g=g, dtype=dtype, device=dev, scale=BIG_K ** -0.5)
-        A = rnd(Sc, Rc, BIG_K, g=g, dtype=dtype, device=dev, scale=BIG_K ** -0.5).requires_grad_()
-        B = rnd(Sc, Nc, Rc, g=g, dtype=dtype, device=dev).requires_grad_()
+        x = randn(len(ids), BIG_K, generator=g, dtype=dtype, device=dev).requires_grad_()
+        W = randn(Nc, BIG_K, generator=g, dtype=dtype, device=dev, scale=BIG_K ** -0.5)
+        A = randn(Sc, Rc, BIG_K, generator=g, dtype=dtype, device=dev, scale=BIG_K ** -0.5).requires_grad_()
+        B = randn(Sc, Nc, Rc, generator=g, dtype=dtype, device=dev).requires_grad_()
         batch = lk.LoRABatch.from_adapter_ids(ids.to(dev), Sc)
         y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc.to(dev),
                                  ranks=ranks.to(dev), backend=name)
@@ -353,8 +335,8 @@ def test_large_k_multi_within_tolerance(be):
         y64 = ref.multi_lora_linear(x64, f64(W), None, A64, B64, ids, sc.double(), ranks)
         xc, Ac, Bc = (t.detach().requires_grad_() for t in (x, A, B))
         yc = ref.multi_lora_linear(xc, W, None, Ac, Bc, ids.to(dev), sc.to(dev, dtype), ranks)
-        _check(f"{dtype} y", y, y64, yc, dtype, dev)
-        dy = rnd(len(ids), Nc, g=g, dtype=dtype, device=dev)
+        assert_within_contract(f"{dtype} y", y, y64, yc, dtype, dev)
+        dy = randn(len(ids), Nc, generator=g, dtype=dtype, device=dev)
         _grads_if_cheap(be, y, (x, A, B), y64, (x64, A64, B64), yc, (xc, Ac, Bc), dy, dtype, dev)
 
 
@@ -372,13 +354,13 @@ def test_single_repeated_calls_are_bitwise_identical(be):
     name, dev = be
     for (Mc, Kc, Nc, r) in _det_shapes(dev):
         for dtype in _dtypes(be):
-            g = _gen(6)
-            ins = [rnd(Mc, Kc, g=g, dtype=dtype, device=dev),
-                   rnd(Nc, Kc, g=g, dtype=dtype, device=dev, scale=Kc ** -0.5),
-                   rnd(Nc, g=g, dtype=dtype, device=dev),
-                   rnd(r, Kc, g=g, dtype=dtype, device=dev, scale=Kc ** -0.5),
-                   rnd(Nc, r, g=g, dtype=dtype, device=dev)]
-            dy = rnd(Mc, Nc, g=g, dtype=dtype, device=dev)
+            g = gen(6)
+            ins = [randn(Mc, Kc, generator=g, dtype=dtype, device=dev),
+                   randn(Nc, Kc, generator=g, dtype=dtype, device=dev, scale=Kc ** -0.5),
+                   randn(Nc, generator=g, dtype=dtype, device=dev),
+                   randn(r, Kc, generator=g, dtype=dtype, device=dev, scale=Kc ** -0.5),
+                   randn(Nc, r, generator=g, dtype=dtype, device=dev)]
+            dy = randn(Mc, Nc, generator=g, dtype=dtype, device=dev)
             runs = []
             for _ in range(3):
                 leaves = [t.detach().requires_grad_() for t in ins]
@@ -395,18 +377,18 @@ def test_multi_repeated_calls_are_bitwise_identical(be):
     name, dev = be
     T = 41 if dev == "cpu" else 2048
     Kc, Nc, Sc, Rc = (67, 45, 5, 16) if dev == "cpu" else (2053, 1029, 8, 64)
-    g = _gen(7)
+    g = gen(7)
     ids = torch.randint(-1, Sc, (T,), generator=g)
     ranks = torch.randint(0, Rc + 1, (Sc,), generator=g)
     sc = torch.rand(Sc, generator=g) + 0.5
     batch = lk.LoRABatch.from_adapter_ids(ids.to(dev), Sc)
     for dtype in _dtypes(be):
-        ins = [rnd(T, Kc, g=g, dtype=dtype, device=dev),
-               rnd(Nc, Kc, g=g, dtype=dtype, device=dev, scale=Kc ** -0.5),
-               rnd(Nc, g=g, dtype=dtype, device=dev),
-               rnd(Sc, Rc, Kc, g=g, dtype=dtype, device=dev, scale=Kc ** -0.5),
-               rnd(Sc, Nc, Rc, g=g, dtype=dtype, device=dev)]
-        dy = rnd(T, Nc, g=g, dtype=dtype, device=dev)
+        ins = [randn(T, Kc, generator=g, dtype=dtype, device=dev),
+               randn(Nc, Kc, generator=g, dtype=dtype, device=dev, scale=Kc ** -0.5),
+               randn(Nc, generator=g, dtype=dtype, device=dev),
+               randn(Sc, Rc, Kc, generator=g, dtype=dtype, device=dev, scale=Kc ** -0.5),
+               randn(Sc, Nc, Rc, generator=g, dtype=dtype, device=dev)]
+        dy = randn(T, Nc, generator=g, dtype=dtype, device=dev)
         runs = []
         for _ in range(3):
             leaves = [t.detach().requires_grad_() for t in ins]

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
-from helpers import rel_err, tol, triton_device, triton_dtypes
+from helpers import assert_within_contract, f64, gen, randn, triton_device, triton_dtypes
 
 # ------------------------------------------------------------------------------------------
 # Profiles and budgets
@@ -183,14 +183,10 @@ def single_cases(draw, be: Backend):
 # ------------------------------------------------------------------------------------------
 # Building inputs
 # ------------------------------------------------------------------------------------------
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def make(shape, g, dtype, device, scale=1.0, layout="contiguous"):
     """A tensor of ``shape`` with the requested memory layout (values drawn in float64, so the
     reference sees exactly the rounded values the op sees)."""
-    vals = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    vals = randn(*shape, generator=g, dtype=dtype, scale=scale)
     if layout == "contiguous" or len(shape) == 0 or vals.numel() == 0:
         return vals.to(device)
     if layout == "transposed":  # last two dims swapped in memory (Conv1D-style weights, x.t())
@@ -209,10 +205,6 @@ def leaf(t, grad=True):
     return t.detach().requires_grad_(grad)
 
 
-def f64(t):
-    return None if t is None else t.detach().to("cpu", torch.float64).requires_grad_(t.requires_grad)
-
-
 def same_dtype(t, dtype):
     """Same-dtype composition input: a differentiable cast of the leaf (as the op casts)."""
     return None if t is None else t.to(dtype)
@@ -225,11 +217,7 @@ def check(name, got, want64, comp, dtype, device, case):
     assert got is not None and want64 is not None, name
     assert got.shape == want64.shape, f"{name}: shape {list(got.shape)} != {list(want64.shape)}"
     assert not torch.isnan(got).any(), f"{name}: NaN from finite inputs ({case})"
-    err = rel_err(got, want64)
-    bound = tol(dtype, device)
-    if comp is not None:
-        bound = max(bound, 2 * rel_err(comp, want64))
-    assert err <= bound, f"{name}: rel_err {err:.3g} > {bound:.3g} ({case})"
+    assert_within_contract(name, got, want64, comp, dtype, device, case)
 
 
 @contextlib.contextmanager
@@ -255,7 +243,7 @@ def knobs(pairs):
 # lora_linear
 # ------------------------------------------------------------------------------------------
 def prop_lora_linear(be: Backend, c: SingleCase):
-    g, dev, dt = _gen(c.data_seed), be.device, c.dtype
+    g, dev, dt = gen(c.data_seed), be.device, c.dtype
     adt = torch.float32 if c.fp32_adapters else dt
     x = leaf(make((*c.lead, c.K), g, dt, dev, layout=c.x_layout if c.M else "contiguous"))
     W = leaf(make((c.N, c.K), g, dt, dev, scale=c.K ** -0.5, layout=c.w_layout), c.weight_grad)
@@ -404,7 +392,7 @@ def plan_override(pairs):
 
 
 def multi_inputs(be: Backend, c: MultiCase):
-    g, dev, dt = _gen(c.data_seed), be.device, c.dtype
+    g, dev, dt = gen(c.data_seed), be.device, c.dtype
     adt = torch.float32 if c.fp32_adapters else dt
     n_sl = 1 if c.out_slices is None else len(c.out_slices)
     x = make((*c.lead, c.K), g, dt, dev, layout=c.x_layout if c.T else "contiguous")
@@ -519,7 +507,7 @@ def prop_packed(be: Backend, c: dict):
                                 lora_alpha=c["alpha"], backend=be.name, device=dev, dtype=dt)
     with torch.no_grad():
         layer.lora_B.weight.normal_()
-    x = make((c["M"], c["K"]), _gen(c["seed"]), dt, dev)
+    x = make((c["M"], c["K"]), gen(c["seed"]), dt, dev)
     y = layer(x)
     args64 = [f64(t) for t in (x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight)]
     y64 = ref.packed_lora_linear(*args64, c["widths"], c["flags"], layer.scaling)

@@ -11,7 +11,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
-from helpers import (SM90_FAKE_DRIVER, randn, rel_err, run_sm90_compile, tol, triton_device,
+from helpers import (SM90_FAKE_DRIVER, f64, randn, rel_err, run_sm90_compile, tol, triton_device,
                      triton_dtypes)
 
 DEV = triton_device()
@@ -69,10 +69,7 @@ def _check(ids, *, S, K=37, N=45, R=8, dtype=torch.float32, path="decode", slice
         leaves = [t for t in (x, W, b, A, B) if t is not None and t.requires_grad]
         grads = torch.autograd.grad(y, leaves, dy) if T else [torch.zeros_like(t) for t in leaves]
 
-    def d(t):
-        return None if t is None else t.detach().cpu().double().requires_grad_(t.requires_grad)
-
-    x64, W64, b64, A64, B64 = d(x), d(W), d(b), d(A), d(B)
+    x64, W64, b64, A64, B64 = f64(x), f64(W), f64(b), f64(A), f64(B)
     y64 = ref.multi_lora_linear(x64, W64, b64, A64, B64, ids, sc.double(), ranks, slices)
     tl_ = tol(dtype, DEV)
     assert y.dtype == dtype and y.shape == (T, N)
