@@ -119,22 +119,28 @@ def _samples():
         "lora_linear": [
             (x, w, b, a1, b1, 0.5, 0.0, None, "torch"),
             (x, w, None, a1, b1, 2.0, 0.3, seed, "torch"),
+            (x, w, b, a1, b1, 0.5, 0.25, seed, "torch"),  # bias and dropout together
         ],
         "lora_linear_backward": [
             (r(T, N), x.detach(), w.detach(), a1.detach(), b1.detach(), xa1, 0.5, 0.0, None,
              [True, True, True, True, True], "torch"),
             (r(T, N), x.detach(), w.detach(), a1.detach(), b1.detach(), xa1, 0.5, 0.3, seed,
              [True, False, False, True, False], "torch"),
+            (r(T, N), x.detach(), w.detach(), a1.detach(), b1.detach(), xa1, 0.5, 0.25, seed,
+             [True, False, False, True, True], "torch"),
         ],
         "multi_lora_linear": [
             (x, w, b, A, B, sc, ranks, *bt, ints, None, True, "torch"),
             (x.detach(), w.detach(), None, A2, B2, sc, ranks2, *bt, ints, [5, 6], False, "torch"),
+            (x, w.detach(), None, A, B, sc, ranks, *bt, ints, None, True, "torch"),
         ],
         "multi_lora_linear_backward": [
             (r(T, N), x.detach(), w.detach(), A.detach(), B.detach(), xa_multi, sc, ranks, *bt,
              ints, None, [True, True, True, True, True], "torch"),
             (r(T, N), x.detach(), w.detach(), A2, B2, torch.randn(T, 2 * R, generator=g), sc,
              ranks2, *bt, ints, [5, 6], [True, False, False, False, True], "torch"),
+            (r(T, N), x.detach(), w.detach(), A.detach(), B.detach(), xa_multi, sc, ranks, *bt,
+             ints, None, [True, False, False, True, True], "torch"),
         ],
         "lora_shrink": [
             (x.detach(), A.detach(), sc, ranks, *bt, ints, 1, "torch"),

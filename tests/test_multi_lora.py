@@ -1,6 +1,6 @@
 """Heterogeneous multi-adapter ops through their public entries on the torch backend (CPU):
-numerics vs the float64 oracle over adapter distributions, autograd, opcheck, bad input.
-Triton kernels are tested in test_triton_multi_lora.py."""
+numerics vs the float64 oracle over adapter distributions, autograd, bad input. Triton kernels
+are tested in test_triton_multi_lora.py; opcheck of every registered op in test_compile.py."""
 
 import pytest
 import torch
@@ -147,28 +147,6 @@ def test_nan_in_one_adapter_does_not_leak():
     batch = lk.LoRABatch.from_adapter_ids(ids, S)
     y = lk.multi_lora_linear(randn(4, K), W, None, A, B, batch, scalings=torch.ones(S))
     assert torch.isnan(y[[0, 3]]).all() and not torch.isnan(y[[1, 2]]).any()
-
-
-def test_opcheck_all_multi_ops():
-    T, K, N = 6, 9, 7
-    x = randn(T, K, requires_grad=True)
-    W = randn(N, K)
-    A, B = _stack(K, N, grad=True)
-    batch = lk.LoRABatch.from_adapter_ids(torch.tensor([0, -1, 4, 4, 1, 0]), S)
-    sc = torch.rand(S)
-    ranks = torch.tensor([3, 8, 0, 2, 5], dtype=torch.int32)
-    meta = (*batch.tensors(), batch.host_ints())
-    ops = torch.ops.lora_kernels
-    torch.library.opcheck(ops.multi_lora_linear.default,
-                          (x, W, None, A, B, sc, ranks, *meta, None, True, "torch"))
-    xa = randn(T, R)
-    torch.library.opcheck(ops.multi_lora_linear_backward.default,
-                          (randn(T, N), x.detach(), W, A.detach(), B.detach(), xa, sc, ranks,
-                           *meta, None, [True, False, False, True, True], "torch"))
-    torch.library.opcheck(ops.lora_shrink.default,
-                          (x.detach(), A.detach(), sc, ranks, *meta, 1, "torch"))
-    torch.library.opcheck(ops.lora_expand.default,
-                          (randn(T, N), xa, B.detach(), ranks, *meta, None, "torch"))
 
 
 # ---------------------------------------------------------------------------- bad input
