@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
+from lora_kernels import reference as ref
 from lora_kernels.ops import backend
 
 
@@ -32,16 +33,33 @@ def test_unknown_and_unavailable():
         backend.resolve("cuda", torch.device("cpu"), "lora_linear")
 
 
-def test_every_backend_module_exposes_only_api_names():
+@pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
+def test_every_backend_resolves_every_api_function(name):
+    """kernel() returns the backend's own function where its module has one, else its
+    fallback's; the torch backend (the end of every fallback chain) implements all of them."""
+    module = backend._module(name)
     for fn in backend.KERNEL_API:
-        assert callable(backend.kernel("torch", fn))
+        impl = backend.kernel(name, fn)
+        assert callable(impl), (name, fn)
+        own = getattr(module, fn, None)
+        assert impl is (own if own is not None else backend.kernel(backend.FALLBACK[name], fn))
+        if name == "torch":
+            assert own is not None, f"the torch backend lacks {fn}"
 
 
-def test_float64_runs_on_torch_only():
+def test_float64_runs_on_torch_only(monkeypatch):
     x = torch.randn(2, 4, dtype=torch.float64)
     w = torch.randn(3, 4, dtype=torch.float64)
     a, b = torch.randn(1, 4, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64)
-    assert lk.lora_linear(x, w, None, a, b).dtype == torch.float64
+    y = lk.lora_linear(x, w, None, a, b)
+    assert y.dtype == torch.float64
+    assert torch.allclose(y, ref.lora_linear(x, w, None, a, b), rtol=1e-12, atol=1e-12)
+    # Wherever auto would pick another backend (a GPU), float64 still goes to torch, and an
+    # explicit other backend is refused rather than silently downcast.
+    monkeypatch.setattr(backend, "resolve", lambda *args, **kw: "triton")
+    assert backend.resolve_for("auto", x, "lora_linear") == "torch"
+    with pytest.raises(TypeError, match="float64 inputs run on backend='torch' only"):
+        backend.resolve_for("triton", x, "lora_linear")
 
 
 def test_describe_lists_every_backend():

@@ -37,10 +37,19 @@ def test_empty_and_base_only():
 
 def test_round_trip_through_parts_and_to():
     b = lk.LoRABatch.from_adapter_ids(torch.tensor([1, 0, 1]), 2)
+    # ids [1, 0, 1]: no base tokens, slot 0 has token 1, slot 1 has tokens 0 and 2.
+    want = [[1, 0, 1], [1, 0, 2], [0, 0, 1, 3], [0, 1]]  # ids, sorted tokens, offsets, active
     c = lk.LoRABatch.from_parts(*b.tensors(), b.host_ints())
-    assert c.num_active == b.num_active and c.host_offsets() == b.host_offsets()
+    assert [t.tolist() for t in c.tensors()] == want
+    assert c.host_ints() == [2, 2, 2] and c.host_offsets() == (0, 0, 1, 3)
+    # to() really moves (meta: no data) and keeps the host-side ints without a sync.
+    m = b.to("meta")
+    assert all(t.device.type == "meta" for t in m.tensors())
+    assert [t.shape for t in m.tensors()] == [t.shape for t in b.tensors()]
+    assert [t.dtype for t in m.tensors()] == [t.dtype for t in b.tensors()]
+    assert m.host_ints() == [2, 2, 2] and m.host_offsets() == (0, 0, 1, 3)
     d = b.to("cpu")
-    assert torch.equal(d.sorted_token_ids, b.sorted_token_ids)
+    assert [t.tolist() for t in d.tensors()] == want
 
 
 @pytest.mark.parametrize("num_slots", [-1, 2.0, True])
