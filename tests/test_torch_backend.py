@@ -20,6 +20,14 @@ def _interleaved_ids(T, S):
     return ids
 
 
+def _assert_matches_oracle(y, y_ref, inputs, N):
+    """Output and the gradients w.r.t. ``inputs`` agree with the float64 oracle."""
+    assert rel_err(y, y_ref) < 1e-12
+    dy = randn(y.shape[0], N, dtype=F64)
+    for g, w in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_ref, inputs, dy)):
+        assert rel_err(g, w) < 1e-12
+
+
 @pytest.mark.parametrize("ranks_shape", ["S", "S,1"])
 def test_padded_forward_accepts_both_rank_shapes(ranks_shape, monkeypatch):
     """Regression: the padded path indexed ranks as 1-D, so ranks [S, 1] (which the op accepts
@@ -42,13 +50,7 @@ def test_padded_forward_accepts_both_rank_shapes(ranks_shape, monkeypatch):
     y = ml.multi_lora_linear(x, W, b, A, B, batch, scalings=s, ranks=ranks, backend="torch")
     assert calls, "the padded forward did not run"
 
-    y_ref = ref.multi_lora_linear(x, W, b, A, B, ids, s, rk)
-    assert rel_err(y, y_ref) < 1e-12
-    dy = randn(T, N, dtype=F64)
-    got = torch.autograd.grad(y, (x, A, B), dy)
-    want = torch.autograd.grad(y_ref, (x, A, B), dy)
-    for g, w in zip(got, want):
-        assert rel_err(g, w) < 1e-12
+    _assert_matches_oracle(y, ref.multi_lora_linear(x, W, b, A, B, ids, s, rk), (x, A, B), N)
 
 
 def test_interleaved_forward_with_per_slice_ranks():
@@ -67,13 +69,8 @@ def test_interleaved_forward_with_per_slice_ranks():
     batch = LoRABatch.from_adapter_ids(ids, S)
     y = ml.multi_lora_linear(x, W, None, A, B, batch, scalings=s, ranks=rk, out_slices=slices,
                              backend="torch")
-    y_ref = ref.multi_lora_linear(x, W, None, A, B, ids, s, rk, slices)
-    assert rel_err(y, y_ref) < 1e-12
-    dy = randn(T, N, dtype=F64)
-    got = torch.autograd.grad(y, (x, A, B), dy)
-    want = torch.autograd.grad(y_ref, (x, A, B), dy)
-    for g, w in zip(got, want):
-        assert rel_err(g, w) < 1e-12
+    _assert_matches_oracle(y, ref.multi_lora_linear(x, W, None, A, B, ids, s, rk, slices),
+                           (x, A, B), N)
 
 
 @pytest.mark.parametrize("layout", ["runs", "interleaved"])
@@ -94,9 +91,5 @@ def test_grouped_backward_matches_oracle(layout):
     batch = LoRABatch.from_adapter_ids(ids, S)
     y = ml.multi_lora_linear(x, W, None, A, B, batch, scalings=s, ranks=rk, out_slices=slices,
                              backend="torch")
-    y_ref = ref.multi_lora_linear(x, W, None, A, B, ids, s, rk, slices)
-    dy = randn(T, N, dtype=F64)
-    got = torch.autograd.grad(y, (x, W, A, B), dy)
-    want = torch.autograd.grad(y_ref, (x, W, A, B), dy)
-    for g, w in zip(got, want):
-        assert rel_err(g, w) < 1e-12
+    _assert_matches_oracle(y, ref.multi_lora_linear(x, W, None, A, B, ids, s, rk, slices),
+                           (x, W, A, B), N)
