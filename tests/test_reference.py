@@ -103,6 +103,24 @@ def test_philox_known_answer():
     # Philox4x32-10 with key 0 and counter 0: first word of the published test vector
     # (Salmon et al., Random123 kat_vectors: philox4x32_10 zero key -> 6627e8d5 ...).
     assert ref.philox_uint32(0, torch.tensor([0])).item() == 0x6627E8D5
+    # all four words (mask v2 uses every one): Random123 kat_vectors, philox4x32_10, zero key
+    # and counter -> 6627e8d5 e169c58d bc57ac4c 9b00dbd8
+    words = [w.item() for w in ref.philox4x32(0, torch.tensor([0]))]
+    assert words == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_mask_v2_lane_layout():
+    """Mask v2 by hand: element (m, k) is 16-bit half k%2 of word (k%8)//2 of the Philox call
+    on group counter m·ceil(cols/8) + k//8 (docs/BACKENDS.md, "Dropout")."""
+    seed, rows, cols, p = 99, 3, 13, 0.4
+    t = ref.keep_threshold(p)
+    groups = (cols + 7) // 8
+    want = torch.zeros(rows, cols, dtype=torch.bool)
+    for m in range(rows):
+        for k in range(cols):
+            w = ref.philox4x32(seed, torch.tensor([m * groups + k // 8]))[(k % 8) // 2].item()
+            want[m, k] = ((w >> (16 * (k % 2))) & 0xFFFF) >= t
+    assert torch.equal(ref.dropout_keep_mask(seed, rows, cols, p), want)
 
 
 def test_compiled_cpu_mask_is_bit_identical():
@@ -119,7 +137,7 @@ def test_compiled_cpu_mask_is_bit_identical():
 def test_keep_threshold_matches_float_rule():
     for p in (0.0, 1e-9, 0.05, 0.1, 0.3, 0.5, 0.999999):
         t = ref.keep_threshold(p)
-        assert t * 2.0**-24 >= p and (t - 1) * 2.0**-24 < p
+        assert t * 2.0**-16 >= p and (t - 1) * 2.0**-16 < p
 
 
 def test_seed_int64_is_the_two_complement_of_the_masked_seed():

@@ -21,16 +21,21 @@ from lora_kernels import reference
 MIN_ELEMENTS = 1 << 16
 
 
-def _keep_from_counter(seed: torch.Tensor, start: torch.Tensor, n: int, threshold: int) -> torch.Tensor:
-    # Same arithmetic as reference.philox_uint32 (16-bit split products, no int64 overflow);
-    # seed/start/n are tensors or dynamic ints so one compiled graph serves every call.
-    counter = torch.arange(n, dtype=torch.int64) + start
-    return (reference.philox_uint32(seed, counter) >> 8) >= threshold
+def _keep_from_groups(seed: torch.Tensor, g0: torch.Tensor, rows: int, groups: int, cols: int,
+                      threshold: int) -> torch.Tensor:
+    # Same arithmetic as reference.dropout_keep_mask (v2: 8 elements per Philox call, 16-bit
+    # halves; split products, no int64 overflow). seed/g0/sizes are tensors or dynamic ints so
+    # one compiled graph serves every call.
+    g = torch.arange(rows * groups, dtype=torch.int64) + g0
+    words = torch.stack(reference.philox4x32(seed, g), dim=-1)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1)
+    bits = halves.reshape(rows, groups * reference.KEEP_GROUP)[:, :cols]
+    return bits >= threshold
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled():
-    return torch.compile(_keep_from_counter, dynamic=True)
+    return torch.compile(_keep_from_groups, dynamic=True)
 
 
 _BROKEN = False
@@ -45,12 +50,13 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
             or os.environ.get("LORA_KERNELS_COMPILE_DROPOUT", "1") == "0"):
         return reference.dropout_keep_mask(seed, rows, cols, p, device, row_offset)
     seed_t = torch.tensor(reference.seed_int64(seed), dtype=torch.int64)
-    start = torch.tensor(row_offset * cols, dtype=torch.int64)
+    groups = reference.keep_groups(cols)
+    g0 = torch.tensor(row_offset * groups, dtype=torch.int64)
     try:
-        keep = _compiled()(seed_t, start, n, reference.keep_threshold(p))
+        keep = _compiled()(seed_t, g0, rows, groups, cols, reference.keep_threshold(p))
     except Exception as exc:  # no working C++ toolchain for inductor: stay correct, just slower
         _BROKEN = True
         warnings.warn(f"lora_kernels: compiled CPU dropout mask unavailable ({exc!r}); "
                       f"using the slower reference generator", RuntimeWarning)
         return reference.dropout_keep_mask(seed, rows, cols, p, device, row_offset)
-    return keep.view(rows, cols)
+    return keep.contiguous()
