@@ -62,8 +62,8 @@ lk::Dropout make_dropout(double p, int64_t seed) {
   lk::Dropout d;
   d.seed = static_cast<uint64_t>(seed);
   if (p > 0.0) {
-    // ceil(p * 2^24) is exact in double: keep iff bits24 >= threshold  <=>  bits24 * 2^-24 >= p
-    d.threshold = static_cast<uint32_t>(std::min(std::ceil(p * 16777216.0), 16777216.0));
+    // mask v2: ceil(p * 2^16) is exact in double, so bits16 >= threshold <=> bits16 * 2^-16 >= p
+    d.threshold = lk::keep_threshold(p);
     d.scale = p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.f;
   }
   return d;

@@ -1,5 +1,5 @@
 // Device helpers shared by every kernel: dtype conversion, 16-byte vector loads, warp sums,
-// Philox dropout, batch lookups. No torch here (see lora_kernels.h for why).
+// the dropout mask (philox.h), batch lookups. No torch here (see lora_kernels.h for why).
 #pragma once
 
 #include <atomic>
@@ -55,27 +55,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// First output word of Philox4x32-10, counter = (lo32, hi32, 0, 0), key = (seed lo, seed hi):
-// the same rounds as lora_kernels.reference.philox_uint32 (and Triton's tl.randint).
-__device__ __forceinline__ uint32_t philox_word0(uint64_t seed, uint64_t counter) {
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
-  uint32_t c2 = 0, c3 = 0;
-  #pragma unroll
-  for (int i = 0; i < 10; ++i) {
-    const uint32_t hi_b = __umulhi(0xCD9E8D57u, c2), lo_b = 0xCD9E8D57u * c2;
-    const uint32_t hi_a = __umulhi(0xD2511F53u, c0), lo_a = 0xD2511F53u * c0;
-    const uint32_t n0 = hi_b ^ c1 ^ k0, n2 = hi_a ^ c3 ^ k1;
-    c0 = n0; c1 = lo_b; c2 = n2; c3 = lo_a;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return c0;
-}
-
+// Dropout mask v2 (philox.h, docs/BACKENDS.md): one Philox4x32-10 call per 8 columns of a row.
 __device__ __forceinline__ bool dropout_keep(const Dropout& d, int64_t m, int64_t cols, int64_t k) {
-  const uint64_t ctr = static_cast<uint64_t>(m * cols + k);
-  return (philox_word0(d.seed, ctr) >> 8) >= d.threshold;
+  return keep_one(d.seed, d.threshold, m, cols, k);
 }
 
 // Multiplier of x[m, k] on the LoRA branch: 1 without dropout, else 0 or 1/(1-p).
@@ -83,6 +65,34 @@ __device__ __forceinline__ float dropout_factor(const Dropout& d, int64_t m, int
   if (d.threshold == 0) return 1.f;
   return dropout_keep(d, m, cols, k) ? d.scale : 0.f;
 }
+
+// Multipliers of x[m, k0 .. k0+V-1] from one Philox call (k0 % V == 0, V | 8: a 16-byte vector).
+template <int V>
+__device__ __forceinline__ void dropout_factors(const Dropout& d, int64_t m, int64_t cols, int64_t k0,
+                                                float (&f)[V]) {
+  if (d.threshold == 0) {
+    #pragma unroll
+    for (int i = 0; i < V; ++i) f[i] = 1.f;
+    return;
+  }
+  bool keep[V];
+  keep_vec<V>(d.seed, d.threshold, m, cols, k0, keep);
+  #pragma unroll
+  for (int i = 0; i < V; ++i) f[i] = keep[i] ? d.scale : 0.f;
+}
+
+// The quad shuffle mma_pair_keep exchanges words with (every lane of the warp calls it).
+// Host-device like mma_pair_keep itself, so nvcc sees no device-only call in a host path; the host
+// branch is never taken (the host test brings its own lock-step shuffle).
+struct WarpShflXor {
+  LK_HD uint32_t operator()(uint32_t v, int mask) const {
+#if defined(__CUDA_ARCH__)
+    return __shfl_xor_sync(0xffffffffu, v, mask);
+#else
+    return mask == 0 ? v : 0u;
+#endif
+  }
+};
 
 // Slot of token t. Ids outside [-1, S) are rejected by the ops layer; here they read as -1 so a
 // bad batch can never index past the adapter stack.

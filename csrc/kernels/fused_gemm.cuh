@@ -3,9 +3,9 @@
 //     out[M, N] = a[M, K]·op(w) + bias + drop(scaling · u[M, r]·op(v))
 //
 // The low-rank term lives in the GEMM's own accumulator: the k-loop first runs over the r
-// columns of (u, v) — the accumulator then holds u·op(v) exactly, so scaling and the
-// per-element dropout mask are applied right there, in registers — and then over the K
-// columns of (a, w). The output is written once; no M×N temporary, no second pass.
+// columns of (u, v) — the accumulator then holds u·op(v) exactly, so scaling and the dropout
+// mask (one Philox call per 8 elements, philox.h) are applied right there, in registers — and
+// then over the K columns of (a, w). The output is written once; no M×N temporary, no second pass.
 // (LoRAFusion's "seed the accumulator" idea; here the seed is computed by the same mma loop.)
 //
 // Pipeline: STAGES-deep cp.async ring of (A, B) tiles in XOR-swizzled shared memory, ldmatrix
@@ -113,22 +113,35 @@ fused_lora_gemm_kernel(GemmParams p, uint32_t vec) {
 
   // Fragment coordinates (PTX ISA, mma.m16n8k16): accumulator e of tile (mi, ni) sits at
   // row wm0 + mi*16 + lane/4 + 8*(e/2), column wn0 + ni*8 + 2*(lane%4) + e%2.
+  // Dropout (mask v2, philox.h): the tile column bn0 + wn0 + ni*8 is a multiple of 8, so per
+  // pair of 8-column mma tiles a quad holds 4 mask groups; mma_pair_keep draws one Philox call
+  // per lane and shuffles the words: one call per 8 elements. p.drop.threshold is uniform, so
+  // every lane reaches the shuffles together.
+  static_assert(NI % 2 == 0, "mma_pair_keep takes the mma tiles in pairs");
   auto scale_low_rank = [&]() {
     #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
       #pragma unroll
-      for (int ni = 0; ni < NI; ++ni)
+      for (int ni = 0; ni < NI; ni += 2) {
+        const int64_t row = bm0 + wm0 + mi * 16 + (lane >> 2);
+        const int64_t col0 = bn0 + wn0 + ni * 8;
+        bool keep[2][4];
+        if (p.drop.threshold)
+          mma_pair_keep(p.drop.seed, p.drop.threshold, row, col0, p.N, lane & 3, WarpShflXor{}, keep);
         #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float v = acc[mi][ni][e] * p.scaling;
-          if (p.drop.threshold) {
-            const int64_t m = bm0 + wm0 + mi * 16 + (lane >> 2) + ((e >> 1) << 3);
-            const int64_t n = bn0 + wn0 + ni * 8 + ((lane & 3) << 1) + (e & 1);
-            // select, not multiply: a dropped NaN must read as 0, like torch.where
-            v = (m < p.M && n < p.N && dropout_keep(p.drop, m, p.N, n)) ? v * p.drop.scale : 0.f;
+        for (int dn = 0; dn < 2; ++dn)
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float v = acc[mi][ni + dn][e] * p.scaling;
+            if (p.drop.threshold) {
+              const int64_t m = row + ((e >> 1) << 3);
+              const int64_t n = col0 + dn * 8 + ((lane & 3) << 1) + (e & 1);
+              // select, not multiply: a dropped NaN must read as 0, like torch.where
+              v = (m < p.M && n < p.N && keep[dn][e]) ? v * p.drop.scale : 0.f;
+            }
+            acc[mi][ni + dn][e] = v;
           }
-          acc[mi][ni][e] = v;
-        }
+      }
   };
 
   auto compute_stage = [&](int stage) {

@@ -9,16 +9,19 @@
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
+#include "philox.h"
+
 namespace lk {
 
 // Packed projections (qkv = 3, gate_up = 2) have a handful of slices; 16 bounds the per-launch
 // slice table that travels inside the kernel parameters.
 constexpr int kMaxSlices = 16;
 
-// Counter-based dropout on a [rows, cols] grid (docs/BACKENDS.md): element (m, k) is kept iff
-// (philox4x32_10(seed, m*cols + k)[0] >> 8) >= threshold, with threshold = ceil(p * 2^24)
-// computed on the host in double. That integer compare is exactly the reference's float64
-// test `bits * 2^-24 >= p`, with no float32 rounding of p. threshold == 0 means "no dropout".
+// Counter-based dropout on a [rows, cols] grid, definition v2 (philox.h, docs/BACKENDS.md):
+// element (m, k) is kept iff 16-bit half (k%8)%2 of word (k%8)/2 of
+// philox4x32_10(seed, m*ceil(cols/8) + k/8) is >= threshold, with threshold = ceil(p * 2^16)
+// computed on the host in double (keep_threshold). That integer compare is exactly the
+// reference's float64 test `bits * 2^-16 >= p`. threshold == 0 means "no dropout".
 struct Dropout {
   uint64_t seed = 0;
   uint32_t threshold = 0;
@@ -52,7 +55,7 @@ struct ShrinkParams {
   int R = 0, n_slices = 1;
   Ranks ranks;
   BatchMeta batch;
-  Dropout drop;                    // on x (single-adapter training); counter = t*K + k
+  Dropout drop;                    // on x (single-adapter training); grid [T, K]
 };
 
 struct ExpandParams {
@@ -98,7 +101,7 @@ struct GemmParams {
   int64_t M = 0, N = 0, K = 0;
   int r = 0;
   float scaling = 1.f;
-  Dropout drop;                    // on the low-rank term; counter = m*N + n
+  Dropout drop;                    // on the low-rank term; grid [M, N]
 };
 
 // path: 0 = pick by shape, 1 = decode (per token), 2 = prefill (per sorted segment).

@@ -27,11 +27,12 @@ __device__ __forceinline__ float lane_dot(const T* __restrict__ x, const T* __re
   int64_t k = lane;
   if (vec) {
     for (int64_t kv = static_cast<int64_t>(lane) * V; kv + V <= K; kv += 32 * V) {
-      float xv[V], av[V];
+      float xv[V], av[V], f[V];
       load_vec(x + kv, xv);
       load_vec(a + kv, av);
+      dropout_factors<V>(d, m, K, kv, f);  // kv % V == 0: one Philox call for the vector
       #pragma unroll
-      for (int i = 0; i < V; ++i) acc = fmaf(xv[i] * dropout_factor(d, m, K, kv + i), av[i], acc);
+      for (int i = 0; i < V; ++i) acc = fmaf(xv[i] * f[i], av[i], acc);
     }
     k = K;  // vec implies K % V == 0: nothing left
   }
@@ -132,9 +133,11 @@ shrink_prefill_kernel(ShrinkParams p, bool vec) {
         const int64_t t = tok[ti];
         float v[V];
         if (t >= 0 && k0 + kc < K) {  // vec => K % V == 0: the chunk is all in or all out
+          float f[V];
           load_vec(x + t * K + k0 + kc, v);
+          dropout_factors<V>(p.drop, t, K, k0 + kc, f);  // (k0 + kc) % V == 0: one Philox call
           #pragma unroll
-          for (int e = 0; e < V; ++e) v[e] *= dropout_factor(p.drop, t, K, k0 + kc + e);
+          for (int e = 0; e < V; ++e) v[e] *= f[e];
         } else {
           #pragma unroll
           for (int e = 0; e < V; ++e) v[e] = 0.f;
