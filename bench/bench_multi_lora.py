@@ -529,6 +529,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="decode,prefill")
     ap.add_argument("--quick", action="store_true", help="a few cases per phase")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes")
+    ap.add_argument("--headline", action="store_true",
+                    help="the two target cases only: decode T=64 distinct, prefill T=8192 64 adapters")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args(argv)
@@ -542,6 +544,8 @@ def main(argv=None) -> int:
         SHAPES.update({"square": (64, (48,)), "qkv": (64, (32, 16, 16)), "mlp": (32, (80,))})
     only = set(args.only.split(","))
     cases = make_cases(only, args.quick)
+    if args.headline:  # bench/headline.py: the targets, square 4096², r=16
+        cases = [Case("decode", 64, "distinct", "square", 16), Case("prefill", 8192, "n64", "square", 16)]
     if args.smoke:  # one case per contender path, small enough for the interpreter
         cases = [Case("decode", 8, "distinct", "square", 16),
                  Case("decode", 8, "uniform8", "qkv", "mixed"),
