@@ -6,6 +6,9 @@
 * ``peft``     — PEFT's ``lora.Linear`` around an ``nn.Linear`` (adapters cast to the same dtype:
   PEFT's own default upcasts them to fp32, which would only make it slower);
 * ``torch``    — ``lora_kernels.lora_linear(backend="torch")`` (cuBLAS addmm + in-place addmm_);
+* ``cublas``   — the floor the dispatch table may pick (lora_kernels/ops/cublas_backend.py: y
+  seeded with ``bias + s·xa·Bᵀ``, then ``addmm`` with beta=1, Unsloth's layout), through the
+  public op as ``auto`` runs it when the table names it (GPU only);
 * ``triton``   — ``lora_kernels.lora_linear(backend="triton")``: ours, through the public op;
 * ``triton_kernel`` — the same kernels called without the custom-op/autograd layer (fwd only:
   shows what Python dispatch costs at decode sizes);
@@ -113,6 +116,11 @@ def contenders(M, K, N, r, dtype, device, *, p, bias, quick):
     def op(backend, xx, aa, bbb):
         return lk.lora_linear(xx, w, b, aa, bbb, scaling=s, dropout_p=p, backend=backend)
 
+    def floor(xx, aa, bbb):  # the public op as `auto` runs it when the table names the floor
+        from lora_kernels.ops import backend as B
+        with B.dispatch_override({"lora_linear": {c: "cublas" for c in ("decode", "medium", "large")}}):
+            return op("auto", xx, aa, bbb)
+
     def fwd_bwd(fn, leaves):
         def run():
             y = fn()
@@ -134,6 +142,8 @@ def contenders(M, K, N, r, dtype, device, *, p, bias, quick):
         **{be: fwd_bwd(lambda be=be: op(be, xg, ag, bg), [xg, ag, bg]) for be in backends},
     }
     if not quick:
+        fwd["cublas"] = _no_grad(lambda: floor(x, a, bb))
+        both["cublas"] = fwd_bwd(lambda: floor(xg, ag, bg), [xg, ag, bg])
         import lora_kernels.triton.fused_gemm as FG
         import lora_kernels.triton.lora_linear as TL
         out = torch.empty(M, N, dtype=dtype, device=device)
@@ -287,18 +297,24 @@ def targets(rows):
         ok = value <= limit if better == "≤" else value >= limit
         lines.append(f"* {label}: **{value:.3f}** (target {better} {limit}) — {'met' if ok else 'NOT met'}")
 
-    f = _find(rows, "fwd", **TARGET_SHAPE)
-    fb = _find(rows, "fwd+bwd", **TARGET_SHAPE)
+    f = _find(rows, "fwd", dropout=0.0, **TARGET_SHAPE)
+    fb = _find(rows, "fwd+bwd", dropout=0.0, **TARGET_SHAPE)
+    fbd = _find(rows, "fwd+bwd", dropout=0.05, **TARGET_SHAPE)
     shape = "M=8192, K=N=4096, r=16"
     check(f"fused forward / bare GEMM, {shape}", f and f["ratio_to_bare"].get("triton"), 1.05)
     check(f"fwd+bwd / (bare fwd + bare dX GEMM), {shape}", fb and fb["ratio_to_bare"].get("triton"), 1.10)
+    check(f"fwd+bwd with dropout p=0.05 / (bare fwd + bare dX GEMM), {shape}",
+          fbd and fbd["ratio_to_bare"].get("triton"), 1.15)
+    for d, r in (("fwd", f), ("fwd+bwd", fb)):  # the floor auto must never lose to
+        tri, cb = (r["ms"].get("triton"), r["ms"].get("cublas")) if r else (None, None)
+        check(f"triton / cuBLAS-composition floor ({d}), {shape}", tri / cb if tri and cb else None, 1.0)
     for d, r in (("fwd+bwd", fb), ("fwd", f)):
         sp = None
         if r and r["ms"].get("peft") and r["ms"].get("triton"):
             sp = r["ms"]["peft"] / r["ms"]["triton"]
         check(f"speed-up over PEFT ({d}), {shape}", sp, 1.25, "≥")
     for r_ in (16, 8, 64):
-        dec = _find(rows, "fwd", M=1, K=4096, N=4096, r=r_)
+        dec = _find(rows, "fwd", M=1, K=4096, N=4096, r=r_, dropout=0.0)
         if dec:
             check(f"M=1 decode forward / bare GEMV (r={r_})", dec["ratio_to_bare"].get("triton"), 1.2)
             g = dec.get("graph_ms", {})

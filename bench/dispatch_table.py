@@ -3,7 +3,7 @@
     python bench/dispatch_table.py --results bench/results/<device> --junit gpu-out/gpu-tests.xml \
         [--sanitizer-dir gpu-out] [--out lora_kernels/ops/dispatch_table.json]
 
-The table is ``{op: {shape_class: "cuda" | "triton"}}`` with shape classes from
+The table is ``{op: {shape_class: "cuda" | "triton" | "cublas"}}`` with shape classes from
 ``lora_kernels.ops.backend.shape_class`` (decode / medium / large rows). ``backend._auto_cuda``
 falls back to Triton for anything missing, so an empty table means "always Triton".
 
@@ -20,12 +20,18 @@ Inputs
   skipped. With ``--sanitizer-dir``, every op is vetoed unless that folder holds
   compute-sanitizer logs (bench/sanitize.sh) and each one is complete (has its
   ``ERROR SUMMARY`` line) and reports no errors.
+* **The floor** (``cublas``: the cuBLAS composition, lora_kernels/ops/cublas_backend.py) is a
+  candidate for ``lora_linear`` once every test in ``FLOOR_TESTS`` (tests/test_cublas_backend.py,
+  from the same junit file) ran on the GPU and passed. It runs no kernel of ours but Triton's
+  mask, so the sanitizer does not veto it.
 
 Rule
 ----
-Per (op, shape class), CUDA wins iff its kernels are validated, it was timed on every shape
-of the class where Triton was, and the geometric mean of ``cuda_ms / triton_ms`` over those
-shapes is below ``1 - MARGIN``. Otherwise Triton (ties and noise go to the default).
+Per (op, shape class), a candidate (``cuda``, ``cublas``) is eligible iff it is validated for
+the op and was timed on every shape of the class where Triton was; the eligible candidate
+with the lowest geometric mean of ``candidate_ms / triton_ms`` wins iff that mean is below
+``1 - MARGIN``. Otherwise Triton (ties and noise go to the default). So ``auto`` is never
+slower than the validated floor by more than the margin.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ OP_TESTS = {
                     "test_gpu_dropout_mask"),
 }
 COMMON_TESTS = ("test_gpu_empty_batches", "test_gpu_bad_input_raises_instead_of_faulting")
+# GPU tests (tests/test_cublas_backend.py) that must pass before the floor may serve an op.
+FLOOR_TESTS = {"lora_linear": ("test_gpu_cublas_lora_linear", "test_gpu_cublas_selected_by_auto")}
 
 
 def timing_row(op: str, rows: int, ms: dict, **shape) -> dict:
@@ -96,13 +104,11 @@ def _sanitizer_clean(sanitizer_dir) -> bool:
     return True
 
 
-def validated_ops(junit_path, sanitizer_dir=None) -> set:
-    """Ops whose CUDA kernels passed their GPU tests (see the module docstring)."""
-    if sanitizer_dir is not None and not _sanitizer_clean(sanitizer_dir):
-        return set()
-    status = defaultdict(list)  # test function -> ["pass" | "fail" | "skip", ...]
+def _test_status(junit_path, module: str) -> dict:
+    """{test function: ["pass" | "fail" | "skip", ...]} for the tests of ``module``."""
+    status = defaultdict(list)
     for case in ET.parse(junit_path).getroot().iter("testcase"):
-        if not case.get("classname", "").endswith("test_ext"):
+        if not case.get("classname", "").endswith(module):
             continue
         name = case.get("name", "").split("[", 1)[0]
         if case.find("failure") is not None or case.find("error") is not None:
@@ -111,26 +117,50 @@ def validated_ops(junit_path, sanitizer_dir=None) -> set:
             status[name].append("skip")
         else:
             status[name].append("pass")
-
-    def ok(test):
-        return bool(status[test]) and all(s == "pass" for s in status[test])
-
-    return {op for op, tests in OP_TESTS.items() if all(ok(t) for t in tests + COMMON_TESTS)}
+    return status
 
 
-def build_table(rows, validated) -> dict:
-    ratios = defaultdict(list)  # (op, class) -> [cuda/triton or None]
+def _passed(status, tests) -> bool:
+    return all(bool(status[t]) and all(s == "pass" for s in status[t]) for t in tests)
+
+
+def validated_ops(junit_path, sanitizer_dir=None) -> set:
+    """Ops whose CUDA kernels passed their GPU tests (see the module docstring)."""
+    if sanitizer_dir is not None and not _sanitizer_clean(sanitizer_dir):
+        return set()
+    status = _test_status(junit_path, "test_ext")
+    return {op for op, tests in OP_TESTS.items() if _passed(status, tests + COMMON_TESTS)}
+
+
+def floor_validated_ops(junit_path) -> set:
+    """Ops the cuBLAS floor may serve: its GPU tests ran and passed."""
+    status = _test_status(junit_path, "test_cublas_backend")
+    return {op for op, tests in FLOOR_TESTS.items() if _passed(status, tests)}
+
+
+def build_table(rows, validated, floor_validated=frozenset()) -> dict:
+    """``validated``: ops whose CUDA kernels may serve; ``floor_validated``: ops the cuBLAS
+    composition (``cublas``) may serve."""
+    allowed = {"cuda": set(validated), "cublas": set(floor_validated) & set(FLOOR_TESTS)}
+    ratios = defaultdict(lambda: defaultdict(list))  # (op, class) -> name -> [name/triton or None]
     for row in rows:
         tri = row["ms"].get("triton")
         if not tri:
             continue  # nothing to compare against
-        cu = row["ms"].get("cuda")
-        ratios[(row["op"], shape_class(row["rows"]))].append(cu / tri if cu else None)
+        for name in allowed:
+            t = row["ms"].get(name)
+            ratios[(row["op"], shape_class(row["rows"]))][name].append(t / tri if t else None)
     table: dict = {}
-    for (op, cls), rs in sorted(ratios.items()):
-        wins = (op in validated and all(r is not None for r in rs)
-                and math.exp(sum(math.log(r) for r in rs) / len(rs)) < 1.0 - MARGIN)
-        table.setdefault(op, {})[cls] = "cuda" if wins else "triton"
+    for (op, cls), by_name in sorted(ratios.items()):
+        best, best_mean = "triton", 1.0 - MARGIN
+        for name in allowed:  # cuda first: on a tie within float noise the own kernel stays
+            rs = by_name[name]
+            if op not in allowed[name] or not rs or any(r is None for r in rs):
+                continue
+            mean = math.exp(sum(math.log(r) for r in rs) / len(rs))
+            if mean < best_mean:
+                best, best_mean = name, mean
+        table.setdefault(op, {})[cls] = best
     return table
 
 
@@ -142,10 +172,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "lora_kernels" / "ops" / "dispatch_table.json"))
     args = ap.parse_args(argv)
     validated = validated_ops(args.junit, args.sanitizer_dir)
+    floor = floor_validated_ops(args.junit)
     rows = load_rows(args.results)
-    table = build_table(rows, validated)
+    table = build_table(rows, validated, floor)
     Path(args.out).write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    print(f"validated CUDA ops: {sorted(validated) or 'none'}; {len(rows)} timing rows")
+    print(f"validated CUDA ops: {sorted(validated) or 'none'}; cuBLAS floor validated for: "
+          f"{sorted(floor) or 'none'}; {len(rows)} timing rows")
     print(json.dumps(table, indent=2, sort_keys=True))
     return 0
 

@@ -10,11 +10,13 @@ A backend is a module that implements the kernel-level functions listed in ``KER
 ``"auto"`` (the default, overridable by the env var ``LORA_KERNELS_BACKEND``) picks the torch
 backend for CPU tensors and, for CUDA tensors, the per-shape winner from
 ``dispatch_table.json`` (written by the benchmarks, only for kernels validated on a GPU),
-falling back to Triton.
+falling back to Triton. The table may also name ``"cublas"`` (``TABLE_ONLY``: the cuBLAS
+composition floor for ``lora_linear``, :mod:`lora_kernels.ops.cublas_backend`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -33,13 +35,18 @@ KERNEL_API = (
     "lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask",
     "lora_shrink", "lora_expand", "multi_lora_fwd", "multi_lora_bwd",
 )
-FALLBACK = {"cuda": "triton", "triton": "torch", "torch": None}
+FALLBACK = {"cuda": "triton", "triton": "torch", "torch": None, "cublas": "torch"}
 
 _MODULES = {
     "torch": "lora_kernels.ops.torch_backend",
     "triton": "lora_kernels.triton",
     "cuda": "lora_kernels._ext",
+    "cublas": "lora_kernels.ops.cublas_backend",
 }
+# Backends only the dispatch table may name (never a user's `backend=`), with the ops they
+# serve: "cublas" is the cuBLAS composition floor for lora_linear (ops/cublas_backend.py says
+# why it is not public). A table naming one for another op is ignored.
+TABLE_ONLY = {"cublas": ("lora_linear",)}
 
 _TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
 
@@ -73,6 +80,8 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
         if device_type not in ("cuda", "cpu"):
             return f"backend='triton' supports CUDA tensors (got {device_type})"
         return None
+    if name == "cublas":  # torch + cuBLAS on any CUDA device (and CPU tensors, for the tests)
+        return None if device_type in ("cuda", "cpu") else f"cublas needs CUDA tensors (got {device_type})"
     if name == "cuda":
         if device_type != "cuda":
             return f"backend='cuda' needs CUDA tensors (got {device_type} tensors)"
@@ -93,9 +102,29 @@ def _dispatch_table() -> dict:
         return {}
 
 
+# Tables pushed by dispatch_override (innermost last).
+_TABLE_OVERRIDES: list = []
+
+
+@contextlib.contextmanager
+def dispatch_override(table: dict):
+    """Within the block, ``auto`` on CUDA tensors reads ``table`` (``{op: {shape_class: name}}``)
+    instead of dispatch_table.json: tests of the selection, and benchmarks that time a table
+    candidate (the cuBLAS floor) through the public op exactly as ``auto`` would run it.
+    Process-wide, not per thread: for tests and benchmarks only."""
+    _TABLE_OVERRIDES.append(table)
+    try:
+        yield
+    finally:
+        _TABLE_OVERRIDES.pop()
+
+
 @torch.compiler.assume_constant_result
 def _auto_cuda(op: str, shape_class: str) -> str:
-    winner = _dispatch_table().get(op, {}).get(shape_class)
+    table = _TABLE_OVERRIDES[-1] if _TABLE_OVERRIDES else _dispatch_table()
+    winner = table.get(op, {}).get(shape_class)
+    if winner in TABLE_ONLY and op not in TABLE_ONLY[winner]:
+        winner = None
     if winner and available(winner, "cuda"):
         return winner
     return "triton" if available("triton", "cuda") else "torch"
