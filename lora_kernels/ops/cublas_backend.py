@@ -6,8 +6,8 @@ Unsloth's layout (and the reference's CPU kernel): the rank-r term seeds the out
 ``dy·W`` the same way, and ``dA``/``dB`` are two skinny GEMMs. Every GEMM is cuBLAS through
 ``torch.mm``/``addmm`` on CUDA tensors. Extra HBM traffic against the fused kernel: one more
 read of x (the shrink), one read + write of y (the seed), the same again for dX — at M=8192,
-K=N=4096 bf16 about 1.13× the bare GEMM, which is what the fused kernels must beat
-(bench/roofline.py).
+K=N=4096 bf16 predicted 1.10-1.16× the bare GEMM forward and 1.15-1.24× forward+backward
+(bench/roofline.py, H200/H100), which is what the fused kernels must beat.
 
 Why it exists: ``auto`` on CUDA tensors must never be slower than this plain composition. The
 dispatch table (``lora_kernels/ops/dispatch_table.json``, written by bench/dispatch_table.py
