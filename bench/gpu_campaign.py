@@ -223,10 +223,13 @@ class Campaign:
                      f"--upgrade --target /tmp/site .whl/*.whl", "env.log", deadline)
             self.env["PYTHONPATH"] = os.pathsep.join(("/tmp/site", self.env["PYTHONPATH"]))
         st.notes.append(f"{len(whl)} wheels from .whl/")
-        # metadata only (entry points, e.g. the SGLang plugin); the extension builds next stage
-        env = dict(self.env, LORA_KERNELS_SKIP_CUDA_BUILD="1")
-        self.run(f"{PY} -m pip install -q --no-deps --no-build-isolation --no-index -e .",
-                 "env.log", deadline, env)
+        # metadata only (entry points, e.g. the SGLang plugin); the extension builds next stage.
+        # GPU_NO_INSTALL=1 skips it (a dry run on a development machine must not re-point its
+        # venv's editable install).
+        if os.environ.get("GPU_NO_INSTALL", "0") != "1":
+            env = dict(self.env, LORA_KERNELS_SKIP_CUDA_BUILD="1")
+            self.run(f"{PY} -m pip install -q --no-deps --no-build-isolation --no-index -e .",
+                     "env.log", deadline, env)
         info = ("nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm "
                 "--format=csv,noheader; " + f"{PY} -c " + shlex.quote(
                     "import json,sys; sys.path.insert(0,'bench'); import common; "
