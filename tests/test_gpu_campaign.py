@@ -36,11 +36,13 @@ def test_plan_lists_every_stage_and_fits_the_default_budget():
     assert 0 < _total(res.stdout) <= 480
 
 
-def test_plan_under_a_small_budget_says_what_does_not_fit():
-    res = _gpu_sh("--plan", env={"GPU_BUDGET_S": "200"})
-    assert res.returncode == 0, res.stderr
-    assert _total(res.stdout) <= 200
-    assert "does not fit the budget" in res.stdout
+def test_plan_under_a_small_budget_says_what_does_not_fit(capsys):
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_campaign  # in-process: torch is already imported here
+    assert gpu_campaign.plan(200, [s.name for s in gpu_campaign.stages()]) == 0
+    out = capsys.readouterr().out
+    assert _total(out) <= 200
+    assert "does not fit the budget" in out
 
 
 def test_out_of_budget_stages_are_skipped_and_results_still_packed(tmp_path):
@@ -61,3 +63,31 @@ def test_out_of_budget_stages_are_skipped_and_results_still_packed(tmp_path):
 def test_unknown_stage_is_refused():
     res = _gpu_sh("nonsense")
     assert res.returncode != 0 and "unknown stage" in res.stderr
+
+
+def test_device_scripts_run_cleanly_without_a_gpu(tmp_path):
+    """gpu_smoke.py and headline.py import everything they need and exit 0 with a line saying
+    there is no device (the campaign's CPU dry run relies on it)."""
+    for script, args in (("gpu_smoke.py", ["--out", str(tmp_path / "smoke.json")]),
+                         ("headline.py", ["--out", str(tmp_path / "results")])):
+        res = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=240,
+                             env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        assert res.returncode == 0 and "no CUDA device" in res.stdout, res.stdout + res.stderr
+
+
+def test_autotune_budget_finds_and_limits_every_autotuner():
+    sys.path.insert(0, str(REPO / "bench"))
+    import autotune_budget as ab
+    counts = ab.config_counts()
+    assert any(n.startswith("fused_gemm") for n in counts) and all(c >= 1 for c in counts.values())
+    tuners = dict(ab._autotuners())
+    saved = {n: list(t.configs) for n, t in tuners.items()}
+    try:
+        limited = ab.limit_configs(1)
+        assert limited.keys() == counts.keys()
+        assert all(after == min(before, 1) for before, after in limited.values())
+        assert all(len(t.configs) == 1 for t in tuners.values())
+    finally:
+        for n, t in tuners.items():
+            t.configs = saved[n]
