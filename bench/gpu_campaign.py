@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -54,6 +55,13 @@ TEST_PRIORITY = ["tests/test_ext.py", "tests/test_cublas_backend.py",
 SANITIZE_K = ("(case0 and fp16 and (fused_gemm or shrink or expand or multi_lora_fwd)) "
               "or empty or bad_input or nan_propagates")
 MODEL_BENCHES = ("serving", "training", "table1")  # lora-kernels bench --only, in this order
+# tests/test_ext.py runs in two chunks, each with its own junit: the tests that validate the
+# single-adapter CUDA kernels for the dispatch table (bench/dispatch_table.py OP_TESTS and
+# COMMON_TESTS) first, so a stage cut short still validates what it finished.
+EXT_FIRST = ("empty_batches or bad_input or fused_gemm or lora_linear_backend or "
+             "public_lora_linear or dropout_mask")
+EXT_CHUNKS = (("single", EXT_FIRST), ("rest", f"not ({EXT_FIRST})"))
+PER_TEST_TIMEOUT_S = 120  # pytest-timeout (on the device image): a hung test fails, the rest run
 
 
 @dataclass
@@ -268,21 +276,33 @@ class Campaign:
         files += [str(p.relative_to(REPO)) for p in sorted((REPO / "tests").glob("test_*.py"))
                   if str(p.relative_to(REPO)) not in files and "mark.gpu" in p.read_text()]
         (self.work / "junit").mkdir(exist_ok=True)
-        done, report = [], []
+        timeout = (f"--timeout {PER_TEST_TIMEOUT_S} "
+                   if importlib.util.find_spec("pytest_timeout") is not None else "")
+        runs = []
         for f in files:
+            chunks = EXT_CHUNKS if f.endswith("test_ext.py") else ((None, None),)
+            runs += [(f, tag, k) for tag, k in chunks]
+        done, report = [], []
+        for f, tag, k in runs:
+            label = f + (f" [{tag}]" if tag else "")
             if deadline - time.monotonic() < 10:
-                report.append(f"{f}: SKIPPED, {deadline - time.monotonic():.0f} s left in the stage")
+                report.append(f"{label}: SKIPPED, {deadline - time.monotonic():.0f} s left in the stage")
                 continue
-            stem = Path(f).stem
-            status = self.run(f"{PY} -m pytest -m gpu -q -rfE -p no:cacheprovider "
+            stem = Path(f).stem + (f"-{tag}" if tag else "")
+            sel = f"-k {shlex.quote(k)} " if k else ""
+            status = self.run(f"{PY} -m pytest -m gpu -q -rfE -p no:cacheprovider {timeout}{sel}"
                               f"--junitxml={self.work}/junit/{stem}.xml {f}", f"tests-{stem}.log",
                               deadline)
-            report.append(f"{f}: {status}: {_tail(self.work / 'logs' / f'tests-{stem}.log', 1)}")
+            if status == "rc=5":  # pytest: nothing collected (no gpu-marked test selected)
+                status = "rc=0 (no gpu tests)"
+            report.append(f"{label}: {status}: {_tail(self.work / 'logs' / f'tests-{stem}.log', 1)}")
             done.append(stem)
         _merge_junit(sorted((self.work / "junit").glob("*.xml")), self.work / "gpu-tests.xml")
         self.sections["gpu tests"] = "\n".join(f"* {r}" for r in report)
-        st.notes.append(f"{len(done)}/{len(files)} files")
-        return "ok" if all(": rc=0:" in r for r in report) else "failures"
+        st.notes.append(f"{len(done)}/{len(runs)} runs")
+        if any(": rc=" in r and ": rc=0" not in r for r in report):
+            return "failures"
+        return "partial" if any("SKIPPED" in r for r in report) else "ok"
 
     def stage_sanitize(self, st: Stage, deadline: float) -> str:
         budget = max(int(deadline - time.monotonic()) - 5, 10)
