@@ -3,7 +3,8 @@
 // Deliberately free of torch and of device code, so torch_bindings.cpp (g++) and the .cu files
 // (nvcc) share it, and the .cu files compile without the ATen headers (which is what keeps the
 // extension build short). Pointers are raw device pointers, sizes are int64, every launcher
-// takes the stream and returns the launch status instead of throwing.
+// takes the stream and returns the launch status instead of throwing. philox.h (the dropout mask
+// definition) is host+device code without CUDA headers: the bindings use its keep_threshold.
 #pragma once
 
 #include <cstdint>
