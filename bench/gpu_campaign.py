@@ -42,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PY = os.environ.get("PYTHON", sys.executable or "python3")
 RESERVE_S = 10          # kept back for the last summary + tarball
+PACK_EVERY_S = 30       # re-pack $OUT this often while a stage runs
 HEADLINE_CONFIGS = int(os.environ.get("GPU_HEADLINE_CONFIGS", "4"))  # autotune configs per kernel
 
 # GPU test files, most important first: the CUDA extension has never run anywhere, then the
@@ -175,21 +176,29 @@ class Campaign:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, proc: subprocess.Popen, deadline: float) -> str:
-        """'rc=N' or 'timed out' (the whole process group is killed at the deadline)."""
-        try:
-            return f"rc={proc.wait(timeout=max(deadline - time.monotonic(), 0.1))}"
-        except subprocess.TimeoutExpired:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=5)
-                    break
-                except subprocess.TimeoutExpired:
+        """'rc=N' or 'timed out' (the whole process group is killed at the deadline). While it
+        runs, $OUT is re-packed every PACK_EVERY_S, so a call killed mid-stage still returns
+        what that stage had written (bench results are written shape by shape)."""
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return f"rc={proc.wait(timeout=max(min(left, PACK_EVERY_S), 0.1))}"
+            except subprocess.TimeoutExpired:
+                if time.monotonic() < deadline:
+                    self.pack()
                     continue
-            return "timed out"
+                break
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return "timed out"
 
     def run(self, cmd: str, logname: str, deadline: float, env=None) -> str:
         self.log(f"  $ {cmd}")

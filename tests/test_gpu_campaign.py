@@ -91,3 +91,18 @@ def test_autotune_budget_finds_and_limits_every_autotuner():
     finally:
         for n, t in tuners.items():
             t.configs = saved[n]
+
+
+def test_a_stage_past_its_deadline_is_killed_and_out_repacked_meanwhile(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "bench"))
+    import time
+
+    import gpu_campaign
+    monkeypatch.setattr(gpu_campaign, "PACK_EVERY_S", 0.3)
+    camp = gpu_campaign.Campaign(60, tmp_path / "out", tmp_path / "work")
+    t0 = time.monotonic()
+    status = camp.run("echo started; sleep 30", "slow.log", t0 + 1.5)
+    assert status == "timed out" and time.monotonic() - t0 < 10  # killed, not waited for
+    assert (tmp_path / "out" / "gpu-results.tgz").exists()       # packed while it ran
+    assert "started" in (tmp_path / "work" / "logs" / "slow.log").read_text()
+    assert camp.run("exit 3", "fail.log", time.monotonic() + 10) == "rc=3"
