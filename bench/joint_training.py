@@ -76,7 +76,9 @@ def measure(contender: str, k: int, mode: C.Mode, sh: dict) -> dict:
     if contender in ("single", "joint"):
         handle = lk.patch_peft_model(model)
         opt = torch.optim.AdamW(lk.adapter_param_groups(model, lr=1e-5))
-        per_sample = [names[i % len(names)] for i in range(B)]  # every adapter B/K samples
+        # every adapter B/K consecutive samples (a batch grouped by adapter, as a data loader
+        # would build it: one run of tokens per adapter)
+        per_sample = [names[i * len(names) // B] for i in range(B)]
 
         def step(i):
             ids = inputs[i % len(inputs)]
