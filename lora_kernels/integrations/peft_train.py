@@ -158,6 +158,8 @@ def save_peft_adapters(model: nn.Module, directory, adapters: Optional[Sequence[
     from lora_kernels.adapters.peft_format import AdapterConfig, save_peft_adapter
     from peft.tuners.lora import LoraLayer
     tuner = _tuner(model)
+    if isinstance(adapters, str):
+        raise TypeError("adapters must be a sequence of adapter names, not one string")
     names = sorted(tuner.peft_config) if adapters is None else list(adapters)
     missing = sorted(set(names) - set(tuner.peft_config))
     if missing:
@@ -170,9 +172,7 @@ def save_peft_adapters(model: nn.Module, directory, adapters: Optional[Sequence[
             if n in layer.lora_A:
                 tensors[n][f"{path}.lora_A.weight"] = _full(layer.lora_A[n].weight)
                 tensors[n][f"{path}.lora_B.weight"] = _full(layer.lora_B[n].weight)
-    out = {}
-    for n in names:
-        config = AdapterConfig.from_dict(_config_dict(tuner.peft_config[n]),
-                                         source=f"adapter {n!r}'s LoraConfig")
-        out[n] = save_peft_adapter(Path(directory) / n, tensors[n], config)
-    return out
+    # every config checked before the first file is written: a rejected call writes nothing
+    configs = {n: AdapterConfig.from_dict(_config_dict(tuner.peft_config[n]),
+                                          source=f"adapter {n!r}'s LoraConfig") for n in names}
+    return {n: save_peft_adapter(Path(directory) / n, tensors[n], configs[n]) for n in names}
