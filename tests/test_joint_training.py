@@ -93,6 +93,9 @@ def test_peft_refuses_unpatched_and_again_after_unpatch():
     handle = lk.patch_peft_model(model)
     model(ids, adapter_names=NAMES).logits.sum().backward()
     assert model.base_model.training  # the flag PEFT checks is back
+    with pytest.raises(ValueError, match="non-existing adapter"):  # PEFT's own name check runs
+        model(ids, adapter_names=["a1", "typo", "a2", "a3", "a1", "a2"])
+    assert model.base_model.training  # ... and a raise inside it restores the flag too
     handle.unpatch()
     with pytest.raises(ValueError, match=TRAINING_MODE_ERROR):
         model(ids, adapter_names=NAMES)

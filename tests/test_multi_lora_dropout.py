@@ -12,7 +12,7 @@ import lora_kernels as lk
 from lora_kernels import reference as ref
 from lora_kernels.ops import multi_lora_dropout as MD
 from lora_kernels.ops.batch import LoRABatch
-from tests.helpers import rel_err, triton_device
+from helpers import rel_err, triton_device
 
 T, K, N, R, S = 9, 13, 11, 5, 3
 IDS = torch.tensor([0, -1, 2, 2, 0, 1, 1, 2, -1])
