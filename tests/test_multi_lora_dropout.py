@@ -150,3 +150,23 @@ def test_triton_backend_composed_path(monkeypatch):
     inputs, dy = _inputs()
     _assert_close(_ours(inputs, dy, torch.float32, "triton", device=dev), _oracle(inputs, dy),
                   1e-5 if dev == "cpu" else 5e-4)
+
+
+def test_compiles_fullgraph_with_the_same_mask():
+    inputs, dy = _inputs()
+    batch = LoRABatch.from_adapter_ids(IDS, S)
+
+    def f(x, w, b, a, bb):
+        return lk.multi_lora_linear(x, w, b, a, bb, batch, scalings=SC, ranks=RANKS,
+                                    dropout_p=P, dropout_seed=SEED)
+    leaves = [t.float().requires_grad_() for t in inputs]
+    y = f(*leaves)
+    y.backward(dy.float())
+    want = [y.detach()] + [t.grad for t in leaves]
+    torch._dynamo.reset()
+    leaves = [t.float().requires_grad_() for t in inputs]
+    y = torch.compile(f, fullgraph=True)(*leaves)
+    y.backward(dy.float())
+    torch._dynamo.reset()
+    for g, w in zip([y.detach()] + [t.grad for t in leaves], want):
+        assert rel_err(g, w) <= 1e-6

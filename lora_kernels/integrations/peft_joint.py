@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _HOOKS_ATTR = "_enable_peft_forward_hooks"
-BASE = "__base__"
 
 
 def find_tuners(model: nn.Module) -> list[nn.Module]:
