@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import e2e_common as C  # noqa: E402
+import joint_training as J  # noqa: E402  (the joint multi-adapter rows, issue #17)
 
 NAME = "bench_training"
 RANK = 16
@@ -148,6 +149,7 @@ def run(quick: bool = False, out_dir=None, dtype=None, steps=None) -> dict:
                        "targets": TARGET_NAMES.get(target, "all weights"),
                        "target_key": target or "full", "error": next(iter(errors.values()))}
             rows.append(row)
+        joint_rows, joint_settings = J.run_rows(mode)
         env = C.env_info(mode)
     for kind in MODELS:  # ratios against full fine-tuning of the same model
         full = next(r for r in rows if r["model"] == kind and r["method"] == "full")
@@ -168,7 +170,8 @@ def run(quick: bool = False, out_dir=None, dtype=None, steps=None) -> dict:
         "targets": {k: {t: v for t, v in C.TARGETS[k].items()} for k in MODELS},
         "timing": "CUDA events per step, synchronised" if mode.cuda else "perf_counter",
     }
-    return C.save(common.results_payload(NAME, rows, env, settings), out_dir, markdown, plot)
+    return C.save(common.results_payload(NAME, rows, env, settings, joint=joint_rows,
+                                         joint_settings=joint_settings), out_dir, markdown, plot)
 
 
 def markdown(payload: dict) -> str:
@@ -190,6 +193,8 @@ def markdown(payload: dict) -> str:
     parts.append("Paper's claims for reference: ~3x less memory (GPT-3 175B: 1.2 TB -> 350 GB) and "
                  "~25% more training throughput than full fine-tuning. GPT-2's q,v live in the "
                  "packed c_attn, so 'q,v' there means LoRA on c_attn for every contender.")
+    if payload.get("joint"):
+        parts.append("\n" + J.markdown(payload["joint"], payload["joint_settings"]))
     return "\n".join(parts)
 
 

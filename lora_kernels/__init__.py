@@ -9,12 +9,12 @@ from lora_kernels.nn import (LoRALinear, MultiLoRALinear, PackedLoRALinear, inje
 from lora_kernels.ops import (BackendUnavailableError, LoRABatch, lora_expand, lora_linear,
                               lora_shrink, multi_lora_linear)
 from lora_kernels.adapters import AdapterPool, load_peft_adapter, save_peft_adapter
-from lora_kernels.integrations import patch_peft_model
+from lora_kernels.integrations import adapter_param_groups, patch_peft_model, save_peft_adapters
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterPool", "BackendUnavailableError", "LoRABatch", "LoRALinear", "MultiLoRALinear",
+    "AdapterPool", "BackendUnavailableError", "adapter_param_groups", "save_peft_adapters", "LoRABatch", "LoRALinear", "MultiLoRALinear",
     "PackedLoRALinear", "inject_lora", "load_peft_adapter", "lora_expand", "lora_linear",
     "lora_shrink", "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora",
     "multi_lora_linear", "patch_peft_model", "save_peft_adapter", "set_lora_batch",

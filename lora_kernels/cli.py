@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="fine-tune a small model and serve a mixed-adapter batch")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps")
+    demo.add_argument("--multi-train", action="store_true",
+                      help="instead: train 4 adapters jointly in one batch, save, reload in PEFT")
     bench = sub.add_parser("bench", help="run the benchmark suite and write results files")
     bench.add_argument("--quick", action="store_true", help="small sizes, runs on CPU in minutes")
     bench.add_argument("--out", default=None, help="results directory (default bench/results/<device>)")
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return info()
+    if args.cmd == "demo" and args.multi_train:
+        from lora_kernels.demo_multi import run_multi_train
+        return run_multi_train(steps=args.steps, device=args.device)
     if args.cmd == "demo":
         from lora_kernels.demo import run_demo
         return run_demo(device=args.device, steps=args.steps)

@@ -124,13 +124,30 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
     """
     if p <= 0.0:
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
+    return dropout_keep_bits(seed, rows, cols, device, row_offset) >= keep_threshold(p)
+
+
+def dropout_keep_bits(seed: int, rows: int, cols: int, device=None, row_offset: int = 0) -> Tensor:
+    """The 16-bit values ``v`` of :func:`dropout_keep_mask` (int64 ``[rows, cols]``): the mask for
+    any ``p`` is ``v >= keep_threshold(p)``, so rows may use different ``p`` over one draw."""
     groups = keep_groups(cols)
     m = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device)
     g = m[:, None] * groups + torch.arange(groups, dtype=torch.int64, device=device)[None, :]
     words = torch.stack(philox4x32(seed, g), dim=-1)                  # [rows, G, 4]
     halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1)       # [rows, G, 4, 2]: j = 2w+h
-    bits = halves.reshape(rows, groups * KEEP_GROUP)[:, :cols]
-    return bits >= keep_threshold(p)
+    return halves.reshape(rows, groups * KEEP_GROUP)[:, :cols]
+
+
+def token_keep_mask(seed: int, adapter_ids: Tensor, cols: int, dropout_p: Sequence[float]) -> Tensor:
+    """Keep-mask ``[T, cols]`` of a heterogeneous batch: one draw over the ``[T, cols]`` grid
+    (:func:`dropout_keep_bits`), row ``t`` thresholded with the ``p`` of its slot
+    ``adapter_ids[t]`` (``dropout_p[slot]``); rows of ``-1`` tokens keep everything."""
+    thresholds = torch.tensor([keep_threshold(p) for p in dropout_p] + [0], dtype=torch.int64,
+                              device=adapter_ids.device)
+    ids = adapter_ids.to(torch.int64)
+    row_thr = thresholds[torch.where(ids < 0, len(dropout_p), ids)]
+    bits = dropout_keep_bits(seed, ids.shape[0], cols, adapter_ids.device)
+    return bits >= row_thr[:, None]
 
 
 def keep_like(x: Tensor, seed: int, p: float, keep_mask=None) -> Optional[Tensor]:
@@ -275,11 +292,16 @@ def lora_expand(y: Tensor, xa: Tensor, lora_b: Tensor, adapter_ids: Tensor,
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                       lora_b: Tensor, adapter_ids: Tensor, scalings: Tensor,
                       ranks: Optional[Tensor] = None,
-                      out_slices: Optional[Sequence[int]] = None) -> Tensor:
-    """``y[t] = x[t]·Wᵀ + b + s_i·(x[t]·A_iᵀ)·B_iᵀ``, base only where ``adapter_ids[t] = −1``.
+                      out_slices: Optional[Sequence[int]] = None,
+                      dropout_p: Optional[Sequence[float]] = None, seed: int = 0) -> Tensor:
+    """``y[t] = x[t]·Wᵀ + b + s_i·(drop_i(x[t])·A_iᵀ)·B_iᵀ``, base only where ``adapter_ids[t] = −1``.
 
-    Differentiable (autograd) in every floating input. ``x [T, K]``.
+    Differentiable (autograd) in every floating input. ``x [T, K]``. ``dropout_p``: one
+    probability per slot (None = no dropout), drawn with :func:`token_keep_mask` from ``seed``.
     """
+    keep = None
+    if dropout_p is not None and any(p > 0.0 for p in dropout_p):
+        keep = token_keep_mask(seed, adapter_ids, x.shape[1], dropout_p)
     y = x @ weight.t()
     if bias is not None:
         y = y + bias
@@ -291,6 +313,8 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
             continue
         rows = torch.nonzero(adapter_ids == slot).flatten()
         xs = x[rows]
+        if keep is not None and dropout_p[slot] > 0.0:
+            xs = apply_keep(xs, keep[rows], dropout_p[slot])
         cols = []
         for j, (c0, c1) in enumerate(bounds):
             rk = _rank_of(ranks, slot, j, R)
@@ -374,7 +398,9 @@ def _rows(t: Tensor, rows) -> Tensor:
 def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                        lora_b: Tensor, scalings: Sequence[float], groups: Sequence[tuple],
                        ranks: Optional[Sequence] = None, out_slices: Optional[Sequence[int]] = None,
-                       need_xa: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+                       need_xa: bool = False, keep: Optional[Tensor] = None,
+                       dropout_p: Optional[Sequence[float]] = None
+                       ) -> tuple[Tensor, Optional[Tensor]]:
     """Forward grouped by adapter: one base GEMM, then per group two small GEMMs — no per-token
     Python loop.
 
@@ -383,6 +409,8 @@ def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a
     accumulates straight into ``y`` with ``addmm_``, no temporary). A slot may appear in several
     groups. ``ranks``: host-side ranks (``ranks[slot]`` an int or per-slice list), None = R.
     Returns ``(y, xa)``; ``xa [T, n_slices·R]`` (scaled shrink output, ≥ fp32) only if ``need_xa``.
+    Dropout: ``keep [T, K]`` (:func:`token_keep_mask`) and host ``dropout_p[slot]``; the LoRA
+    branch of a group reads ``drop(x[G])``, the base GEMM plain ``x``.
     """
     y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     R = lora_b.shape[2]
@@ -391,7 +419,7 @@ def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a
     if need_xa:
         xa = x.new_zeros(x.shape[0], len(bounds) * R, dtype=torch.promote_types(x.dtype, torch.float32))
     for slot, rows in groups:
-        xs = _rows(x, rows)
+        xs = _dropped_rows(x, rows, keep, dropout_p, slot)
         s = float(scalings[slot])
         rks = _host_ranks(ranks, slot, len(bounds), R)
         delta = None
@@ -416,6 +444,18 @@ def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a
     return y, xa
 
 
+def _slot_p(dropout_p: Optional[Sequence[float]], slot: int) -> float:
+    return 0.0 if dropout_p is None else float(dropout_p[slot])
+
+
+def _dropped_rows(x: Tensor, rows, keep: Optional[Tensor], dropout_p, slot: int) -> Tensor:
+    """``drop(x[rows])`` with slot ``slot``'s probability (``x[rows]`` without dropout)."""
+    p = _slot_p(dropout_p, slot)
+    if keep is None or p <= 0.0:
+        return _rows(x, rows)
+    return apply_keep(_rows(x, rows), _rows(keep, rows), p)
+
+
 def _host_ranks(ranks, slot: int, n_slices: int, r_max: int) -> list[int]:
     if ranks is None:
         return [r_max] * n_slices
@@ -427,14 +467,18 @@ def multi_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
                         scalings: Tensor, groups: Sequence[tuple[int, Tensor]],
                         needs: Sequence[bool], ranks: Optional[Sequence] = None,
                         out_slices: Optional[Sequence[int]] = None,
-                        xa: Optional[Tensor] = None) -> tuple[Optional[Tensor], ...]:
+                        xa: Optional[Tensor] = None, keep: Optional[Tensor] = None,
+                        dropout_p: Optional[Sequence[float]] = None
+                        ) -> tuple[Optional[Tensor], ...]:
     """Gradients ``(dx, dweight, dbias, dlora_a, dlora_b)``; dA/dB are zero for absent slots.
     ``groups`` as in :func:`multi_lora_forward` (index tensors or slices; a slot may repeat).
 
     Per active slot i with tokens G: ``u = dy[G]·B_i`` ``[|G|, r]``; ``dx[G] += s_i·u·A_i``;
     ``dA_i = s_i·uᵀ·x[G]``; ``dB_i = s_i·dy[G]ᵀ·(x[G]·A_iᵀ)``. Each slot's sums run over its own
     tokens in a fixed order: deterministic, no atomics. ``xa`` (the forward's scaled shrink
-    output ``[T, n_slices·R]``) saves recomputing ``x[G]·A_iᵀ`` for dB.
+    output ``[T, n_slices·R]``) saves recomputing ``x[G]·A_iᵀ`` for dB. With dropout (``keep``,
+    ``dropout_p`` as in :func:`multi_lora_forward`) the LoRA part of ``dx[G]`` is masked the same
+    way and ``dA_i`` reads ``drop(x[G])``.
     """
     need_x, need_w, need_b, need_a, need_bb = needs
     dx = dy @ weight if need_x else None
@@ -446,12 +490,14 @@ def multi_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
     bounds = _slice_bounds(out_slices, weight.shape[0])
     for slot, rows in groups:
         s = float(scalings[slot])
-        xs = _rows(x, rows)
+        p = _slot_p(dropout_p, slot) if keep is not None else 0.0
+        xs = _dropped_rows(x, rows, keep, dropout_p, slot)
         dys = _rows(dy, rows)
         rks = _host_ranks(ranks, slot, len(bounds), R)
         # A run of tokens accumulates straight into its rows of dx (a view); gathered tokens
-        # sum their slices in dx_s, then one index_add_.
-        dx_s = dx[rows] if need_x and isinstance(rows, slice) else None
+        # (and dropped ones, which are masked first) sum their slices in dx_s, then one add.
+        in_place = need_x and isinstance(rows, slice) and p <= 0.0
+        dx_s = dx[rows] if in_place else None
         for j, (c0, c1) in enumerate(bounds):
             rk = rks[j]
             if rk == 0:
@@ -472,6 +518,11 @@ def multi_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
                 else:
                     xas = _rows(xa, rows)[:, j * R:j * R + rk].to(dys.dtype)
                 dbb[slot, c0:c1, :rk] += dys[:, c0:c1].t() @ xas
-        if dx_s is not None and not isinstance(rows, slice):
-            dx.index_add_(0, rows, dx_s)
+        if dx_s is not None and not in_place:
+            if p > 0.0:
+                dx_s = apply_keep(dx_s, _rows(keep, rows), p)
+            if isinstance(rows, slice):
+                dx[rows] += dx_s
+            else:
+                dx.index_add_(0, rows, dx_s)
     return dx, dw, db, da, dbb

@@ -198,6 +198,12 @@ ROWS += [op("multi_lora_linear", ML, multi_kw, m, c, e, n) for m, c, e, n in [
     ("r_max of lora_a", {"lora_a": randn(S, R + 1, K)}, ValueError, r"lora_a must have shape \[S, n_slices·r_max, K\]"),
     ("S of lora_b", {"lora_b": randn(S + 1, N, R)}, ValueError, r"lora_a must have shape|num_slots"),
     ("N of bias", {"bias": randn(N + 1)}, ValueError, r"bias must have shape \[N\]"),
+    ("dropout_p one per slot", {"dropout_p": [0.1] * (S + 1)}, ValueError, "dropout_p must hold one"),
+    ("dropout_p 1.0", {"dropout_p": 1.0}, ValueError, r"dropout_p\[0\] must be in \[0, 1\)"),
+    ("dropout_p on a device", {"dropout_p": torch.zeros(S, device=META)}, ValueError,
+     "dropout_p must be host values"),
+    ("training not a bool", {"dropout_p": 0.1, "training": 1}, TypeError, "training must be a bool"),
+    ("dropout_seed a float", {"dropout_p": 0.1, "dropout_seed": 1.5}, TypeError, "dropout_seed"),
     ("weight dtype != x", {"weight": randn(N, K, dtype=torch.bfloat16)}, TypeError, "x and weight must share a dtype"),
     ("lora_b on meta", {"lora_b": randn(S, N, R).to(META)}, ValueError, "lora_b is on meta"),
     ("batch not a LoRABatch", {"batch": torch.tensor(IDS)}, TypeError, "batch must be a LoRABatch"),
@@ -635,6 +641,48 @@ ROWS += [
     patch_row("backend unknown", lambda m: lk.patch_peft_model(m, backend="fast"), ValueError, "backend"),
     patch_again("already patched", lambda m: m),
     patch_again("partly patched (sub-module)", lambda m: m.base_model.model.down),
+]
+
+
+# ---- joint training: adapter_param_groups, save_peft_adapters -----------------------------
+def _two_adapter_model():
+    peft = pytest.importorskip("peft")
+    model = _peft_model()
+    model.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["up"]))
+    return model  # "b" is frozen: PEFT trains the active adapter only
+
+
+def joint_row(entry, misuse, call, exc, needle):
+    def build(tmp):
+        model = _two_adapter_model()
+        return (lambda: call(model, tmp)), [model, tmp]
+    return Row(entry, misuse, build, exc, needle)
+
+
+APG, SPA = "adapter_param_groups", "save_peft_adapters"
+ROWS += [
+    joint_row(APG, "no PEFT adapters", lambda m, t: lk.adapter_param_groups(_MLP()), ValueError,
+              "no PEFT adapter parameters"),
+    joint_row(APG, "unknown adapter", lambda m, t: lk.adapter_param_groups(m, nope={"lr": 1.0}),
+              ValueError, "unknown adapter"),
+    joint_row(APG, "options not a dict", lambda m, t: lk.adapter_param_groups(m, default=0.1),
+              TypeError, "options for adapter 'default'"),
+    joint_row(APG, "options set params",
+              lambda m, t: lk.adapter_param_groups(m, overrides={"default": {"params": []}}),
+              ValueError, "must not set 'params'"),
+    joint_row(APG, "lr negative", lambda m, t: lk.adapter_param_groups(m, lr=-1.0), ValueError,
+              "lr must be"),
+    joint_row(APG, "adapters one string", lambda m, t: lk.adapter_param_groups(m, adapters="b"),
+              TypeError, "adapters must be a sequence"),
+    joint_row(APG, "frozen adapter asked for",
+              lambda m, t: lk.adapter_param_groups(m, adapters=["b"]), ValueError,
+              "no trainable parameters"),
+    joint_row(SPA, "unknown adapter", lambda m, t: lk.save_peft_adapters(m, t, ["default", "x"]),
+              ValueError, "unknown adapter"),
+    joint_row(SPA, "adapters one string", lambda m, t: lk.save_peft_adapters(m, t, "b"),
+              TypeError, "adapters must be a sequence"),
+    joint_row(SPA, "no PEFT model", lambda m, t: lk.save_peft_adapters(_MLP(), t), ValueError,
+              "expected one PEFT LoRA model"),
 ]
 
 

@@ -135,6 +135,23 @@ def test_training_has_every_row(results):
         assert label in md
 
 
+def test_training_has_joint_multi_adapter_rows(results):
+    payload = results[2]["bench_training"]
+    got = {(r["contender"], r["k"]): r for r in payload["joint"]}
+    wanted = [("single", 1)] + [(c, k) for k in (1, 4, 8) for c in ("joint", "sequential")]
+    for key in wanted:
+        row = got.get(key)
+        assert row is not None, key
+        assert "error" not in row, row.get("error")
+        assert _finite(row["tokens_per_s"]) and _finite(row["median_ms"])
+    for k in (1, 4, 8):
+        assert _finite(got[("joint", k)]["cost_vs_single"])
+        assert _finite(got[("joint", k)]["speedup_vs_sequential"])
+        assert len(got[("joint", k)]["ranks"]) == k
+    md = (results[1] / "bench_training.md").read_text()
+    assert "Joint multi-adapter training" in md and "K sequential PEFT trainings" in md
+
+
 def test_serving_has_every_row(results):
     payload = results[2]["bench_serving"]
     got = {(r["scenario"], r["method"]): r for r in payload["rows"]}

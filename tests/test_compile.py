@@ -142,6 +142,18 @@ def _samples():
             (r(T, N), x.detach(), w.detach(), A.detach(), B.detach(), xa_multi, sc, ranks, *bt,
              ints, None, [True, False, False, True, True], "torch"),
         ],
+        "multi_lora_linear_dropout": [
+            (x, w, b, A, B, sc, ranks, *bt, ints, None, [0.3, 0.0, 0.5], seed, True, "torch"),
+            (x.detach(), w.detach(), None, A2, B2, sc, ranks2, *bt, ints, [5, 6],
+             [0.25, 0.25, 0.25], seed, False, "torch"),
+        ],
+        "multi_lora_linear_dropout_backward": [
+            (r(T, N), x.detach(), w.detach(), A.detach(), B.detach(), xa_multi, sc, ranks, *bt,
+             ints, None, [0.3, 0.0, 0.5], seed, [True, True, True, True, True], "torch"),
+            (r(T, N), x.detach(), w.detach(), A2, B2, torch.randn(T, 2 * R, generator=g), sc,
+             ranks2, *bt, ints, [5, 6], [0.25, 0.25, 0.25], seed,
+             [True, False, False, True, True], "torch"),
+        ],
         "lora_shrink": [
             (x.detach(), A.detach(), sc, ranks, *bt, ints, 1, "torch"),
             (x.detach(), A2, None, ranks2, *bt, ints, 2, "torch"),

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_kernels.integrations.peft_mixed import (BatchCache, StackCache, build_stack,
-                                                  needs_grad)
+from lora_kernels.integrations.peft_joint import JointState, train_stack
+from lora_kernels.integrations.peft_mixed import BatchCache, StackCache, needs_grad
 from lora_kernels.nn.lora_linear import check_backend, is_conv1d
 from lora_kernels.ops import lora_linear, multi_lora_linear
 
@@ -59,6 +59,7 @@ class PeftPatchHandle:
         self.patched: dict[str, nn.Module] = {}
         self.skipped: dict[str, str] = {}
         self.batches = BatchCache()
+        self.joint = JointState()  # adapter_names= in training mode (peft_joint.py)
         self._warned: set = set()
         self.active = True
 
@@ -77,6 +78,7 @@ class PeftPatchHandle:
             layer.__dict__.pop(_ATTR, None)
         self.patched.clear()
         self.batches.clear()
+        self.joint.uninstall()
         self.active = False
 
     def __enter__(self) -> "PeftPatchHandle":
@@ -234,8 +236,6 @@ def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> T
     used = {n for n in adapter_names if n in self.lora_A}
     for a in sorted(used):
         reason = _adapter_reason(self, a)
-        if reason is None and _dropout_p(self, a) > 0.0:
-            reason = f"adapter '{a}' has active dropout in a mixed batch (layer in training mode)"
         if reason is not None:
             return _fallback(self, st, reason, x, (), kwargs)
     weight, bias, x_c = _base_operands(self, st, x)
@@ -249,12 +249,18 @@ def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> T
         return F.linear(x_c, weight, bias)
     tokens_per_sample = x_c[0].numel() // x_c.shape[-1]
     slot_names, batch = st.handle.batches.get(adapter_names, tokens_per_sample, x_c.device)
-    if needs_grad(self, slot_names):
-        lora_a, lora_b, scalings, ranks = build_stack(self, slot_names, x_c.dtype, x_c.device)
+    if not slot_names:  # every sample on "__base__": no stack to build (S = 0)
+        return F.linear(x_c, weight, bias)
+    if needs_grad(self, slot_names):  # a training step: the stack stays in the autograd graph
+        lora_a, lora_b, scalings, ranks = train_stack(st.handle.joint, self, slot_names,
+                                                      x_c.dtype, x_c.device)
     else:
         lora_a, lora_b, scalings, ranks = st.stack.get(self, slot_names, x_c.dtype, x_c.device)
+    # each slot's own dropout (PEFT: each adapter's nn.Dropout on its own sub-batch), 0 in eval
+    drops = [_dropout_p(self, n) if n in self.lora_A else 0.0 for n in slot_names]
     return multi_lora_linear(x_c, weight, bias, lora_a, lora_b, batch, scalings=scalings,
-                             ranks=ranks, backend=st.handle.backend)
+                             ranks=ranks, backend=st.handle.backend,
+                             dropout_p=drops if any(drops) else None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -313,4 +319,5 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
         module.__dict__[_ATTR] = st
         module.__dict__["forward"] = types.MethodType(_patched_forward, module)
         handle.patched[name] = module
+    handle.joint.install(model)
     return handle

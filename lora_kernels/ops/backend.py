@@ -179,6 +179,13 @@ def kernel(name: str, fn: str):
     raise RuntimeError(f"no backend implements {fn}")  # unreachable: the torch backend has all
 
 
+def native(name: str, fn: str):
+    """Backend ``name``'s own implementation of ``fn``, or None (no fallback): for optional
+    kernels whose fallback would be the wrong thing (the torch one reads scalings on the host,
+    a sync per call on CUDA tensors), so the caller composes other kernels instead."""
+    return getattr(_module(name), fn, None)
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

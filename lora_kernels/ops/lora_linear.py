@@ -157,6 +157,9 @@ def _check_seed(seed) -> int:
     return seed
 
 
+check_seed = _check_seed  # public name for the other ops (multi_lora's dropout_seed)
+
+
 def block_diag_lora_b(lora_b_slices: Sequence[Optional[Tensor]], out_slices: Sequence[int]) -> Tensor:
     """``lora_b`` of a packed projection as one ``[N, n_adapted·r]`` block-diagonal matrix.
 

@@ -19,7 +19,9 @@ from torch import Tensor
 
 from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import validation as V
+from lora_kernels.ops import multi_lora_dropout as _dropout
 from lora_kernels.ops.batch import LoRABatch
+from lora_kernels.ops.lora_linear import check_seed, draw_seed
 
 _EMPTY = (0,)
 
@@ -228,13 +230,18 @@ def _check_stack(x2, weight, bias, lora_a, lora_b, out_slices):
 # ------------------------------------------------------------------------------------------
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                       lora_b: Tensor, batch: LoRABatch, *, scalings, ranks: Optional[Tensor] = None,
-                      out_slices: Optional[Sequence[int]] = None, backend: str = "auto") -> Tensor:
+                      out_slices: Optional[Sequence[int]] = None, backend: str = "auto",
+                      dropout_p=None, training: bool = True,
+                      dropout_seed: Optional[int] = None) -> Tensor:
     """Base GEMM plus each token's own adapter, ``x [T, K]`` (or ``[..., K]``, flattened).
 
     ``lora_a [S, n_slices·r_max, K]``, ``lora_b [S, N, r_max]``, ``scalings [S]``, ``ranks [S]`` or
     ``[S, n_slices]`` (slot i uses its first ``ranks[i]`` ranks; 0 = no LoRA), ``out_slices``:
     output widths of a packed projection (qkv, gate_up) whose slices carry separate LoRAs.
     Differentiable in x, lora_a, lora_b (and weight/bias when they require grad).
+    ``dropout_p``: LoRA-branch dropout per slot (a float for all, S floats or a CPU tensor
+    [S]; only when ``training``), a per-token mask regenerated in the backward
+    (:mod:`lora_kernels.ops.multi_lora_dropout`); ``dropout_seed`` fixes it.
     """
     V.tensor("x", x)
     if x.dim() < 1:
@@ -246,6 +253,8 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     V.check_index_math("x", x2.shape[0])
     sc = _check_scalings(scalings, S, x.device)
     rk = _check_ranks(ranks, S, R, n_slices, x.device)
+    drop = _dropout.check_dropout_p(dropout_p, S, training)
+    seed = None if dropout_seed is None else check_seed(dropout_seed)
     bias_c = V.dense(bias, dtype)
     if not batch.has_lora or x2.shape[0] == 0:
         return F.linear(x2, weight, bias_c).reshape(*lead, N)
@@ -253,6 +262,12 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     a, b = V.dense(lora_a, dtype), V.dense(lora_b, dtype)
     need_xa = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or
                                            x2.requires_grad or weight.requires_grad)
+    if drop is not None:
+        seed_t = draw_seed() if seed is None else torch.tensor(seed, dtype=torch.int64)
+        y, _ = torch.ops.lora_kernels.multi_lora_linear_dropout(
+            x2.contiguous(), weight, bias_c, a, b, sc, rk, *batch.tensors(), batch.host_ints(),
+            slices, list(drop), seed_t, need_xa, name)
+        return y.reshape(*lead, N)
     if _backend.plain_eager(x, weight, bias, lora_a, lora_b):
         # inference: skip the custom-op dispatch, same kernels
         y, _ = _forward(x2.contiguous(), weight, bias_c, a, b, sc, rk, batch, slices, False, name)

@@ -133,3 +133,20 @@ def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_
 def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, needs):
     return reference.multi_lora_backward(dy, x, weight, lora_a, lora_b, _host(scalings),
                                          _groups(batch), needs, _host(ranks), out_slices, xa)
+
+
+# Dropout in a heterogeneous batch (per-token mask, see ops/multi_lora_dropout.py): the grouped
+# CPU kernels with the LoRA branch on drop(x[G]) and the dX low-rank part masked alike. The
+# padded bmm path has no dropout variant; a mask is a [T, K] pass anyway.
+def multi_lora_dropout_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
+                           need_xa, keep, dropout_p):
+    return reference.multi_lora_forward(x, weight, bias, lora_a, lora_b, _host(scalings),
+                                        _groups(batch), _host(ranks), out_slices, need_xa,
+                                        keep=keep, dropout_p=dropout_p)
+
+
+def multi_lora_dropout_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, out_slices,
+                           needs, keep, dropout_p):
+    return reference.multi_lora_backward(dy, x, weight, lora_a, lora_b, _host(scalings),
+                                         _groups(batch), needs, _host(ranks), out_slices, xa,
+                                         keep=keep, dropout_p=dropout_p)
