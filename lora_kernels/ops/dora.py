@@ -61,6 +61,17 @@ def row_sq_norm(weight: Tensor) -> Tensor:
         return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
 
 
+def weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+    """``‖W0_n + s·(B·A)_n‖`` per output row, detached, from rank-sized pieces (what the op
+    computes each call): for initialising magnitudes and for merges. Validated by the caller."""
+    with torch.no_grad():
+        acc = accumulate_dtype(weight.dtype)
+        wsq = row_sq_norm(weight) if weight_sq_norm is None else weight_sq_norm.to(acc)
+        return _weight_norm(weight, wsq, lora_a.to(weight.dtype), lora_b.to(weight.dtype),
+                            float(scaling), "torch")
+
+
 def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed.item())  # a CPU tensor: no device sync
 
