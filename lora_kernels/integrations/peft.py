@@ -152,7 +152,8 @@ def _patched_forward(self, x: Tensor, *args, **kwargs):
     if args or extra:
         return _fallback(self, st, f"extra forward arguments ({len(args)} positional, "
                          f"keywords {sorted(extra)})", x, args, kwargs)
-    self._check_forward_args(x, **kwargs)  # PEFT's own errors, word for word
+    # PEFT's own errors, word for word (except its refusal of DoRA in mixed batches, which run here)
+    self._check_forward_args(x, **peft_dora.check_kwargs(self, kwargs))
     adapter_names = kwargs.get("adapter_names")
     if self.disable_adapters:
         if self.merged:

@@ -10,9 +10,11 @@ Here:
 * **several active adapters, DoRA first**: ``dora_linear`` for it, the plain adapters after it
   added PEFT's way. A DoRA adapter *after* others rescales their contributions in PEFT (its
   ``base`` includes them), which the op does not express: that layer keeps PEFT's forward;
-* **mixed batches** (``adapter_names=``): the samples of each DoRA adapter go through
-  ``dora_linear`` as a sub-batch (the rows are gathered; as PEFT does), the other samples through
-  the grouped multi-adapter op, and the rows are put back in order.
+* **mixed batches** (``adapter_names=``), which PEFT refuses for DoRA ("Cannot pass
+  `adapter_names` when DoRA is enabled"): here each sample gets its adapter's forward as if that
+  adapter alone were active (PEFT's single-adapter DoRA semantics). The samples of each DoRA
+  adapter go through ``dora_linear`` as a sub-batch (rows gathered unless contiguous), the
+  others through the grouped multi-adapter op, and the rows are put back in order.
 
 ``‖W0_n‖²`` is cached per base weight (weakly keyed by the Parameter, invalidated by its version
 counter), so a step costs one ``W0·Aᵀ`` [N, r] GEMM for the norm. Merge/unmerge stay PEFT's.
@@ -30,7 +32,9 @@ from torch import Tensor, nn
 from lora_kernels.ops import dora_linear
 from lora_kernels.ops.dora import row_sq_norm
 
-_SQ_NORMS: "weakref.WeakKeyDictionary[Tensor, tuple]" = weakref.WeakKeyDictionary()
+# id(base Parameter) -> (weakref to it, validity key, ‖W0_n‖²); entries die with the Parameter.
+# (A WeakKeyDictionary would compare tensors with == on hash collisions.)
+_SQ_NORMS: dict = {}
 
 
 def is_dora(layer: nn.Module, adapter: str) -> bool:
@@ -54,6 +58,16 @@ def dora_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     return None
 
 
+def check_kwargs(layer: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` for PEFT's ``_check_forward_args`` with DoRA adapters in ``adapter_names``
+    shown as ``"__base__"``: PEFT refuses DoRA in mixed batches (it has no sub-batch DoRA
+    path to offer); here they run, so only its other checks (lengths, merged layers) apply."""
+    names = kwargs.get("adapter_names")
+    if names is None or not any(is_dora(layer, n) for n in set(names)):
+        return kwargs
+    return {**kwargs, "adapter_names": ["__base__" if is_dora(layer, n) else n for n in names]}
+
+
 def active_reason(layer: nn.Module, active: Sequence[str]) -> Optional[str]:
     """None if the active adapters' order lets the op run them (DoRA only in first place)."""
     later = [a for a in active[1:] if is_dora(layer, a)]
@@ -72,11 +86,13 @@ def _sq_norm(layer: nn.Module, weight: Tensor) -> Optional[Tensor]:
     param = layer.base_layer.weight
     key = (param.data_ptr(), None if param.is_inference() else param._version, weight.dtype,
            weight.device, tuple(weight.shape))
-    hit = _SQ_NORMS.get(param)
-    if hit is None or hit[0] != key:
-        hit = (key, row_sq_norm(weight))
-        _SQ_NORMS[param] = hit
-    return hit[1]
+    hit = _SQ_NORMS.get(id(param))
+    if hit is None or hit[0]() is not param or hit[1] != key:
+        if hit is None or hit[0]() is not param:  # a new Parameter: drop its entry with it
+            weakref.finalize(param, _SQ_NORMS.pop, id(param), None)
+        hit = (weakref.ref(param), key, row_sq_norm(weight))
+        _SQ_NORMS[id(param)] = hit
+    return hit[2]
 
 
 def dora_dropout_p(layer: nn.Module, adapter: str) -> float:

@@ -134,24 +134,28 @@ class _LoRABase(nn.Module):
                 self._add_delta(-1.0)
             self.merged = False
 
-    def _dora_factor(self, norm: Tensor) -> Tensor:
-        factor = self.lora_magnitude_vector.detach().float() / norm.float()
-        return factor[None, :] if self.fan_in_fan_out else factor[:, None]
+    def _dora_parts(self, norm: Tensor):
+        """``(factor, delta)`` in the stored weight's layout, at least fp32 (float64 stays)."""
+        w = self.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        factor = self.lora_magnitude_vector.detach().to(acc) / norm.to(acc)
+        delta = (self._lora_b_full().to(acc) @ self.lora_A.weight.to(acc)) * self.scaling
+        if self.fan_in_fan_out:
+            return factor[None, :], delta.t()
+        return factor[:, None], delta
 
     def _merge_dora(self) -> None:
         norm = self.dora_weight_norm()
         w = self.weight  # stored layout; the factor follows it
-        delta = self.delta_weight()
-        delta = delta.t() if self.fan_in_fan_out else delta
-        w.copy_((self._dora_factor(norm) * (w.float() + delta)).to(w.dtype))
+        factor, delta = self._dora_parts(norm)
+        w.copy_((factor * (w.to(delta.dtype) + delta)).to(w.dtype))
         self.__dict__["_merged_dora_norm"] = norm
 
     def _unmerge_dora(self) -> None:
         norm = self.__dict__.pop("_merged_dora_norm")
         w = self.weight
-        delta = self.delta_weight()
-        delta = delta.t() if self.fan_in_fan_out else delta
-        w.copy_((w.float() / self._dora_factor(norm) - delta).to(w.dtype))
+        factor, delta = self._dora_parts(norm)
+        w.copy_((w.to(delta.dtype) / factor - delta).to(w.dtype))
 
     def _init_dora(self) -> None:
         """PEFT's ``lora_magnitude_vector`` ``[out]``, initialised to ``‖W0 + s·B·A‖`` per row
