@@ -60,6 +60,12 @@ def test_compile_lora_linear_and_packed():
         assert torch.isfinite(y).all() and torch.isfinite(m.lora_A.weight.grad).all()
 
 
+def test_compile_lora_linear_dora():
+    lin = LoRALinear(13, 11, r=3, lora_alpha=6, use_dora=True)
+    _randomize_b(lin)
+    _check_fwd_bwd(lin.eval(), torch.randn(2, 7, 13))
+
+
 def test_compile_multi_lora_linear():
     ml = MultiLoRALinear(torch.nn.Linear(13, 11), num_slots=3, max_rank=4)
     ml.set_adapter(0, torch.randn(4, 13), torch.randn(11, 4), 0.5)
@@ -115,7 +121,20 @@ def _samples():
     ranks = torch.tensor([4, 0, 2], dtype=torch.int32)
     ranks2 = torch.tensor([[4, 1], [0, 0], [2, 3]], dtype=torch.int32)
     xa_multi = torch.randn(T, R, generator=g)
+    mag, wsq = r(N, grad=True), w.detach().norm(dim=1).square()
+    dnorm = (w.detach() + 0.5 * (b1 @ a1).detach()).norm(dim=1)
+    y_pre = torch.randn(T, N, generator=g)
     return {
+        "dora_linear": [
+            (x, w, b, a1, b1, mag, wsq, 0.5, 0.0, None, "torch"),
+            (x, w.detach(), None, a1, b1, mag, wsq, 2.0, 0.3, seed, "torch"),  # dropout
+        ],
+        "dora_linear_backward": [
+            (r(T, N), x.detach(), w.detach(), b.detach(), a1.detach(), b1.detach(), mag.detach(),
+             xa1, dnorm, y_pre, 0.5, 0.0, None, [True, True, True, True, True, True], "torch"),
+            (r(T, N), x.detach(), w.detach(), None, a1.detach(), b1.detach(), mag.detach(), xa1,
+             dnorm, y_pre, 0.5, 0.3, seed, [True, False, False, True, False, True], "torch"),
+        ],
         "lora_linear": [
             (x, w, b, a1, b1, 0.5, 0.0, None, "torch"),
             (x, w, None, a1, b1, 2.0, 0.3, seed, "torch"),
