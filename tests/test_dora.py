@@ -408,3 +408,32 @@ def test_training_step_builds_no_weight_sized_temporary():
     assert not bad, bad[:5]
     assert len(handle.patched) == len(layers) and not handle.skipped
     handle.unpatch()
+
+
+def test_dora_adapter_files_round_trip_with_peft(tmp_path):
+    """Ours -> file -> PEFT gives PEFT's DoRA the same function; PEFT's file -> load_peft_adapter
+    keeps the magnitudes."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(K, N), torch.nn.Tanh(), torch.nn.Linear(N, 6))
+    ours = torch.nn.Sequential(lk.LoRALinear.from_linear(base[0], r=R, lora_alpha=4, use_dora=True),
+                               base[1], lk.LoRALinear.from_linear(base[2], r=R, lora_alpha=4,
+                                                                  use_dora=True))
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.3)
+            elif "magnitude" in n:
+                p.mul_(torch.rand_like(p) + 0.5)
+    x = torch.randn(M, K)
+    want = ours(x)
+    path = lk.save_peft_adapter(tmp_path / "ours", ours)
+    cfg, sd = lk.load_peft_adapter(path)
+    assert cfg.use_dora and sum("lora_magnitude_vector" in k for k in sd) == 2
+    fresh = torch.nn.Sequential(torch.nn.Linear(K, N), torch.nn.Tanh(), torch.nn.Linear(N, 6))
+    fresh.load_state_dict({k: v for k, v in base.state_dict().items()})
+    model = peft.PeftModel.from_pretrained(fresh, str(path))
+    assert rel_err(model(x), want) <= 1e-5
+    model.save_pretrained(str(tmp_path / "peft"))
+    cfg2, sd2 = lk.load_peft_adapter(tmp_path / "peft")
+    assert cfg2.use_dora and {k for k in sd2 if "magnitude" in k} == \
+        {k for k in sd if "magnitude" in k}
