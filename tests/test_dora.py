@@ -180,6 +180,25 @@ def test_triton_kernel_modes(mode):
     assert rel_err(xa, f64(x) @ f64(a).t()) <= TOL[torch.float32]
 
 
+@pytest.mark.skipif(triton_device() != "cpu", reason="interpreter only")
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_scale_grad_pass(bias):
+    """The fused g = dy⊙c / Σ dy·(y − b) pass equals the torch backend's."""
+    from lora_kernels.ops import torch_backend as TB
+    from lora_kernels.triton.dora import dora_scale_grad
+    g_ = torch.Generator().manual_seed(4)
+    dy, y = randn(37, 45, generator=g_), randn(37, 45, generator=g_)
+    b = randn(45, generator=g_) if bias else None
+    c = torch.rand(45, generator=g_) + 0.5
+    got = dora_scale_grad(dy, y, b, c, True, True)
+    want = TB.dora_scale_grad(dy.double(), y.double(), None if b is None else b.double(),
+                              c.double(), True, True)
+    assert rel_err(got[0], want[0]) <= TOL[torch.float32]
+    assert rel_err(got[1], want[1]) <= TOL[torch.float32]
+    assert dora_scale_grad(dy, y, b, c, False, True)[0] is None
+    assert dora_scale_grad(dy, y, b, c, True, False)[1] is None
+
+
 # ------------------------------------------------------------------------------------------
 # Modules
 # ------------------------------------------------------------------------------------------

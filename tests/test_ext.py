@@ -75,7 +75,7 @@ def test_every_op_has_a_cuda_kernel_and_the_expected_schema(C, name):
 def test_backend_module_implements_the_api():
     for fn in B.KERNEL_API:
         # documented fallbacks along cuda -> triton -> torch (DoRA: no CUTLASS GEMM yet)
-        if fn in ("multi_lora_bwd", "dora_weight_a", "dora_linear_fwd"):
+        if fn in ("multi_lora_bwd", "dora_weight_a", "dora_linear_fwd", "dora_scale_grad"):
             assert not hasattr(_ext, fn)
             assert callable(B.kernel("cuda", fn))
         else:

@@ -153,10 +153,11 @@ def _backward_grads(dy, x, weight, bias, lora_a, lora_b, magnitude, xa, norm, y_
     need_x, need_w, need_b, need_a, need_bb, need_m = needs
     keep, xd = _dropped(backend, x, dropout_p, seed)
     dx = dw = db = da = dbb = dm = None
-    if need_x or need_w or need_a or need_bb:
-        scale = magnitude / norm
-        # g = dy⊙c, scaled in fp32 and rounded once to dy's dtype.
-        g = (dy * scale).to(dy.dtype)
+    need_g = need_x or need_w or need_a or need_bb
+    # One pass over dy (and y): g = dy⊙c for the LoRA backward, Σ_m dy·(y − b) for dm.
+    g, dot = _backend.kernel(backend, "dora_scale_grad")(dy, y_pre, bias, magnitude / norm,
+                                                         need_g, need_m)
+    if need_g:
         dx, dw, _, da, dbb = _backend.kernel(backend, "lora_linear_bwd")(
             g, xd, weight, lora_a, lora_b, xa, scaling, 0.0, 0,
             (need_x, need_w, False, need_a, need_bb))
@@ -169,16 +170,16 @@ def _backward_grads(dy, x, weight, bias, lora_a, lora_b, magnitude, xa, norm, y_
     if need_b:
         db = dy.sum(0, dtype=accumulate_dtype(dy.dtype)).to(dy.dtype)
     if need_m:
-        dm = _magnitude_grad(dy, y_pre, bias, magnitude, norm, xd, weight, lora_b, xa, scaling)
+        dm = _magnitude_grad(dy, dot, magnitude, norm, xd, weight, lora_b, xa, scaling)
     return dx, dw, db, da, dbb, dm
 
 
-def _magnitude_grad(dy, y_pre, bias, magnitude, norm, xd, weight, lora_b, xa, scaling):
-    """``dm_n = Σ_m dy_mn (y_mn − b_n) / m_n``; columns with ``m_n = 0`` recompute their
-    pre-scale output ``xd·W0_nᵀ + s·xa·B_nᵀ`` (only those columns) and divide by the norm."""
+def _magnitude_grad(dy, dot, magnitude, norm, xd, weight, lora_b, xa, scaling):
+    """``dm_n = Σ_m dy_mn (y_mn − b_n) / m_n`` (``dot`` is the sum); columns with ``m_n = 0``
+    recompute their pre-scale output ``xd·W0_nᵀ + s·xa·B_nᵀ`` (only those) and divide by the
+    norm."""
     acc = magnitude.dtype
-    pre = y_pre if bias is None else y_pre - bias
-    dm = (dy * pre).sum(0, dtype=acc) / magnitude
+    dm = dot.to(acc) / magnitude
     zero = magnitude == 0
     if bool(zero.any()):
         cols = zero.nonzero().flatten()

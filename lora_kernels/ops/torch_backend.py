@@ -32,6 +32,17 @@ def dora_linear_fwd(x, weight, bias, lora_a, lora_b, col_scale, scaling):
     return y, xa
 
 
+def dora_scale_grad(dy, y_pre, bias, col_scale, need_g, need_dot):
+    """``(g, dot)``: ``g = dy⊙c`` (scaled in c's precision, rounded once to dy's dtype) and
+    ``dot_n = Σ_m dy_mn·(y_mn − b_n)`` in c's dtype; None where not needed."""
+    g = (dy * col_scale).to(dy.dtype) if need_g else None
+    dot = None
+    if need_dot:
+        pre = y_pre if bias is None else y_pre - bias
+        dot = (dy * pre).sum(0, dtype=col_scale.dtype)
+    return g, dot
+
+
 def _host(t):
     # Free for CPU tensors. On CUDA each call is a device->host sync: the torch fallback pays
     # one for scalings and one for ranks (when given), in forward and again in backward.
