@@ -149,8 +149,8 @@ def test_bad_input_names_the_argument():
         lk.dora_linear(x, w, b, a, bb, m, backend="tpu")
     with pytest.raises(TypeError, match="use_dora"):
         lk.LoRALinear(4, 3, r=2, use_dora="yes")
-    with pytest.raises(ValueError, match="use_dora"):
-        lk.PackedLoRALinear(8, [4, 4], r=2, enable_lora=[True, False], use_dora=True)
+    with pytest.raises(TypeError, match="use_dora"):
+        lk.PackedLoRALinear(8, [4, 4], r=2, enable_lora=[True, False], use_dora=1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,6 +223,37 @@ def test_lora_linear_dora_forward_merge_unmerge(fan_in_fan_out):
     assert rel_err(lin.weight, w0) <= 1e-13
     lin(x).sum().backward()
     assert lin.lora_magnitude_vector.grad is not None and lin.lora_A.weight.grad is not None
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_packed_dora_is_dora_per_adapted_slice(fan_in_fan_out):
+    torch.manual_seed(1)
+    slices, enable = [4, 5, 6], [True, False, True]
+    lin = lk.PackedLoRALinear(K, slices, r=3, enable_lora=enable, lora_alpha=5, use_dora=True,
+                              fan_in_fan_out=fan_in_fan_out, dtype=torch.float64)
+    with torch.no_grad():
+        lin.lora_B.weight.normal_(std=0.3)
+        lin.lora_magnitude_vector.mul_(torch.rand(10, dtype=torch.float64) + 0.5)
+    assert lin.lora_magnitude_vector.shape == (10,)
+    x = torch.randn(M, K, dtype=torch.float64)
+    w, b = lin.base_weight(), lin.bias
+    a, bb, m = lin.lora_A.weight, lin.lora_B.weight, lin.lora_magnitude_vector
+    want = torch.cat([ref.dora_linear(x, w[:4], b[:4], a[:3], bb[:4], m[:4], lin.scaling),
+                      torch.nn.functional.linear(x, w[4:9], b[4:9]),
+                      ref.dora_linear(x, w[9:], b[9:], a[3:], bb[4:], m[4:], lin.scaling)], dim=1)
+    y = lin(x)
+    assert rel_err(y, want) <= 1e-12
+    assert (lin.dora_magnitude().detach()[4:9] / lin.dora_weight_norm()[4:9] == 1).all()
+    gy = torch.randn(M, 15, dtype=torch.float64)
+    for got, exp in zip(torch.autograd.grad(y, (a, bb, m), gy),
+                        torch.autograd.grad(want, (a, bb, m), gy)):
+        assert rel_err(got, exp) <= 1e-12
+    w0 = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.merge()
+        assert rel_err(lin(x), want) <= 1e-12
+        lin.unmerge()
+    assert rel_err(lin.weight, w0) <= 1e-13
 
 
 def test_lora_linear_dora_init_is_the_base_model():
@@ -427,6 +458,22 @@ def test_training_step_builds_no_weight_sized_temporary():
     assert not bad, bad[:5]
     assert len(handle.patched) == len(layers) and not handle.skipped
     handle.unpatch()
+
+
+def test_packed_dora_saves_as_one_peft_dora_adapter(tmp_path):
+    torch.manual_seed(2)
+    base = torch.nn.Sequential(torch.nn.Linear(K, 15))
+    ours = torch.nn.Sequential(lk.PackedLoRALinear.from_linear(
+        base[0], r=2, enable_lora=[True, False, True], lora_alpha=3, use_dora=True))
+    with torch.no_grad():
+        ours[0].lora_B.weight.normal_(std=0.3)
+        ours[0].lora_magnitude_vector.mul_(torch.rand(10) + 0.5)
+    x = torch.randn(M, K)
+    want = ours(x)
+    path = lk.save_peft_adapter(tmp_path / "packed", ours)
+    fresh = torch.nn.Sequential(torch.nn.Linear(K, 15))
+    fresh.load_state_dict(base.state_dict())
+    assert rel_err(peft.PeftModel.from_pretrained(fresh, str(path))(x), want) <= 1e-5
 
 
 def test_dora_adapter_files_round_trip_with_peft(tmp_path):

@@ -411,7 +411,7 @@ def _from_model(model: nn.Module) -> tuple[dict, dict]:
             if isinstance(m, PackedLoRALinear) else m.lora_alpha
         modules[name] = (a, b)
         if m.use_dora:
-            mags[name] = m.lora_magnitude_vector.detach()
+            mags[name] = m.dora_magnitude().detach()  # [out]; packed: c = 1 off its slices
         ra[name] = (r, alpha, m.fan_in_fan_out)
         rslora.add(m.use_rslora)
     if not modules:

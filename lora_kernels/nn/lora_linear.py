@@ -138,7 +138,7 @@ class _LoRABase(nn.Module):
         """``(factor, delta)`` in the stored weight's layout, at least fp32 (float64 stays)."""
         w = self.weight
         acc = torch.promote_types(w.dtype, torch.float32)
-        factor = self.lora_magnitude_vector.detach().to(acc) / norm.to(acc)
+        factor = self.dora_magnitude().detach().to(acc) / norm.to(acc)
         delta = (self._lora_b_full().to(acc) @ self.lora_A.weight.to(acc)) * self.scaling
         if self.fan_in_fan_out:
             return factor[None, :], delta.t()
@@ -162,8 +162,18 @@ class _LoRABase(nn.Module):
         (B = 0 at init: the base row norms), so training starts at the base model."""
         self.use_dora = True
         w = self.base_weight()
-        self.lora_magnitude_vector = nn.Parameter(
-            weight_norm(w, self.lora_A.weight, self._lora_b_full(), self.scaling).to(w.dtype))
+        norm = weight_norm(w, self.lora_A.weight, self._lora_b_full(), self.scaling)
+        rows = self._magnitude_rows()
+        rows = rows.to(norm.device) if isinstance(rows, Tensor) else rows
+        self.lora_magnitude_vector = nn.Parameter(norm[rows].to(w.dtype))
+
+    def _magnitude_rows(self):
+        """Which output rows own a trainable magnitude: all of them here."""
+        return slice(None)
+
+    def dora_magnitude(self) -> Tensor:
+        """The magnitude of every output row, ``[out]`` (differentiable)."""
+        return self.lora_magnitude_vector
 
     def dora_weight_norm(self) -> Tensor:
         """``‖W0_n + s·(B·A)_n‖`` (fp32, detached) of the unmerged weight, without an N×K
@@ -196,7 +206,7 @@ class _LoRABase(nn.Module):
             return F.linear(x, w, self.bias)
         if self.use_dora:
             return dora_linear(x, w, self.bias, self.lora_A.weight, self._lora_b_full(),
-                               self.lora_magnitude_vector, scaling=self.scaling,
+                               self.dora_magnitude(), scaling=self.scaling,
                                dropout_p=self.lora_dropout, training=self.training,
                                backend=self.backend, weight_sq_norm=self._base_sq_norm())
         return lora_linear(x, w, self.bias, self.lora_A.weight, self._lora_b_full(),
@@ -280,7 +290,9 @@ class PackedLoRALinear(_LoRABase):
     ``lora_A.weight [n_adapted·r, in]`` (one block per adapted slice), ``lora_B.weight
     [sum of adapted widths, r]``. The forward is one fused ``lora_linear`` with a block-diagonal
     B, so a column's low-rank term only sees its own slice's ranks; the x-side work (x·Aᵀ) is done
-    for adapted slices only.
+    for adapted slices only. ``use_dora=True``: DoRA on each adapted slice (its rows' norms only
+    see its own B block), ``lora_magnitude_vector [sum of adapted widths]``; the other slices stay
+    the base layer (c = 1, see :meth:`dora_magnitude`).
     """
 
     def __init__(self, in_features: int, out_slices: Sequence[int], r: int,
@@ -289,7 +301,7 @@ class PackedLoRALinear(_LoRABase):
                  backend: str = "auto", device=None, dtype=None, fan_in_fan_out: bool = False,
                  use_dora: bool = False):
         super().__init__()
-        _no_packed_dora(use_dora)
+        use_dora = _check_use_dora(use_dora)
         in_features = check_features("in_features", in_features)
         check_dtype(dtype)
         out_features = self._set_slices(out_slices, enable_lora)
@@ -302,6 +314,8 @@ class PackedLoRALinear(_LoRABase):
         self._init_lora(in_features, out_features, self.n_adapted * r, self.adapted_width,
                         lora_alpha, r, lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
         LoRALinear._reset_base(self)
+        if use_dora:
+            self._init_dora()
 
     def _set_slices(self, out_slices, enable_lora) -> int:
         try:  # 2.5 or "3" is a mistake, not a width to truncate
@@ -328,7 +342,7 @@ class PackedLoRALinear(_LoRABase):
                     use_dora: bool = False) -> "PackedLoRALinear":
         """Wrap a packed ``nn.Linear``/``Conv1D`` (shared weight). ``out_slices`` defaults to
         equal slices, one per ``enable_lora`` entry (loralib's convention)."""
-        _no_packed_dora(use_dora)
+        use_dora = _check_use_dora(use_dora)
         weight, in_f, out_f, fan_in_fan_out = linear_dims(linear, "linear", fan_in_fan_out)
         if out_slices is None:
             n = len(enable_lora)
@@ -345,8 +359,34 @@ class PackedLoRALinear(_LoRABase):
         factory = {"device": weight.device, "dtype": weight.dtype}
         self._init_lora(int(in_f), int(out_f), self.n_adapted * r, self.adapted_width, lora_alpha,
                         r, lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
+        if use_dora:
+            self._init_dora()
         _freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
         return self
+
+    def _magnitude_rows(self) -> Tensor:
+        """DoRA per slice: adapted slices' rows own a trainable magnitude
+        (``lora_magnitude_vector [adapted width]``); the others are plain linear (c = 1)."""
+        return torch.cat([torch.full((w,), bool(e)) for w, e in zip(self.out_slices,
+                                                                   self.enable_lora)])
+
+    def dora_magnitude(self) -> Tensor:
+        """``[out]``: the trainable magnitudes on adapted slices, ``‖W0_n‖`` (frozen) on the
+        others. Their B rows are zero, so the op's norm there is exactly ``‖W0_n‖`` (the same
+        fp32 ``sqrt`` of the same cached ``‖W0_n‖²``) and ``c = 1`` exactly: the unadapted slices
+        stay the base layer. (A zero row of W0 there gives 0/0, as it would in PEFT's DoRA.)"""
+        m = self.lora_magnitude_vector
+        acc = torch.promote_types(m.dtype, torch.float32)
+        sq = self._base_sq_norm()
+        if sq is None:
+            sq = row_sq_norm(self.base_weight())
+        frozen = sq.to(acc).clamp_min(0.0).sqrt()
+        parts, row, col = [], 0, 0
+        for width, adapted in zip(self.out_slices, self.enable_lora):
+            parts.append(m[row:row + width].to(acc) if adapted else frozen[col:col + width])
+            row += width if adapted else 0
+            col += width
+        return torch.cat(parts)
 
     def _lora_b_full(self) -> Tensor:
         b = self.lora_B.weight
@@ -369,15 +409,6 @@ class PackedLoRALinear(_LoRABase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", out_slices={self.out_slices}, enable_lora={self.enable_lora}"
-
-
-def _no_packed_dora(use_dora) -> None:
-    # DoRA on a packed layer needs a magnitude for the adapted slices only and c = 1 (frozen)
-    # on the others; not built. PEFT itself has no packed-slice LoRA layer to follow.
-    if _check_use_dora(use_dora):
-        raise ValueError("use_dora=True is not supported by PackedLoRALinear: wrap each slice in "
-                         "its own LoRALinear(use_dora=True), or run PEFT's DoRA through "
-                         "patch_peft_model")
 
 
 def _freeze(*params) -> None:
