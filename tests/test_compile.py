@@ -126,8 +126,9 @@ def _samples():
     y_pre = torch.randn(T, N, generator=g)
     return {
         "dora_linear": [
-            (x, w, b, a1, b1, mag, wsq, 0.5, 0.0, None, "torch"),
-            (x, w.detach(), None, a1, b1, mag, wsq, 2.0, 0.3, seed, "torch"),  # dropout
+            (x, w, b, a1, b1, mag, wsq, None, 0.5, 0.0, None, "torch"),
+            (x, w.detach(), None, a1, b1, mag, wsq, None, 2.0, 0.3, seed, "torch"),  # dropout
+            (x, w.detach(), b, a1, b1, mag, None, dnorm, 0.5, 0.0, None, "torch"),  # cached norm
         ],
         "dora_linear_backward": [
             (r(T, N), x.detach(), w.detach(), b.detach(), a1.detach(), b1.detach(), mag.detach(),

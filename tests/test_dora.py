@@ -503,3 +503,40 @@ def test_dora_adapter_files_round_trip_with_peft(tmp_path):
     cfg2, sd2 = lk.load_peft_adapter(tmp_path / "peft")
     assert cfg2.use_dora and {k for k in sd2 if "magnitude" in k} == \
         {k for k in sd if "magnitude" in k}
+
+
+def test_inference_reuses_the_norm_until_a_factor_changes(monkeypatch):
+    """Eval without grad: the norm (its W0·Aᵀ pass over W0) is computed once per weight version;
+    an in-place update of B is seen. Training recomputes it every call."""
+    from lora_kernels.ops import torch_backend as TB
+    calls = []
+    orig = TB.dora_weight_a
+    monkeypatch.setattr(TB, "dora_weight_a", lambda *a: calls.append(1) or orig(*a))
+    lin = lk.LoRALinear(K, N, r=R, use_dora=True, dtype=torch.float64).eval()
+    calls.clear()
+    x = torch.randn(M, K, dtype=torch.float64)
+
+    def want():
+        return ref.dora_linear(x, lin.base_weight(), lin.bias, lin.lora_A.weight,
+                               lin.lora_B.weight, lin.lora_magnitude_vector, lin.scaling)
+    with torch.no_grad():
+        lin(x)
+        lin(x)
+        assert len(calls) == 1
+        lin.lora_B.weight.normal_()
+        assert rel_err(lin(x), want()) <= 1e-12 and len(calls) == 2
+    lin.train()
+    lin(x)
+    lin(x)
+    assert len(calls) == 4
+    model = _dora_model("llama").eval()
+    ids = torch.randint(0, 37, (1, 3))
+    with torch.no_grad():
+        expect = model(ids).logits
+        handle = lk.patch_peft_model(model)
+        n_layers = len(handle.patched)
+        calls.clear()
+        model(ids)
+        got = model(ids).logits
+    assert len(calls) == n_layers and rel_err(got, expect) <= 1e-5
+    handle.unpatch()

@@ -16,8 +16,10 @@ Here:
   adapter go through ``dora_linear`` as a sub-batch (rows gathered unless contiguous), the
   others through the grouped multi-adapter op, and the rows are put back in order.
 
-``‖W0_n‖²`` is cached per base weight (weakly keyed by the Parameter, invalidated by its version
-counter), so a step costs one ``W0·Aᵀ`` [N, r] GEMM for the norm. Merge/unmerge stay PEFT's.
+``‖W0_n‖²`` is cached on the frozen base weight; a training step computes the norm from it with one
+``W0·Aᵀ`` [N, r] GEMM. Inference (autograd reaching none of W0, A, B) caches the norm itself per
+adapter, invalidated by the version counters of W0, A and B, so decoding does not re-read W0 for
+it (writes through ``.data`` bypass the counters and are not seen). Merge/unmerge stay PEFT's.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_kernels.ops import dora_linear
-from lora_kernels.ops.dora import row_sq_norm
+from lora_kernels.ops.dora import row_sq_norm, weight_norm
 
-# id(base Parameter) -> (weakref to it, validity key, ‖W0_n‖²); entries die with the Parameter.
-# (A WeakKeyDictionary would compare tensors with == on hash collisions.)
-_SQ_NORMS: dict = {}
+# id(Parameter) -> (weakref to it, validity key, value): ‖W0_n‖² on base weights, the DoRA norm on
+# magnitudes; entries die with the Parameter. (A WeakKeyDictionary would compare tensors with ==
+# on hash collisions.)
+_CACHE: dict = {}
 
 
 def is_dora(layer: nn.Module, adapter: str) -> bool:
@@ -78,21 +81,43 @@ def active_reason(layer: nn.Module, active: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _sq_norm(layer: nn.Module, weight: Tensor) -> Optional[Tensor]:
-    """``‖W0_n‖²`` of the operand ``weight`` (the base weight, maybe a Conv1D ``.t()`` view or an
-    autocast copy), cached on the base Parameter; None under torch.compile (computed in-graph)."""
+def _cached(param: Tensor, key: tuple, build):
+    """``build()`` cached on ``param`` (by id, dropped when it dies) while ``key`` holds."""
+    hit = _CACHE.get(id(param))
+    if hit is not None and hit[0]() is param and hit[1] == key:
+        return hit[2]
+    if hit is None or hit[0]() is not param:
+        weakref.finalize(param, _CACHE.pop, id(param), None)
+    value = build()
+    _CACHE[id(param)] = (weakref.ref(param), key, value)
+    return value
+
+
+def _version(t: Tensor) -> tuple:
+    return (t.data_ptr(), None if t.is_inference() else t._version, t.dtype)
+
+
+def _dora_norm(layer: nn.Module, weight: Tensor, adapter: str) -> Optional[Tensor]:
+    """``‖W0_n + s·(B·A)_n‖`` for the operand ``weight`` (the base weight, maybe a Conv1D ``.t()``
+    view or an autocast copy) and the adapter's factors, cached on its magnitude Parameter while
+    the base weight, A, B (storage, version counters) and the scaling are unchanged; ``‖W0_n‖²``
+    is cached on the base Parameter. None under torch.compile (the op computes both in-graph)."""
     if torch.compiler.is_compiling():
         return None
     param = layer.base_layer.weight
-    key = (param.data_ptr(), None if param.is_inference() else param._version, weight.dtype,
-           weight.device, tuple(weight.shape))
-    hit = _SQ_NORMS.get(id(param))
-    if hit is None or hit[0]() is not param or hit[1] != key:
-        if hit is None or hit[0]() is not param:  # a new Parameter: drop its entry with it
-            weakref.finalize(param, _SQ_NORMS.pop, id(param), None)
-        hit = (weakref.ref(param), key, row_sq_norm(weight))
-        _SQ_NORMS[id(param)] = hit
-    return hit[2]
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    scaling = float(layer.scaling[adapter])
+    base_key = (*_version(param), weight.dtype, weight.device, tuple(weight.shape),
+                torch.is_inference_mode_enabled())
+    sq = _cached(param, base_key, lambda: row_sq_norm(weight))
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or param.requires_grad):
+        # training: fresh each step (optimizers writing through .data bypass version counters)
+        return weight_norm(weight, a.to(weight.dtype), b.to(weight.dtype), scaling,
+                           weight_sq_norm=sq)
+    key = (base_key, _version(a), _version(b), scaling)
+    return _cached(layer.lora_magnitude_vector[adapter].weight, key,
+                   lambda: weight_norm(weight, a.to(weight.dtype), b.to(weight.dtype), scaling,
+                                       weight_sq_norm=sq))
 
 
 def dora_dropout_p(layer: nn.Module, adapter: str) -> float:
@@ -107,7 +132,7 @@ def dora_one(layer: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor]
     return dora_linear(x, weight, bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
                        layer.lora_magnitude_vector[adapter].weight,
                        scaling=float(layer.scaling[adapter]), dropout_p=p, training=p > 0.0,
-                       backend=backend, weight_sq_norm=_sq_norm(layer, weight))
+                       backend=backend, dora_norm=_dora_norm(layer, weight, adapter))
 
 
 def active_forward(layer: nn.Module, x: Tensor, weight: Tensor, bias: Optional[Tensor],

@@ -181,6 +181,24 @@ class _LoRABase(nn.Module):
         return weight_norm(self.base_weight(), self.lora_A.weight, self._lora_b_full(),
                            self.scaling, weight_sq_norm=self._base_sq_norm())
 
+    def _cached_dora_norm(self) -> Optional[Tensor]:
+        """:meth:`dora_weight_norm`, reused while W0, A, B (storage and version counters) and the
+        scaling are unchanged: inference pays no ``W0·Aᵀ`` pass over W0 per call (as much traffic
+        as the base GEMM at decode sizes). Only when autograd does not reach W0, A or B: a training
+        step computes it afresh (one ``W0·Aᵀ`` GEMM), because optimizers that write through
+        ``.data`` bypass version counters. None under torch.compile (computed in the graph)."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+                t.requires_grad for t in (self.weight, self.lora_A.weight, self.lora_B.weight))):
+            return None
+        key = tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype)
+                    for t in (self.weight, self.lora_A.weight, self.lora_B.weight))
+        key += (self.scaling, self.weight.device, torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_dora_norm_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.dora_weight_norm())
+            self.__dict__["_dora_norm_cache"] = cached
+        return cached[1]
+
     def _base_sq_norm(self) -> Optional[Tensor]:
         """``‖W0_n‖²``, cached per frozen weight (keyed by its storage and version counter, so
         an in-place update recomputes it); None under torch.compile (computed in the graph)."""
@@ -208,7 +226,8 @@ class _LoRABase(nn.Module):
             return dora_linear(x, w, self.bias, self.lora_A.weight, self._lora_b_full(),
                                self.dora_magnitude(), scaling=self.scaling,
                                dropout_p=self.lora_dropout, training=self.training,
-                               backend=self.backend, weight_sq_norm=self._base_sq_norm())
+                               backend=self.backend, weight_sq_norm=self._base_sq_norm(),
+                               dora_norm=self._cached_dora_norm())
         return lora_linear(x, w, self.bias, self.lora_A.weight, self._lora_b_full(),
                            scaling=self.scaling, dropout_p=self.lora_dropout,
                            training=self.training, backend=self.backend)

@@ -99,18 +99,23 @@ def _dropped(backend, x, dropout_p, seed):
 
 @torch.library.custom_op("lora_kernels::dora_linear", mutates_args=())
 def _dora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
-                    lora_b: Tensor, magnitude: Tensor, weight_sq_norm: Tensor, scaling: float,
+                    lora_b: Tensor, magnitude: Tensor, weight_sq_norm: Optional[Tensor],
+                    dora_norm: Optional[Tensor], scaling: float,
                     dropout_p: float, seed: Optional[Tensor],
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, xa, norm, y_dora)``; ``y_dora`` (the output before the dropout correction
     ``(x − drop(x))·W0ᵀ``) is saved for dm when dropout is on, else empty."""
-    return _forward(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scaling,
-                    dropout_p, seed, backend)
+    return _forward(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, dora_norm,
+                    scaling, dropout_p, seed, backend)
 
 
-def _forward(x, weight, bias, lora_a, lora_b, magnitude, wsq, scaling, dropout_p, seed, backend):
+def _forward(x, weight, bias, lora_a, lora_b, magnitude, wsq, dora_norm, scaling, dropout_p,
+             seed, backend):
     M, N, r = x.shape[0], weight.shape[0], lora_a.shape[0]
-    norm = _weight_norm(weight, wsq, lora_a, lora_b, scaling, backend)
+    if dora_norm is not None:  # the caller's cached norm (an output must not alias an input)
+        norm = dora_norm.clone()
+    else:
+        norm = _weight_norm(weight, wsq, lora_a, lora_b, scaling, backend)
     if M == 0:
         return (x.new_empty(0, N), x.new_empty(0, r), norm,
                 x.new_empty((0, N) if dropout_p > 0.0 else _EMPTY))
@@ -124,10 +129,10 @@ def _forward(x, weight, bias, lora_a, lora_b, magnitude, wsq, scaling, dropout_p
 
 
 @_dora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, scaling, dropout_p, seed,
-      backend):
+def _(x, weight, bias, lora_a, lora_b, magnitude, weight_sq_norm, dora_norm, scaling, dropout_p,
+      seed, backend):
     M, N = x.shape[0], weight.shape[0]
-    return (x.new_empty(M, N), x.new_empty(M, lora_a.shape[0]), weight_sq_norm.new_empty(N),
+    return (x.new_empty(M, N), x.new_empty(M, lora_a.shape[0]), magnitude.new_empty(N),
             x.new_empty((M, N) if dropout_p > 0.0 else _EMPTY))
 
 
@@ -197,7 +202,8 @@ def _(dy, x, weight, bias, lora_a, lora_b, magnitude, xa, norm, y_pre, scaling, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, magnitude, _wsq, scaling, dropout_p, seed, backend = inputs
+    x, weight, bias, lora_a, lora_b, magnitude, _wsq, _norm, scaling, dropout_p, seed, backend = \
+        inputs
     y, xa, norm, y_dora = output
     y_pre = y_dora if dropout_p > 0.0 else y
     ctx.save_for_backward(x, weight, bias, lora_a, lora_b, magnitude, xa, norm, y_pre, seed)
@@ -212,7 +218,7 @@ def _backward(ctx, dy, _dxa, _dnorm, _dy_dora):
         dy.contiguous(), x, weight, bias, lora_a, lora_b, magnitude, xa, norm, y_pre,
         ctx.scaling, ctx.dropout_p, seed, needs, ctx.backend)
     out = [g if n else None for g, n in zip(grads, needs)]
-    return (*out, None, None, None, None, None)
+    return (*out, None, None, None, None, None, None)
 
 
 _dora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -221,7 +227,8 @@ _dora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                 lora_b: Tensor, magnitude: Tensor, *, scaling: float = 1.0,
                 dropout_p: float = 0.0, training: bool = True, backend: str = "auto",
-                weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+                weight_sq_norm: Optional[Tensor] = None,
+                dora_norm: Optional[Tensor] = None) -> Tensor:
     """PEFT's DoRA linear (see the module doc) without an N×K temporary.
 
     ``x [..., K]``, ``weight [N, K]`` (any strides: a Conv1D's ``[K, N]`` weight as ``.t()``),
@@ -230,7 +237,10 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     when they require grad; the norm is detached). Dropout (``dropout_p``, only when
     ``training``) follows PEFT. ``weight_sq_norm [N]``: ``‖W0_n‖²`` from
     :func:`row_sq_norm`, to skip recomputing it (a pass over W0) on every call; it must
-    belong to this ``weight``. Factors, bias and magnitude may be fp32 with fp16/bf16 ``x``.
+    belong to this ``weight``. ``dora_norm [N]``: ``‖W0_n + s·(B·A)_n‖`` itself (from
+    :func:`weight_norm`) for exactly these weights, e.g. cached while they do not change: skips
+    the per-call norm, whose ``W0·Aᵀ`` reads all of W0 (at decode sizes as much traffic as the
+    base GEMM). Factors, bias and magnitude may be fp32 with fp16/bf16 ``x``.
     """
     V.tensor("x", x)
     if x.dim() < 1:
@@ -252,8 +262,11 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     if weight_sq_norm is not None:
         V.tensor("weight_sq_norm", weight_sq_norm, 1)
         V.shape("weight_sq_norm", weight_sq_norm, (N,), "[N]")
+    if dora_norm is not None:
+        V.tensor("dora_norm", dora_norm, 1)
+        V.shape("dora_norm", dora_norm, (N,), "[N]")
     V.same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
-                  magnitude=magnitude, weight_sq_norm=weight_sq_norm)
+                  magnitude=magnitude, weight_sq_norm=weight_sq_norm, dora_norm=dora_norm)
     scaling = V.scalar("scaling", scaling)
     dropout_p = V.scalar("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     if not isinstance(training, bool):
@@ -265,11 +278,15 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     V.check_index_math("x", x2.shape[0])
     name = _backend.resolve_for(backend, x2, "dora_linear")
     acc = accumulate_dtype(dtype)
-    wsq = row_sq_norm(weight) if weight_sq_norm is None else \
-        weight_sq_norm.detach().to(acc).contiguous()
+    norm = None if dora_norm is None else dora_norm.detach().to(acc).contiguous()
+    wsq = None
+    if norm is None:
+        wsq = row_sq_norm(weight) if weight_sq_norm is None else \
+            weight_sq_norm.detach().to(acc).contiguous()
     seed = draw_seed() if dropout_p > 0.0 else None
     args = (x2.contiguous(), weight, V.dense(bias, dtype), V.dense(lora_a, dtype),
-            V.dense(lora_b, dtype), V.dense(magnitude, acc), wsq, scaling, dropout_p, seed, name)
+            V.dense(lora_b, dtype), V.dense(magnitude, acc), wsq, norm, scaling, dropout_p, seed,
+            name)
     if _backend.plain_eager(x, weight, bias, lora_a, lora_b, magnitude):
         y = _forward(*args)[0]  # inference: skip the custom-op dispatch, same kernels
     else:
