@@ -199,6 +199,7 @@ ROWS += [op("dora_linear", DL, dora_kw, m, c, e, n) for m, c, e, n in [
     ("magnitude int64", {"magnitude": torch.ones(N, dtype=torch.int64)}, TypeError, "magnitude must be float"),
     ("magnitude on meta", {"magnitude": randn(N).to(META)}, ValueError, "magnitude is on meta"),
     ("weight_sq_norm of N+1", {"weight_sq_norm": randn(N + 1)}, ValueError, "weight_sq_norm must have shape"),
+    ("dora_norm 2-D", {"dora_norm": randn(N, 1)}, ValueError, "dora_norm must be 1-D"),
     ("K of lora_a", {"lora_a": randn(R, K - 1)}, ValueError, r"lora_a must have shape \[r, K\]"),
     ("weight dtype != x", {"weight": randn(N, K, dtype=torch.float16)}, TypeError, "x and weight must share a dtype"),
     ("dropout_p 1.0", {"dropout_p": 1.0}, ValueError, "dropout_p"),

@@ -340,6 +340,16 @@ def test_peft_dora_triton_matches_peft(kind):
     _compare(model, torch.randint(0, 37, (1, 3)), backend="triton").unpatch()
 
 
+def test_peft_dora_under_autocast_bf16_close_to_peft():
+    model = _dora_model("llama").eval()
+    ids = torch.randint(0, 37, (2, 5))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(ids).logits.float()
+        with lk.patch_peft_model(model) as handle:
+            got = model(ids).logits.float()
+    assert not handle.skipped and rel_err(got, want) <= 2e-2
+
+
 def test_peft_dora_dropout_matches_the_oracle_in_distribution():
     """With dropout the masks differ from PEFT's (ours is counter-based); eval is exact and the
     training step runs on the op (no fallback) with finite gradients."""
