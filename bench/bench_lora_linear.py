@@ -18,7 +18,10 @@
 * ``triton_gemm`` — our fused GEMM with no LoRA term: Triton-vs-cuBLAS GEMM efficiency, the
   context for every ``triton / bare`` ratio;
 * ``cuda`` (+ ``cuda_gemm_only``, ``cuda_fused_gemm``) — the CUDA extension's columns from
-  bench/cuda_columns.py, when it is built.
+  bench/cuda_columns.py, when it is built;
+* ``peft_dora`` / ``dora_torch`` / ``dora_triton`` — DoRA (``use_dora=True``, magnitudes away
+  from the row norms): PEFT's layer against ``lora_kernels.dora_linear`` (‖W0‖² cached, as the
+  modules do); compare with the plain-LoRA ``torch`` / ``triton`` columns for DoRA's overhead.
 
 Timing: ``common.bench`` = ``triton.testing.do_bench`` median, L2 flushed before each repetition.
 Decode rows (M ≤ 16, forward) also report CUDA-graph replays (``graph_ms``), i.e. without
@@ -68,7 +71,7 @@ TARGET_SHAPE = dict(M=8192, K=4096, N=4096, r=16)
 SCALING = 2.0
 
 
-def _peft_layer(w, b, a, bb, p):
+def _peft_layer(w, b, a, bb, p, magnitude=None):
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLinear
     N, K = w.shape
@@ -79,15 +82,23 @@ def _peft_layer(w, b, a, bb, p):
         if b is not None:
             base.bias.copy_(b)
     base.requires_grad_(False)
-    cfg = LoraConfig(r=r, lora_alpha=SCALING * r, lora_dropout=p)
-    layer = PeftLinear(base, "default", cfg, r=r, lora_alpha=SCALING * r, lora_dropout=p)
+    dora = magnitude is not None
+    cfg = LoraConfig(r=r, lora_alpha=SCALING * r, lora_dropout=p, use_dora=dora)
+    layer = PeftLinear(base, "default", cfg, r=r, lora_alpha=SCALING * r, lora_dropout=p,
+                       use_dora=dora)
     layer.lora_A["default"].to(w.dtype)
     layer.lora_B["default"].to(w.dtype)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(a)
         layer.lora_B["default"].weight.copy_(bb)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    if dora:
+        mag = layer.lora_magnitude_vector["default"].weight
+        with torch.no_grad():
+            mag.data = magnitude.to(mag.dtype).clone()
+        params.append(mag)
     layer.train(p > 0)
-    return layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    return layer, params
 
 
 def _no_grad(fn):
@@ -129,17 +140,32 @@ def contenders(M, K, N, r, dtype, device, *, p, bias, quick):
 
     peft_layer, peft_params = _peft_layer(w, b, a, bb, p)
     backends = ["torch"] + ([] if quick else ["triton"])
+    # DoRA: magnitudes 0.5-1.5x the row norms, so c is not ~1
+    mag = (torch.linalg.vector_norm(w.float(), dim=1).cpu() *
+           (0.5 + torch.rand(N, generator=g))).to(device)
+    magg = mag.clone().requires_grad_(True)
+    wsq = lk.ops.dora.row_sq_norm(w)
+    dora_layer, dora_params = _peft_layer(w, b, a, bb, p, magnitude=mag)
+
+    def dora(backend, xx, aa, bbb, mm):
+        return lk.dora_linear(xx, w, b, aa, bbb, mm, scaling=s, dropout_p=p, backend=backend,
+                              weight_sq_norm=wsq)
     fwd = {
         "bare": _no_grad(lambda: torch.mm(x, w.t())),
         "unfused": _no_grad(lambda: unfused(x, a, bb)),
         "peft": _no_grad(lambda: peft_layer(x)),
         **{be: _no_grad(lambda be=be: op(be, x, a, bb)) for be in backends},
+        "peft_dora": _no_grad(lambda: dora_layer(x)),
+        **{f"dora_{be}": _no_grad(lambda be=be: dora(be, x, a, bb, mag)) for be in backends},
     }
     both = {
         "bare": lambda: (torch.mm(x, w.t()), torch.mm(dy, w)),
         "unfused": fwd_bwd(lambda: unfused(xg, ag, bg), [xg, ag, bg]),
         "peft": fwd_bwd(lambda: peft_layer(xg), [xg, *peft_params]),
         **{be: fwd_bwd(lambda be=be: op(be, xg, ag, bg), [xg, ag, bg]) for be in backends},
+        "peft_dora": fwd_bwd(lambda: dora_layer(xg), [xg, *dora_params]),
+        **{f"dora_{be}": fwd_bwd(lambda be=be: dora(be, xg, ag, bg, magg), [xg, ag, bg, magg])
+           for be in backends},
     }
     if not quick:
         fwd["cublas"] = _no_grad(lambda: floor(x, a, bb))

@@ -526,3 +526,35 @@ def multi_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
             else:
                 dx.index_add_(0, rows, dx_s)
     return dx, dw, db, da, dbb
+
+
+# --------------------------------------------------------------------------------------------
+# Oracle: DoRA (weight-decomposed LoRA, Liu et al. 2024), PEFT's semantics
+# --------------------------------------------------------------------------------------------
+def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """``‖W0_n + s·(B·A)_n‖`` per output row n, the direct way (an N×K temporary), detached."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight + scaling * (lora_b @ lora_a), dim=1)
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                lora_b: Tensor, magnitude: Tensor, scaling: float = 1.0, dropout_p: float = 0.0,
+                seed: int = 0, keep_mask=None) -> Tensor:
+    """PEFT's ``use_dora=True`` linear, composed directly (autograd gives the gradients):
+
+    ``y = x·W0ᵀ + b + (c − 1)⊙(drop(x)·W0ᵀ) + c⊙s·(drop(x)·Aᵀ)·Bᵀ``,
+    ``c_n = m_n / ‖W0_n + s·(B·A)_n‖`` with the norm detached (paper §4.3, PEFT). Without
+    dropout this is ``b + c⊙(x·W0ᵀ + s·(x·Aᵀ)·Bᵀ)``. With dropout PEFT (and the paper's code)
+    feed the dropped input to the ``(c − 1)`` base term too, so two base products differ.
+    ``keep_mask`` replaces :func:`dropout_keep_mask` (a backend's own generator).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    c = magnitude / dora_weight_norm(weight, lora_a, lora_b, scaling)
+    xd = apply_dropout(x2, seed, dropout_p, keep_mask)
+    base = x2 @ weight.t()
+    base_d = base if dropout_p <= 0.0 else xd @ weight.t()
+    y = base + (c - 1) * base_d + c * (scaling * ((xd @ lora_a.t()) @ lora_b.t()))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, weight.shape[0])

@@ -185,6 +185,27 @@ ROWS += [op("lora_linear", LL, single_kw, m, c, e, n) for m, c, e, n in [
 ROWS.append(op("lora_linear", LL, lambda: {k: v.double() for k, v in single_kw().items()},
                "float64 on triton", {"backend": "triton"}, TypeError, "float64", _interp_only()))
 
+DL = lk.dora_linear
+
+
+def dora_kw():
+    return {**single_kw(), "magnitude": randn(N).abs() + 0.5}
+
+
+ROWS += [op("dora_linear", DL, dora_kw, m, c, e, n) for m, c, e, n in [
+    ("magnitude missing N", {"magnitude": randn(N - 1)}, ValueError, r"magnitude must have shape \[N\]"),
+    ("magnitude 2-D", {"magnitude": randn(1, N)}, ValueError, "magnitude must be 1-D"),
+    ("magnitude a list", {"magnitude": [1.0] * N}, TypeError, "magnitude must be a torch.Tensor"),
+    ("magnitude int64", {"magnitude": torch.ones(N, dtype=torch.int64)}, TypeError, "magnitude must be float"),
+    ("magnitude on meta", {"magnitude": randn(N).to(META)}, ValueError, "magnitude is on meta"),
+    ("weight_sq_norm of N+1", {"weight_sq_norm": randn(N + 1)}, ValueError, "weight_sq_norm must have shape"),
+    ("dora_norm 2-D", {"dora_norm": randn(N, 1)}, ValueError, "dora_norm must be 1-D"),
+    ("K of lora_a", {"lora_a": randn(R, K - 1)}, ValueError, r"lora_a must have shape \[r, K\]"),
+    ("weight dtype != x", {"weight": randn(N, K, dtype=torch.float16)}, TypeError, "x and weight must share a dtype"),
+    ("dropout_p 1.0", {"dropout_p": 1.0}, ValueError, "dropout_p"),
+    ("training str", {"training": "yes"}, TypeError, "training"),
+    ("backend unknown", {"backend": "fastest"}, ValueError, "backend must be one of"),
+]]
 ML = lk.multi_lora_linear
 ROWS += [op("multi_lora_linear", ML, multi_kw, m, c, e, n) for m, c, e, n in [
     ("x 0-D", {"x": torch.tensor(1.0)}, ValueError, r"x.*\[T, K\]"),

@@ -60,6 +60,12 @@ def test_compile_lora_linear_and_packed():
         assert torch.isfinite(y).all() and torch.isfinite(m.lora_A.weight.grad).all()
 
 
+def test_compile_lora_linear_dora():
+    lin = LoRALinear(13, 11, r=3, lora_alpha=6, use_dora=True)
+    _randomize_b(lin)
+    _check_fwd_bwd(lin.eval(), torch.randn(2, 7, 13))
+
+
 def test_compile_multi_lora_linear():
     ml = MultiLoRALinear(torch.nn.Linear(13, 11), num_slots=3, max_rank=4)
     ml.set_adapter(0, torch.randn(4, 13), torch.randn(11, 4), 0.5)
@@ -80,6 +86,28 @@ def test_compile_patched_peft_model():
     ids = torch.randint(0, 97, (2, 9))
 
     class Logits(torch.nn.Module):  # the PeftModel itself, returning a tensor
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x).logits
+    _check_fwd_bwd(Logits(model).train(), ids)
+    handle.unpatch()
+
+
+def test_compile_patched_peft_dora_model():
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lora_kernels import patch_peft_model
+    base = tiny_gpt2(n_layer=1, n_embd=32, n_head=4, vocab=97, n_positions=32, seed=0)
+    model = peft.get_peft_model(base, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+        init_lora_weights=False, use_dora=True))
+    handle = patch_peft_model(model)
+    ids = torch.randint(0, 97, (2, 9))
+
+    class Logits(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
             self.m = m
@@ -115,7 +143,21 @@ def _samples():
     ranks = torch.tensor([4, 0, 2], dtype=torch.int32)
     ranks2 = torch.tensor([[4, 1], [0, 0], [2, 3]], dtype=torch.int32)
     xa_multi = torch.randn(T, R, generator=g)
+    mag, wsq = r(N, grad=True), w.detach().norm(dim=1).square()
+    dnorm = (w.detach() + 0.5 * (b1 @ a1).detach()).norm(dim=1)
+    y_pre = torch.randn(T, N, generator=g)
     return {
+        "dora_linear": [
+            (x, w, b, a1, b1, mag, wsq, None, 0.5, 0.0, None, "torch"),
+            (x, w.detach(), None, a1, b1, mag, wsq, None, 2.0, 0.3, seed, "torch"),  # dropout
+            (x, w.detach(), b, a1, b1, mag, None, dnorm, 0.5, 0.0, None, "torch"),  # cached norm
+        ],
+        "dora_linear_backward": [
+            (r(T, N), x.detach(), w.detach(), b.detach(), a1.detach(), b1.detach(), mag.detach(),
+             xa1, dnorm, y_pre, 0.5, 0.0, None, [True, True, True, True, True, True], "torch"),
+            (r(T, N), x.detach(), w.detach(), None, a1.detach(), b1.detach(), mag.detach(), xa1,
+             dnorm, y_pre, 0.5, 0.3, seed, [True, False, False, True, False, True], "torch"),
+        ],
         "lora_linear": [
             (x, w, b, a1, b1, 0.5, 0.0, None, "torch"),
             (x, w, None, a1, b1, 2.0, 0.3, seed, "torch"),

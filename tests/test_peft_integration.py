@@ -242,7 +242,8 @@ def test_merge_unmerge_and_disable():
         assert rel_err(model(x).logits, unmerged_ref) <= TOL
 
 
-def test_dora_and_embedding_fall_back_with_one_warning_each(monkeypatch):
+def test_embedding_falls_back_with_one_warning_and_dora_runs_fused(monkeypatch):
+    # DoRA used to fall back here too; it runs on dora_linear now (tests/test_dora.py)
     torch.manual_seed(0)
     model = get_peft_model(gpt2(), LoraConfig(r=4, target_modules=["c_attn", "wte"],
                                               fan_in_fan_out=True, init_lora_weights=False))
@@ -260,10 +261,13 @@ def test_dora_and_embedding_fall_back_with_one_warning_each(monkeypatch):
         handle = patch_peft_model(model)
     msgs = [str(w.message) for w in rec if issubclass(w.category, LoRAKernelsFallbackWarning)]
     assert any("wte" in m and "Embedding" in m for m in msgs), msgs
-    dora_msgs = [m for m in msgs if "DoRA" in m]
-    assert len(dora_msgs) == 2 and all("c_attn" in m for m in dora_msgs)
+    assert not [m for m in msgs if "DoRA" in m]
     assert "base_model.model.transformer.wte" in handle.skipped
     calls = count_calls(monkeypatch)
+    from lora_kernels.integrations import peft_dora
+    dora_calls = []
+    monkeypatch.setattr(peft_dora, "dora_linear",
+                        lambda *a, _f=peft_dora.dora_linear, **k: dora_calls.append(1) or _f(*a, **k))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         with torch.no_grad():
@@ -271,6 +275,7 @@ def test_dora_and_embedding_fall_back_with_one_warning_each(monkeypatch):
             assert calls["lora_linear"] == 2
             model.base_model.set_adapter("dora")
             assert rel_err(model(x).logits, ref_dora) <= TOL
+            assert len(dora_calls) == 2  # both c_attn layers
             model(x)
     assert not [w for w in rec if issubclass(w.category, LoRAKernelsFallbackWarning)]  # once only
     handle.unpatch()

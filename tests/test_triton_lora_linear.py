@@ -322,6 +322,7 @@ _SM90_SCRIPT = SM90_FAKE_DRIVER + r'''
 
 import lora_kernels.triton.fused_gemm as FG, lora_kernels.triton.lowrank as LR
 import lora_kernels.triton.lora_linear as TL, lora_kernels.triton.configs as C
+import lora_kernels.triton.dora as TD
 compiled = []
 
 class Warm:  # kernel[grid](...) -> compile only (warmup), first config left after pruning
@@ -344,12 +345,17 @@ FG._TUNED = {"small": Warm(FG._heuristic_kernel, C.GEMM_SMALL, lambda cs, n, **k
              "large": Warm(FG._heuristic_kernel, C.GEMM_LARGE, C.prune_dropout)}
 LR._shrink_kernel = Warm(LR._shrink_kernel)
 LR._reduce_rows_kernel = Warm(LR._reduce_rows_kernel)
+TD._scale_grad_kernel = Warm(TD._scale_grad_kernel)
 dt = torch.bfloat16
 for M, K, N, r, p in [(1, 4096, 4096, 16, 0.0), (300, 1000, 1003, 13, 0.1)]:
     x, w, b = torch.empty(M, K, dtype=dt), torch.empty(N, K, dtype=dt), torch.empty(N, dtype=dt)
     a, bb = torch.empty(r, K, dtype=dt), torch.empty(N, r, dtype=dt)
     y, xa = TL.lora_linear_fwd(x, w, b, a, bb, 2.0, p, 7, None)
     TL.lora_linear_bwd(torch.empty(M, N, dtype=dt), x, w, a, bb, xa, 2.0, p, 7, (True,) * 5)
+    c = torch.empty(N, dtype=torch.float32)  # DoRA: the column-scale epilogue, W0·Aᵀ, grad pass
+    TD.dora_linear_fwd(x, w, b, a, bb, c, 2.0)
+    TD.dora_weight_a(w, a)
+    TD.dora_scale_grad(torch.empty(M, N, dtype=dt), y, b, c, True, True)
 print("compiled", len(compiled), "kernels; max smem", max(compiled))
 '''
 

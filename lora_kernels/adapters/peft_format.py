@@ -117,8 +117,6 @@ class AdapterConfig:
                  all(isinstance(t, str) for t in self.target_modules))):
             out.append(f"target_modules must be a regex string or a list of names, "
                        f"got {self.target_modules!r}")
-        if self.use_dora:
-            out.append("use_dora=True: DoRA adapters are not supported (plain LoRA only)")
         if self.lora_bias:
             out.append("lora_bias=True: adapters with a LoRA bias are not supported")
         if self.bias not in ("none", None):
@@ -173,13 +171,28 @@ def module_path(key: str) -> Optional[tuple[str, str]]:
     return module, m.group("kind")
 
 
-def split_modules(state_dict: Mapping[str, Tensor], source: str = "adapter"
-                  ) -> dict[str, tuple[Tensor, Tensor]]:
+_MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight)?$")
+
+
+def split_modules(state_dict: Mapping[str, Tensor], source: str = "adapter",
+                  magnitudes: Optional[dict] = None) -> dict[str, tuple[Tensor, Tensor]]:
     """``{module path: (lora_A [r, in], lora_B [out, r])}`` from PEFT keys, checking that every key
     is a LoRA factor, every module has both, and the ranks agree. Raises ``AdapterFormatError``
-    listing every problem."""
+    listing every problem. DoRA's ``<module>.lora_magnitude_vector`` keys are refused, unless
+    ``magnitudes`` (a dict) is given: then they are collected into it, ``{module: m [out]}``."""
     problems, parts = [], {}
     for key, t in state_dict.items():
+        mag = _MAGNITUDE.match(key) if magnitudes is not None else None
+        if mag is not None:
+            module = mag.group("module")
+            module = module[len(PREFIX):] if module.startswith(PREFIX) else module
+            if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() != 1:
+                problems.append(f"key {key!r} must be a 1-D float tensor (DoRA magnitude)")
+            elif module in magnitudes:
+                problems.append(f"module {module!r} has two lora_magnitude_vector tensors")
+            else:
+                magnitudes[module] = t
+            continue
         why = next((w for pat, w in _UNSUPPORTED if pat in key), None)
         parsed = module_path(key)
         if why is not None:
@@ -211,6 +224,12 @@ def split_modules(state_dict: Mapping[str, Tensor], source: str = "adapter"
                             f"lora_B {list(b.shape)} has rank {b.shape[1]}")
             continue
         out[module] = (a, b)
+    for module, m in sorted((magnitudes or {}).items()):
+        if module not in out:
+            problems.append(f"module {module!r} has a lora_magnitude_vector but no LoRA factors")
+        elif m.shape[0] != out[module][1].shape[0]:
+            problems.append(f"module {module!r}: lora_magnitude_vector {list(m.shape)} must be "
+                            f"[out] = [{out[module][1].shape[0]}]")
     if not problems and not out:
         problems.append("no LoRA tensors found")
     if problems:
@@ -276,7 +295,7 @@ def load_peft_adapter(path: PathLike, model: Optional[nn.Module] = None
     """Read a PEFT LoRA adapter directory: ``(config, state_dict)`` with the file's keys.
 
     Checks the files (config present and valid, weights readable - a truncated safetensors file
-    is an error, plain LoRA only) and the tensors against the config (ranks incl.
+    is an error, plain LoRA or DoRA) and the tensors against the config (ranks incl.
     ``rank_pattern``, modules in ``target_modules``). With ``model``, also checks every module
     exists in it with matching shapes (:func:`check_adapter`). Raises ``AdapterFormatError`` /
     ``AdapterMismatchError`` saying exactly what does not fit.
@@ -286,7 +305,9 @@ def load_peft_adapter(path: PathLike, model: Optional[nn.Module] = None
     d = _resolve_dir(path)
     cfg = read_config(d)
     sd = _read_weights(d)
-    modules = split_modules(sd, source=str(d))
+    magnitudes: dict = {}
+    modules = split_modules(sd, source=str(d), magnitudes=magnitudes)
+    _check_dora(cfg, modules, magnitudes, str(d))
     problems = config_problems(cfg, modules)
     if problems:
         raise AdapterMismatchError(problems, what=f"adapter {str(d)!r}: its tensors and "
@@ -294,6 +315,17 @@ def load_peft_adapter(path: PathLike, model: Optional[nn.Module] = None
     if model is not None:
         check_adapter(cfg, modules, model, what=f"adapter {str(d)!r}")
     return cfg, sd
+
+
+def _check_dora(cfg: AdapterConfig, modules, magnitudes: Mapping[str, Tensor], what: str) -> None:
+    """DoRA (``use_dora=True``) files hold one ``lora_magnitude_vector`` per module; others none."""
+    if cfg.use_dora and set(magnitudes) != set(modules):
+        missing = sorted(set(modules) - set(magnitudes))
+        raise AdapterFormatError(f"{what}: use_dora=True (DoRA) but modules {missing} have no "
+                                 f"lora_magnitude_vector")
+    if not cfg.use_dora and magnitudes:
+        raise AdapterFormatError(f"{what}: DoRA lora_magnitude_vector tensors for "
+                                 f"{sorted(magnitudes)} but the config says use_dora=False")
 
 
 def config_problems(cfg: AdapterConfig, modules: Mapping[str, tuple[Tensor, Tensor]]) -> list[str]:
@@ -366,7 +398,7 @@ def _from_model(model: nn.Module) -> tuple[dict, dict]:
     """``({module: (A, B)}, {module: (r, alpha)})`` from our LoRA layers. A packed layer becomes
     one PEFT LoRA of rank ``n_adapted·r`` (block-diagonal B) with alpha scaled so that PEFT's
     ``alpha/r`` equals ours - exactly the same function."""
-    modules, ra = {}, {}
+    modules, ra, mags = {}, {}, {}
     rslora = set()
     for name, m in model.named_modules():
         if not isinstance(m, _LoRABase):
@@ -378,6 +410,8 @@ def _from_model(model: nn.Module) -> tuple[dict, dict]:
         alpha = m.lora_alpha * (math.sqrt(factor) if m.use_rslora else factor) \
             if isinstance(m, PackedLoRALinear) else m.lora_alpha
         modules[name] = (a, b)
+        if m.use_dora:
+            mags[name] = m.dora_magnitude().detach()  # [out]; packed: c = 1 off its slices
         ra[name] = (r, alpha, m.fan_in_fan_out)
         rslora.add(m.use_rslora)
     if not modules:
@@ -385,7 +419,9 @@ def _from_model(model: nn.Module) -> tuple[dict, dict]:
     if len(rslora) > 1:
         raise ValueError("layers mix use_rslora=True and False; PEFT stores one use_rslora per "
                          "adapter")
-    return modules, {"ranks_alphas": ra, "use_rslora": rslora.pop()}
+    if mags and len(mags) != len(modules):
+        raise ValueError("layers mix use_dora=True and False; PEFT stores one use_dora per adapter")
+    return modules, {"ranks_alphas": ra, "use_rslora": rslora.pop(), "magnitudes": mags}
 
 
 def _most_common(values):
@@ -406,6 +442,7 @@ def save_peft_adapter(path: PathLike, source: Union[nn.Module, Mapping[str, Tens
     """
     if isinstance(source, nn.Module):
         modules, info = _from_model(source)
+        magnitudes = info["magnitudes"]
         ra = info["ranks_alphas"]
         names = sorted(modules)
         ranks = [ra[n][0] for n in names]
@@ -416,6 +453,7 @@ def save_peft_adapter(path: PathLike, source: Union[nn.Module, Mapping[str, Tens
         cfg = AdapterConfig(
             r=r0, lora_alpha=a0, target_modules=names, use_rslora=info["use_rslora"],
             fan_in_fan_out=any(ra[n][2] for n in names), lora_dropout=base.lora_dropout,
+            use_dora=bool(info["magnitudes"]),
             rank_pattern={re.escape(n): r for n, r in zip(names, ranks) if r != r0},
             alpha_pattern={re.escape(n): a for n, a in zip(names, alphas) if a != a0},
             base_model_name_or_path=base_model_name_or_path or base.base_model_name_or_path,
@@ -427,7 +465,9 @@ def save_peft_adapter(path: PathLike, source: Union[nn.Module, Mapping[str, Tens
         cfg = config if isinstance(config, AdapterConfig) else AdapterConfig.from_dict(config)
         if base_model_name_or_path is not None:
             cfg.base_model_name_or_path = base_model_name_or_path
-        modules = split_modules(source, source="state_dict")
+        magnitudes = {}
+        modules = split_modules(source, source="state_dict", magnitudes=magnitudes)
+        _check_dora(cfg, modules, magnitudes, "state_dict")
     problems = cfg.problems() + config_problems(cfg, modules)
     if problems:
         raise AdapterMismatchError(problems, what="adapter to save")
@@ -435,6 +475,9 @@ def save_peft_adapter(path: PathLike, source: Union[nn.Module, Mapping[str, Tens
     for module, (a, b) in modules.items():
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a.detach().to("cpu").contiguous()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().to("cpu").contiguous()
+        if module in magnitudes:  # DoRA: PEFT's file key has no adapter name and no .weight
+            tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = \
+                magnitudes[module].detach().to("cpu").contiguous()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / CONFIG_NAME, lambda f: f.write(json.dumps(cfg.to_dict(), indent=2,

@@ -7,8 +7,9 @@ computes the LoRA layers with :func:`lora_kernels.lora_linear` (base GEMM and lo
 one op) and :func:`lora_kernels.multi_lora_linear` (one grouped op for a mixed batch).
 
 PEFT keeps owning everything else: its parameters (gradients land in them), ``set_adapter``,
-``merge``/``unmerge``, ``disable_adapter()``, saving. What we do not accelerate - DoRA and the
-other LoRA variants, ``lora_bias``, non-Linear targets (Embedding, Conv), quantized or wrapped
+``merge``/``unmerge``, ``disable_adapter()``, saving. DoRA adapters run on
+:func:`lora_kernels.dora_linear` (see peft_dora.py). What we do not accelerate - the other
+LoRA variants, ``lora_bias``, non-Linear targets (Embedding, Conv), quantized or wrapped
 base layers, autocast-free dtype mismatches - keeps PEFT's forward, with one warning naming the
 layer and the reason. ``handle.unpatch()`` deletes the instance attributes we added, so the
 layers are exactly PEFT's again (same outputs, bit for bit).
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_kernels.integrations import peft_dora
 from lora_kernels.integrations.peft_joint import JointState, train_stack
 from lora_kernels.integrations.peft_mixed import BatchCache, StackCache, needs_grad
 from lora_kernels.nn.lora_linear import check_backend, is_conv1d
@@ -118,9 +120,11 @@ def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     """None if adapter ``adapter`` of ``layer`` is plain LoRA we compute, else why not."""
     if adapter in getattr(layer, "lora_variant", {}):
         variant = type(layer.lora_variant[adapter]).__name__
-        if layer.use_dora.get(adapter, False):
-            return f"adapter '{adapter}' uses DoRA (use_dora=True), which is not fused"
-        return f"adapter '{adapter}' is a LoRA variant ({variant}), which is not fused"
+        if not peft_dora.is_dora(layer, adapter):
+            return f"adapter '{adapter}' is a LoRA variant ({variant}), which is not fused"
+        why = peft_dora.dora_reason(layer, adapter)  # DoRA runs on dora_linear
+        if why is not None:
+            return why
     if layer.lora_bias.get(adapter, False):
         return f"adapter '{adapter}' has lora_bias=True, which is not fused"
     drop = layer.lora_dropout[adapter]
@@ -150,7 +154,8 @@ def _patched_forward(self, x: Tensor, *args, **kwargs):
     if args or extra:
         return _fallback(self, st, f"extra forward arguments ({len(args)} positional, "
                          f"keywords {sorted(extra)})", x, args, kwargs)
-    self._check_forward_args(x, **kwargs)  # PEFT's own errors, word for word
+    # PEFT's own errors, word for word (except its refusal of DoRA in mixed batches, which run here)
+    self._check_forward_args(x, **peft_dora.check_kwargs(self, kwargs))
     adapter_names = kwargs.get("adapter_names")
     if self.disable_adapters:
         if self.merged:
@@ -167,10 +172,15 @@ def _patched_forward(self, x: Tensor, *args, **kwargs):
         reason = _adapter_reason(self, a)
         if reason is not None:
             return _fallback(self, st, reason, x, args, kwargs)
+    reason = peft_dora.active_reason(self, active)
+    if reason is not None:
+        return _fallback(self, st, reason, x, args, kwargs)
     weight, bias, x_c = _base_operands(self, st, x)
     if weight is None:
         return _fallback(self, st, f"input dtype {x.dtype} differs from the base weight's "
                          f"{self.base_layer.weight.dtype} (outside autocast)", x, args, kwargs)
+    if peft_dora.is_dora(self, active[0]):
+        return peft_dora.active_forward(self, x_c, weight, bias, active, st.handle.backend)
     return _fused(self, st, x_c, weight, bias, active)
 
 
@@ -247,6 +257,16 @@ def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> T
                          kwargs)
     if x_c.shape[0] == 0:
         return F.linear(x_c, weight, bias)
+    if any(peft_dora.is_dora(self, a) for a in used):
+        return peft_dora.mixed_forward(
+            self, x_c, weight, bias, adapter_names, st.handle.backend,
+            lambda xs, names: _mixed_plain(self, st, xs, weight, bias, names))
+    return _mixed_plain(self, st, x_c, weight, bias, adapter_names)
+
+
+def _mixed_plain(self, st: _LayerState, x_c: Tensor, weight: Tensor, bias: Optional[Tensor],
+                 adapter_names) -> Tensor:
+    """A mixed batch of plain LoRA adapters (and ``__base__``) on the grouped op."""
     tokens_per_sample = x_c[0].numel() // x_c.shape[-1]
     slot_names, batch = st.handle.batches.get(adapter_names, tokens_per_sample, x_c.device)
     if not slot_names:  # every sample on "__base__": no stack to build (S = 0)

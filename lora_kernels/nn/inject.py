@@ -112,12 +112,12 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key suffixes (``<module>.lora_A.weight``,
-    ``<module>.lora_B.weight``), plus biases per ``bias`` as in :func:`mark_only_lora_as_trainable`."""
+    ``<module>.lora_B.weight``, DoRA's ``<module>.lora_magnitude_vector``), plus biases per ``bias`` as in :func:`mark_only_lora_as_trainable`."""
     _check_model(model)
     _check_bias_mode(bias)
     sd = model.state_dict()
     out = {k: v for k, v in sd.items() if ".lora_A." in k or ".lora_B." in k or
-           k.startswith(("lora_A.", "lora_B."))}
+           k.startswith(("lora_A.", "lora_B.")) or k.endswith("lora_magnitude_vector")}
     if bias == "all":
         out.update({k: v for k, v in sd.items() if k.endswith("bias")})
     elif bias == "lora_only":

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_kernels.ops import block_diag_lora_b, lora_linear
+from lora_kernels.ops import block_diag_lora_b, dora_linear, lora_linear
+from lora_kernels.ops.dora import row_sq_norm, weight_norm
 from lora_kernels.ops.backend import BACKENDS
 
 
@@ -110,18 +111,107 @@ class _LoRABase(nn.Module):
         b = self._lora_b_full().float()
         return (b @ self.lora_A.weight.float()) * self.scaling
 
+    use_dora = False  # LoRALinear(use_dora=True) sets it on the instance
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``s·B·A`` into the base weight: the forward becomes exactly a plain linear."""
+        """Fold ``s·B·A`` into the base weight: the forward becomes exactly a plain linear.
+        DoRA (as PEFT): ``W ← (m / ‖W0 + s·B·A‖)_n · (W0 + s·B·A)``, the norm kept for unmerge."""
         if not self.merged:
-            self._add_delta(+1.0)
+            if self.use_dora:
+                self._merge_dora()
+            else:
+                self._add_delta(+1.0)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """DoRA: ``W0 = W / (m / norm)_n − s·B·A`` with the norm saved by merge (PEFT's way)."""
         if self.merged:
-            self._add_delta(-1.0)
+            if self.use_dora:
+                self._unmerge_dora()
+            else:
+                self._add_delta(-1.0)
             self.merged = False
+
+    def _dora_parts(self, norm: Tensor):
+        """``(factor, delta)`` in the stored weight's layout, at least fp32 (float64 stays)."""
+        w = self.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        factor = self.dora_magnitude().detach().to(acc) / norm.to(acc)
+        delta = (self._lora_b_full().to(acc) @ self.lora_A.weight.to(acc)) * self.scaling
+        if self.fan_in_fan_out:
+            return factor[None, :], delta.t()
+        return factor[:, None], delta
+
+    def _merge_dora(self) -> None:
+        norm = self.dora_weight_norm()
+        w = self.weight  # stored layout; the factor follows it
+        factor, delta = self._dora_parts(norm)
+        w.copy_((factor * (w.to(delta.dtype) + delta)).to(w.dtype))
+        self.__dict__["_merged_dora_norm"] = norm
+
+    def _unmerge_dora(self) -> None:
+        norm = self.__dict__.pop("_merged_dora_norm")
+        w = self.weight
+        factor, delta = self._dora_parts(norm)
+        w.copy_((w.to(delta.dtype) / factor - delta).to(w.dtype))
+
+    def _init_dora(self) -> None:
+        """PEFT's ``lora_magnitude_vector`` ``[out]``, initialised to ``‖W0 + s·B·A‖`` per row
+        (B = 0 at init: the base row norms), so training starts at the base model."""
+        self.use_dora = True
+        w = self.base_weight()
+        norm = weight_norm(w, self.lora_A.weight, self._lora_b_full(), self.scaling)
+        rows = self._magnitude_rows()
+        rows = rows.to(norm.device) if isinstance(rows, Tensor) else rows
+        self.lora_magnitude_vector = nn.Parameter(norm[rows].to(w.dtype))
+
+    def _magnitude_rows(self):
+        """Which output rows own a trainable magnitude: all of them here."""
+        return slice(None)
+
+    def dora_magnitude(self) -> Tensor:
+        """The magnitude of every output row, ``[out]`` (differentiable)."""
+        return self.lora_magnitude_vector
+
+    def dora_weight_norm(self) -> Tensor:
+        """``‖W0_n + s·(B·A)_n‖`` (fp32, detached) of the unmerged weight, without an N×K
+        temporary."""
+        return weight_norm(self.base_weight(), self.lora_A.weight, self._lora_b_full(),
+                           self.scaling, weight_sq_norm=self._base_sq_norm())
+
+    def _cached_dora_norm(self) -> Optional[Tensor]:
+        """:meth:`dora_weight_norm`, reused while W0, A, B (storage and version counters) and the
+        scaling are unchanged: inference pays no ``W0·Aᵀ`` pass over W0 per call (as much traffic
+        as the base GEMM at decode sizes). Only when autograd does not reach W0, A or B: a training
+        step computes it afresh (one ``W0·Aᵀ`` GEMM), because optimizers that write through
+        ``.data`` bypass version counters. None under torch.compile (computed in the graph)."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+                t.requires_grad for t in (self.weight, self.lora_A.weight, self.lora_B.weight))):
+            return None
+        key = tuple((t.data_ptr(), None if t.is_inference() else t._version, t.dtype)
+                    for t in (self.weight, self.lora_A.weight, self.lora_B.weight))
+        key += (self.scaling, self.weight.device, torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_dora_norm_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.dora_weight_norm())
+            self.__dict__["_dora_norm_cache"] = cached
+        return cached[1]
+
+    def _base_sq_norm(self) -> Optional[Tensor]:
+        """``‖W0_n‖²``, cached per frozen weight (keyed by its storage and version counter, so
+        an in-place update recomputes it); None under torch.compile (computed in the graph)."""
+        if torch.compiler.is_compiling():
+            return None
+        w = self.weight
+        key = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device,
+               tuple(w.shape))
+        cached = self.__dict__.get("_sq_norm_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, row_sq_norm(self.base_weight()))
+            self.__dict__["_sq_norm_cache"] = cached
+        return cached[1]
 
     def _add_delta(self, sign: float) -> None:
         delta = self.delta_weight()
@@ -132,6 +222,12 @@ class _LoRABase(nn.Module):
         w = self.base_weight()
         if self.merged:
             return F.linear(x, w, self.bias)
+        if self.use_dora:
+            return dora_linear(x, w, self.bias, self.lora_A.weight, self._lora_b_full(),
+                               self.dora_magnitude(), scaling=self.scaling,
+                               dropout_p=self.lora_dropout, training=self.training,
+                               backend=self.backend, weight_sq_norm=self._base_sq_norm(),
+                               dora_norm=self._cached_dora_norm())
         return lora_linear(x, w, self.bias, self.lora_A.weight, self._lora_b_full(),
                            scaling=self.scaling, dropout_p=self.lora_dropout,
                            training=self.training, backend=self.backend)
@@ -139,22 +235,25 @@ class _LoRABase(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, merged={self.merged}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}" + (", use_dora=True" if self.use_dora else ""))
 
 
 class LoRALinear(_LoRABase):
     """``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with the fused op; usable wherever ``nn.Linear`` is.
 
     ``.weight``/``.bias`` are the frozen base parameters; ``lora_A.weight [r, in]`` and
-    ``lora_B.weight [out, r]`` are the trainable factors (PEFT key names).
+    ``lora_B.weight [out, r]`` are the trainable factors (PEFT key names). ``use_dora=True``:
+    DoRA (PEFT semantics, :func:`lora_kernels.dora_linear`) with the trainable magnitude
+    ``lora_magnitude_vector [out]``.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int,
                  lora_alpha: Optional[float] = None, lora_dropout: float = 0.0, bias: bool = True,
                  use_rslora: bool = False, backend: str = "auto", device=None, dtype=None,
-                 fan_in_fan_out: bool = False):
+                 fan_in_fan_out: bool = False, use_dora: bool = False):
         super().__init__()
         r = _check_rank(r)
+        use_dora = _check_use_dora(use_dora)
         in_features = check_features("in_features", in_features)
         out_features = check_features("out_features", out_features)
         check_dtype(dtype)
@@ -166,6 +265,8 @@ class LoRALinear(_LoRABase):
         self._init_lora(in_features, out_features, r, out_features, lora_alpha, r, lora_dropout,
                         use_rslora, backend, fan_in_fan_out, factory)
         self._reset_base()
+        if use_dora:
+            self._init_dora()
 
     @torch.no_grad()
     def _reset_base(self) -> None:
@@ -177,9 +278,10 @@ class LoRALinear(_LoRABase):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int, lora_alpha: Optional[float] = None,
                     lora_dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto",
-                    fan_in_fan_out: Optional[bool] = None) -> "LoRALinear":
+                    fan_in_fan_out: Optional[bool] = None, use_dora: bool = False) -> "LoRALinear":
         """Wrap an existing ``nn.Linear`` (or transformers ``Conv1D``) sharing its frozen weight
         and bias — the same Parameter objects, no copy."""
+        use_dora = _check_use_dora(use_dora)
         weight, in_f, out_f, fan_in_fan_out = linear_dims(linear, "linear", fan_in_fan_out)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -188,8 +290,16 @@ class LoRALinear(_LoRABase):
         factory = {"device": weight.device, "dtype": weight.dtype}
         self._init_lora(int(in_f), int(out_f), _check_rank(r), int(out_f), lora_alpha, r,
                         lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
+        if use_dora:
+            self._init_dora()
         _freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
         return self
+
+
+def _check_use_dora(use_dora) -> bool:
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
+    return use_dora
 
 
 class PackedLoRALinear(_LoRABase):
@@ -199,14 +309,18 @@ class PackedLoRALinear(_LoRABase):
     ``lora_A.weight [n_adapted·r, in]`` (one block per adapted slice), ``lora_B.weight
     [sum of adapted widths, r]``. The forward is one fused ``lora_linear`` with a block-diagonal
     B, so a column's low-rank term only sees its own slice's ranks; the x-side work (x·Aᵀ) is done
-    for adapted slices only.
+    for adapted slices only. ``use_dora=True``: DoRA on each adapted slice (its rows' norms only
+    see its own B block), ``lora_magnitude_vector [sum of adapted widths]``; the other slices stay
+    the base layer (c = 1, see :meth:`dora_magnitude`).
     """
 
     def __init__(self, in_features: int, out_slices: Sequence[int], r: int,
                  enable_lora: Sequence[bool], lora_alpha: Optional[float] = None,
                  lora_dropout: float = 0.0, bias: bool = True, use_rslora: bool = False,
-                 backend: str = "auto", device=None, dtype=None, fan_in_fan_out: bool = False):
+                 backend: str = "auto", device=None, dtype=None, fan_in_fan_out: bool = False,
+                 use_dora: bool = False):
         super().__init__()
+        use_dora = _check_use_dora(use_dora)
         in_features = check_features("in_features", in_features)
         check_dtype(dtype)
         out_features = self._set_slices(out_slices, enable_lora)
@@ -219,6 +333,8 @@ class PackedLoRALinear(_LoRABase):
         self._init_lora(in_features, out_features, self.n_adapted * r, self.adapted_width,
                         lora_alpha, r, lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
         LoRALinear._reset_base(self)
+        if use_dora:
+            self._init_dora()
 
     def _set_slices(self, out_slices, enable_lora) -> int:
         try:  # 2.5 or "3" is a mistake, not a width to truncate
@@ -241,9 +357,11 @@ class PackedLoRALinear(_LoRABase):
     def from_linear(cls, linear: nn.Module, r: int, enable_lora: Sequence[bool],
                     out_slices: Optional[Sequence[int]] = None, lora_alpha: Optional[float] = None,
                     lora_dropout: float = 0.0, use_rslora: bool = False, backend: str = "auto",
-                    fan_in_fan_out: Optional[bool] = None) -> "PackedLoRALinear":
+                    fan_in_fan_out: Optional[bool] = None,
+                    use_dora: bool = False) -> "PackedLoRALinear":
         """Wrap a packed ``nn.Linear``/``Conv1D`` (shared weight). ``out_slices`` defaults to
         equal slices, one per ``enable_lora`` entry (loralib's convention)."""
+        use_dora = _check_use_dora(use_dora)
         weight, in_f, out_f, fan_in_fan_out = linear_dims(linear, "linear", fan_in_fan_out)
         if out_slices is None:
             n = len(enable_lora)
@@ -260,8 +378,34 @@ class PackedLoRALinear(_LoRABase):
         factory = {"device": weight.device, "dtype": weight.dtype}
         self._init_lora(int(in_f), int(out_f), self.n_adapted * r, self.adapted_width, lora_alpha,
                         r, lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
+        if use_dora:
+            self._init_dora()
         _freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
         return self
+
+    def _magnitude_rows(self) -> Tensor:
+        """DoRA per slice: adapted slices' rows own a trainable magnitude
+        (``lora_magnitude_vector [adapted width]``); the others are plain linear (c = 1)."""
+        return torch.cat([torch.full((w,), bool(e)) for w, e in zip(self.out_slices,
+                                                                   self.enable_lora)])
+
+    def dora_magnitude(self) -> Tensor:
+        """``[out]``: the trainable magnitudes on adapted slices, ``‖W0_n‖`` (frozen) on the
+        others. Their B rows are zero, so the op's norm there is exactly ``‖W0_n‖`` (the same
+        fp32 ``sqrt`` of the same cached ``‖W0_n‖²``) and ``c = 1`` exactly: the unadapted slices
+        stay the base layer. (A zero row of W0 there gives 0/0, as it would in PEFT's DoRA.)"""
+        m = self.lora_magnitude_vector
+        acc = torch.promote_types(m.dtype, torch.float32)
+        sq = self._base_sq_norm()
+        if sq is None:
+            sq = row_sq_norm(self.base_weight())
+        frozen = sq.to(acc).clamp_min(0.0).sqrt()
+        parts, row, col = [], 0, 0
+        for width, adapted in zip(self.out_slices, self.enable_lora):
+            parts.append(m[row:row + width].to(acc) if adapted else frozen[col:col + width])
+            row += width if adapted else 0
+            col += width
+        return torch.cat(parts)
 
     def _lora_b_full(self) -> Tensor:
         b = self.lora_B.weight

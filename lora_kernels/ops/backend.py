@@ -34,6 +34,7 @@ ENV_VAR = "LORA_KERNELS_BACKEND"
 KERNEL_API = (
     "lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask",
     "lora_shrink", "lora_expand", "multi_lora_fwd", "multi_lora_bwd",
+    "dora_weight_a", "dora_linear_fwd", "dora_scale_grad",
 )
 FALLBACK = {"cuda": "triton", "triton": "torch", "torch": None, "cublas": "torch"}
 

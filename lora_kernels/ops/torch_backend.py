@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from lora_kernels import reference
 from lora_kernels.ops.cpu_dropout import dropout_keep_mask
@@ -13,6 +14,33 @@ from lora_kernels.ops.cpu_dropout import dropout_keep_mask
 # The reference's CPU kernels, with the compiled (bit-identical) Philox mask on big CPU tensors.
 lora_linear_fwd = functools.partial(reference.lora_linear_forward, keep_mask=dropout_keep_mask)
 lora_linear_bwd = functools.partial(reference.lora_linear_backward, keep_mask=dropout_keep_mask)
+
+
+def dora_weight_a(weight, lora_a):
+    """``W0·Aᵀ`` ``[N, r]``: the one weight-side GEMM of DoRA's norm (rank-sized output)."""
+    return F.linear(weight, lora_a)
+
+
+def dora_linear_fwd(x, weight, bias, lora_a, lora_b, col_scale, scaling):
+    """``(y, xa)``: ``y = c⊙(x·Wᵀ + s·xa·Bᵀ) + b`` with ``c = col_scale`` (fp32/fp64 [N]),
+    ``xa = x·Aᵀ``. The pre-scale output is the seeded LoRA forward, scaled in place; fp16/bf16
+    scale in fp32 and round once."""
+    z, xa = reference.lora_linear_forward(x, weight, None, lora_a, lora_b, scaling)
+    y = z.mul_(col_scale) if z.dtype == col_scale.dtype else (z * col_scale).to(z.dtype)
+    if bias is not None:
+        y.add_(bias)
+    return y, xa
+
+
+def dora_scale_grad(dy, y_pre, bias, col_scale, need_g, need_dot):
+    """``(g, dot)``: ``g = dy⊙c`` (scaled in c's precision, rounded once to dy's dtype) and
+    ``dot_n = Σ_m dy_mn·(y_mn − b_n)`` in c's dtype; None where not needed."""
+    g = (dy * col_scale).to(dy.dtype) if need_g else None
+    dot = None
+    if need_dot:
+        pre = y_pre if bias is None else y_pre - bias
+        dot = (dy * pre).sum(0, dtype=col_scale.dtype)
+    return g, dot
 
 
 def _host(t):

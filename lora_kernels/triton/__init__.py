@@ -3,3 +3,4 @@
 
 from lora_kernels.triton.lora_linear import *  # noqa: F401,F403  (single adapter)
 from lora_kernels.triton.multi_lora import *  # noqa: F401,F403  (heterogeneous batches)
+from lora_kernels.triton.dora import *  # noqa: F401,F403  (DoRA's column-scaled forward)

@@ -86,15 +86,15 @@ def _lowrank_seed(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride
 
 @triton.jit(do_not_specialize=["seed", "drop_threshold"])
 def _fused_gemm_kernel(
-    a_ptr, w_ptr, out_ptr, bias_ptr,
+    a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr,
     u_ptr, la_ptr, lb_ptr,
     ws_ptr, wsu_ptr, cnt_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
     stride_um, stride_ur, stride_lar, stride_lak, stride_lbn, stride_lbr, stride_b,
     scaling, seed, drop_threshold, drop_scale,
-    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_COL_SCALE: tl.constexpr, LORA: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -192,22 +192,24 @@ def _fused_gemm_kernel(
                                          mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
                     tl.store(u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
                              u_sum.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
-            _epilogue(acc, out_ptr, bias_ptr, rm64, rn64, m_ok, n_ok, stride_om, stride_on, stride_b,
-                      HAS_BIAS)
+            _epilogue(acc, out_ptr, bias_ptr, cs_ptr, rm64, rn64, m_ok, n_ok, stride_om, stride_on,
+                      stride_b, HAS_BIAS, HAS_COL_SCALE)
             tl.atomic_xchg(cnt_ptr + pid, 0)
     else:
         if LORA == 2:
             if pid_n == 0:
                 tl.store(u_ptr + rm64[:, None] * stride_um + rr[None, :] * stride_ur,
                          u_acc.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
-        _epilogue(acc, out_ptr, bias_ptr, rm64, rn64, m_ok, n_ok, stride_om, stride_on, stride_b,
-                  HAS_BIAS)
+        _epilogue(acc, out_ptr, bias_ptr, cs_ptr, rm64, rn64, m_ok, n_ok, stride_om, stride_on,
+                  stride_b, HAS_BIAS, HAS_COL_SCALE)
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, bias_ptr, rm64, rn64, m_ok, n_ok, stride_om, stride_on, stride_b,
-              HAS_BIAS: tl.constexpr):
-    """Bias, then the one store of the output tile in its dtype."""
+def _epilogue(acc, out_ptr, bias_ptr, cs_ptr, rm64, rn64, m_ok, n_ok, stride_om, stride_on,
+              stride_b, HAS_BIAS: tl.constexpr, HAS_COL_SCALE: tl.constexpr):
+    """Per-column scale (DoRA's c, fp32 [N]), bias after it, then the one store of the tile."""
+    if HAS_COL_SCALE:
+        acc = acc * tl.load(cs_ptr + rn64, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn64 * stride_b, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on,
@@ -265,11 +267,13 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                u: Optional[torch.Tensor] = None, la: Optional[torch.Tensor] = None,
                lb: Optional[torch.Tensor] = None, scaling: float = 1.0,
                dropout_p: float = 0.0, seed: int = 0, small_m_max: int = 16,
-               config: Optional[dict] = None) -> torch.Tensor:
+               config: Optional[dict] = None,
+               col_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out = a·wᵀ + bias + low-rank`` (see the module doc); ``a [M, K]``, ``w [N, K]``,
     ``out [M, N]``, ``lb [N, r]``; ``lora=1``: ``u [M, r]`` input; ``lora=2``: ``la [r, K]`` and
     ``u [M, r]`` is *written* (xa). All may be strided views (unit inner stride not required).
-    ``config`` forces one launch config (tests; the interpreter always uses one)."""
+    ``config`` forces one launch config (tests; the interpreter always uses one).
+    ``col_scale`` (fp32 [N], contiguous): ``out = col_scale[n]·(a·wᵀ + low-rank) + bias[n]``."""
     M, K = a.shape
     N = w.shape[0]
     assert w.shape[1] == K and out.shape == (M, N) and M > 0 and N > 0
@@ -299,6 +303,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     lb_t = lb if lb is not None else dummy
     args = (
         a, w, out, bias if bias is not None else dummy,
+        col_scale if col_scale is not None else dummy,
         u_t, la_t, lb_t, ws, wsu, tickets,
         M, N, K, r, C.m_bucket(M),
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
@@ -308,7 +313,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         bias.stride(0) if bias is not None else 0, float(scaling), seed_arg(seed), drop_threshold(dropout_p),
         1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
     )
-    flags = dict(HAS_BIAS=bias is not None, LORA=lora, DROPOUT=lora == 1 and dropout_p > 0.0,
+    flags = dict(HAS_BIAS=bias is not None, HAS_COL_SCALE=col_scale is not None, LORA=lora, DROPOUT=lora == 1 and dropout_p > 0.0,
                  BLOCK_R=block_r, PRECISION=C.dot_precision(a.dtype))
 
     def grid(meta):
