@@ -69,10 +69,10 @@ void cutlass_lora_gemm(const Tensor& a, const Tensor& w, const std::optional<Ten
   p.v = r > 0 ? v.data_ptr() : nullptr;
   p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   TORCH_CHECK(lk::lowrank_gemm_sm90_supported(p, trans_b),
-              "cuda_cutlass_lora_gemm needs TMA-compatible operands: 16-byte aligned data pointers, row "
-              "strides that are multiples of 8 elements (so K, N and r multiples of 8 for contiguous "
-              "tensors) and r <= 4096; lora_kernels._ext pads r and routes other shapes to "
-              "cuda_fused_lora_gemm");
+              "cuda_cutlass_lora_gemm needs TMA-compatible operands: 16-byte aligned data pointers, "
+              "K, N, r and every row stride multiples of 8 elements, K >= 1 and r <= 4096; got M = ", p.M,
+              ", N = ", p.N, ", K = ", p.K, ", r = ", r, " (lora_kernels._ext pads r and routes other "
+              "shapes to cuda_fused_lora_gemm)");
   if (p.M == 0 || p.N == 0) return;
   const c10::cuda::CUDAGuard guard(dev);
   const auto stream = c10::cuda::getCurrentCUDAStream();

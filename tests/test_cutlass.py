@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +109,37 @@ def test_sass_has_wgmma_and_tma_and_no_spills(built):
         assert 0 < int(fields["REG"]) <= 255
 
 
+def _setup_functions() -> dict:
+    """setup.py's helper functions, without running setup()."""
+    path = Path(__file__).resolve().parents[1] / "setup.py"
+    src = path.read_text().split("ext_modules, cmdclass = _cuda_extension()")[0]
+    ns = {"__file__": str(path), "__name__": "lk_setup"}
+    exec(compile(src, str(path), "exec"), ns)
+    return ns
+
+
+def test_setup_finds_cutlass_or_says_why_not(monkeypatch, tmp_path):
+    ns = _setup_functions()
+    monkeypatch.delenv("CUTLASS_INCLUDE_DIR", raising=False)
+    monkeypatch.delenv("LORA_KERNELS_SKIP_CUTLASS", raising=False)
+    srcs, inc, why = ns["_cutlass_sources"]("9.0")
+    assert (srcs, inc) == ([], None) and "lacks 9.0a" in why
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cutlass_library" else real(name, *a))
+    srcs, inc, why = ns["_cutlass_sources"]("9.0a")
+    assert (srcs, inc) == ([], None) and "nvidia-cutlass==" in why and "CUTLASS_INCLUDE_DIR" in why
+    (tmp_path / "cutlass").mkdir()
+    (tmp_path / "cutlass" / "cutlass.h").write_text("")
+    monkeypatch.setenv("CUTLASS_INCLUDE_DIR", str(tmp_path))
+    srcs, inc, why = ns["_cutlass_sources"]("8.0;9.0a")
+    assert inc == str(tmp_path) and why is None
+    assert sorted(Path(s).name for s in srcs) == [f"lora_gemm_{d}_{k}.cu" for d in ("bf16", "f16")
+                                                  for k in ("dx", "fwd")]
+    monkeypatch.setenv("LORA_KERNELS_SKIP_CUTLASS", "1")
+    assert ns["_cutlass_sources"]("9.0a")[1] is None
+
+
 def test_operand_helpers_scale_pad_and_round_once():
     t = randn(5, 13)
     u = cutlass_gemm.lowrank_rows(t, 0.7, torch.float16)
@@ -119,6 +151,11 @@ def test_operand_helpers_scale_pad_and_round_once():
     assert vp.shape == (9, 16) and torch.equal(vp[:, :13], v) and not vp[:, 13:].any()
     v8 = randn(9, 16).half()
     assert cutlass_gemm.pad_ranks(v8) is v8  # already TMA-shaped: no copy
+    a = randn(13, 24).half()  # dX's A [r, K]: zero rows up to r8
+    ap = cutlass_gemm.pad_rank_rows(a)
+    assert ap.shape == (16, 24) and torch.equal(ap[:13], a) and not ap[13:].any()
+    a8 = randn(8, 24).half()
+    assert cutlass_gemm.pad_rank_rows(a8) is a8
     assert cutlass_gemm.lowrank_rows(randn(4, 0), 2.0, torch.bfloat16).shape == (4, 0)
     assert [cutlass_gemm.rank_padded(r) for r in (0, 1, 8, 13, 64)] == [0, 8, 8, 16, 64]
 

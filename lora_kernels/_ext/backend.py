@@ -149,10 +149,10 @@ def lora_linear_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
                 dx.add_(reference.apply_keep((dyb * scaling) @ lora_a, keep, dropout_p))
         else:
             dx = torch.empty_like(x)
-            if dropout_p == 0.0 and cutlass_gemm.usable(dy, weight, dx, v=lora_a):
+            if dropout_p == 0.0 and cutlass_gemm.usable(dy, weight, dx):
                 # [dy | s·dyb]·[W0 | A] on the transposed views: one TMA/wgmma K loop
                 u = cutlass_gemm.lowrank_rows(dyb, scaling, x.dtype)
-                cutlass_gemm.gemm(dy, weight, None, u, lora_a, True, dx)
+                cutlass_gemm.gemm(dy, weight, None, u, cutlass_gemm.pad_rank_rows(lora_a), True, dx)
             else:
                 # dx = dy·W + drop(s·(dy·B)·A) in one tensor-core pass (mask applied in
                 # registers: the low-rank term needs its own accumulator for that)

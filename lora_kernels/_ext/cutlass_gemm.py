@@ -41,6 +41,9 @@ def usable(a: Tensor, w: Tensor, out: Tensor, bias: Optional[Tensor] = None,
         return False
     if a.dtype not in (torch.float16, torch.bfloat16) or a.shape[0] < MIN_ROWS or a.shape[1] == 0:
         return False
+    # CUTLASS's TMA rule: contiguous extents (K of a, N of out) multiples of 8 too, not only strides
+    if a.shape[1] % RANK_ALIGN or out.shape[1] % RANK_ALIGN:
+        return False
     if bias is not None and (bias.data_ptr() % 16 or not bias.is_contiguous()):
         return False
     return all(_row_ok(t) for t in (a, w, out, v))
@@ -66,6 +69,14 @@ def pad_ranks(t: Tensor) -> Tensor:
     if r == 0 or (r % RANK_ALIGN == 0 and _row_ok(t)):
         return t
     return torch.nn.functional.pad(t, (0, rank_padded(r) - r)).contiguous()
+
+
+def pad_rank_rows(t: Tensor) -> Tensor:
+    """``[r, k]`` -> ``[r8, k]`` with zero rows (dX's A; a no-op when r % 8 == 0)."""
+    r = t.shape[0]
+    if r % RANK_ALIGN == 0 and _row_ok(t):
+        return t
+    return torch.nn.functional.pad(t, (0, 0, 0, rank_padded(r) - r)).contiguous()
 
 
 def gemm(a: Tensor, w: Tensor, bias: Optional[Tensor], u: Tensor, v: Tensor, trans_b: bool,

@@ -28,13 +28,16 @@ struct LowRankGemmParams {
 };
 
 // Pointer/stride/size conditions of the TMA descriptors (dtype and device are the caller's):
-// 16-byte aligned bases, leading dimensions multiples of 8 elements, sizes that fit int32, K >= 1.
+// 16-byte aligned bases, leading dimensions and K, N, r multiples of 8 elements (r = 0 is
+// fine), sizes that fit int32, K >= 1. The caller pads r (lora_kernels/_ext/cutlass_gemm.py).
 inline bool lowrank_gemm_sm90_supported(const LowRankGemmParams& p, bool trans_b) {
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   auto ld_ok = [](int64_t ld, int64_t inner) { return ld % 8 == 0 && ld >= inner; };
   constexpr int64_t kMax = 2147483647;
   // K >= 1: a TMA descriptor needs every extent >= 1 (K = 0 would be out = bias alone)
   if (p.M > kMax || p.N > kMax || p.K < 1 || p.K + 256 > kMax || p.r < 0 || p.r > 4096) return false;
+  // CUTLASS's TMA rule also wants each operand's contiguous extent a multiple of 8 elements
+  if (p.K % 8 != 0 || p.N % 8 != 0 || p.r % 8 != 0) return false;
   if (!aligned(p.a) || !aligned(p.w) || !aligned(p.out) || !ld_ok(p.lda, p.K) || !ld_ok(p.ldo, p.N))
     return false;
   if (!ld_ok(p.ldw, trans_b ? p.N : p.K)) return false;

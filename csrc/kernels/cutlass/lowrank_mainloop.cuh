@@ -62,6 +62,11 @@ struct LowRankMainloop : Base {
 
   static constexpr int kBlockK = size<2>(TileShape{});
 
+  // Rank 0 still gets a valid (never read) descriptor: TMA wants every extent >= 1 and CUTLASS's
+  // alignment rule a contiguous extent that is a multiple of 8 (the caller then points u, v at
+  // the base operands, whose K >= 8).
+  static int descriptor_rank(int rank) { return rank > 0 ? rank : 8; }
+
   // Problem K' that makes the kernel layer iterate over both pairs.
   static int concatenated_k(int k_base, int rank) {
     return (k_base + kBlockK - 1) / kBlockK * kBlockK + rank;
@@ -77,8 +82,7 @@ struct LowRankMainloop : Base {
         make_shape(M, N, args.k_base, L),
         typename Base::Arguments{args.ptr_a, args.da, args.ptr_w, args.dw}, workspace);
     // Same shared-memory box as the base pair: the stages do not know which pair filled them.
-    // rank 0 still gets a valid (never used) descriptor: TMA wants every extent >= 1.
-    const int r_box = args.rank > 0 ? args.rank : 1;
+    const int r_box = descriptor_rank(args.rank);
     Tensor u = make_tensor(reinterpret_cast<InternalElementA const*>(args.ptr_u),
                            make_layout(make_shape(M, r_box, L), args.du));
     Tensor v = make_tensor(reinterpret_cast<InternalElementB const*>(args.ptr_v),
@@ -98,7 +102,7 @@ struct LowRankMainloop : Base {
     // TMA alignment (16-byte strides) of each pair, checked by the base collective's rule.
     return Base::can_implement(make_shape(M, N, args.k_base, L),
                                typename Base::Arguments{args.ptr_a, args.da, args.ptr_w, args.dw}) &&
-           Base::can_implement(make_shape(M, N, args.rank > 0 ? args.rank : 1, L),
+           Base::can_implement(make_shape(M, N, descriptor_rank(args.rank), L),
                                typename Base::Arguments{args.ptr_u, args.du, args.ptr_v, args.dv});
   }
 
