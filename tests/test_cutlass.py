@@ -3,7 +3,9 @@
 CPU (CI): where CUTLASS's headers are installed the built extension has the kernels; their SASS
 (``cuobjdump`` on the built .so) holds wgmma (HGMMA) and TMA loads (UTMALDG), and ptxas's own
 resource record in the cubin says no stack and no local memory (no spills), with no local loads or
-stores in the code; the operand helpers pad and scale exactly; the fake kernel checks shapes.
+stores in the code; the op's own shape/stride rule agrees with CUTLASS's ``can_implement``
+(host code compiled from tests/cuda/, ~20 s of nvcc); setup.py finds the headers or says why
+not; the operand helpers pad and scale exactly; the fake kernel checks shapes.
 
 GPU (``@pytest.mark.gpu``): the op against float64 and against Triton (fp16/bf16, M/N/K off the
 tile grid, r = 0 and r off the 8 grid, bias or not, forward and the transposed dX views, strided
@@ -138,6 +140,41 @@ def test_setup_finds_cutlass_or_says_why_not(monkeypatch, tmp_path):
                                                   for k in ("dx", "fwd")]
     monkeypatch.setenv("LORA_KERNELS_SKIP_CUTLASS", "1")
     assert ns["_cutlass_sources"]("9.0a")[1] is None
+
+
+def test_op_rule_matches_cutlass_can_implement(built, tmp_path):
+    """lowrank_gemm_sm90_supported (what the op checks before launching) accepts exactly what
+    CUTLASS's can_implement accepts (and refuses K = 0, which would fail at descriptor
+    encoding), the kernel needs no workspace and fits in shared memory.
+    Host code only: compiled here with nvcc, run without a GPU."""
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    if not os.access(nvcc, os.X_OK):
+        pytest.skip("no nvcc")
+    spec = importlib.util.find_spec("cutlass_library")
+    inc = os.environ.get("CUTLASS_INCLUDE_DIR") or os.path.join(spec.submodule_search_locations[0],
+                                                                 "source", "include")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "can_implement"
+    subprocess.run([nvcc, "-std=c++17", "-O0", "-arch=sm_90a", "--expt-relaxed-constexpr",
+                    "-DNDEBUG", "-w", "-I", str(root / "csrc"), "-I", inc,
+                    str(root / "tests" / "cuda" / "cutlass_can_implement.cu"), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=900)
+    shapes = [(8192, 4096, 4096, 16), (1, 264, 136, 8), (129, 264, 136, 16), (130, 1024, 520, 0),
+              (1000, 776, 200, 72), (2051, 1544, 4104, 64), (7, 64, 8, 8),    # accepted
+              (129, 264, 136, 13), (129, 260, 136, 16), (129, 264, 132, 16),  # r, N, K off 8
+              (64, 64, 0, 8)]                                                  # K = 0
+    lines = "".join(f"{m} {n} {k} {r} {tb}\n" for m, n, k, r in shapes for tb in (0, 1))
+    out = subprocess.run([str(exe)], input=lines, capture_output=True, text=True, check=True,
+                         timeout=60).stdout.splitlines()
+    assert len(out) == 2 * len(shapes)
+    for line in out:
+        f = dict(kv.split("=") for kv in line.split()[5:])
+        m, n, k, r, _ = map(int, line.split()[:5])
+        want = k > 0 and k % 8 == 0 and n % 8 == 0 and r % 8 == 0
+        assert f["supported"] == str(int(want)), line
+        if k > 0:  # K = 0 passes can_implement but no TMA descriptor has a 0 extent: ours refuses
+            assert f["can_implement"] == f["supported"], line
+        assert f["workspace"] == "0" and 0 < int(f["smem"]) <= 227 * 1024, line
 
 
 def test_operand_helpers_scale_pad_and_round_once():
