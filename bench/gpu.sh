@@ -9,6 +9,8 @@
 #
 # Only the repo travels to the device: nothing here may depend on ../shared. Extra wheels
 # (e.g. sglang for the peer column) travel in .whl/ and are installed into /tmp/site.
+# The CUTLASS kernels need the headers wheel there too (`pip download --no-deps
+# nvidia-cutlass==4.2.0.0 -d .whl`); without it the build skips them and their tests skip.
 # The device tool brings back at most 8 files from $OUT, so logs and results are written to
 # $OUT/work/ and packed into $OUT/gpu-results.tgz at the end; the summary files stay beside it.
 # The device's copy of the tree has no .git: pass the commit in, e.g. (expanded by the caller)
@@ -50,7 +52,7 @@ for stage in $STAGES; do
       $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1 \
         || { log "BUILD FAILED (see build.log)"; tail -40 "$OUT/build.log"; }
       log "build took $(( $(date +%s) - start )) s"
-      $PY -c "import lora_kernels._ext as e; print('extension:', e.why_unavailable() or 'loaded')" 2>&1 | tee -a "$OUT/gpu.log"
+      $PY -c "import lora_kernels._ext as e; print('extension:', e.why_unavailable() or 'loaded', '| CUTLASS sm90 GEMM:', e.why_no_cutlass() or 'built')" 2>&1 | tee -a "$OUT/gpu.log"
       ;;
     test)
       log "test: pytest -m gpu"
