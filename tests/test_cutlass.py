@@ -221,6 +221,25 @@ def test_fake_kernel_checks_shapes(so_path):
             C.cuda_cutlass_lora_gemm(t(8, 16), t(32, 16), None, t(8, 8), t(32, 16), False, t(8, 32))
 
 
+def test_backend_traces_the_cutlass_route(built, monkeypatch):
+    """Under FakeTensorMode a CUTLASS-shaped call (M >= 128, K, N multiples of 8) takes the
+    CUTLASS route without touching data pointers, forward and dX, odd r padded."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    calls = []
+    real = cutlass_gemm.gemm
+    monkeypatch.setattr(cutlass_gemm, "gemm", lambda *a: calls.append(a[5]) or real(*a))
+    M, K, N, r = 130, 64, 48, 5
+    with FakeTensorMode():
+        def t(*s):
+            return torch.empty(*s, device="cuda", dtype=torch.bfloat16)
+        y, xa = _ext.lora_linear_fwd(t(M, K), t(N, K), t(N), t(r, K), t(N, r), 2.0, 0.0, 7)
+        assert y.shape == (M, N) and xa.shape == (M, r)
+        dx = _ext.lora_linear_bwd(t(M, N), t(M, K), t(N, K), t(r, K), t(N, r), xa, 2.0, 0.0, 7,
+                                  (True, False, False, False, False))[0]
+        assert dx.shape == (M, K)
+    assert calls == [False, True]
+
+
 # =============================================================================================
 # GPU
 # =============================================================================================

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from lora_kernels._ext.loader import ops, why_no_cutlass
 
@@ -25,11 +26,19 @@ RANK_ALIGN = 8  # 16 bytes of fp16/bf16: the TMA stride unit
 ENV_DISABLE = "LORA_KERNELS_NO_CUTLASS"  # "1": always the mma.sync kernel (side-by-side benches)
 
 
+def _aligned(t: Tensor) -> bool:
+    """16-byte aligned data. Fake and meta tensors (tracing) have no address: taken as aligned,
+    so a traced call takes the route the real one would (both ops have the same fake)."""
+    if t.device.type == "meta" or is_fake(t):
+        return True
+    return t.data_ptr() % 16 == 0
+
+
 def _row_ok(t: Optional[Tensor]) -> bool:
     """A 2-D operand TMA can read: unit inner stride, row stride a multiple of 8, aligned base."""
     if t is None:
         return True
-    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1) or t.data_ptr() % 16:
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1) or not _aligned(t):
         return False
     return t.shape[0] <= 1 or t.stride(0) % RANK_ALIGN == 0
 
@@ -44,7 +53,7 @@ def usable(a: Tensor, w: Tensor, out: Tensor, bias: Optional[Tensor] = None,
     # CUTLASS's TMA rule: contiguous extents (K of a, N of out) multiples of 8 too, not only strides
     if a.shape[1] % RANK_ALIGN or out.shape[1] % RANK_ALIGN:
         return False
-    if bias is not None and (bias.data_ptr() % 16 or not bias.is_contiguous()):
+    if bias is not None and (not _aligned(bias) or not bias.is_contiguous()):
         return False
     return all(_row_ok(t) for t in (a, w, out, v))
 
