@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	# torch resolves to the machine's local wheel (pip is capped at torch<=2.14.1 there)
 	$(VPY) -m pip install -q torch triton numpy setuptools wheel ninja
+	# CUTLASS headers for the sm90 fused GEMM: a build-time dependency only (setup.py finds
+	# cutlass_library/source/include on disk; nothing imports it at run time)
+	$(VPY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 	$(VPY) -m pip install -q pytest hypothesis pytest-benchmark "peft>=0.13" "transformers>=4.45" \
 		safetensors matplotlib tqdm
 	LORA_KERNELS_SKIP_CUDA_BUILD=1 $(VPY) -m pip install -q --no-deps --no-build-isolation -e .

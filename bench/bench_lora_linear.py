@@ -17,7 +17,8 @@
   that picks between them (``lora_kernels.triton.lora_linear.lora_mode``);
 * ``triton_gemm`` — our fused GEMM with no LoRA term: Triton-vs-cuBLAS GEMM efficiency, the
   context for every ``triton / bare`` ratio;
-* ``cuda`` (+ ``cuda_gemm_only``, ``cuda_fused_gemm``) — the CUDA extension's columns from
+* ``cuda`` (+ ``cuda_gemm_only``, ``cuda_fused_gemm``; ``cuda_cutlass_gemm_only``,
+  ``cuda_cutlass_fused_gemm`` for the CUTLASS sm90 kernel) — the CUDA extension's columns from
   bench/cuda_columns.py, when it is built;
 * ``peft_dora`` / ``dora_torch`` / ``dora_triton`` — DoRA (``use_dora=True``, magnitudes away
   from the row norms): PEFT's layer against ``lora_kernels.dora_linear`` (‖W0‖² cached, as the
@@ -250,7 +251,8 @@ def measure(M, K, N, r, dtype, device, *, p, bias, quick, bwd, rep):
                 errors[name] = f"{type(exc).__name__}: {exc}"[:300]
                 ms[name] = None
         bare = ms.get("bare")
-        fl = {n: flops(M, K, N, r, direction, n in ("bare", "triton_gemm", "cuda_gemm_only"))
+        fl = {n: flops(M, K, N, r, direction, n in ("bare", "triton_gemm", "cuda_gemm_only",
+                                                       "cuda_cutlass_gemm_only"))
               for n in ms}
         row = timing_row("lora_linear", M, ms, M=M, K=K, N=N, r=r, direction=direction,
                          dtype=str(dtype).replace("torch.", ""), dropout=p, bias=bias)
@@ -328,6 +330,10 @@ def targets(rows):
     fbd = _find(rows, "fwd+bwd", dropout=0.05, **TARGET_SHAPE)
     shape = "M=8192, K=N=4096, r=16"
     check(f"fused forward / bare GEMM, {shape}", f and f["ratio_to_bare"].get("triton"), 1.05)
+    check(f"CUDA backend forward (shrink + CUTLASS sm90 GEMM) / bare GEMM, {shape}",
+          f and f["ratio_to_bare"].get("cuda"), 1.03)
+    check(f"CUTLASS sm90 fused GEMM alone (xa given) / bare GEMM, {shape}",
+          f and f["ratio_to_bare"].get("cuda_cutlass_fused_gemm"), 1.03)
     check(f"fwd+bwd / (bare fwd + bare dX GEMM), {shape}", fb and fb["ratio_to_bare"].get("triton"), 1.10)
     check(f"fwd+bwd with dropout p=0.05 / (bare fwd + bare dX GEMM), {shape}",
           fbd and fbd["ratio_to_bare"].get("triton"), 1.15)

@@ -18,6 +18,9 @@ Columns (absent when the extension is not built, so a CPU run writes none):
   base GEMM alone; set it beside cuBLAS (``torch.mm``) for the issue's "within 15% of cuBLAS"
   check (fp16/bf16; float32 has no tensor-core kernel). ``cuda_fused_gemm`` — the fused kernel
   with the low-rank term (xa precomputed), to show what the LoRA term adds.
+  ``cuda_cutlass_gemm_only`` / ``cuda_cutlass_fused_gemm`` — the same two for the CUTLASS sm90
+  kernel (csrc/kernels/cutlass/), where it is built and TMA takes the shape; the issue's target
+  is ``cuda_cutlass_fused_gemm`` ≤ 1.03× ``torch.mm``.
 * ``multi_lora_linear``: ``cuda_decode`` / ``cuda_prefill`` — shrink + expand with the kernel
   path forced, and ``cuda_fused_decode`` (T <= 16 shapes) — the one-launch shrink+expand; the
   base GEMM is included in none of these three (add ``torch.mm``'s time to compare).
@@ -35,6 +38,7 @@ from dispatch_table import timing_row  # noqa: E402  (the row format lives with 
 
 import lora_kernels as lk  # noqa: E402
 from lora_kernels import _ext  # noqa: E402
+from lora_kernels._ext import cutlass_gemm  # noqa: E402
 
 # timing_row is re-exported (see the example above): callers need one import for both.
 __all__ = ["available", "cuda_fns", "timing_row"]
@@ -75,6 +79,13 @@ def _lora_linear(x, weight, bias, lora_a, lora_b, *, scaling=1.0, **kw):
                                                                  0, False, out)
         fns["cuda_fused_gemm"] = lambda: ops.cuda_fused_lora_gemm(x2, weight, bias, xa, lora_b,
                                                                   float(scaling), 0.0, 0, False, out)
+        if _ext.why_no_cutlass() is None and cutlass_gemm.usable(x2, weight, out, bias):
+            u = cutlass_gemm.lowrank_rows(xa, scaling, x.dtype)  # as the backend builds it
+            v = cutlass_gemm.pad_ranks(lora_b)
+            fns["cuda_cutlass_gemm_only"] = lambda: cutlass_gemm.gemm(x2, weight, None, no_u, no_v,
+                                                                      False, out)
+            fns["cuda_cutlass_fused_gemm"] = lambda: cutlass_gemm.gemm(x2, weight, bias, u, v, False,
+                                                                       out)
     return fns
 
 

@@ -14,7 +14,7 @@ Inputs
   ``"op"`` (``lora_linear`` | ``multi_lora_linear`` | ``lora_shrink`` | ``lora_expand``), a row
   count (``"rows"``, or ``"M"`` / ``"T"``) and ``"ms": {backend: milliseconds or null}``.
   :func:`timing_row` (re-exported by bench/cuda_columns.py) builds such rows.
-* **Validation**: the junit XML of ``pytest -m gpu tests/test_ext.py`` (bench/gpu.sh writes
+* **Validation**: the junit XML of ``pytest -m gpu tests/`` (test_ext.py, test_cutlass.py; bench/gpu.sh writes
   ``$OUT/gpu-tests.xml``). An op's CUDA kernels are validated when every test in
   ``OP_TESTS[op]`` and ``COMMON_TESTS`` ran on the GPU and passed — none failed, errored or
   skipped. With ``--sanitizer-dir``, every op is vetoed unless that folder holds
@@ -52,7 +52,8 @@ from lora_kernels.ops.backend import shape_class  # noqa: E402
 
 MARGIN = 0.02
 OPS = ("lora_linear", "multi_lora_linear", "lora_shrink", "lora_expand")
-# GPU tests (tests/test_ext.py, by function name) that must pass before CUDA may serve an op.
+# GPU tests (tests/test_ext.py and tests/test_cutlass.py, by function name) that must pass
+# before CUDA may serve an op.
 OP_TESTS = {
     "lora_shrink": ("test_gpu_shrink",),
     "lora_expand": ("test_gpu_expand",),
@@ -60,7 +61,8 @@ OP_TESTS = {
                           "test_gpu_multi_lora_fwd", "test_gpu_public_multi_lora_cuda_backend"),
     "lora_linear": ("test_gpu_fused_gemm", "test_gpu_fused_gemm_strided_views",
                     "test_gpu_lora_linear_backend", "test_gpu_public_lora_linear_cuda_backend",
-                    "test_gpu_dropout_mask"),
+                    "test_gpu_dropout_mask", "test_gpu_cutlass_lora_gemm",
+                    "test_gpu_cutlass_lora_gemm_strided_views", "test_gpu_cutlass_lora_linear"),
 }
 COMMON_TESTS = ("test_gpu_empty_batches", "test_gpu_bad_input_raises_instead_of_faulting")
 # GPU tests (tests/test_cublas_backend.py) that must pass before the floor may serve an op.
@@ -104,8 +106,9 @@ def _sanitizer_clean(sanitizer_dir) -> bool:
     return True
 
 
-def _test_status(junit_path, module: str) -> dict:
-    """{test function: ["pass" | "fail" | "skip", ...]} for the tests of ``module``."""
+def _test_status(junit_path, module) -> dict:
+    """{test function: ["pass" | "fail" | "skip", ...]} for the tests of ``module`` (a name or a
+    tuple of names: the CUDA kernels are validated by test_ext and test_cutlass)."""
     status = defaultdict(list)
     for case in ET.parse(junit_path).getroot().iter("testcase"):
         if not case.get("classname", "").endswith(module):
@@ -128,7 +131,7 @@ def validated_ops(junit_path, sanitizer_dir=None) -> set:
     """Ops whose CUDA kernels passed their GPU tests (see the module docstring)."""
     if sanitizer_dir is not None and not _sanitizer_clean(sanitizer_dir):
         return set()
-    status = _test_status(junit_path, "test_ext")
+    status = _test_status(junit_path, ("test_ext", "test_cutlass"))
     return {op for op, tests in OP_TESTS.items() if _passed(status, tests + COMMON_TESTS)}
 
 

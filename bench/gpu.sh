@@ -12,7 +12,8 @@
 # still returns everything finished before it: summary.md, gpu.log, gpu-results.tgz.
 #
 # The device's copy of the tree has no .git: pass the commit in, and carry the wheels
-# (e.g. sglang for the peer column) in .whl/ — from this machine, in one device call:
+# (e.g. sglang for the peer column; nvidia-cutlass headers for the CUTLASS kernels:
+# `pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl`) in .whl/ — in one device call:
 #   run(command="LORA_KERNELS_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh",
 #       carry=[".whl"], timeout_s=540)          # with the hash written out by the caller
 # Only the repo travels: nothing here may depend on ../shared.

@@ -47,7 +47,7 @@ HEADLINE_CONFIGS = int(os.environ.get("GPU_HEADLINE_CONFIGS", "4"))  # autotune 
 
 # GPU test files, most important first: the CUDA extension has never run anywhere, then the
 # cuBLAS floor (the dispatch table needs its validation), then the Triton kernels, then the rest.
-TEST_PRIORITY = ["tests/test_ext.py", "tests/test_cublas_backend.py",
+TEST_PRIORITY = ["tests/test_ext.py", "tests/test_cutlass.py", "tests/test_cublas_backend.py",
                  "tests/test_triton_lora_linear.py", "tests/test_triton_multi_lora.py",
                  "tests/test_numerics_edges.py", "tests/test_bad_input.py",
                  "tests/test_properties.py", "tests/test_concurrency.py"]
@@ -146,7 +146,7 @@ class Campaign:
         (work / "logs").mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ)
         self.env.update(PYTHONUNBUFFERED="1", TRITON_INTERPRET="0",
-                        TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"),
+                        TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a"),  # a: wgmma/TMA
                         MAX_JOBS=os.environ.get("MAX_JOBS", "16"),
                         CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"),
                         TRITON_CACHE_DIR=str(work / "triton-cache"), TRITON_CACHE_AUTOTUNING="1")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# compute-sanitizer over the CUDA extension's GPU tests (tests/test_ext.py -m gpu):
+# compute-sanitizer over the CUDA extension's GPU tests (tests/test_ext.py, tests/test_cutlass.py -m gpu):
 # memcheck (out-of-bounds / misaligned accesses), racecheck (shared-memory hazards) and
 # initcheck (reads of uninitialised device memory), one log per tool:
 #
@@ -44,7 +44,7 @@ for tool in $TOOLS; do
   echo "[sanitize] $tool: -k \"$SUBSET\" (budget ${BUDGET}s)"
   timeout "$BUDGET" "$CS" --tool "$tool" "${extra[@]}" --print-limit 50 \
       --log-file "$OUT/sanitize-$tool.log" \
-      "$PY" -m pytest -q -m gpu tests/test_ext.py -k "$SUBSET" -p no:cacheprovider \
+      "$PY" -m pytest -q -m gpu tests/test_ext.py tests/test_cutlass.py -k "$SUBSET" -p no:cacheprovider \
       >"$OUT/sanitize-$tool.pytest.txt" 2>&1
   rc=$?
   summary=$(grep -h "ERROR SUMMARY" "$OUT/sanitize-$tool.log" | tail -1)

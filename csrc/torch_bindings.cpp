@@ -1,7 +1,7 @@
 // torch glue for the CUDA kernels: op schemas, input validation, dispatch to the launchers.
 //
 // The ops here are *kernel-level* (docs/BACKENDS.md): outputs are preallocated by
-// lora_kernels/_ext.py, which turns them into the backend API. Every check is a TORCH_CHECK so
+// lora_kernels/_ext/backend.py, which turns them into the backend API. Every check is a TORCH_CHECK so
 // misuse raises a RuntimeError naming the argument instead of faulting on the GPU. The
 // extension is a plain module with no Python bindings of its own: importing lora_kernels._C
 // runs the static registrations below, and the ops appear under torch.ops.lora_kernels.
@@ -342,11 +342,12 @@ void fused_lora_gemm(const Tensor& a, const Tensor& w, const OptTensor& bias, co
 
 }  // namespace
 
-// Schemas: lora_kernels/_ext.py keeps the same strings (SCHEMAS) and tests/test_ext.py checks
-// that the two agree. The Python-defined public ops share the namespace, hence FRAGMENT.
+// Schemas: defined here only. lora_kernels/_ext/fakes.py holds their fake kernels, one per op
+// with the schema's argument names (tests/test_ext.py checks both ways). The Python-defined
+// public ops share the namespace, hence FRAGMENT.
 TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   // FakeTensor looks here for the fake (meta) kernels when it meets these ops.
-  m.set_python_module("lora_kernels._ext");
+  m.set_python_module("lora_kernels._ext.fakes");
   m.def("cuda_dropout_keep_mask(Tensor(a!) out, int seed, float p, int row_offset) -> ()");
   m.def("cuda_lora_shrink(Tensor x, Tensor lora_a, Tensor? scalings, Tensor? ranks, "
         "Tensor? adapter_ids, Tensor? sorted_token_ids, Tensor? seg_offsets, Tensor? active_slots, "

@@ -186,8 +186,9 @@ def test_ext_fp32_backward_builds_one_mask(monkeypatch):
     """The CUDA backend's float32 single-adapter backward is plain torch around the mask: run it
     on CPU with the reference mask standing in for the kernel's (bit-identical by contract)."""
     from lora_kernels import _ext
+    from lora_kernels._ext import backend as ext_backend  # where lora_linear_bwd looks it up
     keep_mask, calls = _counting(ref.dropout_keep_mask)
-    monkeypatch.setattr(_ext, "dropout_keep_mask", keep_mask)
+    monkeypatch.setattr(ext_backend, "dropout_keep_mask", keep_mask)
     x, W, A, B, dy = _single_case()
     x32, W32, A32, B32, dy32 = (t.detach().float() for t in (x, W, A, B, dy))
     for p in (0.0, 0.25):

@@ -219,4 +219,7 @@ def describe() -> dict:
         from lora_kernels import _ext
         ext = _ext.why_unavailable()
         out["cuda"] += "; extension " + ("built and loaded" if ext is None else f"not built: {ext}")
+        if ext is None:
+            no_cutlass = _ext.why_no_cutlass()
+            out["cuda"] += "; CUTLASS sm90 GEMM " + ("built" if no_cutlass is None else f"absent: {no_cutlass}")
     return out

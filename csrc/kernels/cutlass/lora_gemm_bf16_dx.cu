@@ -1,0 +1,4 @@
+// CUTLASS sm90 fused LoRA GEMM, bf16 dx (lora_gemm_sm90.cuh); one instantiation per file.
+#include "kernels/cutlass/lora_gemm_sm90.cuh"
+
+LK_LORA_GEMM_INSTANTIATE(__nv_bfloat16, true)
