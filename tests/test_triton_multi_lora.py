@@ -19,7 +19,7 @@ if DEV is None:
     pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)", allow_module_level=True)
 
 from lora_kernels.triton import multi_lora as tml  # noqa: E402  (after the skip: imports triton)
-from lora_kernels.triton import sgmv  # noqa: E402
+from lora_kernels.triton import segments  # noqa: E402
 
 F64 = torch.float64
 PATHS = {
@@ -152,14 +152,15 @@ def test_tile_map_scan(path):
     # Skewed segments: the dense tile numbering (in-kernel prefix scan) beats a fixed number
     # of tiles per segment, so the kernels take the scan path.
     batch = lk.LoRABatch.from_adapter_ids(SKEWED, 8)
-    assert sgmv.token_tiles(batch, 16)[1]
+    assert segments.token_tiles(batch, 32)[1] == segments.TILES_BY_SCAN.value
     _check(SKEWED, S=8, path=path)
 
 
 def test_tile_map_without_scan(monkeypatch):
     # With more active slots than SCAN_MAX_ACTIVE: a fixed tile range per slot, extras exit.
-    monkeypatch.setattr(sgmv, "SCAN_MAX_ACTIVE", 0)
-    assert not sgmv.token_tiles(lk.LoRABatch.from_adapter_ids(SKEWED, 8), 16)[1]
+    monkeypatch.setattr(segments, "SCAN_MAX_ACTIVE", 0)
+    mode = segments.token_tiles(lk.LoRABatch.from_adapter_ids(SKEWED, 8), 32)[1]
+    assert mode == segments.TILES_PER_SLOT.value
     _check(SKEWED, S=8, path="prefill")
 
 
