@@ -144,7 +144,7 @@ def test_rank_sizes(R, path):
     _check(_ids("uniform", 21, 5), S=5, R=R, K=33, N=19, path=path, ranks=ranks)
 
 
-SKEWED = torch.tensor([0] * 20 + [1, 2, 2, 3, 4, 4, 4, 5, 6, 7, -1, 7, 6])  # one long segment
+SKEWED = torch.tensor([0] * 70 + [1, 2, 2, 3, 4, 4, 4, 5, 6, 7, -1, 7, 6])  # one long segment
 
 
 @pytest.mark.parametrize("path", ["prefill", "fused"])
@@ -391,30 +391,35 @@ def _compile_only(self, *args, grid, warmup, **kw):
 JITFunction.run = _compile_only
 
 import lora_kernels as lk
-from lora_kernels.triton import multi_lora as ml, multi_fused as mf
+from lora_kernels.triton import configs, multi_lora as ml, multi_plan as mp
 
 class _H100:  # the planner's GPU branch (132 SMs) for CPU tensors
     type, index = "cuda", 0
-ml._target_programs = lambda device: 4 * 132
-_plan, _splits = ml.plan, ml._grad_splits
+configs.num_sms = lambda device: 132
+_plan, _splits = mp.plan, mp.grad_splits
 ml.plan = lambda *a, **k: _plan(*a[:5], _H100(), *a[6:], **k)
-ml._grad_splits = lambda *a: _splits(*a[:-1], _H100())
-ml._use_fused = lambda batch, dtype, device: ml.TUNING["path"] == "fused"
+ml.grad_splits = lambda *a: _splits(*a[:-1], _H100())
+ml.use_fused = lambda batch, dtype, device: mp.TUNING["path"] == "fused"
+ml.use_pdl = lambda device: True  # compile the PDL variants (gdc_wait / launch_dependents)
 _fused = ml.launch_fused
 ml.launch_fused = lambda *a, **k: _fused(*a, **{**k, "interpret": False, "config": dict(
     BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)})
 
-def case(T, ids, K, N, R, slices, dtype, ranks, path, S=64):
+def case(T, ids, K, N, R, slices, dtype, ranks, path, S=64, bounded=False):
     n = 1 if slices is None else len(slices)
     x, W = torch.empty(T, K, dtype=dtype), torch.empty(N, K, dtype=dtype)
     A, B = torch.empty(S, n * R, K, dtype=dtype), torch.empty(S, N, R, dtype=dtype)
-    sc, batch = torch.ones(S), lk.LoRABatch.from_adapter_ids(ids, S)
-    with ml.override(path=path):
+    sc = torch.ones(S)
+    batch = lk.LoRABatch.static(T, S).refresh_(ids) if bounded else \
+        lk.LoRABatch.from_adapter_ids(ids, S)
+    with mp.override(path=path):
         y, xa = ml.multi_lora_fwd(x, W, None, A, B, sc, ranks, batch, slices, True)
         ml.multi_lora_bwd(y, x, W, A, B, xa, sc, ranks, batch, slices, (True, False, False, True, True))
 
 bf = torch.bfloat16
 case(64, torch.arange(64), 4096, 4096, 16, None, bf, None, "unfused")           # decode, split-K
+case(64, torch.arange(64), 4096, 4096, 16, None, bf, None, "unfused", bounded=True)  # graph batch
+case(2048, torch.arange(2048) % 64, 4096, 4096, 16, None, bf, None, "unfused", bounded=True)
 case(4, torch.arange(4), 4096, 4096, 16, None, bf, None, "unfused")             # one launch
 case(1024, torch.arange(1024) % 8, 4096, 6144, 16, (4096, 1024, 1024), bf,     # packed prefill
      torch.full((64, 3), 16, dtype=torch.int32), "fused")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -100,8 +100,7 @@ class LoRABatch:
         return cls._from_counts(ids64.to(torch.int32), sorted_ids, host[2:], ids64.device)
 
     @classmethod
-    def from_host_ids(cls, adapter_ids: Sequence[int], num_slots: int,
-                      device=None) -> "LoRABatch":
+    def from_host_ids(cls, adapter_ids, num_slots: int, device=None) -> "LoRABatch":
         """Ids known on the host (a list, or a CPU tensor): the metadata is computed there and
         uploaded in one non-blocking copy, so nothing waits for the GPU. Exact host ints."""
         num_slots = _check_num_slots(num_slots)
@@ -109,17 +108,30 @@ class LoRABatch:
             raise ValueError("from_host_ids takes host ids (a list or a CPU tensor); device ids "
                              "go through from_adapter_ids or a static batch's refresh_()")
         ids64 = _as_ids(adapter_ids)
-        ids = ids64.tolist()  # CPU: no device involved
-        if ids:
-            _check_range(min(ids), max(ids), num_slots)
-        counts = [0] * (num_slots + 1)
-        for i in ids:
-            counts[i + 1] += 1
-        order = sorted(range(len(ids)), key=ids.__getitem__)  # Python's sort is stable
-        device = torch.device("cpu") if device is None else torch.device(device)
-        packed = _pack(ids, order, counts)
-        host = torch.tensor(packed, dtype=torch.int32)
-        return cls._from_packed(_upload(host, device), len(ids), counts)
+        T = ids64.shape[0]
+        if T:
+            _check_range(int(ids64.min()), int(ids64.max()), num_slots)  # CPU: no sync
+        counts = torch.bincount(ids64 + 1, minlength=num_slots + 1).tolist() if T else \
+            [0] * (num_slots + 1)
+        offsets, active, tiles = _host_layout(counts)
+        meta = torch.tensor(offsets + active + [v for row in tiles for v in row],
+                            dtype=torch.int32)
+        host = torch.cat([ids64.to(torch.int32),
+                          torch.argsort(ids64, stable=True).to(torch.int32), meta])
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        flat = _upload(host, dev)
+        S, A, o = num_slots, len(active), 2 * T
+        return cls(flat[:T], flat[T:o], flat[o:o + S + 2], flat[o + S + 2:o + S + 2 + A],
+                   flat[o + S + 2 + A:].view(len(tiles), 4), S, A, max(counts[1:], default=0),
+                   _host_offsets=tuple(offsets))
+
+    @classmethod
+    def from_device_ids(cls, adapter_ids: Tensor, num_slots: int) -> "LoRABatch":
+        """A new *bounded* batch for device ids, built by device ops only (no sync; traceable
+        by ``torch.compile(fullgraph=True)``): ``static(T, S).refresh_(ids)``. Ids out of range
+        are served as base-only (see :meth:`check`)."""
+        ids = _as_ids(adapter_ids)
+        return cls.static(ids.shape[0], num_slots, ids.device).refresh_(ids)
 
     @classmethod
     def from_sample_ids(cls, sample_ids, tokens_per_sample: int, num_slots: int) -> "LoRABatch":
@@ -279,15 +291,6 @@ class LoRABatch:
                    flat[S + 2 + A:].view(len(tiles), 4), S, A, max(counts[1:], default=0),
                    _host_offsets=tuple(offsets))
 
-    @classmethod
-    def _from_packed(cls, flat, T, counts) -> "LoRABatch":
-        offsets, active, tiles = _host_layout(counts)
-        S, A = len(counts) - 1, len(active)
-        o = 2 * T
-        return cls(flat[:T], flat[T:o], flat[o:o + S + 2], flat[o + S + 2:o + S + 2 + A],
-                   flat[o + S + 2 + A:].view(len(tiles), 4), S, A, max(counts[1:], default=0),
-                   _host_offsets=tuple(offsets))
-
 
 # ------------------------------------------------------------------------------------------
 # helpers
@@ -334,11 +337,6 @@ def _host_layout(counts: list) -> tuple[list, list, list]:
         for r in range(lo, hi, TILE_ROWS):
             tiles.append([s, r, min(hi, r + TILE_ROWS), 0])
     return offsets, active, tiles
-
-
-def _pack(ids: list, order: list, counts: list) -> list:
-    offsets, active, tiles = _host_layout(counts)
-    return ids + order + offsets + active + [v for row in tiles for v in row]
 
 
 def _upload(host: Tensor, device: torch.device) -> Tensor:

@@ -125,6 +125,8 @@ def plan(batch, K: int, out_width: int, R: int, n_slices: int, device, elem: int
         block_m = tile_rows
     else:
         block_m = 64 if batch.max_seg_len >= 64 else 32
+        if block_m == 64 and triton.cdiv(T, 64) < sms <= triton.cdiv(T, 32):
+            block_m = 32  # 32-row tiles fill the SMs without splitting K
     block_r = 16 if block_m == tile_rows else C.rank_block(R)
     rank_tiles = triton.cdiv(R, block_r)
     tiles = batch.tile_map.shape[0] if block_m == tile_rows else \
