@@ -50,9 +50,21 @@ def _ids(kind, T, S):
     raise AssertionError(kind)
 
 
+def _batch(ids, S, static):
+    """An exact batch, or (``static``) a bounded one: static buffers with room for the ids
+    plus padding tokens, refreshed in place; the padding rows are base-only."""
+    if not static:
+        return lk.LoRABatch.from_adapter_ids(ids.to(DEV), S)
+    pad = torch.full((3,), -1, dtype=ids.dtype)
+    return lk.LoRABatch.static(ids.shape[0] + 3, S, DEV).refresh_(torch.cat([ids[:1], pad,
+                                                                            ids[1:]]).to(DEV))
+
+
 def _check(ids, *, S, K=37, N=45, R=8, dtype=torch.float32, path="decode", slices=None,
-           ranks=None, bias=True, grad_w=False, scale_grad=True):
+           ranks=None, bias=True, grad_w=False, scale_grad=True, static=False):
     """Forward + backward on the Triton backend vs float64 autograd of the oracle."""
+    batch = _batch(ids, S, static)
+    ids = batch.adapter_ids.cpu().long()
     T = ids.shape[0]
     n_sl = 1 if slices is None else len(slices)
     x = randn(T, K, dtype=dtype, device=DEV, requires_grad=True)
@@ -61,7 +73,6 @@ def _check(ids, *, S, K=37, N=45, R=8, dtype=torch.float32, path="decode", slice
     A = randn(S, n_sl * R, K, dtype=dtype, device=DEV, scale=K ** -0.5, requires_grad=True)
     B = randn(S, N, R, dtype=dtype, device=DEV, requires_grad=True)
     sc = torch.rand(S) + 0.5
-    batch = lk.LoRABatch.from_adapter_ids(ids.to(DEV), S)
     with tml.override(**PATHS[path]):
         y = lk.multi_lora_linear(x, W, b, A, B, batch, scalings=sc, ranks=ranks,
                                  out_slices=slices, backend="triton")
@@ -114,6 +125,41 @@ def test_fp16(kind, path):
 @pytest.mark.parametrize("path", ["decode", "fused"])
 def test_weight_and_bias_grads(path):
     _check(_ids("with_base", 7, 5), S=5, path=path, grad_w=True)
+
+
+# ------------------------------------------------- bounded (static, CUDA-graph) batches
+@pytest.mark.parametrize("path", FORCED)
+@pytest.mark.parametrize("kind", ["zipf", "with_base", "distinct"])
+def test_static_batch_matches_float64(kind, path):
+    # Static buffers refreshed in place: host ints are upper bounds, active_slots and tile_map
+    # carry -1 padding, three padding tokens are base-only; grads of x, A and B included.
+    S = 24 if kind == "distinct" else 5
+    _check(_ids(kind, 20, S), S=S, path=path, static=True)
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill", "fused"])
+def test_static_batch_mixed_ranks_and_slices(path):
+    _check(_ids("with_base", 21, 5), S=5, path=path, slices=(24, 8, 13),
+           ranks=RANKS_2D.to(DEV), static=True)
+
+
+def test_static_batch_refreshed_with_another_mix():
+    # One static batch, two mixes: the second refresh fully replaces the first.
+    S, K, N, R, T = 5, 33, 19, 8, 21
+    x, W = randn(T, K, device=DEV), randn(N, K, device=DEV, scale=K ** -0.5)
+    A = randn(S, R, K, device=DEV, scale=K ** -0.5)
+    B = randn(S, N, R, device=DEV)
+    sc = torch.rand(S) + 0.5
+    batch = lk.LoRABatch.static(T, S, DEV)
+    for kind in ("identical", "zipf", "with_base"):
+        ids = _ids(kind, T, S)
+        batch.refresh_(ids.to(DEV)).check()
+        for path in ("decode", "prefill"):
+            with tml.override(**PATHS[path]):
+                y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, backend="triton")
+            y64 = ref.multi_lora_linear(x.double(), W.double(), None, A.double(), B.double(),
+                                        ids, sc.double())
+            assert rel_err(y, y64) <= tol(torch.float32, DEV), (kind, path)
 
 
 # ------------------------------------------------------------------------ ranks and slices
@@ -378,6 +424,58 @@ def test_gpu_no_host_sync_and_cuda_graph():
     torch.cuda.synchronize()
     assert rel_err(out, fwd()) <= 1e-6  # the replay used the new x
     assert rel_err(want, out) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 256])
+def test_gpu_cuda_graph_serves_any_mix_after_refresh(T):
+    """Capture one decode graph over a static batch, then replay it after refreshing the batch
+    with three different adapter mixes (mixed ranks, -1 tokens): each replay equals eager."""
+    S, K, N, R = 32, 1024, 768, 64
+    dt = torch.bfloat16
+    x = randn(T, K, dtype=dt, device="cuda")
+    W = randn(N, K, dtype=dt, device="cuda", scale=K ** -0.5)
+    A = randn(S, R, K, dtype=dt, device="cuda", scale=K ** -0.5)
+    B = randn(S, N, R, dtype=dt, device="cuda")
+    ranks = torch.tensor([(8, 16, 64)[i % 3] for i in range(S)], dtype=torch.int32,
+                         device="cuda")
+    sc = torch.rand(S, device="cuda")
+    batch = lk.LoRABatch.static(T, S, "cuda")
+    g = torch.Generator().manual_seed(T)
+    mixes = [torch.randint(-1, S, (T,), generator=g), torch.full((T,), 5),
+             torch.randperm(max(S, T), generator=g)[:T] % S]
+    mixes[2][::3] = -1
+
+    def fwd(b):
+        return lk.multi_lora_linear(x, W, None, A, B, b, scalings=sc, ranks=ranks,
+                                    backend="triton")
+
+    batch.refresh_(mixes[0].cuda())
+    fwd(batch)  # warm-up: compiles, checks ranks once
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fwd(batch)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fwd(batch)
+    for ids in mixes:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            batch.refresh_(ids.cuda())  # in place, no host sync
+            graph.replay()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        eager = fwd(batch)  # the same plan and kernels, launched eagerly: bit-identical
+        exact = fwd(lk.LoRABatch.from_adapter_ids(ids.cuda(), S))  # exact host ints
+        torch.cuda.synchronize()
+        batch.check()
+        assert torch.equal(out, eager), ids[:8]
+        assert rel_err(out, exact) <= tol(dt, "cuda")
+        y64 = ref.multi_lora_linear(x.cpu().double(), W.cpu().double(), None, A.cpu().double(),
+                                    B.cpu().double(), ids, sc.cpu().double(), ranks.cpu())
+        assert rel_err(out, y64) <= tol(dt, "cuda")
 
 
 # ------------------------------------------------- CPU: the GPU code paths compile for sm_90
