@@ -97,3 +97,22 @@ def test_adapter_pool_batch_builds_without_sync_and_compiles(monkeypatch):
     with torch.no_grad(), pool.batch(names):
         compiled = torch.compile(model, fullgraph=True)
         assert rel_err(compiled(x), want) <= TOL[torch.float32]
+
+
+def test_torch_backend_follows_an_in_place_refresh():
+    # The torch backend caches grouping plans on the batch's sorted_token_ids tensor; a static
+    # batch keeps that tensor and changes its contents, so the cache must notice.
+    import lora_kernels as lk
+    from lora_kernels import reference as ref
+    g = torch.Generator().manual_seed(0)
+    S, T, K, N, R = 4, 9, 7, 5, 3
+    x, W = torch.randn(T, K, generator=g), torch.randn(N, K, generator=g)
+    A, B = torch.randn(S, R, K, generator=g), torch.randn(S, N, R, generator=g)
+    sc = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    batch = lk.LoRABatch.static(T, S)
+    for ids in ([0] * 9, [3, 1, -1, 1, 0, 2, 2, -1, 3], [2] * 4 + [1] * 5):
+        batch.refresh_(ids)
+        y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, backend="torch")
+        want = ref.multi_lora_linear(x.double(), W.double(), None, A.double(), B.double(),
+                                     torch.tensor(ids), sc.double())
+        assert rel_err(y, want) <= TOL[torch.float32], ids
