@@ -57,7 +57,6 @@ class LoRABatch:
     sorted_token_ids: Tensor
     seg_offsets: Tensor
     active_slots: Tensor
-    tile_map: Tensor
     num_slots: int
     num_active: int
     max_seg_len: int
@@ -65,8 +64,17 @@ class LoRABatch:
     _host_offsets: Optional[tuple] = field(default=None, repr=False)
     # bounded batches: int32 [1], ids the last refresh found out of range (see check()).
     _invalid: Optional[Tensor] = field(default=None, repr=False)
+    # Last, with a default, so the older positional constructor (four tensors and the host
+    # ints) keeps working: without one the map is built from seg_offsets on the device.
+    tile_map: Optional[Tensor] = None
 
     TILE_ROWS = TILE_ROWS
+
+    def __post_init__(self):
+        if self.tile_map is None:
+            cap = tile_capacity(self.adapter_ids.shape[0], self.num_slots)
+            tiles = _device_tile_map(self.seg_offsets.to(torch.int64), cap).to(torch.int32)
+            object.__setattr__(self, "tile_map", tiles)
 
     @property
     def num_tokens(self) -> int:
@@ -122,8 +130,8 @@ class LoRABatch:
         flat = _upload(host, dev)
         S, A, o = num_slots, len(active), 2 * T
         return cls(flat[:T], flat[T:o], flat[o:o + S + 2], flat[o + S + 2:o + S + 2 + A],
-                   flat[o + S + 2 + A:].view(len(tiles), 4), S, A, max(counts[1:], default=0),
-                   _host_offsets=tuple(offsets))
+                   S, A, max(counts[1:], default=0), _host_offsets=tuple(offsets),
+                   tile_map=flat[o + S + 2 + A:].view(len(tiles), 4))
 
     @classmethod
     def from_device_ids(cls, adapter_ids: Tensor, num_slots: int) -> "LoRABatch":
@@ -163,8 +171,8 @@ class LoRABatch:
 
         def i32(*shape):
             return torch.zeros(*shape, dtype=torch.int32, device=dev)
-        b = cls(i32(T), i32(T), i32(S + 2), i32(min(S, T)), i32(tile_capacity(T, S), 4),
-                S, min(S, T), T, bounded=True, _invalid=i32(1))
+        b = cls(i32(T), i32(T), i32(S + 2), i32(min(S, T)), S, min(S, T), T, bounded=True,
+                _invalid=i32(1), tile_map=i32(tile_capacity(T, S), 4))
         return b.refresh_(torch.empty(0, dtype=torch.int32, device=dev))
 
     # ---- in-place refresh (bounded batches) ------------------------------------------------
@@ -237,12 +245,8 @@ class LoRABatch:
         ints = [int(v) for v in host_ints]
         num_slots, num_active, max_seg_len = ints[:3]
         bounded = bool(ints[3]) if len(ints) > 3 else False
-        if len(tensors) == 4:
-            ids, order, offsets, active = tensors
-            cap = tile_capacity(ids.shape[0], num_slots)
-            tensors = [ids, order, offsets, active,
-                       _device_tile_map(offsets.to(torch.int64), cap).to(torch.int32)]
-        return cls(*tensors, num_slots, num_active, max_seg_len, bounded)
+        tiles = tensors[4] if len(tensors) > 4 else None  # None: rebuilt in __post_init__
+        return cls(*tensors[:4], num_slots, num_active, max_seg_len, bounded, tile_map=tiles)
 
     def host_offsets(self) -> tuple:
         """``seg_offsets`` as Python ints (free for CPU batches; a sync for CUDA ones — only the
@@ -275,8 +279,9 @@ class LoRABatch:
 
     def to(self, device) -> "LoRABatch":
         inv = None if self._invalid is None else self._invalid.to(device)
-        return LoRABatch(*(t.to(device) for t in self.tensors()), self.num_slots,
-                         self.num_active, self.max_seg_len, self.bounded, self._host_offsets, inv)
+        ids, order, offsets, active, tiles = (t.to(device) for t in self.tensors())
+        return LoRABatch(ids, order, offsets, active, self.num_slots, self.num_active,
+                         self.max_seg_len, self.bounded, self._host_offsets, inv, tile_map=tiles)
 
     # ---- internals -------------------------------------------------------------------------
     @classmethod
@@ -287,9 +292,9 @@ class LoRABatch:
         packed = offsets + active + [v for row in tiles for v in row]
         flat = _upload(torch.tensor(packed, dtype=torch.int32), device)
         S, A = len(counts) - 1, len(active)
-        return cls(ids32, sorted_ids, flat[:S + 2], flat[S + 2:S + 2 + A],
-                   flat[S + 2 + A:].view(len(tiles), 4), S, A, max(counts[1:], default=0),
-                   _host_offsets=tuple(offsets))
+        return cls(ids32, sorted_ids, flat[:S + 2], flat[S + 2:S + 2 + A], S, A,
+                   max(counts[1:], default=0), _host_offsets=tuple(offsets),
+                   tile_map=flat[S + 2 + A:].view(len(tiles), 4))
 
 
 # ------------------------------------------------------------------------------------------
