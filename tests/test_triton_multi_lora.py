@@ -482,10 +482,11 @@ def test_gpu_cuda_graph_serves_any_mix_after_refresh(T):
 _SM90_SCRIPT = SM90_FAKE_DRIVER + r'''
 from triton.runtime.jit import JITFunction
 _run = JITFunction.run
-compiled = []
+compiled, kernels = [], []
 def _compile_only(self, *args, grid, warmup, **kw):
     kernel = _run(self, *args, grid=grid, warmup=True, **kw)
     compiled.append((self.fn.__name__, kernel.metadata.shared))
+    kernels.append((self.fn.__name__, kernel))
 JITFunction.run = _compile_only
 
 import lora_kernels as lk
@@ -523,6 +524,16 @@ case(1024, torch.arange(1024) % 8, 4096, 6144, 16, (4096, 1024, 1024), bf,     #
      torch.full((64, 3), 16, dtype=torch.int32), "fused")
 case(600, torch.cat([torch.zeros(500, dtype=torch.long), torch.arange(100) % 50 + 1]),  # skewed:
      1024, 1024, 16, None, torch.float16, None, "unfused")                          # tile scan
+# PDL: the expand is launched as a dependent, prefetches B (and y) with 16-byte loads before
+# griddepcontrol.wait, and touches the shrink's planes (cp.async / loads) only after it.
+pdl = [k for n, k in kernels if n == "_expand_kernel" and k.metadata.launch_pdl]
+assert pdl, "no PDL expand was compiled"
+for k in pdl:
+    ptx = k.asm["ptx"]
+    w = ptx.index("griddepcontrol.wait")
+    assert "ld.global.v4" in ptx[:w] and "cp.async" not in ptx[:w], "plane read before the wait"
+assert any("griddepcontrol.launch_dependents" in k.asm["ptx"] for n, k in kernels
+           if n == "_shrink_kernel")
 print("compiled", len(compiled), "kernels; max smem", max(s for _, s in compiled))
 '''
 

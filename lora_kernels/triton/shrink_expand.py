@@ -289,7 +289,7 @@ def launch_expand(y, xa, mat, mat_strides, batch, cfg, *, R, n_slices, ranks, bo
         SPLIT=n_splits, A_BLOCK=modes["A_BLOCK"], TILES=modes["MODE"], HAS_RANKS=has_rk,
         SUM_SLICES=sum_slices, INLINE=inline is not None, HAS_SCALE=scalings is not None,
         WRITE_XA=xa_out is not None, SLICE_ALIGN=slice_align, PDL=pdl, PREC=prec,
-        num_warps=cfg.expand_warps)
+        num_warps=cfg.expand_warps, **extra)
     return y
 
 
