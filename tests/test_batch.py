@@ -132,6 +132,14 @@ def test_refresh_serves_bad_ids_as_base_and_check_raises():
         lk.LoRABatch.from_adapter_ids(torch.tensor([0]), 1).refresh_([0])
     with pytest.raises(ValueError, match="adapter_ids"):
         lk.LoRABatch.from_host_ids([0, 3], 3)
+    with pytest.raises(ValueError, match="host ids"):
+        lk.LoRABatch.from_host_ids(torch.tensor([0], device="meta"), 3)
+    with pytest.raises(TypeError, match="max_tokens"):
+        lk.LoRABatch.static(-1, 3)
+    with pytest.raises(TypeError, match="num_slots"):
+        lk.LoRABatch.static(4, 2.0)
+    with pytest.raises(ValueError, match="is on meta"):
+        st.refresh_(torch.tensor([0], device="meta"))
 
 
 class _DispatchSyncs(TorchDispatchMode):

@@ -67,9 +67,6 @@ def wave(device) -> int:
     return TUNING["programs_per_sm"] * C.num_sms(device)
 
 
-_target_programs = wave  # the name older callers (and the sm_90 compile test) patch
-
-
 @dataclass(frozen=True)
 class SegConfig:
     block_m: int
