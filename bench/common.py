@@ -254,5 +254,6 @@ class Inputs:
     batches: list
     groups: list              # per rotation: [(slot, rows, rank)]
     sgl: list = field(default_factory=list)
+    static_batches: list = field(default_factory=list)  # bounded (CUDA-graph) batches, same ids
     names: list = field(default_factory=list)  # per rotation: PEFT adapter_names (per sample)
     adapter_bytes: int = 0
