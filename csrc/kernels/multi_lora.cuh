@@ -18,17 +18,16 @@ namespace lk {
 // ------------------------------------------------------------------------------------------
 // dot products
 // ------------------------------------------------------------------------------------------
-// Lane-strided partial dot of x[0:K] (times the dropout factor of row m) with a[0:K]; the
-// caller sums the 32 partials. `vec`: both rows 16-byte aligned and K a multiple of VEC.
-// Decode is latency bound unless every thread keeps several loads in flight: the vector loop
-// issues kDotUnroll 16-byte loads of x and of a (2·kDotUnroll outstanding per thread, 8 at
-// the default) before the first FMA that consumes them. DROP is a template flag so the
-// dropout-free path (all of serving) has no per-element branch between the FMAs.
+// The dropout-free lane dot (all of serving): the same partial sums as lane_dot, but the
+// vector loop issues kDotUnroll 16-byte loads of x and of a (2·kDotUnroll outstanding per
+// thread, 8 at the default) before the first FMA that consumes them. Decode is latency bound
+// unless every thread keeps several loads in flight; lane_dot (below, with dropout) keeps one
+// pair per iteration.
 constexpr int kDotUnroll = 4;
 
-template <typename T, bool DROP>
-__device__ __forceinline__ float lane_dot(const T* __restrict__ x, const T* __restrict__ a,
-                                         int64_t K, bool vec, const Dropout& d, int64_t m, int lane) {
+template <typename T>
+__device__ __forceinline__ float lane_dot_nodrop(const T* __restrict__ x, const T* __restrict__ a,
+                                                int64_t K, bool vec, int lane) {
   constexpr int V = Vec<T>::N;
   constexpr int64_t kStep = 32 * V;  // elements one vector load covers across the warp
   float acc = 0.f;
@@ -45,9 +44,7 @@ __device__ __forceinline__ float lane_dot(const T* __restrict__ x, const T* __re
       #pragma unroll
       for (int u = 0; u < kDotUnroll; ++u) {
         #pragma unroll
-        for (int i = 0; i < V; ++i)
-          acc = fmaf(DROP ? xv[u][i] * dropout_factor(d, m, K, kv + u * kStep + i) : xv[u][i],
-                     av[u][i], acc);
+        for (int i = 0; i < V; ++i) acc = fmaf(xv[u][i], av[u][i], acc);
       }
     }
     for (; kv + V <= K; kv += kStep) {  // the tail: fewer than kDotUnroll vectors per lane
@@ -55,13 +52,33 @@ __device__ __forceinline__ float lane_dot(const T* __restrict__ x, const T* __re
       load_vec(x + kv, xv);
       load_vec(a + kv, av);
       #pragma unroll
-      for (int i = 0; i < V; ++i)
-        acc = fmaf(DROP ? xv[i] * dropout_factor(d, m, K, kv + i) : xv[i], av[i], acc);
+      for (int i = 0; i < V; ++i) acc = fmaf(xv[i], av[i], acc);
     }
     k = K;  // vec implies K % V == 0: nothing left
   }
-  for (; k < K; k += 32)
-    acc = fmaf(DROP ? to_f(x[k]) * dropout_factor(d, m, K, k) : to_f(x[k]), to_f(a[k]), acc);
+  for (; k < K; k += 32) acc = fmaf(to_f(x[k]), to_f(a[k]), acc);
+  return acc;
+}
+
+// Lane-strided partial dot of x[0:K] (times the dropout factor of row m) with a[0:K]; the
+// caller sums the 32 partials. `vec`: both rows 16-byte aligned and K a multiple of VEC.
+template <typename T>
+__device__ __forceinline__ float lane_dot(const T* __restrict__ x, const T* __restrict__ a,
+                                         int64_t K, bool vec, const Dropout& d, int64_t m, int lane) {
+  constexpr int V = Vec<T>::N;
+  float acc = 0.f;
+  int64_t k = lane;
+  if (vec) {
+    for (int64_t kv = static_cast<int64_t>(lane) * V; kv + V <= K; kv += 32 * V) {
+      float xv[V], av[V];
+      load_vec(x + kv, xv);
+      load_vec(a + kv, av);
+      #pragma unroll
+      for (int i = 0; i < V; ++i) acc = fmaf(xv[i] * dropout_factor(d, m, K, kv + i), av[i], acc);
+    }
+    k = K;  // vec implies K % V == 0: nothing left
+  }
+  for (; k < K; k += 32) acc = fmaf(to_f(x[k]) * dropout_factor(d, m, K, k), to_f(a[k]), acc);
   return acc;
 }
 
@@ -114,8 +131,8 @@ shrink_decode_kernel(ShrinkParams p, bool vec) {
   }
   const T* x = static_cast<const T*>(p.x) + t * p.K;
   const T* a = static_cast<const T*>(p.lora_a) + (static_cast<int64_t>(slot) * RR + row) * p.K;
-  const float part = p.drop.threshold ? lane_dot<T, true>(x, a, p.K, vec, p.drop, t, lane)
-                                      : lane_dot<T, false>(x, a, p.K, vec, p.drop, t, lane);
+  const float part = p.drop.threshold ? lane_dot(x, a, p.K, vec, p.drop, t, lane)
+                                      : lane_dot_nodrop(x, a, p.K, vec, lane);
   const float acc = warp_sum(part);
   if (lane == 0) *dst = acc * (p.scalings ? p.scalings[slot] : 1.f);
 }
@@ -367,7 +384,6 @@ fused_decode_kernel(FusedDecodeParams p, bool vec_a, bool vec_b) {
   const int j_hi = slice_of(p.slice_start, p.n_slices, n_end - 1);
   const float s = p.scalings[slot];
   const T* x = static_cast<const T*>(p.x) + t * p.K;
-  const Dropout no_drop;
 
   const int rows = (j_hi - j_lo + 1) * p.R;
   for (int rr = warp; rr < rows; rr += kFusedThreads / 32) {
@@ -375,7 +391,7 @@ fused_decode_kernel(FusedDecodeParams p, bool vec_a, bool vec_b) {
     float v = 0.f;
     if (q < rank_of(p.ranks, slot, j, p.n_slices, p.R)) {  // warp-uniform
       const T* a = static_cast<const T*>(p.lora_a) + (static_cast<int64_t>(slot) * RR + j * p.R + q) * p.K;
-      v = s * warp_sum(lane_dot<T, false>(x, a, p.K, vec_a, no_drop, t, lane));
+      v = s * warp_sum(lane_dot_nodrop(x, a, p.K, vec_a, lane));
     }
     if (lane == 0) {
       xs[rr] = v;
