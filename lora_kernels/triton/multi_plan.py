@@ -84,11 +84,30 @@ class SegConfig:
 MIN_BYTES_PER_PROGRAM = 16 << 10
 
 
+# Planning reads only host ints and tensor shapes, so callers may pass any object with
+# ``num_tokens``, ``num_slots``, ``num_active``, ``max_seg_len`` (bench/roofline.py does):
+# the LoRABatch-only fields have these defaults.
+TILE_ROWS = 16  # LoRABatch.TILE_ROWS
+
+
+def _tile_rows(batch) -> int:
+    return getattr(batch, "TILE_ROWS", TILE_ROWS)
+
+
+def _decode_tiles(batch) -> int:
+    """Rows of the batch's tile map (the decode grid); without one, the bound it would have."""
+    tiles = getattr(batch, "tile_map", None)
+    if tiles is not None:
+        return tiles.shape[0]
+    A, T, rows = batch.num_active, batch.num_tokens, _tile_rows(batch)
+    return min(A * triton.cdiv(batch.max_seg_len, rows), triton.cdiv(T, rows) + A)
+
+
 def is_decode(batch) -> bool:
     shape = TUNING["shape"]
     if shape != "auto":
         return shape == "decode"
-    if batch.bounded and batch.num_active > SCAN_MAX_ACTIVE:
+    if getattr(batch, "bounded", False) and batch.num_active > SCAN_MAX_ACTIVE:
         return True  # the tile map's grid is the only tight one for a huge bounded batch
     return batch.num_tokens <= TUNING["decode_max_tokens"]
 
@@ -114,7 +133,7 @@ def plan(batch, K: int, out_width: int, R: int, n_slices: int, device, elem: int
         return SegConfig(16 if decode or fused else 32, 16, 32, 64, split, inline)
     sms = C.num_sms(device)
     one_wave = wave(device)
-    tile_rows = batch.TILE_ROWS
+    tile_rows = _tile_rows(batch)
 
     if fused:
         block_m = next((bm for bm in (64, 32) if triton.cdiv(T, bm) >= sms), tile_rows)
@@ -126,8 +145,7 @@ def plan(batch, K: int, out_width: int, R: int, n_slices: int, device, elem: int
             block_m = 32  # 32-row tiles fill the SMs without splitting K
     block_r = 16 if block_m == tile_rows else C.rank_block(R)
     rank_tiles = triton.cdiv(R, block_r)
-    tiles = batch.tile_map.shape[0] if block_m == tile_rows else \
-        triton.cdiv(T, block_m) + A
+    tiles = _decode_tiles(batch) if block_m == tile_rows else triton.cdiv(T, block_m) + A
     base = max(1, tiles * n_slices * rank_tiles)
 
     # Shrink: split K only while the grid stays within one wave, each split ≥ 256 columns and
@@ -191,7 +209,7 @@ def grad_splits(batch, n_slices, R, width, block_t, block_q, device) -> int:
     own long segments, each chunk keeping ≥ 8 token blocks of work. Bounded batches never
     split (their active slots carry padding, and their segment lengths are only bounds)."""
     forced = TUNING["grad_splits"]
-    if batch.bounded:
+    if getattr(batch, "bounded", False):
         return 1
     if forced != "auto":
         return max(1, int(forced))
