@@ -14,9 +14,10 @@ For each token bucket T:
     i mod n) the batch is refreshed in place (no host sync) and the same graph replayed; each
     replay is checked bit-equal to an eager call on the same batch, and against the exact
     (host-int) batch within bf16 tolerance;
-  * **sglang**: SGLang's chunked-SGMV (csgmv) Triton kernels from the installed wheel, its
-    metadata built per mix on the host (it has no in-place refresh), a graph captured per mix
-    — generous to it; left out with the reason when the wheel does not import.
+  * **sglang_csgmv / sglang_triton**: SGLang's chunked-SGMV kernels and its "triton" backend's
+    segment GEMMs (``sgemm_lora_a`` + ``qkv_lora_b`` / ``gate_up_lora_b`` / ``sgemm_lora_b``)
+    from the installed wheel, metadata built per mix on the host (no in-place refresh), a graph
+    captured per mix — generous to them; left out with the reason when the wheel won't import.
   * vLLM's punica Triton ops: reported as unavailable unless ``vllm`` imports (no wheel can
     travel with this torch build; the column says so instead of guessing an API).
 tokens/s = T / median replay time (CUDA events, L2 not flushed between replays: weights
@@ -127,6 +128,56 @@ def sglang_linear(stack: Stack, ids, kernels):
     return linear
 
 
+def load_sglang_triton():
+    """SGLang's "triton" LoRA backend kernels (segment GEMMs: ``sgemm_lora_a``, ``qkv_lora_b``,
+    ``gate_up_lora_b``, ``sgemm_lora_b``) from the installed wheel, or ``(None, why)``."""
+    import importlib
+    from multi_lora_baselines import load_sglang
+    shrink, _, how = load_sglang()  # imports sglang (or stubs its srt helpers) once
+    if shrink is None:
+        return None, how
+    base = "sglang.kernels.ops.lora.dense."
+    try:
+        mods = {n: importlib.import_module(base + n) for n in
+                ("sgemm_lora_a", "sgemm_lora_b", "qkv_lora_b", "gate_up_lora_b")}
+    except Exception as exc:  # noqa: BLE001
+        return None, f"sglang triton backend not importable ({type(exc).__name__}: {exc})"
+    return mods, how
+
+
+def sglang_triton_linear(stack: Stack, ids, mods):
+    """SGLang's triton backend on top of the base GEMM: the A-side segment GEMM, then the
+    qkv / gate_up / plain B-side kernel, each adding into y. Its adapter pool packs the slices
+    of a rank-r adapter at stride r: A is re-laid once per layer (same weights)."""
+    from multi_lora_baselines import sgl_batch_info
+    info = sgl_batch_info(ids, stack.ranks, stack.scal)
+    ranks = stack.ranks.tolist()
+    relaid = {}
+
+    def linear(h, name, layer):
+        W, A, B, slices = layer[name]
+        n = len(slices)
+        key = (id(layer), name)
+        if key not in relaid:
+            R = A.shape[1] // n
+            a = torch.zeros_like(A)
+            for slot, rk in enumerate(ranks):
+                a[slot, :n * rk] = A[slot].view(n, R, -1)[:, :rk].reshape(n * rk, -1)
+            edges = [0]
+            for w in slices:
+                edges.append(edges[-1] + w)
+            relaid[key] = (a.contiguous(), torch.tensor(edges, dtype=torch.int32, device=A.device))
+        a, offsets = relaid[key]
+        y = F.linear(h, W)
+        xa = mods["sgemm_lora_a"].sgemm_lora_a_fwd(h.contiguous(), a, info, n)
+        if name == "qkv":
+            return mods["qkv_lora_b"].qkv_lora_b_fwd(xa, B, info, offsets, max(slices), y, n)
+        if name == "gate_up":
+            return mods["gate_up_lora_b"].gate_up_lora_b_fwd(xa, B, info, slices[0], y)
+        return mods["sgemm_lora_b"].sgemm_lora_b_fwd(xa, B, info, y)
+    return linear
+
+
 def _vllm_status() -> str:
     try:
         import vllm.lora.ops.triton_ops  # noqa: F401
@@ -178,6 +229,11 @@ def time_ms(run, cuda: bool, reps: int) -> float:
     return statistics.median(times)
 
 
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def mix_ids(T: int, n: int) -> torch.Tensor:
     return torch.arange(T) % n
 
@@ -190,6 +246,8 @@ def run_rows(quick: bool, dev, dtype, errors: dict) -> list[dict]:
     cuda = dev.type == "cuda"
     stack = Stack(sh, dev, dtype)
     sgl = load_sglang() if cuda else (None, None, "sglang: CUDA only")
+    # SGLang's triton backend also runs under the Triton interpreter (TRITON_INTERPRET=1).
+    sgl_tri = load_sglang_triton() if cuda or _interpreting() else (None, "sglang: CUDA only")
     vllm = _vllm_status()
     tol = 2e-2 if dtype != torch.float32 else 1e-4
     rows = []
@@ -216,25 +274,33 @@ def run_rows(quick: bool, dev, dtype, errors: dict) -> list[dict]:
                          "replay_equals_eager": bool(torch.equal(out, eager)),
                          "rel_err_vs_exact_batch": err, "ok": bool(torch.equal(out, eager))
                          and err <= tol, "graph": "one per bucket" if cuda else "eager (CPU)"})
-            if sgl[0] is not None:
+            peers = []
+            if sgl[0] is not None:  # SGLang builds its metadata per mix (host), on warm-up
+                peers.append(("sglang_csgmv", lambda: sglang_linear(stack, ids.to(dev), sgl[:2])))
+            if sgl_tri[0] is not None:
+                peers.append(("sglang_triton",
+                              lambda: sglang_triton_linear(stack, ids.to(dev), sgl_tri[0])))
+            for method, make in peers:
                 try:
-                    lin = sglang_linear(stack, ids.to(dev), sgl[:2])  # metadata built on warm-up
+                    lin = make()
                     g = Graph(lambda: stack.step(x, lin), cuda)
                     got = g.run()
                     serr = ((got.float() - exact.float()).norm() / exact.float().norm()).item()
                     sms = time_ms(g.run, cuda, sh["reps"])
-                    rows.append({"T": T, "adapters": n, "method": "sglang_csgmv", "ms": sms,
+                    rows.append({"T": T, "adapters": n, "method": method, "ms": sms,
                                  "tokens_per_s": T / sms * 1e3,
                                  "pct_of_base": 100.0 * base_ms / sms,
                                  "rel_err_vs_exact_batch": serr, "ok": serr <= tol,
-                                 "graph": "one per mix"})
+                                 "graph": "one per mix" if cuda else "eager (CPU)"})
                 except Exception as exc:  # noqa: BLE001 - a peer failing must not stop ours
-                    errors[f"sglang T={T} n={n}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    errors[f"{method} T={T} n={n}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         del ours, base, batch
         if cuda:
             torch.cuda.empty_cache()
     if sgl[0] is None:
         errors["sglang_csgmv"] = sgl[2]
+    if sgl_tri[0] is None:
+        errors["sglang_triton"] = sgl_tri[1]
     errors["vllm_punica"] = vllm
     return rows
 
@@ -244,9 +310,9 @@ def markdown_section(rows: list[dict], errors: dict) -> str:
     table = [[r["T"], r["adapters"] or "-", r["method"], f"{r['tokens_per_s']:,.0f}",
               f"{r['pct_of_base']:.1f}%", f"{r['ms'] * 1e3:.0f}", r.get("graph", "-"),
               "-" if "ok" not in r else ("yes" if r["ok"] else "**NO**")] for r in rows]
-    notes = "\n".join(f"- {k}: {v}" for k, v in errors.items() if k in ("sglang_csgmv",
-                                                                        "vllm_punica")
-                      or k.startswith("sglang "))
+    notes = "\n".join(f"- {k}: {v}" for k, v in errors.items()
+                      if k in ("sglang_csgmv", "sglang_triton", "vllm_punica")
+                      or k.startswith("sglang_"))
     return f"""## Captured decode graphs, any adapter mix (linear stack of Llama-3-8B layers)
 
 Ranks cycle {{8, 16, 64}} over the slots; sequence i uses adapter i mod n. One graph per token
