@@ -18,6 +18,11 @@ half the requests on the base model (even sequences: none). Contenders, all hold
 All contenders are built first and the scenarios run side by side; the target is ours >= 95% of
 base-only with 32 distinct adapters (a benchmark target, never a test assertion).
 
+Then the **captured-graph section** (bench/serving_graphs.py): one CUDA graph per token bucket
+over a static ``LoRABatch``, replayed after in-place refreshes for 1/8/32/128 adapters with mixed
+ranks {8, 16, 64}, each replay checked equal to eager; tokens/s against base-only, with SGLang's
+csgmv kernels (and vLLM's punica ops where importable) as peer columns.
+
     python bench/bench_serving.py [--quick] [--out DIR] [--steps N]
 """
 
@@ -33,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import e2e_common as C  # noqa: E402
+import serving_graphs  # noqa: E402
 
 NAME = "bench_serving"
 RANK = 16
@@ -91,13 +97,10 @@ def build_contenders(mode: C.Mode, errors: dict) -> dict:
 
     def ours():
         m = C.our_multi_lora(C.build_model("llama", mode), targets, NUM_ADAPTERS, RANK).eval()
-        slot_cache = {}
-
         def step(ids, cache, slots):
-            key = tuple(slots)
-            if key not in slot_cache:  # the per-request slot list lives on the device
-                slot_cache[key] = torch.tensor(slots, dtype=torch.int32, device=mode.device)
-            lb = LoRABatch.from_sample_ids(slot_cache[key], ids.shape[1], NUM_ADAPTERS)
+            # The scheduler's slot list is host data: built there and uploaded without a sync.
+            per_token = torch.tensor(slots).repeat_interleave(ids.shape[1])
+            lb = LoRABatch.from_host_ids(per_token, NUM_ADAPTERS, mode.device)
             with use_lora_batch(m, lb):
                 return m(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return step
@@ -191,6 +194,11 @@ def run(quick: bool = False, out_dir=None, dtype=None, steps=None) -> dict:
             C.free_memory()
         env = C.env_info(mode)
         del contenders
+        C.free_memory()
+        graph_errors: dict = {}
+        with torch.no_grad():
+            graph_rows = C.attempt(graph_errors, "graphs", lambda: serving_graphs.run_rows(
+                mode.quick, mode.device, mode.dtype, graph_errors)) or []
     C.free_memory()
     for r in rows:
         base = next(b for b in rows if b["scenario"] == r["scenario"] and b["method"] == "base")
@@ -211,7 +219,8 @@ def run(quick: bool = False, out_dir=None, dtype=None, steps=None) -> dict:
                    if r["scenario"] == "32 adapters" and r["method"] == "ours"), None)
     target = {"ours_pct_of_base_32_adapters": ours32, "goal_pct": TARGET_PCT,
               "met": bool(ours32 is not None and ours32 >= TARGET_PCT)}
-    payload = common.results_payload(NAME, rows, env, settings, target=target)
+    payload = common.results_payload(NAME, rows, env, settings, target=target,
+                                     graph_rows=graph_rows, graph_errors=graph_errors)
     return C.save(payload, out_dir, markdown, plot)
 
 
@@ -240,6 +249,8 @@ rank {s['rank']} on every linear layer are loaded in each LoRA contender. Timed:
                   "mean ms/step", "prefill ms", "prefill speed % of base"], table)}
 
 {verdict}
+
+{serving_graphs.markdown_section(payload.get("graph_rows", []), payload.get("graph_errors", {}))}
 """
 
 

@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -198,3 +199,61 @@ def write_results(out_dir, payload: dict, markdown: str,
     finally:
         plt.close(fig)
     return paths
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-adapter benchmark cases (bench_multi_lora.py, its peers in multi_lora_baselines.py and
+# bench_serving.py share them; here so those modules do not import each other)
+# ------------------------------------------------------------------------------------------
+SHAPES = {"square": (4096, (4096,)), "qkv": (4096, (4096, 1024, 1024)), "mlp": (4096, (14336,))}
+
+
+@dataclass
+class Case:
+    phase: str        # decode | prefill
+    T: int
+    dist: str         # distinct | uniform8 | n<adapters>
+    shape: str
+    rank: object      # int or "mixed" (alternating 8 / 64 over the pool)
+    K: int = 0
+    slices: tuple = ()
+
+    def __post_init__(self):
+        if not self.K:
+            self.K, self.slices = SHAPES[self.shape]
+
+    @property
+    def r_max(self):
+        return 64 if self.rank == "mixed" else int(self.rank)
+
+    @property
+    def n_distinct(self):
+        if self.dist == "distinct":
+            return self.T
+        return int(self.dist.removeprefix("uniform").removeprefix("n"))
+
+    def label(self):
+        return f"{self.phase} T={self.T} {self.dist} {self.shape} r={self.rank}"
+
+
+@dataclass
+class Inputs:
+    case: Case
+    S: int
+    A: torch.Tensor
+    B: torch.Tensor
+    Ws: list                  # rotated copies of the base weight (used as Ws[j % len])
+    scal: torch.Tensor
+    ranks: torch.Tensor       # int32 [S] (real ranks)
+    ranks_arg: object         # None when every rank is r_max
+    ranks_host: list          # PEFT keeps rank and scaling as Python numbers per adapter
+    scal_host: list
+    xs: list
+    ys: list
+    ids: list
+    batches: list
+    groups: list              # per rotation: [(slot, rows, rank)]
+    sgl: list = field(default_factory=list)
+    static_batches: list = field(default_factory=list)  # bounded (CUDA-graph) batches, same ids
+    names: list = field(default_factory=list)  # per rotation: PEFT adapter_names (per sample)
+    adapter_bytes: int = 0

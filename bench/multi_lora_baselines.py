@@ -7,7 +7,7 @@
 * ``load_sglang`` / ``make_sgl`` — SGLang's Triton chunked-SGMV kernels from the installed
   wheel, with the ``sglang.srt`` helpers they import stubbed when the full package won't import.
 
-Each contender is ``fn(inputs, j)`` for rotation ``j`` (bench_multi_lora.Inputs); LoRA-part
+Each contender is ``fn(inputs, j)`` for rotation ``j`` (common.Inputs); LoRA-part
 ones add into ``inputs.ys[j]``, which holds the base output.
 """
 
@@ -19,12 +19,9 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:  # annotations only: bench_multi_lora imports this module
-    from bench_multi_lora import Case, Inputs
+from common import Case, Inputs
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ if DEV is None:
     pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)", allow_module_level=True)
 
 from lora_kernels.triton import multi_lora as tml  # noqa: E402  (after the skip: imports triton)
-from lora_kernels.triton import sgmv  # noqa: E402
+from lora_kernels.triton import segments  # noqa: E402
 
 F64 = torch.float64
 PATHS = {
@@ -50,9 +50,21 @@ def _ids(kind, T, S):
     raise AssertionError(kind)
 
 
+def _batch(ids, S, static):
+    """An exact batch, or (``static``) a bounded one: static buffers with room for the ids
+    plus padding tokens, refreshed in place; the padding rows are base-only."""
+    if not static:
+        return lk.LoRABatch.from_adapter_ids(ids.to(DEV), S)
+    pad = torch.full((3,), -1, dtype=ids.dtype)
+    return lk.LoRABatch.static(ids.shape[0] + 3, S, DEV).refresh_(torch.cat([ids[:1], pad,
+                                                                            ids[1:]]).to(DEV))
+
+
 def _check(ids, *, S, K=37, N=45, R=8, dtype=torch.float32, path="decode", slices=None,
-           ranks=None, bias=True, grad_w=False, scale_grad=True):
+           ranks=None, bias=True, grad_w=False, scale_grad=True, static=False):
     """Forward + backward on the Triton backend vs float64 autograd of the oracle."""
+    batch = _batch(ids, S, static)
+    ids = batch.adapter_ids.cpu().long()
     T = ids.shape[0]
     n_sl = 1 if slices is None else len(slices)
     x = randn(T, K, dtype=dtype, device=DEV, requires_grad=True)
@@ -61,7 +73,6 @@ def _check(ids, *, S, K=37, N=45, R=8, dtype=torch.float32, path="decode", slice
     A = randn(S, n_sl * R, K, dtype=dtype, device=DEV, scale=K ** -0.5, requires_grad=True)
     B = randn(S, N, R, dtype=dtype, device=DEV, requires_grad=True)
     sc = torch.rand(S) + 0.5
-    batch = lk.LoRABatch.from_adapter_ids(ids.to(DEV), S)
     with tml.override(**PATHS[path]):
         y = lk.multi_lora_linear(x, W, b, A, B, batch, scalings=sc, ranks=ranks,
                                  out_slices=slices, backend="triton")
@@ -116,6 +127,41 @@ def test_weight_and_bias_grads(path):
     _check(_ids("with_base", 7, 5), S=5, path=path, grad_w=True)
 
 
+# ------------------------------------------------- bounded (static, CUDA-graph) batches
+@pytest.mark.parametrize("path", FORCED)
+@pytest.mark.parametrize("kind", ["zipf", "with_base", "distinct"])
+def test_static_batch_matches_float64(kind, path):
+    # Static buffers refreshed in place: host ints are upper bounds, active_slots and tile_map
+    # carry -1 padding, three padding tokens are base-only; grads of x, A and B included.
+    S = 24 if kind == "distinct" else 5
+    _check(_ids(kind, 20, S), S=S, path=path, static=True)
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill", "fused"])
+def test_static_batch_mixed_ranks_and_slices(path):
+    _check(_ids("with_base", 21, 5), S=5, path=path, slices=(24, 8, 13),
+           ranks=RANKS_2D.to(DEV), static=True)
+
+
+def test_static_batch_refreshed_with_another_mix():
+    # One static batch, two mixes: the second refresh fully replaces the first.
+    S, K, N, R, T = 5, 33, 19, 8, 21
+    x, W = randn(T, K, device=DEV), randn(N, K, device=DEV, scale=K ** -0.5)
+    A = randn(S, R, K, device=DEV, scale=K ** -0.5)
+    B = randn(S, N, R, device=DEV)
+    sc = torch.rand(S) + 0.5
+    batch = lk.LoRABatch.static(T, S, DEV)
+    for kind in ("identical", "zipf", "with_base"):
+        ids = _ids(kind, T, S)
+        batch.refresh_(ids.to(DEV)).check()
+        for path in ("decode", "prefill"):
+            with tml.override(**PATHS[path]):
+                y = lk.multi_lora_linear(x, W, None, A, B, batch, scalings=sc, backend="triton")
+            y64 = ref.multi_lora_linear(x.double(), W.double(), None, A.double(), B.double(),
+                                        ids, sc.double())
+            assert rel_err(y, y64) <= tol(torch.float32, DEV), (kind, path)
+
+
 # ------------------------------------------------------------------------ ranks and slices
 RANKS_1D = torch.tensor([8, 1, 0, 5, 3], dtype=torch.int32)          # 0 and r_max included
 RANKS_2D = torch.tensor([[8, 0, 8], [1, 2, 3], [0, 0, 0], [5, 5, 0], [3, 8, 1]], dtype=torch.int32)
@@ -144,7 +190,7 @@ def test_rank_sizes(R, path):
     _check(_ids("uniform", 21, 5), S=5, R=R, K=33, N=19, path=path, ranks=ranks)
 
 
-SKEWED = torch.tensor([0] * 20 + [1, 2, 2, 3, 4, 4, 4, 5, 6, 7, -1, 7, 6])  # one long segment
+SKEWED = torch.tensor([0] * 70 + [1, 2, 2, 3, 4, 4, 4, 5, 6, 7, -1, 7, 6])  # one long segment
 
 
 @pytest.mark.parametrize("path", ["prefill", "fused"])
@@ -152,14 +198,15 @@ def test_tile_map_scan(path):
     # Skewed segments: the dense tile numbering (in-kernel prefix scan) beats a fixed number
     # of tiles per segment, so the kernels take the scan path.
     batch = lk.LoRABatch.from_adapter_ids(SKEWED, 8)
-    assert sgmv.token_tiles(batch, 16)[1]
+    assert segments.token_tiles(batch, 32)[1] == segments.TILES_BY_SCAN.value
     _check(SKEWED, S=8, path=path)
 
 
 def test_tile_map_without_scan(monkeypatch):
     # With more active slots than SCAN_MAX_ACTIVE: a fixed tile range per slot, extras exit.
-    monkeypatch.setattr(sgmv, "SCAN_MAX_ACTIVE", 0)
-    assert not sgmv.token_tiles(lk.LoRABatch.from_adapter_ids(SKEWED, 8), 16)[1]
+    monkeypatch.setattr(segments, "SCAN_MAX_ACTIVE", 0)
+    mode = segments.token_tiles(lk.LoRABatch.from_adapter_ids(SKEWED, 8), 32)[1]
+    assert mode == segments.TILES_PER_SLOT.value
     _check(SKEWED, S=8, path="prefill")
 
 
@@ -379,46 +426,116 @@ def test_gpu_no_host_sync_and_cuda_graph():
     assert rel_err(want, out) > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 256])
+def test_gpu_cuda_graph_serves_any_mix_after_refresh(T):
+    """Capture one decode graph over a static batch, then replay it after refreshing the batch
+    with three different adapter mixes (mixed ranks, -1 tokens): each replay equals eager."""
+    S, K, N, R = 32, 1024, 768, 64
+    dt = torch.bfloat16
+    x = randn(T, K, dtype=dt, device="cuda")
+    W = randn(N, K, dtype=dt, device="cuda", scale=K ** -0.5)
+    A = randn(S, R, K, dtype=dt, device="cuda", scale=K ** -0.5)
+    B = randn(S, N, R, dtype=dt, device="cuda")
+    ranks = torch.tensor([(8, 16, 64)[i % 3] for i in range(S)], dtype=torch.int32,
+                         device="cuda")
+    sc = torch.rand(S, device="cuda")
+    batch = lk.LoRABatch.static(T, S, "cuda")
+    g = torch.Generator().manual_seed(T)
+    mixes = [torch.randint(-1, S, (T,), generator=g), torch.full((T,), 5),
+             torch.randperm(max(S, T), generator=g)[:T] % S]
+    mixes[2][::3] = -1
+
+    def fwd(b):
+        return lk.multi_lora_linear(x, W, None, A, B, b, scalings=sc, ranks=ranks,
+                                    backend="triton")
+
+    batch.refresh_(mixes[0].cuda())
+    fwd(batch)  # warm-up: compiles, checks ranks once
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fwd(batch)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fwd(batch)
+    for ids in mixes:
+        ids_dev = ids.cuda()  # (the upload itself is the scheduler's business)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            batch.refresh_(ids_dev)  # in place, no host sync
+            graph.replay()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        eager = fwd(batch)  # the same plan and kernels, launched eagerly: bit-identical
+        exact = fwd(lk.LoRABatch.from_adapter_ids(ids.cuda(), S))  # exact host ints
+        torch.cuda.synchronize()
+        batch.check()
+        assert torch.equal(out, eager), ids[:8]
+        assert rel_err(out, exact) <= tol(dt, "cuda")
+        y64 = ref.multi_lora_linear(x.cpu().double(), W.cpu().double(), None, A.cpu().double(),
+                                    B.cpu().double(), ids, sc.cpu().double(), ranks.cpu())
+        assert rel_err(out, y64) <= tol(dt, "cuda")
+
+
 # ------------------------------------------------- CPU: the GPU code paths compile for sm_90
 _SM90_SCRIPT = SM90_FAKE_DRIVER + r'''
 from triton.runtime.jit import JITFunction
 _run = JITFunction.run
-compiled = []
+compiled, kernels = [], []
 def _compile_only(self, *args, grid, warmup, **kw):
     kernel = _run(self, *args, grid=grid, warmup=True, **kw)
     compiled.append((self.fn.__name__, kernel.metadata.shared))
+    kernels.append((self.fn.__name__, kernel))
 JITFunction.run = _compile_only
 
 import lora_kernels as lk
-from lora_kernels.triton import multi_lora as ml, multi_fused as mf
+from lora_kernels.triton import configs, multi_lora as ml, multi_plan as mp
 
 class _H100:  # the planner's GPU branch (132 SMs) for CPU tensors
     type, index = "cuda", 0
-ml._target_programs = lambda device: 4 * 132
-_plan, _splits = ml.plan, ml._grad_splits
+configs.num_sms = lambda device: 132
+_plan, _splits = mp.plan, mp.grad_splits
 ml.plan = lambda *a, **k: _plan(*a[:5], _H100(), *a[6:], **k)
-ml._grad_splits = lambda *a: _splits(*a[:-1], _H100())
-ml._use_fused = lambda batch, dtype, device: ml.TUNING["path"] == "fused"
+ml.grad_splits = lambda *a: _splits(*a[:-1], _H100())
+ml.use_fused = lambda batch, dtype, device: mp.TUNING["path"] == "fused"
+ml.use_pdl = lambda device: True  # compile the PDL variants (gdc_wait / launch_dependents)
 _fused = ml.launch_fused
 ml.launch_fused = lambda *a, **k: _fused(*a, **{**k, "interpret": False, "config": dict(
     BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)})
 
-def case(T, ids, K, N, R, slices, dtype, ranks, path, S=64):
+def case(T, ids, K, N, R, slices, dtype, ranks, path, S=64, bounded=False):
     n = 1 if slices is None else len(slices)
     x, W = torch.empty(T, K, dtype=dtype), torch.empty(N, K, dtype=dtype)
     A, B = torch.empty(S, n * R, K, dtype=dtype), torch.empty(S, N, R, dtype=dtype)
-    sc, batch = torch.ones(S), lk.LoRABatch.from_adapter_ids(ids, S)
-    with ml.override(path=path):
+    sc = torch.ones(S)
+    batch = lk.LoRABatch.static(T, S).refresh_(ids) if bounded else \
+        lk.LoRABatch.from_adapter_ids(ids, S)
+    with mp.override(path=path):
         y, xa = ml.multi_lora_fwd(x, W, None, A, B, sc, ranks, batch, slices, True)
         ml.multi_lora_bwd(y, x, W, A, B, xa, sc, ranks, batch, slices, (True, False, False, True, True))
 
 bf = torch.bfloat16
 case(64, torch.arange(64), 4096, 4096, 16, None, bf, None, "unfused")           # decode, split-K
+case(64, torch.arange(64), 4096, 4096, 16, None, bf, None, "unfused", bounded=True)  # graph batch
+case(2048, torch.arange(2048) % 64, 4096, 4096, 16, None, bf, None, "unfused", bounded=True)
 case(4, torch.arange(4), 4096, 4096, 16, None, bf, None, "unfused")             # one launch
 case(1024, torch.arange(1024) % 8, 4096, 6144, 16, (4096, 1024, 1024), bf,     # packed prefill
      torch.full((64, 3), 16, dtype=torch.int32), "fused")
 case(600, torch.cat([torch.zeros(500, dtype=torch.long), torch.arange(100) % 50 + 1]),  # skewed:
      1024, 1024, 16, None, torch.float16, None, "unfused")                          # tile scan
+# PDL: the expand is launched as a dependent, prefetches B (and y) with 16-byte loads before
+# griddepcontrol.wait, and touches the shrink's planes (cp.async / loads) only after it.
+pdl = [k for n, k in kernels if n == "_expand_kernel" and k.metadata.launch_pdl]
+assert pdl, "no PDL expand was compiled"
+for k in pdl:
+    ptx = k.asm["ptx"]
+    w = ptx.index("griddepcontrol.wait")
+    assert "ld.global.v4" in ptx[:w] and "cp.async" not in ptx[:w], "plane read before the wait"
+assert any("griddepcontrol.launch_dependents" in k.asm["ptx"] for n, k in kernels
+           if n == "_shrink_kernel")
 print("compiled", len(compiled), "kernels; max smem", max(s for _, s in compiled))
 '''
 

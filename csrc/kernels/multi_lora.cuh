@@ -4,8 +4,9 @@
 //
 // Two shapes of work:
 //  * decode (few tokens, often one per adapter): one block per token. Shrink = one warp per
-//    rank row, 16-byte loads along K, warp-shuffle sum. Expand = one thread per output column
-//    reading its contiguous row of B_i (16-byte loads), xa broadcast from L1.
+//    rank row, 16-byte loads along K unrolled kDotUnroll deep (8 in flight per thread),
+//    warp-shuffle sum. Expand = a thread per kExpandColsPerThread output columns, each reading
+//    its contiguous row of B_i (16-byte loads, all issued before the FMAs), xa broadcast from L1.
 //  * prefill (long runs of tokens per adapter): blocks walk the segments of the sorted token
 //    order, so each block reads one adapter's weights once for a whole tile of tokens.
 #pragma once
@@ -17,6 +18,48 @@ namespace lk {
 // ------------------------------------------------------------------------------------------
 // dot products
 // ------------------------------------------------------------------------------------------
+// The dropout-free lane dot (all of serving): the same partial sums as lane_dot, but the
+// vector loop issues kDotUnroll 16-byte loads of x and of a (2·kDotUnroll outstanding per
+// thread, 8 at the default) before the first FMA that consumes them. Decode is latency bound
+// unless every thread keeps several loads in flight; lane_dot (below, with dropout) keeps one
+// pair per iteration.
+constexpr int kDotUnroll = 4;
+
+template <typename T>
+__device__ __forceinline__ float lane_dot_nodrop(const T* __restrict__ x, const T* __restrict__ a,
+                                                int64_t K, bool vec, int lane) {
+  constexpr int V = Vec<T>::N;
+  constexpr int64_t kStep = 32 * V;  // elements one vector load covers across the warp
+  float acc = 0.f;
+  int64_t k = lane;
+  if (vec) {
+    int64_t kv = static_cast<int64_t>(lane) * V;
+    for (; kv + (kDotUnroll - 1) * kStep + V <= K; kv += kDotUnroll * kStep) {
+      float xv[kDotUnroll][V], av[kDotUnroll][V];
+      #pragma unroll
+      for (int u = 0; u < kDotUnroll; ++u) {  // all loads first: they are independent
+        load_vec(x + kv + u * kStep, xv[u]);
+        load_vec(a + kv + u * kStep, av[u]);
+      }
+      #pragma unroll
+      for (int u = 0; u < kDotUnroll; ++u) {
+        #pragma unroll
+        for (int i = 0; i < V; ++i) acc = fmaf(xv[u][i], av[u][i], acc);
+      }
+    }
+    for (; kv + V <= K; kv += kStep) {  // the tail: fewer than kDotUnroll vectors per lane
+      float xv[V], av[V];
+      load_vec(x + kv, xv);
+      load_vec(a + kv, av);
+      #pragma unroll
+      for (int i = 0; i < V; ++i) acc = fmaf(xv[i], av[i], acc);
+    }
+    k = K;  // vec implies K % V == 0: nothing left
+  }
+  for (; k < K; k += 32) acc = fmaf(to_f(x[k]), to_f(a[k]), acc);
+  return acc;
+}
+
 // Lane-strided partial dot of x[0:K] (times the dropout factor of row m) with a[0:K]; the
 // caller sums the 32 partials. `vec`: both rows 16-byte aligned and K a multiple of VEC.
 template <typename T>
@@ -41,12 +84,23 @@ __device__ __forceinline__ float lane_dot(const T* __restrict__ x, const T* __re
 }
 
 // Σ_{q < rank} xa[q]·b[q] for one output column; xa is float (global or shared), b a row of B_i.
+// The vector loop is unrolled so a rank-16/32/64 row's 16-byte loads are all issued together.
 template <typename T>
 __device__ __forceinline__ float column_dot(const float* xa, const T* __restrict__ b, int rank, bool vec) {
   constexpr int V = Vec<T>::N;
   float acc = 0.f;
   int q = 0;
   if (vec) {
+    for (; q + 4 * V <= rank; q += 4 * V) {
+      float bv[4][V];
+      #pragma unroll
+      for (int u = 0; u < 4; ++u) load_vec(b + q + u * V, bv[u]);
+      #pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        #pragma unroll
+        for (int i = 0; i < V; ++i) acc = fmaf(xa[q + u * V + i], bv[u][i], acc);
+      }
+    }
     for (; q + V <= rank; q += V) {
       float bv[V];
       load_vec(b + q, bv);
@@ -78,7 +132,9 @@ shrink_decode_kernel(ShrinkParams p, bool vec) {
   }
   const T* x = static_cast<const T*>(p.x) + t * p.K;
   const T* a = static_cast<const T*>(p.lora_a) + (static_cast<int64_t>(slot) * RR + row) * p.K;
-  const float acc = warp_sum(lane_dot(x, a, p.K, vec, p.drop, t, lane));
+  const float part = p.drop.threshold ? lane_dot(x, a, p.K, vec, p.drop, t, lane)
+                                      : lane_dot_nodrop(x, a, p.K, vec, lane);
+  const float acc = warp_sum(part);
   if (lane == 0) *dst = acc * (p.scalings ? p.scalings[slot] : 1.f);
 }
 
@@ -186,23 +242,40 @@ shrink_prefill_kernel(ShrinkParams p, bool vec) {
 }
 
 // ------------------------------------------------------------------------------------------
-// expand, decode: grid (T, ceil(N / kExpandCols)), one thread per (token, output column)
+// expand, decode: grid (T, ceil(N / (kExpandCols·kExpandColsPerThread))); each thread owns
+// kExpandColsPerThread output columns kExpandCols apart (the warp's loads stay coalesced) and
+// issues all their B-row loads before the FMAs: several 16-byte loads in flight per thread.
 // ------------------------------------------------------------------------------------------
+constexpr int kExpandColsPerThread = 2;
+
 template <typename T>
 __global__ void __launch_bounds__(kExpandCols)
 expand_decode_kernel(ExpandParams p, bool vec) {
   const int64_t t = blockIdx.x;
   const int slot = slot_of(p.batch.adapter_ids, t, p.batch.num_slots);
-  const int64_t n = static_cast<int64_t>(blockIdx.y) * kExpandCols + threadIdx.x;
-  if (slot < 0 || n >= p.N) return;  // -1 rows stay bit-identical
-  const int j = slice_of(p.slice_start, p.n_slices, n);
-  const int rank = rank_of(p.ranks, slot, j, p.n_slices, p.R);
-  if (rank == 0) return;
-  const float* xa = p.xa + t * (static_cast<int64_t>(p.R) * p.n_slices) + j * p.R;
-  const T* b = static_cast<const T*>(p.lora_b) + (static_cast<int64_t>(slot) * p.N + n) * p.R;
-  const float acc = column_dot(xa, b, rank, vec);
-  T* y = static_cast<T*>(p.y) + t * p.N + n;
-  *y = from_f<T>(to_f(*y) + acc);  // one rounding of (y + delta)
+  if (slot < 0) return;  // -1 rows stay bit-identical
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kExpandCols * kExpandColsPerThread + threadIdx.x;
+  const float* xa_row = p.xa + t * (static_cast<int64_t>(p.R) * p.n_slices);
+  T* y = static_cast<T*>(p.y) + t * p.N;
+  float acc[kExpandColsPerThread];
+  #pragma unroll
+  for (int c = 0; c < kExpandColsPerThread; ++c) {
+    const int64_t n = n0 + c * kExpandCols;
+    acc[c] = 0.f;
+    if (n >= p.N) continue;
+    const int j = slice_of(p.slice_start, p.n_slices, n);
+    const int rank = rank_of(p.ranks, slot, j, p.n_slices, p.R);
+    const T* b = static_cast<const T*>(p.lora_b) + (static_cast<int64_t>(slot) * p.N + n) * p.R;
+    acc[c] = rank == 0 ? 0.f : column_dot(xa_row + j * p.R, b, rank, vec);
+  }
+  #pragma unroll
+  for (int c = 0; c < kExpandColsPerThread; ++c) {
+    const int64_t n = n0 + c * kExpandCols;
+    if (n >= p.N) continue;
+    const int j = slice_of(p.slice_start, p.n_slices, n);
+    if (rank_of(p.ranks, slot, j, p.n_slices, p.R) == 0) continue;  // rank 0: y untouched
+    y[n] = from_f<T>(to_f(y[n]) + acc[c]);  // one rounding of (y + delta)
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -314,7 +387,6 @@ fused_decode_kernel(FusedDecodeParams p, bool vec_a, bool vec_b) {
   const int j_hi = slice_of(p.slice_start, p.n_slices, n_end - 1);
   const float s = p.scalings[slot];
   const T* x = static_cast<const T*>(p.x) + t * p.K;
-  const Dropout no_drop;
 
   const int rows = (j_hi - j_lo + 1) * p.R;
   for (int rr = warp; rr < rows; rr += kFusedThreads / 32) {
@@ -322,7 +394,7 @@ fused_decode_kernel(FusedDecodeParams p, bool vec_a, bool vec_b) {
     float v = 0.f;
     if (q < rank_of(p.ranks, slot, j, p.n_slices, p.R)) {  // warp-uniform
       const T* a = static_cast<const T*>(p.lora_a) + (static_cast<int64_t>(slot) * RR + j * p.R + q) * p.K;
-      v = s * warp_sum(lane_dot(x, a, p.K, vec_a, no_drop, t, lane));
+      v = s * warp_sum(lane_dot_nodrop(x, a, p.K, vec_a, lane));
     }
     if (lane == 0) {
       xs[rr] = v;
@@ -388,7 +460,8 @@ cudaError_t launch_expand_impl(const ExpandParams& p, int path, cudaStream_t str
     expand_prefill_kernel<T><<<grid, kExpandCols, 0, stream>>>(p);
   } else {
     const bool vec = p.R % Vec<T>::N == 0 && aligned16(p.lora_b);
-    dim3 grid(static_cast<unsigned>(p.T), static_cast<unsigned>(ceil_div<int64_t>(p.N, kExpandCols)));
+    dim3 grid(static_cast<unsigned>(p.T),
+              static_cast<unsigned>(ceil_div<int64_t>(p.N, kExpandCols * kExpandColsPerThread)));
     expand_decode_kernel<T><<<grid, kExpandCols, 0, stream>>>(p, vec);
   }
   return cudaGetLastError();

@@ -72,7 +72,8 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
 
 
 def _batch_args(batch) -> tuple:
-    return (*batch.tensors(), batch.num_active, batch.max_seg_len)
+    # the CUDA kernels take the first four tensors (no tile_map); -1 active slots exit early
+    return (*batch.tensors()[:4], batch.num_active, batch.max_seg_len)
 
 
 def lora_shrink(x, lora_a, batch, scalings, ranks, n_slices, *, path: int = PATH_AUTO) -> Tensor:

@@ -78,10 +78,12 @@ class PoolBatch:
     themselves.
     """
 
-    def __init__(self, pool: "AdapterPool", names, ids: Tensor, token_ids: Tensor, slots: list):
+    def __init__(self, pool: "AdapterPool", names, ids: Tensor, token_ids: Tensor, slots: list,
+                 lora_batch: Optional[LoRABatch] = None):
         self.pool, self.names, self.ids, self.token_ids = pool, tuple(names), ids, token_ids
         self._slots = slots
-        self.lora_batch = LoRABatch.from_adapter_ids(token_ids, pool.num_slots)
+        self.lora_batch = lora_batch if lora_batch is not None else \
+            LoRABatch.from_adapter_ids(token_ids, pool.num_slots)
         self.released = False
         self._previous: Optional[dict] = None
 
@@ -423,7 +425,11 @@ class AdapterPool:
         try:
             ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64)
             token_ids = ids.repeat_interleave(lengths)
-            return PoolBatch(self, names, ids.to(self.device), token_ids.to(self.device), pinned)
+            # The slots are host data: build the batch on the host and upload it without
+            # waiting for the device (no sync between scheduling and the forward).
+            lora_batch = LoRABatch.from_host_ids(token_ids, self.num_slots, self.device)
+            return PoolBatch(self, names, ids.to(self.device, non_blocking=True),
+                             token_ids.to(self.device, non_blocking=True), pinned, lora_batch)
         except BaseException:
             self._release_slots(pinned)
             raise

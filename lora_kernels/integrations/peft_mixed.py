@@ -45,8 +45,21 @@ class BatchCache:
 
     def get(self, adapter_names: Sequence[str], tokens_per_sample: int,
             device: torch.device) -> tuple[tuple[str, ...], LoRABatch]:
-        """``(slot_names, batch)``: slot ``i`` holds ``slot_names[i]``; ``__base__`` → ``-1``."""
+        """``(slot_names, batch)``: slot ``i`` holds ``slot_names[i]``; ``__base__`` → ``-1``.
+
+        No host sync: the names are host data, so the batch is built on the host and uploaded
+        without blocking (``LoRABatch.from_host_ids``). Under ``torch.compile`` the cache is
+        bypassed and the batch is built by traceable device ops (a bounded batch), so a
+        mixed-batch forward compiles with ``fullgraph=True``."""
         names = tuple(adapter_names)
+        # Sorted, so a layer's stack cache is shared by every batch that uses the same adapters.
+        slot_names = tuple(sorted({n for n in names if n != BASE}))
+        if torch.compiler.is_compiling():
+            index = {n: i for i, n in enumerate(slot_names)}
+            sample_ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64,
+                                      device=device)
+            token_ids = sample_ids.repeat_interleave(int(tokens_per_sample))
+            return slot_names, LoRABatch.from_device_ids(token_ids, len(slot_names))
         # Tensors made under inference_mode cannot be saved for a later backward: keep apart.
         key = (names, int(tokens_per_sample), str(device), torch.is_inference_mode_enabled())
         with self._lock:
@@ -54,11 +67,10 @@ class BatchCache:
             if hit is not None:
                 self._entries.move_to_end(key)
                 return hit
-        # Sorted, so a layer's stack cache is shared by every batch that uses the same adapters.
-        slot_names = tuple(sorted({n for n in names if n != BASE}))
         index = {n: i for i, n in enumerate(slot_names)}
         sample_ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int64)
-        batch = LoRABatch.from_sample_ids(sample_ids.to(device), tokens_per_sample, len(slot_names))
+        batch = LoRABatch.from_host_ids(sample_ids.repeat_interleave(int(tokens_per_sample)),
+                                        len(slot_names), device)
         with self._lock:
             self._entries[key] = (slot_names, batch)
             while len(self._entries) > self._size:
@@ -126,6 +138,11 @@ class StackCache:
         self.tensors: Optional[tuple] = None
 
     def get(self, layer, slot_names: Sequence[str], dtype: torch.dtype, device: torch.device):
+        if torch.compiler.is_compiling():
+            # The fingerprint (data_ptr, _version) cannot be traced: the graph stacks the
+            # factors itself (a copy of the used adapters per forward; AdapterPool keeps its
+            # stacks resident instead).
+            return self.build(layer, slot_names, dtype, device)
         key = (tuple(slot_names), dtype, str(device), torch.is_inference_mode_enabled(),
                _fingerprint(layer, slot_names))
         if self.key != key:

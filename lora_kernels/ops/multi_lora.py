@@ -30,9 +30,10 @@ _EMPTY = (0,)
 def _multi_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
               scalings: Tensor, ranks: Optional[Tensor], adapter_ids: Tensor,
               sorted_token_ids: Tensor, seg_offsets: Tensor, active_slots: Tensor,
-              batch_ints: Sequence[int], out_slices: Optional[Sequence[int]], need_xa: bool,
+              tile_map: Tensor, batch_ints: Sequence[int], out_slices: Optional[Sequence[int]], need_xa: bool,
               backend: str) -> tuple[Tensor, Tensor]:
-    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots,
+                                 tile_map, batch_ints)
     return _forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
                     need_xa, backend)
 
@@ -48,7 +49,7 @@ def _forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices
 
 @_multi_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scalings, ranks, adapter_ids, sorted_token_ids,
-      seg_offsets, active_slots, batch_ints, out_slices, need_xa, backend):
+      seg_offsets, active_slots, tile_map, batch_ints, out_slices, need_xa, backend):
     xa_dtype = torch.promote_types(x.dtype, torch.float32)
     xa_shape = (x.shape[0], lora_a.shape[1]) if need_xa else _EMPTY
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(xa_shape, dtype=xa_dtype)
@@ -58,10 +59,11 @@ def _(x, weight, bias, lora_a, lora_b, scalings, ranks, adapter_ids, sorted_toke
 def _multi_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                        xa: Tensor, scalings: Tensor, ranks: Optional[Tensor],
                        adapter_ids: Tensor, sorted_token_ids: Tensor, seg_offsets: Tensor,
-                       active_slots: Tensor, batch_ints: Sequence[int],
+                       active_slots: Tensor, tile_map: Tensor, batch_ints: Sequence[int],
                        out_slices: Optional[Sequence[int]], needs: Sequence[bool],
                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots,
+                                 tile_map, batch_ints)
     needs = tuple(bool(n) for n in needs)
     slices = None if out_slices is None else tuple(out_slices)
     bwd = _backend.kernel(backend, "multi_lora_bwd")
@@ -71,28 +73,29 @@ def _multi_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lo
 
 @_multi_backward_op.register_fake
 def _(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, adapter_ids, sorted_token_ids,
-      seg_offsets, active_slots, batch_ints, out_slices, needs, backend):
+      seg_offsets, active_slots, tile_map, batch_ints, out_slices, needs, backend):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape)
     return tuple(x.new_empty(s if n else _EMPTY) for s, n in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, lora_a, lora_b, scalings, ranks, ids, order, offsets, active, ints,
+    (x, weight, bias, lora_a, lora_b, scalings, ranks, ids, order, offsets, active, tiles, ints,
      out_slices, need_xa, backend) = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], scalings, ranks, ids, order,
-                          offsets, active)
+                          offsets, active, tiles)
     ctx.ints, ctx.out_slices, ctx.backend = list(ints), out_slices, backend
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dy, _dxa):
-    x, weight, lora_a, lora_b, xa, scalings, ranks, ids, order, offsets, active = ctx.saved_tensors
+    (x, weight, lora_a, lora_b, xa, scalings, ranks, ids, order, offsets, active,
+     tiles) = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     grads = torch.ops.lora_kernels.multi_lora_linear_backward(
         dy.contiguous(), x, weight, lora_a, lora_b, xa, scalings, ranks, ids, order, offsets,
-        active, ctx.ints, ctx.out_slices, needs, ctx.backend)
+        active, tiles, ctx.ints, ctx.out_slices, needs, ctx.backend)
     out = [g if n else None for g, n in zip(grads, needs)]
-    return (*out,) + (None,) * 10
+    return (*out,) + (None,) * 11
 
 
 _multi_op.register_autograd(_backward, setup_context=_setup_context)
@@ -101,24 +104,26 @@ _multi_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("lora_kernels::lora_shrink", mutates_args=())
 def _shrink_op(x: Tensor, lora_a: Tensor, scalings: Optional[Tensor], ranks: Optional[Tensor],
                adapter_ids: Tensor, sorted_token_ids: Tensor, seg_offsets: Tensor,
-               active_slots: Tensor, batch_ints: Sequence[int], n_slices: int,
+               active_slots: Tensor, tile_map: Tensor, batch_ints: Sequence[int], n_slices: int,
                backend: str) -> Tensor:
-    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots,
+                                 tile_map, batch_ints)
     return _backend.kernel(backend, "lora_shrink")(x, lora_a, batch, scalings, ranks, n_slices)
 
 
 @_shrink_op.register_fake
 def _(x, lora_a, scalings, ranks, adapter_ids, sorted_token_ids, seg_offsets, active_slots,
-      batch_ints, n_slices, backend):
+      tile_map, batch_ints, n_slices, backend):
     return x.new_empty(x.shape[0], lora_a.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 @torch.library.custom_op("lora_kernels::lora_expand", mutates_args=("y",))
 def _expand_op(y: Tensor, xa: Tensor, lora_b: Tensor, ranks: Optional[Tensor],
                adapter_ids: Tensor, sorted_token_ids: Tensor, seg_offsets: Tensor,
-               active_slots: Tensor, batch_ints: Sequence[int],
+               active_slots: Tensor, tile_map: Tensor, batch_ints: Sequence[int],
                out_slices: Optional[Sequence[int]], backend: str) -> None:
-    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots, batch_ints)
+    batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots,
+                                 tile_map, batch_ints)
     slices = None if out_slices is None else tuple(out_slices)
     out = _backend.kernel(backend, "lora_expand")(y, xa, lora_b, batch, ranks, slices)
     if out is not y:

@@ -54,11 +54,15 @@ def _plans(batch) -> dict:
     op rebuilds the LoRABatch object per call but passes the same ``sorted_token_ids`` tensor
     through, so the plans hang off that tensor (and die with it)."""
     key = batch.sorted_token_ids
-    plans = getattr(key, "_lora_kernels_plans", None)
-    if plans is None:
-        plans = {}
-        key._lora_kernels_plans = plans
-    return plans
+    # A static batch is refreshed in place (same tensor, new contents): its version counter
+    # moves, and the plans must be rebuilt. (Inference tensors have no counter; a static
+    # batch's buffers are never inference tensors.)
+    version = None if key.is_inference() else key._version
+    cached = getattr(key, "_lora_kernels_plans", None)
+    if cached is None or cached[0] != version:
+        cached = (version, {})
+        key._lora_kernels_plans = cached
+    return cached[1]
 
 
 def _groups(batch):
