@@ -22,10 +22,9 @@ shrink output is re-spaced (one gather, its index built once per batch) before t
 in our batch, so no kernel touches them.
 
 **Decode CUDA graphs.** The batch lives in static buffers sized for the largest captured batch
-and is refreshed in place by device ops (no host sync). A graph captured for ``T_c`` tokens
-reads views that stay valid for any later batch of ``T ≤ T_c`` real tokens (the runner pads
-the rest): padding tokens are ``-1`` and sort so that the last ``T_c`` sorted positions are
-exactly the tokens ``0 .. T_c-1``, with one row of segment offsets per capturable size.
+and is refreshed in place by device ops (no host sync); a graph captured for ``T_c`` tokens
+reads views that stay valid for any later batch of ``T ≤ T_c`` real tokens padded to ``T_c``
+(:mod:`lora_kernels.integrations.static_batch`).
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lora_kernels.integrations.static_batch import StaticLoRABatch
 from lora_kernels.ops import LoRABatch, lora_expand, lora_shrink, multi_lora_linear
 from sglang.srt.lora.backend.base_backend import BaseLoRABackend
 from sglang.srt.lora.utils import LoRABatchInfo, generate_sequence_lengths
@@ -54,59 +54,32 @@ class LoRAKernelsBatchInfo(LoRABatchInfo):
 
 
 class _DecodeGraphBuffers:
-    """Static metadata for decode CUDA graphs (see the module docstring)."""
+    """Static metadata for decode CUDA graphs: the token-level batch
+    (:class:`~lora_kernels.integrations.static_batch.StaticLoRABatch`) plus SGLang's own
+    per-request fields, all refreshed in place."""
 
     def __init__(self, max_bs: int, tokens_per_req: int, num_slots: int, device):
-        self.max_bs, self.tpr, self.S = max_bs, tokens_per_req, num_slots
-        self.T_cap = T_cap = max_bs * tokens_per_req
+        self.max_bs, self.tpr = max_bs, tokens_per_req
+        self.tokens = StaticLoRABatch(max_bs * tokens_per_req, num_slots, device)
         i32 = dict(dtype=torch.int32, device=device)
-        self.ids = torch.full((T_cap,), -1, **i32)
-        self.sorted = torch.arange(T_cap, **i32)
-        self.offsets_full = torch.zeros(num_slots + 2, **i32)
-        # Row b holds the offsets seen by a graph captured for b requests (b·tpr tokens).
-        self.offset_rows = torch.zeros(max_bs + 1, num_slots + 2, **i32)
-        self.shifts = (T_cap - torch.arange(max_bs + 1, **i32) * tokens_per_req)[:, None]
-        self.neg_pos = -2 - torch.arange(T_cap, dtype=torch.int64, device=device)
-        self.pos = torch.arange(T_cap, **i32)
-        self.active = torch.arange(num_slots, **i32)  # every slot: segments may be empty
-        self.ones = torch.ones(T_cap, **i32)
         self.weight_indices = torch.zeros(max_bs, **i32)
         self.ranks = torch.zeros(num_slots, **i32)
         self.scalings = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.seg_lens = torch.full((max_bs,), tokens_per_req, **i32)
         self.seg_indptr = torch.zeros(max_bs + 1, **i32)
         torch.cumsum(self.seg_lens, 0, out=self.seg_indptr[1:])
-        self._batches: dict = {}
 
     def batch_for(self, bs: int) -> LoRABatch:
-        hit = self._batches.get(bs)
-        if hit is None:
-            T = bs * self.tpr
-            hit = self._batches[bs] = LoRABatch(
-                adapter_ids=self.ids[:T], sorted_token_ids=self.sorted[self.T_cap - T:],
-                seg_offsets=self.offset_rows[bs], active_slots=self.active,
-                num_slots=self.S, num_active=self.S if T else 0, max_seg_len=T)
-        return hit
+        return self.tokens.batch_for(bs * self.tpr)
 
     def refresh(self, bs: int, weight_indices: Tensor, ranks: Tensor, scalings: Tensor):
         """Device-side, sync-free update for a batch of ``bs`` real requests."""
-        T = bs * self.tpr
         self.weight_indices[:bs].copy_(weight_indices, non_blocking=True)
         self.ranks.copy_(ranks, non_blocking=True)
         self.scalings.copy_(scalings, non_blocking=True)
         wi = self.weight_indices[:bs]
-        req_slot = torch.where(self.ranks[wi.long()] > 0, wi, -1)
-        self.ids[:T].copy_(req_slot.repeat_interleave(self.tpr))
-        self.ids[T:].fill_(-1)
-        # Real tokens sort by slot (-1 first); padding sorts before them in descending position
-        # order, so any suffix of length T_c >= T is a permutation of 0..T_c-1.
-        key = torch.where(self.pos < T, self.ids.to(torch.int64), self.neg_pos)
-        self.sorted.copy_(torch.argsort(key, stable=True))
-        counts = torch.zeros(self.S + 1, dtype=torch.int32, device=self.ids.device)
-        counts.scatter_add_(0, (self.ids[:T] + 1).long(), self.ones[:T])
-        counts[0] += self.T_cap - T
-        torch.cumsum(counts, 0, out=self.offsets_full[1:])
-        torch.clamp(self.offsets_full[None, :] - self.shifts, min=0, out=self.offset_rows)
+        req_slot = torch.where(self.ranks[wi.long()] > 0, wi, -1)  # rank-0 slot = base model
+        self.tokens.refresh(req_slot.repeat_interleave(self.tpr))
 
 
 def _pinned(values, dtype, device) -> Tensor:
