@@ -38,6 +38,38 @@ VLLM_FILES = ("vllm/v1/__init__.py", "vllm/v1/attention/__init__.py",
               "vllm/v1/attention/backends/registry.py")
 
 
+class _UnpinnedTorch:
+    """``torch`` with ``pin_memory=`` dropped from tensor factories."""
+
+    def __getattr__(self, name):
+        import torch
+        fn = getattr(torch, name)
+        if name in ("zeros", "tensor", "empty", "full", "ones"):
+            def call(*args, **kwargs):
+                kwargs.pop("pin_memory", None)
+                return fn(*args, **kwargs)
+            return call
+        return fn
+
+
+def unpin_sglang_torch_native(monkeypatch=None):
+    """Let SGLang's torch_native backend prepare batches on a CPU-only machine: it stages
+    host copies in pinned memory, which needs a CUDA driver. With pytest's ``monkeypatch``
+    the change is undone after the test; without, it lasts for the process (bench --quick)."""
+    import torch
+    from sglang.srt.lora.backend import torch_backend
+
+    def no_pin(self, *args, **kwargs):
+        return self
+
+    if monkeypatch is None:
+        torch_backend.torch = _UnpinnedTorch()
+        torch.Tensor.pin_memory = no_pin
+    else:
+        monkeypatch.setattr(torch_backend, "torch", _UnpinnedTorch())
+        monkeypatch.setattr(torch.Tensor, "pin_memory", no_pin)
+
+
 def vllm_src_dir(prefix: str = sys.prefix) -> Path:
     return Path(prefix) / "engine-src" / f"vllm-{VLLM_VERSION}"
 

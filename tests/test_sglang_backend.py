@@ -9,6 +9,7 @@ the few light packages its LoRA modules import); skipped otherwise.
 from __future__ import annotations
 
 import argparse
+import sys
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,29 +26,18 @@ from lora_kernels.integrations import sglang as lk_sglang  # noqa: E402
 from lora_kernels.integrations.engine_versions import UnsupportedEngineVersion  # noqa: E402
 from lora_kernels.integrations.sglang_backend import LoRAKernelsSGLangBackend  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_env import unpin_sglang_torch_native  # noqa: E402
+
 S, R, K = 4, 6, 19
 RANKS = [4, 5, 2, 0]          # slot 3 has rank 0: SGLang's base-model slot
 SCALINGS = [0.5, 1.5, 2.0, 3.0]
 LAYOUTS = {"plain": [13], "qkv": [8, 4, 4], "gate_up": [7, 7]}
 
 
-class _NoPinTorch:
-    """torch for SGLang's torch_native on a CPU-only machine: pinning needs a CUDA driver."""
-
-    def __getattr__(self, name):
-        fn = getattr(torch, name)
-        if name in ("zeros", "tensor", "empty", "full", "ones"):
-            def call(*args, **kwargs):
-                kwargs.pop("pin_memory", None)
-                return fn(*args, **kwargs)
-            return call
-        return fn
-
-
 @pytest.fixture
 def no_pin(monkeypatch):
-    monkeypatch.setattr(tb, "torch", _NoPinTorch())
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+    unpin_sglang_torch_native(monkeypatch)
 
 
 def _forward_batch(lens, decode=False):
