@@ -280,3 +280,23 @@ def test_triton_kernels_match_torch_native(no_pin, monkeypatch):
     want = ref.run_lora_b_sgemm(ref.run_lora_a_sgemm(x, A1), B1, output_offset_cpu=off1,
                                 base_output=x @ W.T)
     _close(got, want)
+
+
+def test_bench_engines_quick_runs(no_pin, monkeypatch, tmp_path):
+    """bench/bench_engines.py --quick writes a row per case × layer × backend (numbers are
+    not checked: they belong in results files)."""
+    import json
+
+    import engine_env
+    monkeypatch.setattr(engine_env, "unpin_sglang_torch_native", lambda *a: None)  # done above
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    import bench_engines
+    assert bench_engines.main(["--quick", "--rep", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_engines.json").read_text())["rows"]
+    assert {(r["case"], r["layer"], r["backend"]) for r in rows} == {
+        (c, layer, b) for c in ("decode", "prefill") for layer in ("qkv", "plain", "layer")
+        for b in ("lora_kernels", "torch_native", "csgmv", "triton")}
+    ours = [r for r in rows if r["backend"] == "lora_kernels"]
+    assert all(r["ms"] is not None and r["err"] is not None for r in ours)
+    assert (tmp_path / "bench_engines.md").exists()
