@@ -57,12 +57,12 @@ def _buffers(n, widths, gen):
     return A, B, torch.tensor(offsets, dtype=torch.int32)
 
 
-def _pair(lens, weight_indices, decode=False):
+def _pair(lens, weight_indices, decode=False, ranks=RANKS):
     ref = tb.TorchNativeLoRABackend(S, torch.device("cpu"))
     ours = LoRAKernelsSGLangBackend(S, torch.device("cpu"))
     fb = _forward_batch(lens, decode)
     for b in (ref, ours):
-        b.prepare_lora_batch(fb, weight_indices, RANKS, SCALINGS, False)
+        b.prepare_lora_batch(fb, weight_indices, ranks, SCALINGS, False)
     return ref, ours
 
 
@@ -178,11 +178,12 @@ def test_decode_cuda_graph_batch_info(no_pin, layout):
     ours.prepare_lora_batch(_forward_batch([1] * 6, True), [0, 1, 2, 3, 0, 1], RANKS,
                             SCALINGS, True)
     captured = ours.batch_info.lk_batch
-    wi_real = [2, 3, 1, 2]
-    ours.prepare_lora_batch(_forward_batch([1] * 4, True), wi_real, RANKS, SCALINGS, True)
-    ref, _ = _pair([1] * 4, wi_real, decode=True)
     x = torch.randn(6, K, generator=gen)
     base = torch.randn(6, N, generator=gen)
+    ours._packed(x, A, B, off, off, base.clone())   # warm-up: creates the derived buffers
+    wi_real, ranks2 = [2, 3, 1, 2], [3, 6, 1, 0]      # new batch, other ranks
+    ours.prepare_lora_batch(_forward_batch([1] * 4, True), wi_real, ranks2, SCALINGS, True)
+    ref, _ = _pair([1] * 4, wi_real, decode=True, ranks=ranks2)
     ours.batch_info.lk_batch = captured            # what the replayed graph reads
     ours.batch_info.lk_cache.clear()
     got = ours._packed(x, A, B, off, off, base.clone())

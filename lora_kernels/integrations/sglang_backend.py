@@ -68,6 +68,16 @@ class _DecodeGraphBuffers:
         self.seg_lens = torch.full((max_bs,), tokens_per_req, **i32)
         self.seg_indptr = torch.zeros(max_bs + 1, **i32)
         torch.cumsum(self.seg_lens, 0, out=self.seg_indptr[1:])
+        self._ranks_times: dict = {}
+
+    def ranks_times(self, n: int) -> Tensor:
+        """``n · ranks`` in a static buffer, refreshed with the batch. A tensor made inside a
+        capture would be new to the ops' once-per-tensor range check, whose host sync a
+        capture refuses; this one was checked by the warm-up forward."""
+        hit = self._ranks_times.get(n)
+        if hit is None:
+            hit = self._ranks_times[n] = self.ranks * n
+        return hit
 
     def batch_for(self, bs: int) -> LoRABatch:
         return self.tokens.batch_for(bs * self.tpr)
@@ -80,6 +90,8 @@ class _DecodeGraphBuffers:
         wi = self.weight_indices[:bs]
         req_slot = torch.where(self.ranks[wi.long()] > 0, wi, -1)  # rank-0 slot = base model
         self.tokens.refresh(req_slot.repeat_interleave(self.tpr))
+        for n, buf in self._ranks_times.items():
+            torch.mul(self.ranks, n, out=buf)
 
 
 def _pinned(values, dtype, device) -> Tensor:
@@ -190,6 +202,8 @@ class LoRAKernelsSGLangBackend(BaseLoRABackend):
     def _ranks_times(self, info: LoRAKernelsBatchInfo, n: int) -> Tensor:
         if n == 1:
             return info.lora_ranks
+        if info.use_cuda_graph and self._graph is not None:
+            return self._graph.ranks_times(n)
         key = ("ranks", n)
         hit = info.lk_cache.get(key)
         if hit is None:
