@@ -12,6 +12,10 @@ base output, as SGLang's layers call it:
 * ``layer`` — the whole plain layer, ``base_fn()`` + LoRA through ``forward_with_base``
   (ours fuses base GEMM + LoRA there; SGLang's backends run torch.mm then their LoRA kernels).
 
+Decode also runs every backend on its CUDA-graph batch info (``<name>[graph-batch]``: what a
+captured decode graph reads; ours then knows only bounds — all slots active, segments up to
+T — instead of the exact batch, which can change the kernels' plan).
+
 Cases (``--quick``: tiny sizes on the CPU, ours vs torch_native only):
 * ``decode``  — 64 requests × 1 token over 64 distinct adapters, r = 16;
 * ``prefill`` — 32 requests × 128 tokens over 32 adapters, r = 16.
@@ -172,13 +176,19 @@ def run(args):
         inp = inputs(case, shapes, dtype, device, gen)
         fb = forward_batch(case[0], case[1], device)
         results, outputs = {}, {}
-        for bname, cls in classes.items():
+        variants = [(b, c, False) for b, c in classes.items()]
+        if case[1] == 1:  # decode: also each backend's static CUDA-graph batch info
+            variants += [(b + "[graph-batch]", c, True) for b, c in classes.items()]
+        for bname, cls, graph_batch in variants:
             be = make(cls, inp.S)
             if isinstance(be, str):
                 results[bname] = be
                 continue
             try:
-                be.prepare_lora_batch(fb, inp.weight_indices, inp.ranks, inp.scalings, False)
+                if graph_batch:
+                    be.init_decode_cuda_graph_batch_info(case[0], case[1])
+                be.prepare_lora_batch(fb, inp.weight_indices, inp.ranks, inp.scalings,
+                                      graph_batch)
                 fns = calls(be, inp)
                 outputs[bname] = {k: f().clone() for k, f in fns.items()}
                 results[bname] = fns
@@ -207,9 +217,11 @@ def summarize(rows) -> list[dict]:
     out = []
     for (case, layer) in sorted({(r["case"], r["layer"]) for r in rows}):
         mine = [r for r in rows if (r["case"], r["layer"]) == (case, layer)]
-        ours = next((r for r in mine if r["backend"] == "lora_kernels"), None)
         for r in mine:
-            if r["backend"] == "lora_kernels" or ours is None:
+            graph = r["backend"].endswith("[graph-batch]")
+            ours = next((o for o in mine if o["backend"] ==
+                         ("lora_kernels[graph-batch]" if graph else "lora_kernels")), None)
+            if r["backend"].startswith("lora_kernels") or ours is None:
                 continue
             for key in ("ms", "graph_ms"):
                 if ours.get(key) and r.get(key):

@@ -295,9 +295,11 @@ def test_bench_engines_quick_runs(no_pin, monkeypatch, tmp_path):
     import bench_engines
     assert bench_engines.main(["--quick", "--rep", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_engines.json").read_text())["rows"]
+    names = ("lora_kernels", "torch_native", "csgmv", "triton")
     assert {(r["case"], r["layer"], r["backend"]) for r in rows} == {
         (c, layer, b) for c in ("decode", "prefill") for layer in ("qkv", "plain", "layer")
-        for b in ("lora_kernels", "torch_native", "csgmv", "triton")}
-    ours = [r for r in rows if r["backend"] == "lora_kernels"]
+        for b in names} | {("decode", layer, b + "[graph-batch]")
+                           for layer in ("qkv", "plain", "layer") for b in names}
+    ours = [r for r in rows if r["backend"].startswith("lora_kernels")]
     assert all(r["ms"] is not None and r["err"] is not None for r in ours)
     assert (tmp_path / "bench_engines.md").exists()
