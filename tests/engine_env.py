@@ -4,6 +4,10 @@ the engines' dependency pins (they would replace this project's torch).
     python tests/engine_env.py sglang     # pip install --no-deps sglang==V + light imports
     python tests/engine_env.py vllm       # vLLM's wheel, only the modules its punica
                                           # wrapper imports, unpacked to <venv>/engine-src/
+    python tests/engine_env.py wheels .whl   # SGLang + light deps as wheels, for a device
+                                          # machine without registries (bench/gpu.sh
+                                          # installs .whl/*.whl); torchvision excluded: it
+                                          # must match the device's own torch
 
 SGLang's LoRA backend modules import ~20 small packages (found by importing them), all
 installed ``--no-deps``. vLLM's wheel is 336 MB, mostly compiled kernels; its punica base
@@ -107,7 +111,16 @@ def _torch_version() -> str:
                                    text=True).strip()
 
 
+def download_wheels(dest: Path) -> None:
+    deps = [d for d in SGLANG_LIGHT_DEPS if not d.startswith("torchvision")]
+    _pip("download", "-q", "--no-deps", "--only-binary", ":all:", "-d", str(dest),
+         f"sglang=={SGLANG_VERSION}", *deps)
+
+
 def main(argv) -> int:
+    if argv[1:2] == ["wheels"]:
+        download_wheels(Path(argv[2] if len(argv) > 2 else ".whl"))
+        return 0
     which = argv[1:] or ["sglang", "vllm"]
     before = _torch_version()
     for engine in which:
