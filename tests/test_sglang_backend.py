@@ -232,6 +232,11 @@ def test_entry_point_installed_and_sglang_loads_it():
     plugins._plugins_loaded = False
     plugins.load_plugins()
     assert "lora_kernels" in lora_registry.LORA_SUPPORTED_BACKENDS
+    # what `python -m sglang.launch_server ... --lora-backend lora_kernels` parses with
+    from sglang.srt.server_args import prepare_server_args
+    args = prepare_server_args(["--model-path", "m", "--enable-lora", "--lora-backend",
+                                "lora_kernels"])
+    assert args.lora_backend == "lora_kernels"
 
 
 def test_unsupported_version_fails_clearly(monkeypatch):

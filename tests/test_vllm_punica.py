@@ -251,6 +251,20 @@ def test_unsupported_version_fails_clearly(monkeypatch, platform):
     lk_vllm.register()
 
 
+def test_entry_point_installed_and_vllm_loads_it(monkeypatch, platform):
+    eps = [e for e in metadata.entry_points(group="vllm.general_plugins")
+           if e.name == "lora_kernels"]
+    if not eps:
+        pytest.skip("lora-kernels is installed without the entry point (reinstall: pip install "
+                    "-e . --no-deps)")
+    import vllm.plugins as plugins
+    monkeypatch.setenv(lk_vllm.ENABLE_ENV, "1")
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_kernels")
+    monkeypatch.setattr(plugins, "plugins_loaded", False)
+    plugins.load_general_plugins()
+    assert platform.get_punica_wrapper() == lk_vllm.WRAPPER_QUALNAME
+
+
 def test_entry_point_declared_and_loadable():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '[project.entry-points."vllm.general_plugins"]' in text
