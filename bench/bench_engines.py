@@ -99,6 +99,7 @@ def forward_batch(reqs: int, tpr: int, device):
         forward_mode=ForwardMode.DECODE if tpr == 1 else ForwardMode.EXTEND, batch_size=reqs,
         extend_seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
         extend_seq_lens_cpu=lens, extend_num_tokens=sum(lens), seq_lens_cpu=torch.tensor(lens),
+        return_logprob=False,
         lora_ids=[f"a{i}" for i in range(reqs)])
 
 

@@ -44,7 +44,8 @@ def _forward_batch(lens, decode=False):
     mode = ForwardMode.DECODE if decode else ForwardMode.EXTEND
     return SimpleNamespace(forward_mode=mode, batch_size=len(lens),
                            extend_seq_lens=torch.tensor(lens, dtype=torch.int32),
-                           extend_seq_lens_cpu=list(lens), extend_num_tokens=sum(lens))
+                           extend_seq_lens_cpu=list(lens), extend_num_tokens=sum(lens),
+                           return_logprob=False)
 
 
 def _buffers(n, widths, gen):
@@ -129,6 +130,29 @@ def test_embedding_matches_torch_native(no_pin):
     ids = torch.randint(0, V, (sum(lens),), generator=gen)
     _close(ours.run_lora_a_embedding(ids, A, vocab_size=V),
            ref.run_lora_a_embedding(ids, A, vocab_size=V))
+
+
+def test_lm_head_on_pruned_rows(no_pin):
+    """Prefill: the logits processor keeps each request's last token; lm_head LoRA runs on
+    those rows with the pruned batch info that prepare_lora_batch built."""
+    lens, wi, _ = BATCHES["prefill"]
+    gen = torch.Generator().manual_seed(19)
+    _, ours = _pair(lens, wi)
+    info = ours.lm_head_batch_info
+    assert info is not None and info.expected_tokens == len(lens)
+    ref = tb.TorchNativeLoRABackend(S, torch.device("cpu"))   # oracle: a batch of those rows
+    ref.prepare_lora_batch(_forward_batch([1] * len(lens)), wi, RANKS, SCALINGS, False)
+    A, B, off = _buffers(1, [29], gen)
+    h = torch.randn(len(lens), K, generator=gen)
+    logits = torch.randn(len(lens), 29, generator=gen)
+    xa = ours.run_lora_a_sgemm(h, A, pruned_batch_info=info)
+    got = ours.run_lora_b_sgemm(x=xa, weights=B, output_offset=off, output_offset_cpu=off,
+                                base_output=logits.clone(), pruned_batch_info=info)
+    want = ref.run_lora_b_sgemm(ref.run_lora_a_sgemm(h, A), B, output_offset_cpu=off,
+                                base_output=logits.clone())
+    _close(got, want)
+    _, dec = _pair([1] * 3, [0, 1, 2], decode=True)
+    assert dec.lm_head_batch_info is None             # decode: lm_head sees every token
 
 
 def _plain_layer(weight, quant="UnquantizedLinearMethod"):
@@ -255,7 +279,7 @@ def test_bad_calls_name_the_problem(no_pin):
     with pytest.raises(RuntimeError, match="prepare_lora_batch"):
         ours.run_lora_a_sgemm(torch.randn(3, K), torch.randn(S, R, K))
     ours.prepare_lora_batch(_forward_batch([2, 1]), [0, 1], RANKS, SCALINGS, False)
-    with pytest.raises(NotImplementedError, match="pruned"):
+    with pytest.raises(TypeError, match="pruned_batch_info"):
         ours.run_lora_a_sgemm(torch.randn(3, K), torch.randn(S, R, K), pruned_batch_info=object())
     with pytest.raises(ValueError, match="T=5"):
         ours.run_lora_a_sgemm(torch.randn(5, K), torch.randn(S, R, K))

@@ -38,7 +38,8 @@ from torch import Tensor
 from lora_kernels.integrations.static_batch import StaticLoRABatch
 from lora_kernels.ops import LoRABatch, lora_expand, lora_shrink, multi_lora_linear
 from sglang.srt.lora.backend.base_backend import BaseLoRABackend
-from sglang.srt.lora.utils import LoRABatchInfo, generate_sequence_lengths
+from sglang.srt.lora.utils import (LoRABatchInfo, generate_sequence_lengths,
+                                   get_lm_head_pruned_lens)
 
 __all__ = ["LoRAKernelsBatchInfo", "LoRAKernelsSGLangBackend"]
 
@@ -138,6 +139,23 @@ class LoRAKernelsSGLangBackend(BaseLoRABackend):
         else:
             info = self._prepare_eager(bs, lens, weight_indices, ranks, scal)
         self.batch_info = self._add_moe_lora_info(forward_batch, info)
+        self.lm_head_batch_info, self.lm_head_pass_batch_infos = \
+            self._prepare_lm_head(forward_batch, weight_indices, ranks, scal)
+
+    def _prepare_lm_head(self, forward_batch, weight_indices, ranks, scal):
+        """Batches for the rows the logits processor keeps (last token per request, or the
+        logprob rows), and one per logprob chunk; None where lm_head sees every token."""
+        pruned = get_lm_head_pruned_lens(forward_batch)
+        if pruned is None:
+            return None, None
+
+        def info_for(wi, lens):
+            info = self._prepare_eager(len(lens), lens, wi, ranks, scal)
+            info.expected_tokens = sum(lens)
+            return info
+        passes = self._get_lm_head_pass_segments(list(weight_indices), pruned)
+        return (info_for(weight_indices, pruned),
+                None if passes is None else [info_for(wi, lens) for wi, lens in passes])
 
     def _prepare_eager(self, bs, lens, weight_indices, ranks, scal) -> LoRAKernelsBatchInfo:
         dev = self.device
@@ -189,10 +207,11 @@ class LoRAKernelsSGLangBackend(BaseLoRABackend):
 
     # ---------------------------------------------------------------- helpers -------------
     def _info(self, pruned_batch_info=None) -> LoRAKernelsBatchInfo:
-        if pruned_batch_info is not None:
-            raise NotImplementedError(
-                "the lora_kernels SGLang backend does not run lm_head LoRA on pruned rows "
-                "(pruned_batch_info); use --lora-backend csgmv for adapters that target lm_head")
+        if pruned_batch_info is not None:  # lm_head rows (see _prepare_lm_head)
+            if getattr(pruned_batch_info, "lk_batch", None) is None:
+                raise TypeError("pruned_batch_info must come from this backend's "
+                                "prepare_lora_batch (lm_head_batch_info)")
+            return pruned_batch_info
         info = self.batch_info
         if info is None or getattr(info, "lk_batch", None) is None:
             raise RuntimeError("no LoRA batch prepared: prepare_lora_batch() runs before the "
