@@ -28,7 +28,8 @@ VLLM_VERSION = "0.33.0"
 # What `import sglang.srt.lora.backend.torch_backend` (and the registry, server args) needs.
 # Versions pinned where SGLang 0.5.23 pins them; torchvision must match torch 2.14.1.
 SGLANG_LIGHT_DEPS = [
-    "orjson", "pybase64", "requests", "urllib3", "certifi", "idna", "charset-normalizer", "starlette", "anyio",
+    "orjson", "pybase64", "requests", "urllib3", "certifi", "idna", "charset-normalizer",
+    "starlette", "anyio",
     "msgspec", "pyzmq", "ipython", "traitlets", "aiohttp", "aiohappyeyeballs",
     "aiosignal", "frozenlist", "multidict", "yarl", "propcache", "attrs", "dill",
     "sentencepiece==0.2.1", "apache-tvm-ffi==0.1.11", "torchvision==0.29.1",

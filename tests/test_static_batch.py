@@ -47,9 +47,11 @@ def test_ops_on_a_static_view_match_the_exact_batch():
     x = torch.randn(C, K, generator=gen)
     a, b = torch.randn(S, R, K, generator=gen), torch.randn(S, N, R, generator=gen)
     ranks = torch.tensor([5, 2, 4], dtype=torch.int32)
-    exact = lk.LoRABatch.from_adapter_ids(torch.cat([ids, torch.full((3,), -1, dtype=torch.int32)]), S)
+    padded = torch.cat([ids, torch.full((3,), -1, dtype=torch.int32)])
+    exact = lk.LoRABatch.from_adapter_ids(padded, S)
     for backend in ("torch", "triton"):
-        got = lk.lora_shrink(x, a, static.batch_for(C), [1.0, 2.0, 0.5], ranks=ranks, backend=backend)
+        got = lk.lora_shrink(x, a, static.batch_for(C), [1.0, 2.0, 0.5], ranks=ranks,
+                             backend=backend)
         want = lk.lora_shrink(x, a, exact, [1.0, 2.0, 0.5], ranks=ranks, backend="torch")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         y, y_ref = torch.zeros(C, N), torch.zeros(C, N)

@@ -262,7 +262,7 @@ class LoRAKernelsSGLangBackend(BaseLoRABackend):
 
     def _expand_tight(self, info, xa: Tensor, lora_b: Tensor, slices: list[int],
                       base_output: Optional[Tensor]) -> Tensor:
-        T, (S, N, R), n = xa.shape[0], lora_b.shape, len(slices)
+        T, (_, N, R), n = xa.shape[0], lora_b.shape, len(slices)
         if n > 1 and not self._tight_is_spaced(info, R):
             xa = torch.gather(xa, 1, self._respace_index(info, T, n, R))
         if base_output is None:

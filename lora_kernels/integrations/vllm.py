@@ -8,8 +8,9 @@ vLLM calls every ``vllm.general_plugins`` entry point in each of its processes. 
 a vLLM install silently. With it, :func:`register` checks the vLLM version
 (:data:`SUPPORTED_VLLM_VERSIONS`; an untested one raises at start-up, which vLLM does not
 swallow, unless ``LORA_KERNELS_VLLM_ALLOW_UNTESTED=1``) and makes the current platform's
-``get_punica_wrapper()`` name :class:`~lora_kernels.integrations.vllm_punica.LoRAKernelsPunicaWrapper`,
-which vLLM's ``punica_selector`` then instantiates for every LoRA model.
+``get_punica_wrapper()`` name
+:class:`~lora_kernels.integrations.vllm_punica.LoRAKernelsPunicaWrapper`, which vLLM's
+``punica_selector`` then instantiates for every LoRA model.
 """
 
 from __future__ import annotations
