@@ -157,6 +157,18 @@ def calls(be, inp):
     return {"qkv": qkv, "plain": plain, "layer": whole}
 
 
+def _decode_plan(fn):
+    """``fn`` planned as decode: the graph batch only bounds segments by T, which makes the
+    planner pick prefill-shaped tiles (the public ``override`` of lora_kernels' Triton
+    planner; planning happens on the host, so a captured graph keeps the decode kernels)."""
+    from lora_kernels.triton import multi_lora as tml
+
+    def run():
+        with tml.override(shape="decode"):
+            return fn()
+    return run
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -180,6 +192,9 @@ def run(args):
         variants = [(b, c, False) for b, c in classes.items()]
         if case[1] == 1:  # decode: also each backend's static CUDA-graph batch info
             variants += [(b + "[graph-batch]", c, True) for b, c in classes.items()]
+            if device.type == "cuda":  # ours with the planner told it is decode (see notes)
+                variants.append(("lora_kernels[graph-batch,decode-plan]",
+                                 classes["lora_kernels"], True))
         for bname, cls, graph_batch in variants:
             be = make(cls, inp.S)
             if isinstance(be, str):
@@ -191,6 +206,8 @@ def run(args):
                 be.prepare_lora_batch(fb, inp.weight_indices, inp.ranks, inp.scalings,
                                       graph_batch)
                 fns = calls(be, inp)
+                if bname.endswith("decode-plan]"):
+                    fns = {k: _decode_plan(f) for k, f in fns.items()}
                 outputs[bname] = {k: f().clone() for k, f in fns.items()}
                 results[bname] = fns
             except Exception as exc:  # noqa: BLE001 - record why a contender did not run

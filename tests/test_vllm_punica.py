@@ -122,8 +122,8 @@ def test_add_lora_embedding(case):
     x = torch.randn(T, R, generator=gen)
     y0 = torch.randn(T, 9, generator=gen)
     y_ref, y = y0.clone(), y0.clone()
-    ref.add_lora_embedding(y_ref, x, b)
-    ours.add_lora_embedding(y, x, b)
+    ref.add_lora_embedding(y_ref, x, b, add_input=True)   # vLLM's layers spell it add_input
+    ours.add_lora_embedding(y, x, b, add_input=True)
     _close(y, y_ref)
 
 
