@@ -287,6 +287,13 @@ def test_bad_calls_name_the_problem(no_pin):
         ours.prepare_lora_batch(_forward_batch([2, 1]), [0, 9], RANKS, SCALINGS, False)
     with pytest.raises(RuntimeError, match="init_decode_cuda_graph_batch_info"):
         ours.prepare_lora_batch(_forward_batch([1, 1], True), [0, 1], RANKS, SCALINGS, True)
+    ours.init_decode_cuda_graph_batch_info(4, 1)
+    before = ours.batch_info
+    with pytest.raises(ValueError, match="weight_indices"):  # checked on the host: a bad
+        ours.prepare_lora_batch(_forward_batch([1, 1], True), [0, -2], RANKS, SCALINGS, True)
+    with pytest.raises(ValueError, match="at most 4 requests"):
+        ours.prepare_lora_batch(_forward_batch([1] * 5, True), [0] * 5, RANKS, SCALINGS, True)
+    assert ours.batch_info is before                           # rejected: no state changed
 
 
 def test_triton_kernels_match_torch_native(no_pin, monkeypatch):

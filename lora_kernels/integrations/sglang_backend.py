@@ -134,6 +134,9 @@ class LoRAKernelsSGLangBackend(BaseLoRABackend):
         if len(weight_indices) != len(lens):
             raise ValueError(f"weight_indices has {len(weight_indices)} entries for {len(lens)} "
                              f"requests")
+        if any(not 0 <= w < S for w in weight_indices):
+            raise ValueError(f"weight_indices must lie in [0, max_loras_per_batch={S}), got "
+                             f"{list(weight_indices)}")
         if use_cuda_graph:
             info = self._prepare_graph(bs, lens, weight_indices, ranks, scal)
         else:
@@ -159,9 +162,7 @@ class LoRAKernelsSGLangBackend(BaseLoRABackend):
 
     def _prepare_eager(self, bs, lens, weight_indices, ranks, scal) -> LoRAKernelsBatchInfo:
         dev = self.device
-        slot = [w if 0 <= w < len(ranks) and ranks[w] > 0 else -1 for w in weight_indices]
-        if any(not 0 <= w < len(ranks) for w in weight_indices):
-            raise ValueError(f"weight_indices must lie in [0, {len(ranks)}), got {weight_indices}")
+        slot = [w if ranks[w] > 0 else -1 for w in weight_indices]  # rank 0: base model
         tok = torch.repeat_interleave(torch.tensor(slot, dtype=torch.int32),
                                       torch.tensor(lens, dtype=torch.int64))
         batch = LoRABatch.from_adapter_ids(tok, len(ranks))  # on the host: no device sync
