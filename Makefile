@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 install: $(VENV)/.installed
 
-# SGLang / vLLM LoRA modules for tests/test_{sglang_backend,vllm_punica}.py, all --no-deps so
+# SGLang / vLLM LoRA modules for tests/test_engines.py, all --no-deps so
 # torch stays as installed (tests/engine_env.py; ~70 s and ~290 MB on the 2-core CI box).
 $(VENV)/.engines: $(VENV)/.installed tests/engine_env.py
 	$(VPY) tests/engine_env.py sglang vllm

@@ -1,5 +1,7 @@
-"""lora_kernels' vLLM punica wrapper against vLLM's own CPU wrapper (``PunicaWrapperCPU``,
-over vLLM's torch reference ops), given the same LoRA mapping, weights and inputs.
+"""Cases: lora_kernels' vLLM punica wrapper against vLLM's own CPU wrapper
+(``PunicaWrapperCPU``, over vLLM's torch reference ops), given the same LoRA mapping,
+weights and inputs. Run in their own process by tests/test_engines.py (importing vLLM patches
+torch Inductor process-wide).
 
 vLLM is not installed (its pins would replace torch): ``make test`` unpacks the pure-Python
 modules these classes import from the 0.33.0 wheel into ``<venv>/engine-src/vllm-0.33.0``

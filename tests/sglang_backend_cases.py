@@ -1,4 +1,5 @@
-"""The ``lora_kernels`` SGLang backend against SGLang's own ``torch_native`` backend.
+"""Cases: the ``lora_kernels`` SGLang backend against SGLang's own ``torch_native`` backend
+(run in their own process by tests/test_engines.py: importing SGLang has side effects).
 
 Both backends get the same forward batch, adapter buffers (laid out as SGLang's memory pool
 lays them out: A tight at each slot's rank, stale rows past it) and inputs; every method must
