@@ -189,6 +189,36 @@ def test_forward_with_base(no_pin, quant):
     assert bool(calls) == (quant != "UnquantizedLinearMethod")
 
 
+@pytest.mark.parametrize("uniform", [True, False])
+def test_forward_with_base_packed(no_pin, uniform):
+    """Packed qkv: one multi_lora_linear when every slot has rank 0 or r_max (SGLang's tight
+    layout is then ours), SGLang's base path + our LoRA term with mixed ranks."""
+    lens, wi, _ = BATCHES["prefill"]
+    ranks = [R, R, 0, R] if uniform else RANKS
+    gen = torch.Generator().manual_seed(29)
+    ref, ours = _pair(lens, wi, ranks=ranks)
+    widths = LAYOUTS["qkv"]
+    A, B, off = _buffers(3, widths, gen)
+    T, N = sum(lens), sum(widths)
+    x = torch.randn(T, K, generator=gen)
+    W = torch.randn(N, K, generator=gen)
+    layer = _plain_layer(W)
+    calls = []
+
+    def apply_lora(base_output, x_):
+        calls.append(1)
+        return ours.run_qkv_lora(x=x_, qkv_lora_a=A, qkv_lora_b=B, output_offset=off,
+                                 output_offset_cpu=off, max_qkv_out_dim=8,
+                                 base_output=base_output)
+
+    layer.apply_lora = apply_lora
+    got = ours.forward_with_base(layer, x, lambda: x @ W.T, A, B, off, tuple(off.tolist()))
+    want = ref.run_qkv_lora(x=x, qkv_lora_a=A, qkv_lora_b=B, output_offset=off,
+                            output_offset_cpu=off, max_qkv_out_dim=8, base_output=x @ W.T)
+    _close(got, want)
+    assert bool(calls) == (not uniform)
+
+
 @pytest.mark.parametrize("layout", ["plain", "qkv"])
 def test_decode_cuda_graph_batch_info(no_pin, layout):
     """Graph mode: buffers refreshed in place; a batch captured for 6 requests serves a later
@@ -340,3 +370,20 @@ def test_bench_engines_quick_runs(no_pin, monkeypatch, tmp_path):
     ours = [r for r in rows if r["backend"].startswith("lora_kernels")]
     assert all(r["ms"] is not None and r["err"] is not None for r in ours)
     assert (tmp_path / "bench_engines.md").exists()
+
+
+def test_triton_fused_packed_matches_torch_native(no_pin, monkeypatch):
+    """forward_with_base on packed qkv with uniform ranks, through the Triton kernels."""
+    monkeypatch.setenv("LORA_KERNELS_BACKEND", "triton")
+    lens, wi, _ = BATCHES["decode"]
+    ranks = [R, R, 0, R]
+    gen = torch.Generator().manual_seed(31)
+    ref, ours = _pair(lens, wi, decode=True, ranks=ranks)
+    A, B, off = _buffers(3, LAYOUTS["qkv"], gen)
+    x = torch.randn(sum(lens), K, generator=gen)
+    W = torch.randn(16, K, generator=gen)
+    got = ours.forward_with_base(_plain_layer(W), x, lambda: x @ W.T, A, B, off,
+                                 tuple(off.tolist()))
+    want = ref.run_qkv_lora(x=x, qkv_lora_a=A, qkv_lora_b=B, output_offset=off,
+                            output_offset_cpu=off, max_qkv_out_dim=8, base_output=x @ W.T)
+    _close(got, want)

@@ -7,9 +7,11 @@ What runs where:
   :func:`lora_kernels.lora_shrink` + :func:`lora_kernels.lora_expand` over a token-level
   :class:`~lora_kernels.LoRABatch` built once per forward in :meth:`prepare_lora_batch`,
   with SGLang's per-slot ranks and scalings.
-* ``forward_with_base`` on a plain (unquantized, bias-free, single-slice) linear:
+* ``forward_with_base`` on a plain (unquantized, bias-free) linear:
   :func:`lora_kernels.multi_lora_linear`, our base GEMM + LoRA in one op (fused on GPU where
-  the planner picks it). Everything else keeps SGLang's own base path + our LoRA term.
+  the planner picks it) — single-slice layers always, packed qkv / gate_up when every slot in
+  an eager batch has rank 0 or r_max (then SGLang's tight layout is ours). Everything else
+  keeps SGLang's own base path + our LoRA term.
 * ``run_lora_a_embedding``: a torch gather (there is no embedding op in lora-kernels).
 
 **Packed slices.** SGLang stores a slot's qkv / gate_up ``lora_A`` slices tight at the slot's
@@ -350,17 +352,24 @@ class LoRAKernelsSGLangBackend(BaseLoRABackend):
                                              offsets, all_reduce=all_reduce, kind=kind,
                                              pruned_batch_info=pruned_batch_info)
         info = self._info()
+        slices = self._slices(offsets)
         return multi_lora_linear(x, plain, None, lora_a, lora_b, info.lk_batch,
-                                 scalings=info.scalings, ranks=info.lora_ranks)
+                                 scalings=info.scalings, ranks=info.lora_ranks,
+                                 out_slices=slices if len(slices) > 1 else None)
 
-    @staticmethod
-    def _plain_linear(layer, x, lora_a, lora_b, offsets, all_reduce, kind,
+    def _plain_linear(self, layer, x, lora_a, lora_b, offsets, all_reduce, kind,
                       pruned_batch_info) -> Optional[Tensor]:
-        """The base weight when ``base_fn`` is exactly ``F.linear(x, weight)``: an unquantized,
-        bias-free (or bias-skipped), single-slice linear with no reduction in between."""
+        """The base weight when ``base_fn`` is exactly ``F.linear(x, weight)`` and one
+        ``multi_lora_linear`` can run the layer: an unquantized, bias-free (or bias-skipped)
+        linear with no reduction in between, and either one slice or packed slices whose
+        tight layout equals ours (every slot in the batch at rank 0 or r_max; an eager batch,
+        where the ranks are known on the host)."""
         if all_reduce is not None or pruned_batch_info is not None:
             return None
-        if getattr(kind, "value", kind) != "linear" or len(offsets) != 2:
+        if getattr(kind, "value", kind) != "linear" or len(offsets) < 2:
+            return None
+        if len(offsets) > 2 and not (self.batch_info is not None and
+                                     self._tight_is_spaced(self.batch_info, lora_b.shape[2])):
             return None
         base = getattr(layer, "base_layer", None)
         qm = getattr(base, "quant_method", None)
@@ -375,6 +384,8 @@ class LoRAKernelsSGLangBackend(BaseLoRABackend):
             return None
         if w.dtype != x.dtype or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
             return None
-        if w.shape != (lora_b.shape[1], x.shape[1]) or offsets[-1] != w.shape[0]:
+        n = len(offsets) - 1
+        if w.shape != (lora_b.shape[1], x.shape[1]) or offsets[-1] != w.shape[0] or \
+                lora_a.shape[1] != n * lora_b.shape[2]:
             return None
         return w
