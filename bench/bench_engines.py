@@ -99,7 +99,8 @@ def forward_batch(reqs: int, tpr: int, device):
         forward_mode=ForwardMode.DECODE if tpr == 1 else ForwardMode.EXTEND, batch_size=reqs,
         extend_seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
         extend_seq_lens_cpu=lens, extend_num_tokens=sum(lens), seq_lens_cpu=torch.tensor(lens),
-        return_logprob=False,
+        return_logprob=False, spec_info=None, is_extend_in_batch=tpr > 1,
+        global_num_tokens_cpu=None,
         lora_ids=[f"a{i}" for i in range(reqs)])
 
 
