@@ -8,7 +8,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test ext install bench-quick clean
+.PHONY: demo test ext install engines bench-quick clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -24,13 +24,21 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 install: $(VENV)/.installed
 
+# SGLang / vLLM LoRA modules for tests/test_engines.py, all --no-deps so
+# torch stays as installed (tests/engine_env.py; ~70 s and ~290 MB on the 2-core CI box).
+$(VENV)/.engines: $(VENV)/.installed tests/engine_env.py
+	$(VPY) tests/engine_env.py sglang vllm
+	touch $@
+
+engines: $(VENV)/.engines
+
 # The extension builds in place and reuses build/ (ninja rebuilds only what changed).
 ext: install
 	@if [ -x "$(CUDA_HOME)/bin/nvcc" ]; then \
 		$(VPY) setup.py -q build_ext --inplace; \
 	else echo "nvcc not found under CUDA_HOME=$(CUDA_HOME): skipping the CUDA extension"; fi
 
-test: ext
+test: ext engines
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
