@@ -169,11 +169,11 @@ def _bwd(name, *args):
 def _dropout_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scalings: Tensor, ranks: Optional[Tensor], adapter_ids: Tensor,
                 sorted_token_ids: Tensor, seg_offsets: Tensor, active_slots: Tensor,
-                batch_ints: Sequence[int], out_slices: Optional[Sequence[int]],
+                tile_map: Tensor, batch_ints: Sequence[int], out_slices: Optional[Sequence[int]],
                 dropout_p: Sequence[float], seed: Tensor, need_xa: bool,
                 backend: str) -> tuple[Tensor, Tensor]:
     batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots,
-                                 batch_ints)
+                                 tile_map, batch_ints)
     return forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
                    dropout_p, seed, need_xa, backend)
 
@@ -197,7 +197,8 @@ def forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
 
 @_dropout_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scalings, ranks, adapter_ids, sorted_token_ids,
-      seg_offsets, active_slots, batch_ints, out_slices, dropout_p, seed, need_xa, backend):
+      seg_offsets, active_slots, tile_map, batch_ints, out_slices, dropout_p, seed, need_xa,
+      backend):
     xa_dtype = torch.promote_types(x.dtype, torch.float32)
     xa_shape = (x.shape[0], lora_a.shape[1]) if need_xa else _EMPTY
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(xa_shape, dtype=xa_dtype)
@@ -207,12 +208,12 @@ def _(x, weight, bias, lora_a, lora_b, scalings, ranks, adapter_ids, sorted_toke
 def _dropout_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                          xa: Tensor, scalings: Tensor, ranks: Optional[Tensor],
                          adapter_ids: Tensor, sorted_token_ids: Tensor, seg_offsets: Tensor,
-                         active_slots: Tensor, batch_ints: Sequence[int],
+                         active_slots: Tensor, tile_map: Tensor, batch_ints: Sequence[int],
                          out_slices: Optional[Sequence[int]], dropout_p: Sequence[float],
                          seed: Tensor, needs: Sequence[bool],
                          backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots,
-                                 batch_ints)
+                                 tile_map, batch_ints)
     needs = tuple(bool(n) for n in needs)
     slices = None if out_slices is None else tuple(out_slices)
     p = tuple(float(v) for v in dropout_p)
@@ -229,30 +230,31 @@ def _dropout_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, 
 
 @_dropout_backward_op.register_fake
 def _(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, adapter_ids, sorted_token_ids,
-      seg_offsets, active_slots, batch_ints, out_slices, dropout_p, seed, needs, backend):
+      seg_offsets, active_slots, tile_map, batch_ints, out_slices, dropout_p, seed, needs,
+      backend):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape)
     return tuple(x.new_empty(s if n else _EMPTY) for s, n in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, lora_a, lora_b, scalings, ranks, ids, order, offsets, active, ints,
+    (x, weight, bias, lora_a, lora_b, scalings, ranks, ids, order, offsets, active, tiles, ints,
      out_slices, dropout_p, seed, need_xa, backend) = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], scalings, ranks, ids, order,
-                          offsets, active, seed)
+                          offsets, active, tiles, seed)
     ctx.ints, ctx.out_slices, ctx.dropout_p, ctx.backend = list(ints), out_slices, \
         list(dropout_p), backend
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dy, _dxa):
-    (x, weight, lora_a, lora_b, xa, scalings, ranks, ids, order, offsets, active,
+    (x, weight, lora_a, lora_b, xa, scalings, ranks, ids, order, offsets, active, tiles,
      seed) = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     grads = torch.ops.lora_kernels.multi_lora_linear_dropout_backward(
         dy.contiguous(), x, weight, lora_a, lora_b, xa, scalings, ranks, ids, order, offsets,
-        active, ctx.ints, ctx.out_slices, ctx.dropout_p, seed, needs, ctx.backend)
+        active, tiles, ctx.ints, ctx.out_slices, ctx.dropout_p, seed, needs, ctx.backend)
     out = [g if n else None for g, n in zip(grads, needs)]
-    return (*out,) + (None,) * 12
+    return (*out,) + (None,) * 13
 
 
 _dropout_op.register_autograd(_backward, setup_context=_setup_context)
