@@ -117,3 +117,53 @@ def test_refresh_does_no_host_sync(T):
     meta.batch_for(8)
     meta.refresh(ids.to("meta"))
     assert meta.batch_for(8).tile_map.device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_per_padded_size_replay_after_refresh():
+    """The engines' use: one decode graph captured per padded size T_c over the views of one
+    StaticLoRABatch, then refreshes with T ≤ T_c real tokens (SGLang refreshes with the real
+    batch size and replays the padded size's graph): every replay equals the exact batch."""
+    S, K, N, R, C = 8, 256, 192, 16, 48
+    dt = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to("cuda", dt)
+    x, W = rnd(C, K), rnd(N, K, scale=K ** -0.5)
+    A, B = rnd(S, R, K, scale=K ** -0.5), rnd(S, N, R)
+    sc = torch.rand(S, generator=gen).cuda()
+    static = StaticLoRABatch(C, S, "cuda")
+    static.refresh(torch.randint(-1, S, (1,), generator=gen, dtype=torch.int32).cuda())
+
+    def fwd(Tc):
+        return lk.multi_lora_linear(x[:Tc], W, None, A, B, static.batch_for(Tc), scalings=sc,
+                                    backend="triton")
+    graphs = {}
+    for Tc in (1, 16, 33, C):
+        fwd(Tc)  # warm-up: compiles
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fwd(Tc)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fwd(Tc)
+        graphs[Tc] = (graph, out)
+    for Tc, (graph, out) in graphs.items():
+        for T in sorted({1, Tc // 2, Tc} - {0}):
+            ids = torch.randint(-1, S, (T,), generator=gen, dtype=torch.int32)
+            ids_dev = ids.cuda()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                static.refresh(ids_dev)  # in place, no host sync, views included
+                graph.replay()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            exact = lk.multi_lora_linear(x[:Tc], W, None, A, B,
+                                         lk.LoRABatch.from_adapter_ids(_padded(ids, Tc).cuda(),
+                                                                       S),
+                                         scalings=sc, backend="triton")
+            assert rel_err(out, exact) <= tol(dt, "cuda"), (Tc, T)

@@ -22,9 +22,9 @@ refresh, :meth:`LoRABatch.refresh_`), refreshed with ``padding_first=True``:
   :meth:`batch_for` hands out that suffix;
 * ``seg_offsets``: one row per size ``T_c``, the full-buffer offsets shifted by ``C - T_c``;
 * ``tile_map``: one buffer per view handed out, the full batch's tile rows shifted by
-  ``C - T_c`` (one launch per view and refresh; the slot segments lie wholly in the suffix, so
-  a view's tiles are the full batch's tiles, and the first ``tile_capacity(T_c, S)`` rows
-  hold them all);
+  ``C - T_c``, rewritten for every cached view on each refresh (the slot segments lie wholly
+  in the suffix, so a view's tiles are the full batch's tiles, and the first
+  ``tile_capacity(T_c, S)`` rows hold them all);
 * ``active_slots``: the full batch's (ascending, ``-1`` padded), its first ``min(S, T_c)``.
 
 The views are *bounded* batches: ``num_active = min(S, T_c)`` and ``max_seg_len = T_c`` are
@@ -59,6 +59,12 @@ class StaticLoRABatch:
         self._pos_cols = torch.tensor([0, 1, 1, 0], **i32)
         self.num_real = 0
         self._views: dict = {}
+        # Per cached view: its tile map, the full batch's rows and shift mask it is computed
+        # from, and -(C - T_c).
+        self._tiles: list = []
+        self._full_rows: list = []
+        self._shift_rows: list = []
+        self._alphas: list = []
         self.refresh(self.full.adapter_ids[:0])
 
     @property
@@ -78,8 +84,12 @@ class StaticLoRABatch:
         torch.clamp(self.full.seg_offsets[None, :] - self._shifts, min=0, out=self.offset_rows)
         torch.mul((self.full.tile_map[:, :1] >= 0).to(torch.int32), self._pos_cols,
                   out=self._tile_shift)
-        for Tc, view in self._views.items():
-            self._shift_tiles(Tc, view.tile_map)
+        if self._tiles:
+            # Every cached view at once: SGLang caches one view per batch size it has seen
+            # (up to its max graph batch), and a launch per view and decode step would cost
+            # ~1 ms of host time; the foreach ops take the lists in a few launches.
+            torch._foreach_copy_(self._tiles, self._full_rows)
+            torch._foreach_add_(self._tiles, torch._foreach_mul(self._shift_rows, self._alphas))
         self.num_real = T
 
     def _shift_tiles(self, Tc: int, out: Tensor) -> None:
@@ -87,6 +97,11 @@ class StaticLoRABatch:
         rows = out.shape[0]
         torch.add(self.full.tile_map[:rows], self._tile_shift[:rows],
                   alpha=Tc - self.capacity, out=out)
+        # Refreshed with the others from now on (refresh()).
+        self._tiles.append(out)
+        self._full_rows.append(self.full.tile_map[:rows])
+        self._shift_rows.append(self._tile_shift[:rows])
+        self._alphas.append(Tc - self.capacity)
 
     def batch_for(self, T: int) -> LoRABatch:
         """The batch seen by a forward over ``T`` rows (``num_real ≤ T ≤ capacity``): a cached
