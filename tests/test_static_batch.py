@@ -119,6 +119,22 @@ def test_refresh_does_no_host_sync(T):
     assert meta.batch_for(8).tile_map.device.type == "meta"
 
 
+def test_bad_input_raises_and_changes_nothing():
+    with pytest.raises(ValueError, match="capacity"):
+        StaticLoRABatch(2.0, 3, "cpu")
+    with pytest.raises(ValueError, match="num_slots"):
+        StaticLoRABatch(4, -1, "cpu")
+    static = StaticLoRABatch(4, 3, "cpu")
+    static.refresh(torch.tensor([1, 2], dtype=torch.int32))
+    view = static.batch_for(4)
+    before = [t.clone() for t in view.tensors()]
+    with pytest.raises(ValueError, match="1-D"):
+        static.refresh(torch.zeros(2, 2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="integer"):
+        static.refresh(torch.zeros(2))
+    assert all(torch.equal(a, b) for a, b in zip(before, view.tensors()))
+    assert static.num_real == 2
+
 @pytest.mark.gpu
 def test_gpu_graphs_per_padded_size_replay_after_refresh():
     """The engines' use: one decode graph captured per padded size T_c over the views of one
