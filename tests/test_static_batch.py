@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from helpers import rel_err, tol
+from helpers import capture_cuda_graph, rel_err, tol
 from lora_kernels import reference as ref
 from lora_kernels.integrations.static_batch import StaticLoRABatch
 from test_batch import _CountSyncs
@@ -158,15 +158,7 @@ def test_gpu_graphs_per_padded_size_replay_after_refresh():
     graphs = {}
     for Tc in (1, 16, 33, C):
         fwd(Tc)  # warm-up: compiles
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fwd(Tc)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fwd(Tc)
-        graphs[Tc] = (graph, out)
+        graphs[Tc] = capture_cuda_graph(lambda: fwd(Tc))
     for Tc, (graph, out) in graphs.items():
         for T in sorted({1, Tc // 2, Tc} - {0}):
             ids = torch.randint(-1, S, (T,), generator=gen, dtype=torch.int32)
