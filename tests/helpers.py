@@ -122,3 +122,17 @@ def run_sm90_compile(script: str) -> str:
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "compiled" in proc.stdout
     return proc.stdout
+
+
+def capture_cuda_graph(fn):
+    """``(graph, out)``: ``fn()`` run once on a side stream (what capture needs first), then
+    captured; ``out`` holds the graph's outputs, rewritten by every ``graph.replay()``."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -11,8 +11,8 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import reference as ref
-from helpers import (SM90_FAKE_DRIVER, f64, randn, rel_err, run_sm90_compile, tol, triton_device,
-                     triton_dtypes)
+from helpers import (SM90_FAKE_DRIVER, capture_cuda_graph, f64, randn, rel_err, run_sm90_compile,
+                     tol, triton_device, triton_dtypes)
 
 DEV = triton_device()
 if DEV is None:
@@ -411,14 +411,7 @@ def test_gpu_no_host_sync_and_cuda_graph():
         fwd()  # any host sync inside the layer raises here
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fwd()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fwd()
+    g, out = capture_cuda_graph(fwd)
     x.copy_(randn(T, K, dtype=torch.bfloat16, device="cuda"))
     g.replay()
     torch.cuda.synchronize()
@@ -452,14 +445,7 @@ def test_gpu_cuda_graph_serves_any_mix_after_refresh(T):
 
     batch.refresh_(mixes[0].cuda())
     fwd(batch)  # warm-up: compiles, checks ranks once
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fwd(batch)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fwd(batch)
+    graph, out = capture_cuda_graph(lambda: fwd(batch))
     for ids in mixes:
         ids_dev = ids.cuda()  # (the upload itself is the scheduler's business)
         torch.cuda.synchronize()

@@ -176,12 +176,17 @@ class LoRABatch:
         return b.refresh_(torch.empty(0, dtype=torch.int32, device=dev))
 
     # ---- in-place refresh (bounded batches) ------------------------------------------------
-    def refresh_(self, adapter_ids) -> "LoRABatch":
+    def refresh_(self, adapter_ids, padding_first: bool = False) -> "LoRABatch":
         """Rewrite this bounded batch in place for new ids (``[t]`` with ``t ≤ num_tokens``;
         the tokens past ``t`` become base-only), with device ops only: no host sync, safe to
         capture in a CUDA graph. Host ids (a list or CPU tensor) are first copied up without
         blocking. An id outside ``[-1, num_slots)`` cannot raise here (that would need a sync):
-        it is served as base-only and counted; :meth:`check` raises for it. Returns ``self``."""
+        it is served as base-only and counted; :meth:`check` raises for it. Returns ``self``.
+
+        ``padding_first``: the padding tokens ``t ..`` sort first, in descending order, before
+        the real ``-1`` tokens, so every suffix of ``sorted_token_ids`` at least ``t`` long is
+        a permutation of ``0 .. len-1`` (the engines' static batch hands such suffixes out for
+        every padded size, :mod:`lora_kernels.integrations.static_batch`)."""
         if not self.bounded:
             raise ValueError("refresh_() needs a static batch (LoRABatch.static(max_tokens, "
                              "num_slots, device)); build other batches anew")
@@ -204,7 +209,11 @@ class LoRABatch:
         self._invalid.copy_(bad.sum().reshape(1))
         ids64 = torch.where(bad, -1, ids64)
         buf.copy_(ids64)
-        self.sorted_token_ids.copy_(torch.argsort(ids64, stable=True))
+        key = ids64
+        if padding_first:  # padding keyed below -1, descending: -2 - position
+            pos = torch.arange(T, device=buf.device)
+            key = torch.where(pos < n, ids64, -2 - pos)
+        self.sorted_token_ids.copy_(torch.argsort(key, stable=True))
         counts = torch.zeros(S + 1, dtype=torch.int64, device=buf.device)
         counts.scatter_add_(0, ids64 + 1, torch.ones_like(ids64))
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
@@ -215,7 +224,7 @@ class LoRABatch:
         key = torch.where(seg > 0, slots, slots + S)
         first = torch.sort(key).values[: self.active_slots.shape[0]]
         self.active_slots.copy_(torch.where(first < S, first, -1))
-        self.tile_map.copy_(_device_tile_map(offsets, self.tile_map.shape[0]))
+        _device_tile_map(offsets, self.tile_map.shape[0], out=self.tile_map)
         return self
 
     def check(self) -> "LoRABatch":
@@ -353,9 +362,12 @@ def _upload(host: Tensor, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _device_tile_map(offsets: Tensor, capacity: int) -> Tensor:
-    """``tile_map [capacity, 4]`` (int64) from device ``seg_offsets [S+2]`` by device ops
-    only (no sync): tile p belongs to the segment whose running tile count first exceeds p."""
+def _device_tile_map(offsets: Tensor, capacity: int, out: Optional[Tensor] = None) -> Tensor:
+    """``tile_map [capacity, 4]`` (int64, or written into ``out``) from device ``seg_offsets
+    [S+2]`` by device ops only (no sync): tile p belongs to the segment whose running tile
+    count first exceeds p."""
+    if out is not None:
+        return out.copy_(_device_tile_map(offsets.to(torch.int64), capacity))
     dev = offsets.device
     S = offsets.shape[0] - 2
     p = torch.arange(capacity, device=dev)
