@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.triton import configs as C
-from lora_kernels.triton.dropout import drop_threshold, philox_keep, seed_arg
+from lora_kernels.triton.dropout import drop_threshold, keep_tile, seed_arg
 from lora_kernels.triton.tiles import grouped_tile
 
 # M is bucketed (training sees many sequence lengths); the strides tell the forward's K-major
@@ -45,7 +45,7 @@ _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "stride_ak", "stride_wk", "LORA", "BLOCK_
 
 
 @triton.jit
-def _lowrank_seed(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride_ur, stride_lbn,
+def _lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride_ur, stride_lbn,
                   stride_lbr, scaling, seed, drop_threshold, drop_scale, DROPOUT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                   PRECISION: tl.constexpr):
@@ -63,9 +63,9 @@ def _lowrank_seed(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride
     """
     rr = tl.arange(0, BLOCK_R)
     if DROPOUT:
-        # dX's mask is the forward's mask on x: element (m, k) of dX is counter m·K + k, and
-        # K is this GEMM's N.
-        keep = philox_keep(seed, rm64[:, None] * N + rn64[None, :], drop_threshold)
+        # dX's mask is the forward's mask on x: element (m, k) of dX is element (m, k) of the
+        # [M, K] mask grid, and K is this GEMM's N.
+        keep = keep_tile(seed, row0, col0, N, drop_threshold, BLOCK_M, BLOCK_N)
         fac = tl.where(keep, drop_scale * scaling, 0.0)
     low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -123,7 +123,7 @@ def _fused_gemm_kernel(
     a_ptrs = a_ptr + rm64[:, None] * stride_am + rk64[None, :] * stride_ak
     w_ptrs = w_ptr + rn64[None, :] * stride_wn + rk64[:, None] * stride_wk
     if LORA == 1 and SPLIT_K == 1:
-        acc = _lowrank_seed(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride_ur,
+        acc = _lowrank_seed(u_ptr, lb_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride_ur,
                             stride_lbn, stride_lbr, scaling, seed, drop_threshold, drop_scale,
                             DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
     else:
@@ -174,7 +174,7 @@ def _fused_gemm_kernel(
         ticket = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT_K - 1:
             if LORA == 1:
-                acc = _lowrank_seed(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, N, R, stride_um,
+                acc = _lowrank_seed(u_ptr, lb_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, rm64, rn64, m_ok, n_ok, N, R, stride_um,
                                     stride_ur, stride_lbn, stride_lbr, scaling, seed,
                                     drop_threshold, drop_scale, DROPOUT, BLOCK_M, BLOCK_N,
                                     BLOCK_R, PRECISION)
