@@ -70,9 +70,9 @@ def rank_block(r: int, cap: int = 64) -> int:
     return min(max(16, triton.next_power_of_2(max(int(r), 1))), cap)
 
 
-def _cfg(bm, bn, bk, warps, stages, split=1, group=8):
+def _cfg(bm, bn, bk, warps, stages, split=1, group=8, ws=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group,
-                          "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+                          "SPLIT_K": split, "WARP_SPEC": ws}, num_warps=warps, num_stages=stages)
 
 
 # ---- the fused GEMM (forward, dX, dW) -------------------------------------------------------
@@ -108,6 +108,58 @@ GEMM_SMALL = [
     for bn in (32, 64, 128) for bk in (128, 256) for split in (1, 2, 4, 8) if bn * bk <= 16384
 ] + [_cfg(16, 64, 64, 4, 4, 1, group=1), _cfg(16, 32, 64, 4, 5, 2, group=1)]
 assert max(c.kwargs["SPLIT_K"] for c in GEMM_SMALL) <= MAX_SPLIT_K
+
+
+# Persistent + TMA (large M, Hopper): grid = SMs × CTAs/SM. Warp-specialised variants let
+# producer warps stream the next tile's operands while this tile's epilogue runs; plain ones
+# rely on the software pipeline. prune_persistent() drops what does not fit shared memory or
+# the register file for this call.
+GEMM_PERSISTENT = [
+    _cfg(128, 256, 64, 8, 3, ws=True),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 4, ws=True),
+    _cfg(128, 128, 64, 4, 4),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(128, 128, 32, 8, 4),  # fp32/tf32
+]
+
+# Shared memory per SM usable by one CTA on H100/H200 (227 KiB), and the register file.
+SMEM_BYTES = 227 * 1024
+REGS_PER_SM = 65536
+
+
+def stage_bytes(cfg: triton.Config, elt: int) -> int:
+    """Shared memory of a config's pipeline: num_stages × (a tile + w tile) plus the output
+    staging tile of a descriptor store."""
+    k = cfg.kwargs
+    return (cfg.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elt
+            + k["BLOCK_M"] * k["BLOCK_N"] * elt)
+
+
+def acc_per_thread(cfg: triton.Config) -> int:
+    """fp32 accumulator elements each thread holds."""
+    return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
+
+
+def ctas_per_sm(cfg: triton.Config, elt: int = 2) -> int:
+    """Resident CTAs per SM a persistent grid counts on (shared memory and registers: the
+    accumulator plus ~64 registers of addressing per thread)."""
+    by_smem = SMEM_BYTES // max(stage_bytes(cfg, elt), 1)
+    regs = (acc_per_thread(cfg) + 64) * 32 * cfg.num_warps
+    return max(1, min(by_smem, REGS_PER_SM // regs, 2))
+
+
+def prune_persistent(configs, named_args, **kwargs):
+    """Keep the persistent configs that fit shared memory at this element size and whose
+    accumulator stays ≤ 128 fp32 per thread (≤ 64 with the dX dropout epilogue, or with the
+    in-loop u accumulator and its la tiles: 128x256 / 8 warps spilled 24 B in sm_90 compiles);
+    fp32 inputs keep only BLOCK_K = 32 (4-byte tiles). Never returns an empty list."""
+    elt = named_args["a_ptr"].element_size()
+    cap = 64 if kwargs.get("DROPOUT") or kwargs.get("LORA") == 2 else 128
+    keep = [c for c in configs if stage_bytes(c, elt) <= SMEM_BYTES
+            and acc_per_thread(c) <= cap and (elt < 4 or c.kwargs["BLOCK_K"] <= 32)]
+    return keep or [configs[-1]]
 
 
 def prune_small(configs, named_args, **kwargs):
@@ -162,8 +214,8 @@ def gemm_interpret_config(path: str) -> dict:
     odd shapes still cross tile and split boundaries (the small path splits K in two, so the
     split-K reduction runs too)."""
     if path == "small":
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SPLIT_K=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=2, WARP_SPEC=False)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SPLIT_K=1, WARP_SPEC=False)
 
 
 # ---- rank-sized kernels (shrink, dA/dB reductions over M) -----------------------------------

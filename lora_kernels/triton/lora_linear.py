@@ -1,8 +1,8 @@
 """Triton backend of the fused single-adapter LoRA linear (docs/BACKENDS.md, "Single adapter").
 
 Forward ``y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``: one fused GEMM writes y once (fused_gemm.py);
-the rank-sized ``xa = drop(x)·Aᵀ`` comes either from the GEMM's own K loop (``LORA=2``) or from
-a shrink kernel that reads x once before it (``LORA=1``), see :func:`lora_mode`.
+the rank-sized ``xa = drop(x)·Aᵀ`` comes either from the GEMM's own K loop (``IN_LOOP``) or from
+a shrink kernel that reads x once before it (``SEEDED``), see :func:`lora_mode`.
 
 Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
 
@@ -23,6 +23,7 @@ import torch
 
 from lora_kernels.triton.dropout import dropout_keep_mask
 from lora_kernels.triton.fused_gemm import fused_gemm
+from lora_kernels.triton.gemm.modes import LoraMode
 from lora_kernels.triton.lowrank import reduce_rows, shrink
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask"]
@@ -30,13 +31,13 @@ __all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask"]
 # M at or below which the GEMM takes the decode path (16-row tiles, split-K): a 128-row tile
 # would leave 127/128 of its MMA rows and most SMs idle at M = 1.
 SMALL_M_MAX = 16
-# LORA=2 (u accumulated in the GEMM's K loop) costs ≈ r/BLOCK_N extra MMA work once the GEMM
-# is compute bound; LORA=1 costs a separate launch plus one read of x (M·K·2 bytes). On H100
+# IN_LOOP (u accumulated in the GEMM's K loop) costs ≈ r/BLOCK_N extra MMA work once the GEMM
+# is compute bound; SEEDED costs a separate launch plus one read of x (M·K·2 bytes). On H100
 # (≈700 dense bf16 TFLOP/s, ≈3 TB/s), K = N = 4096, BLOCK_N = 128 the two break even near
 # M·r ≈ 15k (r=16: M ≈ 940; r=64: M ≈ 140), hence this bound. Below it the GEMM is also
 # bandwidth bound on W, where the extra MMA work is free. Prediction, to be re-measured.
 FUSED_SHRINK_MAX_MR = 16384
-# The in-loop u accumulator lives in registers next to the main one: ranks above 64 go to LORA=1.
+# The in-loop u accumulator lives in registers next to the main one: ranks above 64 go to SEEDED.
 FUSED_SHRINK_MAX_R = 64
 
 
@@ -46,16 +47,19 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def lora_mode(m: int, r: int, dropout_p: float) -> int:
-    """1 = precomputed shrink + epilogue, 2 = shrink fused in the GEMM's K loop.
+def lora_mode(m: int, r: int, dropout_p: float) -> LoraMode:
+    """``LoraMode.SEEDED`` (1) = precomputed shrink + seeded accumulator, ``LoraMode.IN_LOOP``
+    (2) = shrink fused in the GEMM's K loop.
 
     Dropout always takes mode 1: mode 2 would redraw the Philox mask of every x tile in every
     N-tile program (N/BLOCK_N times), ~60 integer ops per element on the CUDA cores — far
     more than the one draw per element the shrink kernel makes.
     """
     if dropout_p > 0.0 or r > FUSED_SHRINK_MAX_R:
-        return 1
-    return 2 if m <= SMALL_M_MAX or m * r <= FUSED_SHRINK_MAX_MR else 1
+        return LoraMode.SEEDED
+    if m <= SMALL_M_MAX or m * r <= FUSED_SHRINK_MAX_MR:
+        return LoraMode.IN_LOOP
+    return LoraMode.SEEDED
 
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -78,12 +82,12 @@ def _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, c
     mode = lora_mode(M, r, dropout_p) if mode is None else mode
     if r == 0:
         fused_gemm(x, weight, y, bias=bias, small_m_max=SMALL_M_MAX, config=config)
-    elif mode == 1:
+    elif mode == LoraMode.SEEDED:
         shrink(x, lora_a, xa, dropout_p, seed)
-        fused_gemm(x, weight, y, bias=bias, lora=1, u=xa, lb=lora_b, scaling=scaling,
+        fused_gemm(x, weight, y, bias=bias, lora=LoraMode.SEEDED, u=xa, lb=lora_b, scaling=scaling,
                    small_m_max=SMALL_M_MAX, config=config)
     else:
-        fused_gemm(x, weight, y, bias=bias, lora=2, u=xa, la=lora_a, lb=lora_b,
+        fused_gemm(x, weight, y, bias=bias, lora=LoraMode.IN_LOOP, u=xa, la=lora_a, lb=lora_b,
                    scaling=scaling, small_m_max=SMALL_M_MAX, config=config)
     return y, xa
 
@@ -114,7 +118,7 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
         dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
         # dX[M, K] = dY[M, N]·W[N, K]: the kernel's "w" is Wᵀ (a [K, N] view), its low-rank
         # "lb" is Aᵀ (a [K, r] view); the dropout mask is drawn on dX's own (m, k) grid.
-        fused_gemm(dy, weight.t(), dx, lora=1, u=dyb, lb=lora_a.t(), scaling=scaling,
+        fused_gemm(dy, weight.t(), dx, lora=LoraMode.SEEDED, u=dyb, lb=lora_a.t(), scaling=scaling,
                    dropout_p=dropout_p, seed=seed, small_m_max=SMALL_M_MAX, config=config)
     if need_a:
         da = torch.empty_like(lora_a)
