@@ -377,6 +377,100 @@ def test_gpu_index_math_past_2_31():
     assert rel_err(y[rows], want) <= tol(torch.bfloat16, "cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("store", ["tma", "pointer"])
+@pytest.mark.parametrize("lora", ["none", "seeded", "in_loop"])
+def test_gpu_persistent_odd_tile_counts(lora, store):
+    """bf16 persistent schedule at tile counts that do not divide the grid (1000 rows, 1032
+    columns: 8 x 5 tiles of 128x256 over 132 programs, 8 x 9 of 128x128), col_scale on,
+    forward form; the dX form with dropout for the seeded mode."""
+    from lora_kernels.triton.gemm.modes import LoraMode
+    mode = {"none": LoraMode.NONE, "seeded": LoraMode.SEEDED, "in_loop": LoraMode.IN_LOOP}[lora]
+    M, K, N, r = 1000, 1024, 1032, 16
+    t = _core_case(M, K, N, r, torch.bfloat16, "cuda", gen_seed=3)
+    out = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+    u = t["u"] if lora == "seeded" else torch.empty(M, r, dtype=torch.bfloat16, device="cuda")
+    FG.fused_gemm(t["a"], t["w"], out, bias=t["bias"], lora=mode, u=u, la=t["la"], lb=t["lb"],
+                  scaling=2.0, col_scale=t["cs"], schedule="persistent", store=store)
+    d = {k: v.double() for k, v in t.items()}
+    low = 2.0 * (d["a"] @ d["la"].t()) @ d["lb"].t() if lora != "none" else 0.0
+    want = d["cs"] * (d["a"] @ d["w"].t() + low) + d["bias"]
+    assert rel_err(out, want) <= tol(torch.bfloat16, "cuda")
+    if lora == "seeded":
+        # dX form: dX [M, N] = dY [M, Q]·W2 [Q, N] + mask∘(s·dyb·lbᵀ)/(1-p); the kernel's w is
+        # the N-major view W2ᵀ.
+        Q = 520
+        g = torch.Generator(device="cuda").manual_seed(4)
+        dy = torch.randn(M, Q, device="cuda", generator=g).to(torch.bfloat16)
+        w2 = (torch.randn(Q, N, device="cuda", generator=g) / Q ** 0.5).to(torch.bfloat16)
+        dx = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+        FG.fused_gemm(dy, w2.t(), dx, lora=LoraMode.SEEDED, u=t["u"], lb=t["lb"], scaling=2.0,
+                      dropout_p=0.1, seed=5, schedule="persistent", store=store)
+        want_dx = (dy.double() @ w2.double()
+                   + reference.apply_dropout(2.0 * d["u"] @ d["lb"].t(), 5, 0.1))
+        assert rel_err(dx, want_dx) <= tol(torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("store", ["tma", "pointer"])
+def test_gpu_persistent_offsets_past_2_31(store):
+    """The persistent forward on x with M·K > 2³¹ elements (int64 pointer offsets; 32-bit
+    descriptor coordinates stay < 2³¹)."""
+    from lora_kernels.triton.gemm.modes import LoraMode
+    K, N, r = 4096, 64, 8
+    M = 2**31 // K + 300
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    _, w, b, a, bb = _inputs(1, K, N, r, torch.bfloat16, "cuda")
+    u = (x @ a.t())
+    y = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+    FG.fused_gemm(x, w, y, bias=b, lora=LoraMode.SEEDED, u=u, lb=bb, scaling=0.5,
+                  schedule="persistent", store=store)
+    rows = slice(M - 300, M)
+    want = (x[rows].double() @ w.double().t() + b.double()
+            + 0.5 * u[rows].double() @ bb.double().t())
+    assert rel_err(y[rows], want) <= tol(torch.bfloat16, "cuda")
+
+
+def test_tuned_configs_file(tmp_path, monkeypatch):
+    """Tuned configs come from the JSON for this (kernel, shape class, device, Triton version),
+    filled with the in-code defaults; anything else, or a malformed file, falls back."""
+    import json
+
+    from lora_kernels.triton import configs as C, tuned
+    entry = {"kernel": "gemm", "shape_class": "large", "device": "cpu",
+             "triton": tuned.triton_version(),
+             "configs": [{"kwargs": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32},
+                          "num_warps": 4, "num_stages": 2}]}
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"format": 1, "entries": [entry]}))
+    monkeypatch.setenv("LORA_KERNELS_TUNED_CONFIGS", str(path))
+    (cfg,) = tuned.lookup("gemm", "large", "cpu", C.GEMM_LARGE)
+    assert cfg.kwargs["BLOCK_M"] == 64 and cfg.kwargs["SPLIT_K"] == 1 and cfg.num_stages == 2
+    assert tuned.lookup("gemm", "medium", "cpu", C.GEMM_MEDIUM) is C.GEMM_MEDIUM
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv("LORA_KERNELS_TUNED_CONFIGS", str(bad))
+    with pytest.warns(RuntimeWarning, match="tuned configs"):
+        assert tuned.lookup("gemm", "large", "cpu", C.GEMM_LARGE) is C.GEMM_LARGE
+
+
+def test_legal_specs():
+    """The spec list: every axis value appears, illegal combinations are refused by name."""
+    from lora_kernels.triton.gemm import spec as SP
+    from lora_kernels.triton.gemm.spec import GemmSpec, legal_specs
+    specs = legal_specs()
+    assert len(specs) == len(set(specs))
+    for axis, values in (("rows", SP.ROWS), ("lowrank", SP.LOWRANK),
+                         ("col_scale", SP.COL_SCALE), ("schedule", SP.SCHEDULE),
+                         ("store", SP.STORE)):
+        assert {getattr(s, axis) for s in specs} == set(values)
+    with pytest.raises(ValueError, match="persistent"):
+        GemmSpec(store="tma")
+    with pytest.raises(ValueError, match="schedule"):
+        GemmSpec(schedule="grouped")
+    assert GemmSpec(schedule="persistent", store="tma").constexprs()["STORE"] == 1
+
+
 def test_config_pruning():
     """Config lists and pruning rules (pure Python, no kernel launch)."""
     from lora_kernels.triton import configs as C

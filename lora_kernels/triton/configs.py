@@ -16,47 +16,19 @@ shape of the problem:
 
 from __future__ import annotations
 
-import functools
-import os
-
-import torch
 import triton
+
+# Device facts live in device.py; these names stay importable from here for kernel files.
+from lora_kernels.triton.device import (dot_precision, fp32_precision,  # noqa: F401
+                                        interpreting, num_sms)
 
 # The split-K workspace is allocated for the largest split any small-M config may choose.
 MAX_SPLIT_K = 8
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def fp32_precision() -> str:
-    """tl.dot input precision for fp32 inputs, following torch's own switch for fp32 matmuls:
-    ``torch.set_float32_matmul_precision("high")`` (or ``"medium"``) allows tf32 tensor cores
-    (within the project's 5e-4 GPU fp32 tolerance), the default ``"highest"`` keeps exact fp32
-    (CUDA-core FMAs, slow). ``LORA_KERNELS_FP32_PRECISION=tf32|ieee|tf32x3`` overrides."""
-    env = os.environ.get("LORA_KERNELS_FP32_PRECISION", "").strip().lower()
-    if env:
-        return env
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    # For fp16/bf16 operands "tf32" is Triton's default and means "tensor cores": pass it, not
-    # "ieee", which is only meaningful (and slow) for fp32.
-    return fp32_precision() if dtype == torch.float32 else "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """SM count (the interpreter pretends to have 2, so tiny test shapes still split)."""
-    if device.type != "cuda":
-        return 2
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+# M at or below which the GEMM takes the decode path: 16 rows is the smallest tile tl.dot
+# accepts, so a 16-row tile wastes nothing at M ≤ 16 while a 128-row one idles 127/128 rows.
+DECODE_MAX_ROWS = 16
+# M at or below which the medium (bandwidth-bound on W) configs are tried.
+MEDIUM_MAX_ROWS = 256
 
 
 def m_bucket(m: int) -> int:
@@ -206,7 +178,7 @@ def gemm_path(m: int, small_m_max: int) -> str:
     """Which autotune list (``GEMM_SMALL`` / ``_MEDIUM`` / ``_LARGE``) an M takes."""
     if m <= small_m_max:
         return "small"
-    return "medium" if m <= 256 else "large"
+    return "medium" if m <= MEDIUM_MAX_ROWS else "large"
 
 
 def gemm_interpret_config(path: str) -> dict:

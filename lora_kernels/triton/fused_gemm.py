@@ -149,7 +149,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                bias: Optional[torch.Tensor] = None, lora: int = LoraMode.NONE,
                u: Optional[torch.Tensor] = None, la: Optional[torch.Tensor] = None,
                lb: Optional[torch.Tensor] = None, scaling: float = 1.0,
-               dropout_p: float = 0.0, seed: int = 0, small_m_max: int = 16,
+               dropout_p: float = 0.0, seed: int = 0, small_m_max: int = C.DECODE_MAX_ROWS,
                config: Optional[dict] = None, col_scale: Optional[torch.Tensor] = None,
                schedule: Optional[str] = None, store: Optional[str] = None) -> torch.Tensor:
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (see the module doc); ``a [M, K]``,

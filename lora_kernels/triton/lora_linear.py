@@ -16,11 +16,12 @@ Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
 
+from lora_kernels.triton import configs as C
+from lora_kernels.triton.device import on_device
 from lora_kernels.triton.dropout import dropout_keep_mask
 from lora_kernels.triton.fused_gemm import fused_gemm
 from lora_kernels.triton.gemm.modes import LoraMode
@@ -28,9 +29,9 @@ from lora_kernels.triton.lowrank import reduce_rows, shrink
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask"]
 
-# M at or below which the GEMM takes the decode path (16-row tiles, split-K): a 128-row tile
-# would leave 127/128 of its MMA rows and most SMs idle at M = 1.
-SMALL_M_MAX = 16
+# M at or below which the GEMM takes the decode path (16-row tiles, split-K); a module global
+# so tests can move it.
+SMALL_M_MAX = C.DECODE_MAX_ROWS
 # IN_LOOP (u accumulated in the GEMM's K loop) costs ≈ r/BLOCK_N extra MMA work once the GEMM
 # is compute bound; SEEDED costs a separate launch plus one read of x (M·K·2 bytes). On H100
 # (≈700 dense bf16 TFLOP/s, ≈3 TB/s), K = N = 4096, BLOCK_N = 128 the two break even near
@@ -41,10 +42,8 @@ FUSED_SHRINK_MAX_MR = 16384
 FUSED_SHRINK_MAX_R = 64
 
 
-def _on_device(t: torch.Tensor):
-    # Triton launches on torch's *current* device: tensors on cuda:1 while cuda:0 is current
-    # would otherwise be read from the wrong GPU.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+# Kept for triton/multi_lora.py until it imports device.on_device itself.
+_on_device = on_device
 
 
 def lora_mode(m: int, r: int, dropout_p: float) -> LoraMode:
@@ -67,7 +66,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     dropout_p: float, seed: int, out: Optional[torch.Tensor] = None,
                     *, mode: Optional[int] = None, config: Optional[dict] = None):
     """``(y [M, N], xa [M, r])``; ``mode``/``config`` force a path (tests, benchmarks)."""
-    with _on_device(x):
+    with on_device(x):
         return _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, config)
 
 
@@ -92,12 +91,24 @@ def _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, c
     return y, xa
 
 
+def _degenerate_bwd(dy, x, weight, lora_a, lora_b, needs):
+    """K, N or r is 0: nothing worth a kernel. Every low-rank product is then empty or zero
+    (dyb = dY·B and xa are [M, 0], or dY is [M, 0], or x is [M, 0]), so dA and dB are zeros
+    and no dropout mask is needed."""
+    need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
+    return (dy @ weight.to(dy.dtype) if need_x else None,
+            (dy.t() @ x).to(weight.dtype) if need_w else None,
+            dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None,
+            torch.zeros_like(lora_a) if need_a else None,
+            torch.zeros_like(lora_b) if need_bb else None)
+
+
 def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     lora_a: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor,
                     scaling: float, dropout_p: float, seed: int, needs: Sequence[bool],
                     *, config: Optional[dict] = None):
     """``(dx, dweight, dbias, dlora_a, dlora_b)``, ``None`` where ``needs`` is False."""
-    with _on_device(x):
+    with on_device(x):
         return _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, config)
 
 
@@ -107,9 +118,7 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
     N, r = weight.shape[0], lora_a.shape[0]
     dx = dw = db = da = dbb = None
     if K == 0 or N == 0 or r == 0:
-        from lora_kernels import reference  # degenerate sizes: nothing worth a kernel
-        return reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, xa, scaling,
-                                              dropout_p, seed, needs)
+        return _degenerate_bwd(dy, x, weight, lora_a, lora_b, needs)
     dyb = None
     if need_x or need_a:
         # dyb = dY·B: the shrink kernel with Bᵀ (a [r, N] view) as its "A".
