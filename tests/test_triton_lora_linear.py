@@ -242,6 +242,14 @@ def test_nan_propagates_to_its_row_only(M):
     assert bool(dx.isfinite().all())
 
 
+@pytest.mark.parametrize("M,K,N,r", [(5, 6, 0, 3), (5, 6, 7, 0)])
+def test_degenerate_sizes(M, K, N, r):
+    """N or r = 0 (the reference cannot reshape K = 0): no kernel runs; output and every gradient still match the reference
+    (with dropout on: the low-rank products are empty or zero, so no mask is drawn)."""
+    x, w, b, a, bb = _inputs(M, K, N, r, torch.float32, DEVICE)
+    _check(x, w, b, a, bb, p=0.2, grads=("x", "w", "bias", "a", "b"))
+
+
 def test_large_rank_loops_over_rank_chunks():
     # r = 100 > 64: precomputed shrink over two rank tiles, epilogue loops over rank chunks.
     x, w, b, a, bb = _inputs(7, 37, 45, 100, torch.float32, DEVICE)
