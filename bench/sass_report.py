@@ -125,6 +125,7 @@ class Compiler:
         # The p = 0 twin of a dropout kernel is compiled with the configs the dropout variant
         # prunes to, so the two differ only in the mask code.
         self.prune_as_dropout = False
+        self.only = None  # compile only forms containing this text
 
     def wrap(self, fn, name, configs=None, prune=None, elems=None):
         outer = self
@@ -132,6 +133,8 @@ class Compiler:
         class _Launch:
             def __getitem__(self, grid):
                 def call(*args, **kw):
+                    if outer.only and outer.only not in f"{name} {outer.form}":
+                        return
                     cfgs = [None]
                     if configs:
                         named = dict(zip(fn.arg_names, args))
@@ -167,7 +170,7 @@ class Compiler:
         self.rows.append(row)
 
 
-def run(fast: bool) -> list[Row]:
+def run(fast: bool, only: str | None = None) -> list[Row]:
     install_fake_sm90_driver()
     import lora_kernels as lk
     import lora_kernels.triton.configs as C
@@ -181,6 +184,7 @@ def run(fast: bool) -> list[Row]:
     C.num_sms = lambda device: SMS
     FG.C.num_sms = C.num_sms
     comp = Compiler(fast)
+    comp.only = only
     tile_elems = lambda m: m["BLOCK_M"] * m["BLOCK_N"]
     FG.autotuned = lambda shape_class, dev: comp.wrap(
         FG.heuristic_kernel, "gemm", *FG._LISTS[shape_class], elems=tile_elems)
@@ -289,8 +293,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fast", action="store_true", help="first reachable config per form only")
     ap.add_argument("--check", action="store_true", help="fail on spills / missing wgmma+TMA")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--only", help="compile only kernels whose 'kernel form' contains this")
     args = ap.parse_args(argv)
-    rows = run(args.fast)
+    rows = run(args.fast, args.only)
     print_table(rows)
     print(f"\ncompiled {len(rows)} kernels")
     if args.json:

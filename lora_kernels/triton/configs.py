@@ -122,16 +122,32 @@ def ctas_per_sm(cfg: triton.Config, elt: int = 2) -> int:
     return max(1, min(by_smem, REGS_PER_SM // regs, 2))
 
 
+def warp_specialize_enabled() -> bool:
+    """``tl.range(..., warp_specialize=True)`` exists in this Triton (3.4+; the GPU box has
+    3.6) and ``LORA_KERNELS_WARP_SPECIALIZE`` is not ``0`` (an escape hatch until the GPU
+    campaign has run these configs)."""
+    import inspect
+    import os
+
+    import triton.language as tl
+    if os.environ.get("LORA_KERNELS_WARP_SPECIALIZE", "1") == "0":
+        return False
+    return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
 def prune_persistent(configs, named_args, **kwargs):
     """Keep the persistent configs that fit shared memory at this element size and whose
     accumulator stays ≤ 128 fp32 per thread (≤ 64 with the dX dropout epilogue, or with the
     in-loop u accumulator and its la tiles: 128x256 / 8 warps spilled 24 B in sm_90 compiles);
-    fp32 inputs keep only BLOCK_K = 32 (4-byte tiles). Never returns an empty list."""
+    fp32 inputs keep only BLOCK_K = 32 (4-byte tiles); warp-specialised ones only where
+    :func:`warp_specialize_enabled`. Never returns an empty list."""
     elt = named_args["a_ptr"].element_size()
     cap = 64 if kwargs.get("DROPOUT") or kwargs.get("LORA") == 2 else 128
+    ws_ok = warp_specialize_enabled()
     keep = [c for c in configs if stage_bytes(c, elt) <= SMEM_BYTES
-            and acc_per_thread(c) <= cap and (elt < 4 or c.kwargs["BLOCK_K"] <= 32)]
-    return keep or [configs[-1]]
+            and acc_per_thread(c) <= cap and (elt < 4 or c.kwargs["BLOCK_K"] <= 32)
+            and (ws_ok or not c.kwargs.get("WARP_SPEC"))]
+    return keep or [next(c for c in reversed(configs) if not c.kwargs.get("WARP_SPEC"))]
 
 
 def prune_small(configs, named_args, **kwargs):
