@@ -55,9 +55,11 @@ def seed_arg(seed) -> int:
 
 
 @triton.jit
-def _halves_keep(word, threshold):
-    """(keep of the low 16-bit half, keep of the high half) of one uint32 Philox word."""
-    return (word & 0xFFFF) >= threshold, (word >> 16) >= threshold
+def _halves_keep(word, threshold, hi_threshold):
+    """(keep of the low 16-bit half, keep of the high half) of one uint32 Philox word. The
+    high half is compared on the whole word: ``word >> 16 >= T  ⟺  word > T·2¹⁶ − 1`` (one
+    instruction less; ``hi_threshold`` is that bound, wrapping to 2³² − 1 for T = 2¹⁶)."""
+    return (word & 0xFFFF) >= threshold, word > hi_threshold
 
 
 @triton.jit
@@ -74,15 +76,17 @@ def keep_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.co
     g_cols = (col0 // 8 + tl.arange(0, COLS // 8)).to(tl.int64)
     counter = g_rows[:, None] * groups + g_cols[None, :]
     w0, w1, w2, w3 = tl.randint4x(seed, counter)
-    l0, h0 = _halves_keep(w0, threshold)
-    l1, h1 = _halves_keep(w1, threshold)
-    l2, h2 = _halves_keep(w2, threshold)
-    l3, h3 = _halves_keep(w3, threshold)
+    # T ≥ 1 whenever a mask is drawn (p > 0), so the bound below never wraps to "drop all".
+    hi = (threshold.to(tl.uint32) << 16) - 1
+    l0, h0 = _halves_keep(w0, threshold, hi)
+    l1, h1 = _halves_keep(w1, threshold, hi)
+    l2, h2 = _halves_keep(w2, threshold, hi)
+    l3, h3 = _halves_keep(w3, threshold, hi)
     # join appends a minor axis: join(join(w0, w2), join(w1, w3)) orders words 0,1,2,3 along
     # [.., 2, 2] (index 2·a + b), and the last join puts the half innermost.
-    lo = tl.join(tl.join(l0, l2), tl.join(l1, l3))
-    hi = tl.join(tl.join(h0, h2), tl.join(h1, h3))
-    lanes = tl.join(lo, hi)  # [ROWS, COLS/8, 2, 2, 2] = (word pair, word, half)
+    lows = tl.join(tl.join(l0, l2), tl.join(l1, l3))
+    highs = tl.join(tl.join(h0, h2), tl.join(h1, h3))
+    lanes = tl.join(lows, highs)  # [ROWS, COLS/8, 2, 2, 2] = (word pair, word, half)
     return tl.reshape(lanes, (ROWS, COLS))
 
 

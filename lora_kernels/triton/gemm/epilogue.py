@@ -27,18 +27,12 @@ def lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride
 
     Register budget, from sm_90 compiles (ptxas -v) of the 128-row dX tiles with dropout:
     adding the term in the epilogue instead needs a second fp32 tile next to the main one
-    (the mask applies to this term only) and spilled up to 10 KB per thread; seeding, with the
-    mask drawn *before* the low-rank dot and folded into one per-element factor, compiles
-    spill-free at 64 accumulator elements per thread. 128 elements per thread still spill, so
-    those configs are pruned when the dX carries dropout (``configs.prune_dropout``). Rank
-    chunks of BLOCK_R loop, so any r fits.
+    (the mask applies to this term only) and spilled up to 10 KB per thread; seeding compiles
+    spill-free at 64 accumulator elements per thread (bench/sass_report.py). 128 elements per
+    thread spilled with the v1 mask, so those configs are pruned when the dX carries dropout
+    (``configs.prune_dropout``). Rank chunks of BLOCK_R loop, so any r fits.
     """
     rr = tl.arange(0, BLOCK_R)
-    if DROPOUT:
-        # dX's mask is the forward's mask on x: element (m, k) of dX is element (m, k) of the
-        # [M, K] mask grid, and K is this GEMM's N.
-        keep = keep_tile(seed, row0, col0, N, drop_threshold, BLOCK_M, BLOCK_N)
-        fac = tl.where(keep, drop_scale * scaling, 0.0)
     low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r_ok = (r0 + rr) < R
@@ -48,9 +42,12 @@ def lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride
                       mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         low = tl.dot(u, lbt, low, input_precision=PRECISION)
     if DROPOUT:
-        # where, not a bare product: a dropped element is 0 even when the term is inf/NaN (as
-        # in the reference); testing fac keeps no second mask tile alive.
-        low = tl.where(fac != 0.0, low * fac, 0.0)
+        # dX's mask is the forward's mask on x: element (m, k) of dX is element (m, k) of the
+        # [M, K] mask grid, and K is this GEMM's N. Drawn after the rank dot, so no mask tile
+        # is live across it; where, not a product: a dropped element is 0 even when the term
+        # is inf/NaN (as in the reference).
+        keep = keep_tile(seed, row0, col0, N, drop_threshold, BLOCK_M, BLOCK_N)
+        low = tl.where(keep, low * (drop_scale * scaling), 0.0)
     else:
         low = low * scaling
     return low
