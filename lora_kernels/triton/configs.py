@@ -137,15 +137,29 @@ def warp_specialize_enabled() -> bool:
 
 def prune_persistent(configs, named_args, **kwargs):
     """Keep the persistent configs that fit shared memory at this element size and whose
-    accumulator stays ≤ 128 fp32 per thread (≤ 64 with the dX dropout epilogue, or with the
-    in-loop u accumulator and its la tiles: 128x256 / 8 warps spilled 24 B in sm_90 compiles);
-    fp32 inputs keep only BLOCK_K = 32 (4-byte tiles); warp-specialised ones only where
-    :func:`warp_specialize_enabled`. Never returns an empty list."""
+    accumulator stays ≤ 128 fp32 per thread (≤ 64 with the dX dropout epilogue on the pointer
+    path, or with the in-loop u accumulator and its la tiles: 128x256 / 8 warps spilled 24 B in sm_90 compiles);
+    fp32 inputs keep only BLOCK_K = 32 (4-byte tiles); warp-specialised ones only with
+    descriptors and where :func:`warp_specialize_enabled`. Never returns an empty list."""
     elt = named_args["a_ptr"].element_size()
-    cap = 64 if kwargs.get("DROPOUT") or kwargs.get("LORA") == 2 else 128
-    ws_ok = warp_specialize_enabled()
-    keep = [c for c in configs if stage_bytes(c, elt) <= SMEM_BYTES
-            and acc_per_thread(c) <= cap and (elt < 4 or c.kwargs["BLOCK_K"] <= 32)
+    # With descriptors, 128x256 / 8 warps + the v2 dX mask compiles spill-free (255 registers,
+    # sm_90a, Triton 3.8); 128x128 / 4 warps (also 128 per thread) spilled 8 B, and the
+    # pointer path at 128 per thread 88 B.
+    tma = kwargs.get("STORE") == 1
+    small = bool(kwargs.get("DROPOUT")) or kwargs.get("LORA") == 2
+
+    def fits(c):
+        acc = acc_per_thread(c)
+        if small:
+            return acc <= 64 or (tma and not kwargs.get("LORA") == 2 and c.num_warps == 8
+                                 and acc <= 128)
+        return acc <= 128
+
+    # Warp specialisation (with the tile loop flattened into the K loop) only with descriptor
+    # loads: on the pointer path 128x256 / 8 warps spilled 24-100 B in sm_90a compiles.
+    ws_ok = tma and warp_specialize_enabled()
+    keep = [c for c in configs if stage_bytes(c, elt) <= SMEM_BYTES and fits(c)
+            and (elt < 4 or c.kwargs["BLOCK_K"] <= 32)
             and (ws_ok or not c.kwargs.get("WARP_SPEC"))]
     return keep or [next(c for c in reversed(configs) if not c.kwargs.get("WARP_SPEC"))]
 

@@ -8,8 +8,11 @@
 
 Both run the one K loop of :mod:`mainloop`; the variant is the spec's constexprs
 (:mod:`spec`, :mod:`modes`). Persistent programs build their tensor descriptors once and walk
-their tiles in a ``tl.range`` that Triton may warp-specialise (``WARP_SPEC``: producer warps
-issue the TMA loads of the next tile while consumer warps run this tile's epilogue).
+their tiles in a ``tl.range`` that Triton may flatten into the K loop and warp-specialise
+(``WARP_SPEC``: producer warps issue the TMA loads of the next tile while consumer warps run
+this tile's epilogue). In sm_90a compiles with Triton 3.8 this takes effect for the plain and
+in-loop bodies; the seeded body (a nested rank loop before the K loop) compiles to the same
+code as without it.
 
 Bytes and FLOPs of the persistent forward at M = 8192, K = N = 4096, r = 16, bf16, seeded
 mode (xa precomputed by the shrink): minimum = x + W + y = 64 + 32 + 64 MiB and
@@ -136,7 +139,7 @@ def gemm_kernel(
     if SCHEDULE == SCHED_PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0),
-                             warp_specialize=WARP_SPEC):
+                             warp_specialize=WARP_SPEC, flatten=WARP_SPEC):
             _dense_tile(tile, 0, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_ptr, lb_ptr,
                         ws_ptr, wsu_ptr, cnt_ptr, a_desc, w_desc, o_desc, M, N, K, R,
                         stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
