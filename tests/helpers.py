@@ -79,17 +79,9 @@ def assert_within_contract(name, got, want64, comp, dtype, device, context="") -
 # machine without one: Triton asks its driver only for these when it compiles (warmup=True).
 SM90_FAKE_DRIVER = r'''
 import os, sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-
-class _FakeDriver:
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_active_torch_device(self): return torch.device("cpu")
-    def get_device_interface(self): return torch.cuda
-    def get_benchmarker(self): return None
-driver.set_active(_FakeDriver())
+sys.path.insert(0, "bench")
+from sass_report import install_fake_sm90_driver
+install_fake_sm90_driver()
 '''
 
 

@@ -16,47 +16,19 @@ shape of the problem:
 
 from __future__ import annotations
 
-import functools
-import os
-
-import torch
 import triton
+
+# Device facts live in device.py; these names stay importable from here for kernel files.
+from lora_kernels.triton.device import (dot_precision, fp32_precision,  # noqa: F401
+                                        interpreting, num_sms)
 
 # The split-K workspace is allocated for the largest split any small-M config may choose.
 MAX_SPLIT_K = 8
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def fp32_precision() -> str:
-    """tl.dot input precision for fp32 inputs, following torch's own switch for fp32 matmuls:
-    ``torch.set_float32_matmul_precision("high")`` (or ``"medium"``) allows tf32 tensor cores
-    (within the project's 5e-4 GPU fp32 tolerance), the default ``"highest"`` keeps exact fp32
-    (CUDA-core FMAs, slow). ``LORA_KERNELS_FP32_PRECISION=tf32|ieee|tf32x3`` overrides."""
-    env = os.environ.get("LORA_KERNELS_FP32_PRECISION", "").strip().lower()
-    if env:
-        return env
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    # For fp16/bf16 operands "tf32" is Triton's default and means "tensor cores": pass it, not
-    # "ieee", which is only meaningful (and slow) for fp32.
-    return fp32_precision() if dtype == torch.float32 else "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """SM count (the interpreter pretends to have 2, so tiny test shapes still split)."""
-    if device.type != "cuda":
-        return 2
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+# M at or below which the GEMM takes the decode path: 16 rows is the smallest tile tl.dot
+# accepts, so a 16-row tile wastes nothing at M ≤ 16 while a 128-row one idles 127/128 rows.
+DECODE_MAX_ROWS = 16
+# M at or below which the medium (bandwidth-bound on W) configs are tried.
+MEDIUM_MAX_ROWS = 256
 
 
 def m_bucket(m: int) -> int:
@@ -70,9 +42,9 @@ def rank_block(r: int, cap: int = 64) -> int:
     return min(max(16, triton.next_power_of_2(max(int(r), 1))), cap)
 
 
-def _cfg(bm, bn, bk, warps, stages, split=1, group=8):
+def _cfg(bm, bn, bk, warps, stages, split=1, group=8, ws=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group,
-                          "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+                          "SPLIT_K": split, "WARP_SPEC": ws}, num_warps=warps, num_stages=stages)
 
 
 # ---- the fused GEMM (forward, dX, dW) -------------------------------------------------------
@@ -108,6 +80,88 @@ GEMM_SMALL = [
     for bn in (32, 64, 128) for bk in (128, 256) for split in (1, 2, 4, 8) if bn * bk <= 16384
 ] + [_cfg(16, 64, 64, 4, 4, 1, group=1), _cfg(16, 32, 64, 4, 5, 2, group=1)]
 assert max(c.kwargs["SPLIT_K"] for c in GEMM_SMALL) <= MAX_SPLIT_K
+
+
+# Persistent + TMA (large M, Hopper): grid = SMs × CTAs/SM. Warp-specialised variants let
+# producer warps stream the next tile's operands while this tile's epilogue runs; plain ones
+# rely on the software pipeline. prune_persistent() drops what does not fit shared memory or
+# the register file for this call.
+GEMM_PERSISTENT = [
+    _cfg(128, 256, 64, 8, 3, ws=True),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 4, ws=True),
+    _cfg(128, 128, 64, 4, 4),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(128, 128, 32, 8, 4),  # fp32/tf32
+]
+
+# Shared memory per SM usable by one CTA on H100/H200 (227 KiB), and the register file.
+SMEM_BYTES = 227 * 1024
+REGS_PER_SM = 65536
+
+
+def stage_bytes(cfg: triton.Config, elt: int) -> int:
+    """Shared memory of a config's pipeline: num_stages × (a tile + w tile) plus the output
+    staging tile of a descriptor store."""
+    k = cfg.kwargs
+    return (cfg.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * elt
+            + k["BLOCK_M"] * k["BLOCK_N"] * elt)
+
+
+def acc_per_thread(cfg: triton.Config) -> int:
+    """fp32 accumulator elements each thread holds."""
+    return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] // (32 * cfg.num_warps)
+
+
+def ctas_per_sm(cfg: triton.Config, elt: int = 2) -> int:
+    """Resident CTAs per SM a persistent grid counts on (shared memory and registers: the
+    accumulator plus ~64 registers of addressing per thread)."""
+    by_smem = SMEM_BYTES // max(stage_bytes(cfg, elt), 1)
+    regs = (acc_per_thread(cfg) + 64) * 32 * cfg.num_warps
+    return max(1, min(by_smem, REGS_PER_SM // regs, 2))
+
+
+def warp_specialize_enabled() -> bool:
+    """``tl.range(..., warp_specialize=True)`` exists in this Triton (3.4+; the GPU box has
+    3.6) and ``LORA_KERNELS_WARP_SPECIALIZE`` is not ``0`` (an escape hatch until the GPU
+    campaign has run these configs)."""
+    import inspect
+    import os
+
+    import triton.language as tl
+    if os.environ.get("LORA_KERNELS_WARP_SPECIALIZE", "1") == "0":
+        return False
+    return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
+def prune_persistent(configs, named_args, **kwargs):
+    """Keep the persistent configs that fit shared memory at this element size and whose
+    accumulator stays ≤ 128 fp32 per thread (≤ 64 with the dX dropout epilogue on the pointer
+    path, or with the in-loop u accumulator and its la tiles: 128x256 / 8 warps spilled 24 B in sm_90 compiles);
+    fp32 inputs keep only BLOCK_K = 32 (4-byte tiles); warp-specialised ones only with
+    descriptors and where :func:`warp_specialize_enabled`. Never returns an empty list."""
+    elt = named_args["a_ptr"].element_size()
+    # With descriptors, 128x256 / 8 warps + the v2 dX mask compiles spill-free (255 registers,
+    # sm_90a, Triton 3.8); 128x128 / 4 warps (also 128 per thread) spilled 8 B, and the
+    # pointer path at 128 per thread 88 B.
+    tma = kwargs.get("STORE") == 1
+    small = bool(kwargs.get("DROPOUT")) or kwargs.get("LORA") == 2
+
+    def fits(c):
+        acc = acc_per_thread(c)
+        if small:
+            return acc <= 64 or (tma and not kwargs.get("LORA") == 2 and c.num_warps == 8
+                                 and acc <= 128)
+        return acc <= 128
+
+    # Warp specialisation (with the tile loop flattened into the K loop) only with descriptor
+    # loads: on the pointer path 128x256 / 8 warps spilled 24-100 B in sm_90a compiles.
+    ws_ok = tma and warp_specialize_enabled()
+    keep = [c for c in configs if stage_bytes(c, elt) <= SMEM_BYTES and fits(c)
+            and (elt < 4 or c.kwargs["BLOCK_K"] <= 32)
+            and (ws_ok or not c.kwargs.get("WARP_SPEC"))]
+    return keep or [next(c for c in reversed(configs) if not c.kwargs.get("WARP_SPEC"))]
 
 
 def prune_small(configs, named_args, **kwargs):
@@ -154,7 +208,7 @@ def gemm_path(m: int, small_m_max: int) -> str:
     """Which autotune list (``GEMM_SMALL`` / ``_MEDIUM`` / ``_LARGE``) an M takes."""
     if m <= small_m_max:
         return "small"
-    return "medium" if m <= 256 else "large"
+    return "medium" if m <= MEDIUM_MAX_ROWS else "large"
 
 
 def gemm_interpret_config(path: str) -> dict:
@@ -162,8 +216,8 @@ def gemm_interpret_config(path: str) -> dict:
     odd shapes still cross tile and split boundaries (the small path splits K in two, so the
     split-K reduction runs too)."""
     if path == "small":
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SPLIT_K=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, SPLIT_K=2, WARP_SPEC=False)
+    return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, SPLIT_K=1, WARP_SPEC=False)
 
 
 # ---- rank-sized kernels (shrink, dA/dB reductions over M) -----------------------------------

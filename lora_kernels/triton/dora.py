@@ -18,7 +18,8 @@ import triton.language as tl
 
 from lora_kernels.triton import configs as C
 from lora_kernels.triton.fused_gemm import fused_gemm
-from lora_kernels.triton.lora_linear import SMALL_M_MAX, _on_device, lora_mode
+from lora_kernels.triton.device import on_device
+from lora_kernels.triton.lora_linear import SMALL_M_MAX, lora_mode
 from lora_kernels.triton.lowrank import shrink
 
 __all__ = ["dora_weight_a", "dora_linear_fwd", "dora_scale_grad"]
@@ -30,7 +31,7 @@ def dora_weight_a(weight: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     out = torch.empty(N, lora_a.shape[0], dtype=torch.float32, device=weight.device)
     if N == 0 or K == 0 or lora_a.shape[0] == 0:
         return out.zero_()
-    with _on_device(weight):
+    with on_device(weight):
         return shrink(weight, lora_a, out)
 
 
@@ -49,7 +50,7 @@ def dora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     mode = lora_mode(M, r, 0.0) if mode is None else mode
     common = dict(bias=bias, col_scale=col_scale.contiguous(), small_m_max=SMALL_M_MAX,
                   config=config)
-    with _on_device(x):
+    with on_device(x):
         if r == 0:
             fused_gemm(x, weight, y, **common)
         elif mode == 1:
@@ -110,7 +111,7 @@ def dora_scale_grad(dy: torch.Tensor, y_pre: torch.Tensor, bias: Optional[torch.
     grid_m = triton.cdiv(M, bm)
     part = torch.empty(grid_m, N, dtype=torch.float32, device=dy.device) if need_dot else None
     dummy = dy
-    with _on_device(dy):
+    with on_device(dy):
         _scale_grad_kernel[(grid_m, triton.cdiv(N, bn))](
             dy, y_pre if need_dot else dummy, bias if bias is not None else dummy,
             col_scale.contiguous(), g if need_g else dummy, part if need_dot else dummy, M, N,

@@ -1,12 +1,18 @@
-"""Counter-based dropout mask for the LoRA branch: the @triton.jit helper every kernel calls,
-and the mask kernel behind the backend's ``dropout_keep_mask``.
+"""Counter-based dropout mask (definition v2) for the LoRA branch: the @triton.jit tile helper
+every kernel calls, and the mask kernel behind the backend's ``dropout_keep_mask``.
 
-``keep[m, k] = (philox4x32_10(seed, m·K + k)[0] >> 8) >= ceil(p·2²⁴)`` — the same bits as
-``lora_kernels.reference.dropout_keep_mask`` (docs/BACKENDS.md). Kernels call :func:`philox_keep`
-on whatever tile they hold, so the mask is regenerated wherever it is needed (forward shrink,
-dX epilogue, dA) and never stored.
+Element (m, k) of a ``[rows, cols]`` grid, with ``G = ceil(cols/8)``: Philox4x32-10 keyed by
+the seed at counter ``g = m·G + k // 8`` gives four 32-bit words; lane ``j = k % 8`` takes the
+16-bit half ``j % 2`` of word ``j // 2``, and the element is kept iff that value is
+``>= ceil(p·2¹⁶)`` (docs/BACKENDS.md; the oracle is ``reference.dropout_keep_mask``).
 
-Other kernel files may import :func:`philox_keep`, :func:`drop_threshold` and :func:`seed_arg`.
+A kernel holding a tile whose first column is a multiple of 8 draws ONE ``tl.randint4x`` per 8
+elements (:func:`keep_tile`): ~60 integer instructions of Philox shared by 8 elements plus a
+shift/mask/compare each, instead of a whole Philox call per element (v1). The mask is
+regenerated wherever it is needed (forward shrink, dX epilogue, dA) and never stored.
+
+This module is the runtime's own copy of the definition: it does not import the oracle
+(``lora_kernels.reference``), which tests compare it against bit for bit.
 """
 
 from __future__ import annotations
@@ -18,60 +24,98 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.reference import seed_int64
+__all__ = ["keep_tile", "drop_threshold", "drop_scale", "seed_arg", "dropout_keep_mask",
+           "KEEP_GROUP"]
 
-__all__ = ["philox_keep", "drop_threshold", "seed_arg", "dropout_keep_mask"]
+# Elements per Philox call: 4 words × 2 16-bit halves. Tiles passed to keep_tile are a
+# multiple of this wide and start at a multiple of it.
+KEEP_GROUP = 8
 
 
 def drop_threshold(p: float) -> int:
-    """Integer threshold T with ``keep ⟺ (bits >> 8) >= T``.
-
-    The reference compares ``(bits >> 8)·2⁻²⁴ >= p`` in float64. Passing p to a kernel would
-    round it to fp32, which can move it across a multiple of 2⁻²⁴ and flip single mask bits;
-    ``ceil(p·2²⁴)`` is exact in float64 (a power-of-two scaling) and the integer compare is
-    then bit-for-bit the reference's.
-    """
+    """``ceil(p·2¹⁶)``: an element is kept iff its 16 random bits are ``>=`` this. Passing p to
+    a kernel would round it to fp32 and could flip single mask bits; ``p·2¹⁶`` is exact in
+    float64 and the integer compare is bit-for-bit the reference's. 0 (keep all) for p <= 0."""
     if p <= 0.0:
         return 0
-    return int(math.ceil(float(p) * 16777216.0))
+    return int(math.ceil(float(p) * 65536.0))
 
 
-# The seed as a signed 64-bit Python int: Triton types ints past int64 as uint64, and
-# ``tl.randint`` widens any int seed to uint64 two's-complement, like the reference's
-# ``seed & (2⁶⁴ − 1)``.
-seed_arg = seed_int64
+def drop_scale(p: float) -> float:
+    """The inverted-dropout factor ``1/(1 − p)`` (1 without dropout)."""
+    return 1.0 / (1.0 - p) if p > 0.0 else 1.0
+
+
+def seed_arg(seed) -> int:
+    """The seed as the signed int64 carrying the same 64 bits (``seed & (2⁶⁴ − 1)`` in two's
+    complement): Triton types ints past int64 as uint64, and ``tl.randint4x`` widens any int
+    seed to uint64 two's-complement, so both spellings key Philox identically."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
 @triton.jit
-def philox_keep(seed, offsets, threshold):
-    """Keep-mask (int1 block) for int64 ``offsets`` = row·cols + col.
-
-    ``tl.randint`` splits an int64 offset into (lo32, hi32) counter words and runs
-    Philox4x32-10 keyed by (seed lo32, seed hi32); its first word is uint32, so ``>> 8`` is a
-    logical shift and the top 24 bits are compared as integers.
-    """
-    bits = tl.randint(seed, offsets)
-    return (bits >> 8) >= threshold
+def _halves_keep(word, threshold, hi_threshold):
+    """(keep of the low 16-bit half, keep of the high half) of one uint32 Philox word. The
+    high half is compared on the whole word: ``word >> 16 >= T  ⟺  word > T·2¹⁶ − 1`` (one
+    instruction less; ``hi_threshold`` is that bound, wrapping to 2³² − 1 for T = 2¹⁶)."""
+    return (word & 0xFFFF) >= threshold, word > hi_threshold
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
-def _keep_mask_kernel(out_ptr, numel, seed, threshold, BLOCK: tl.constexpr):
-    # The mask is laid out row-major, so the flat index *is* the Philox offset m·cols + k.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = philox_keep(seed, offs, threshold)
-    tl.store(out_ptr + offs, keep.to(tl.int8), mask=offs < numel)
+@triton.jit
+def keep_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Keep-mask ``[ROWS, COLS]`` (int1) of the grid rows ``row0 + i``, columns ``col0 + j``
+    of a ``[*, cols]`` mask. ``col0`` and ``COLS`` must be multiples of 8; ``row0`` may be any
+    int (int64 offsets: rows·ceil(cols/8) may pass 2³¹). Columns past ``cols`` come out as
+    whatever their counter gives: callers mask them on load/store.
+
+    One ``tl.randint4x`` per 8 elements on a ``[ROWS, COLS/8]`` grid; the eight 16-bit halves
+    are compared there and spread back to lanes with ``tl.join`` (j = 2·word + half)."""
+    groups = (cols + 7) // 8
+    g_rows = (row0 + tl.arange(0, ROWS)).to(tl.int64)
+    g_cols = (col0 // 8 + tl.arange(0, COLS // 8)).to(tl.int64)
+    counter = g_rows[:, None] * groups + g_cols[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    # T ≥ 1 whenever a mask is drawn (p > 0), so the bound below never wraps to "drop all".
+    hi = (threshold.to(tl.uint32) << 16) - 1
+    l0, h0 = _halves_keep(w0, threshold, hi)
+    l1, h1 = _halves_keep(w1, threshold, hi)
+    l2, h2 = _halves_keep(w2, threshold, hi)
+    l3, h3 = _halves_keep(w3, threshold, hi)
+    # join appends a minor axis: join(join(w0, w2), join(w1, w3)) orders words 0,1,2,3 along
+    # [.., 2, 2] (index 2·a + b), and the last join puts the half innermost.
+    lows = tl.join(tl.join(l0, l2), tl.join(l1, l3))
+    highs = tl.join(tl.join(h0, h2), tl.join(h1, h3))
+    lanes = tl.join(lows, highs)  # [ROWS, COLS/8, 2, 2, 2] = (word pair, word, half)
+    return tl.reshape(lanes, (ROWS, COLS))
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """The boolean mask ``[rows, cols]`` every Triton kernel here draws for ``(seed, p)``."""
+@triton.jit(do_not_specialize=["seed", "threshold", "row_offset"])
+def _keep_mask_kernel(out_ptr, rows, cols, row_offset, seed, threshold,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = keep_tile(seed, row_offset + pid_r * BLOCK_R, pid_c * BLOCK_C, cols, threshold,
+                     BLOCK_R, BLOCK_C)
+    offs = rr.to(tl.int64)[:, None] * cols + cc[None, :]
+    tl.store(out_ptr + offs, keep.to(tl.int8), mask=(rr < rows)[:, None] & (cc < cols)[None, :])
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
+                      row_offset: int = 0) -> torch.Tensor:
+    """The boolean mask ``[rows, cols]`` (rows ``row_offset..``) every Triton kernel here draws
+    for ``(seed, p)``."""
     out = torch.empty(rows, cols, dtype=torch.bool, device=device)
-    numel = rows * cols
     if p <= 0.0:
         return out.fill_(True)
-    if numel == 0:
+    if rows * cols == 0:
         return out
-    block = 1024
+    block_r, block_c = 16, 128
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
-        _keep_mask_kernel[(triton.cdiv(numel, block),)](
-            out.view(torch.int8), numel, seed_arg(seed), drop_threshold(p), BLOCK=block)
+        _keep_mask_kernel[grid](out.view(torch.int8), rows, cols, int(row_offset),
+                                seed_arg(seed), drop_threshold(p),
+                                BLOCK_R=block_r, BLOCK_C=block_c)
     return out

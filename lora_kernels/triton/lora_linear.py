@@ -1,8 +1,8 @@
 """Triton backend of the fused single-adapter LoRA linear (docs/BACKENDS.md, "Single adapter").
 
 Forward ``y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``: one fused GEMM writes y once (fused_gemm.py);
-the rank-sized ``xa = drop(x)·Aᵀ`` comes either from the GEMM's own K loop (``LORA=2``) or from
-a shrink kernel that reads x once before it (``LORA=1``), see :func:`lora_mode`.
+the rank-sized ``xa = drop(x)·Aᵀ`` comes either from the GEMM's own K loop (``IN_LOOP``) or from
+a shrink kernel that reads x once before it (``SEEDED``), see :func:`lora_mode`.
 
 Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
 
@@ -16,46 +16,46 @@ Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
 
+from lora_kernels.triton import configs as C
+from lora_kernels.triton.device import on_device
 from lora_kernels.triton.dropout import dropout_keep_mask
 from lora_kernels.triton.fused_gemm import fused_gemm
+from lora_kernels.triton.gemm.modes import LoraMode
 from lora_kernels.triton.lowrank import reduce_rows, shrink
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask"]
 
-# M at or below which the GEMM takes the decode path (16-row tiles, split-K): a 128-row tile
-# would leave 127/128 of its MMA rows and most SMs idle at M = 1.
-SMALL_M_MAX = 16
-# LORA=2 (u accumulated in the GEMM's K loop) costs ≈ r/BLOCK_N extra MMA work once the GEMM
-# is compute bound; LORA=1 costs a separate launch plus one read of x (M·K·2 bytes). On H100
+# M at or below which the GEMM takes the decode path (16-row tiles, split-K); a module global
+# so tests can move it.
+SMALL_M_MAX = C.DECODE_MAX_ROWS
+# IN_LOOP (u accumulated in the GEMM's K loop) costs ≈ r/BLOCK_N extra MMA work once the GEMM
+# is compute bound; SEEDED costs a separate launch plus one read of x (M·K·2 bytes). On H100
 # (≈700 dense bf16 TFLOP/s, ≈3 TB/s), K = N = 4096, BLOCK_N = 128 the two break even near
 # M·r ≈ 15k (r=16: M ≈ 940; r=64: M ≈ 140), hence this bound. Below it the GEMM is also
 # bandwidth bound on W, where the extra MMA work is free. Prediction, to be re-measured.
 FUSED_SHRINK_MAX_MR = 16384
-# The in-loop u accumulator lives in registers next to the main one: ranks above 64 go to LORA=1.
+# The in-loop u accumulator lives in registers next to the main one: ranks above 64 go to SEEDED.
 FUSED_SHRINK_MAX_R = 64
 
 
-def _on_device(t: torch.Tensor):
-    # Triton launches on torch's *current* device: tensors on cuda:1 while cuda:0 is current
-    # would otherwise be read from the wrong GPU.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
-
-def lora_mode(m: int, r: int, dropout_p: float) -> int:
-    """1 = precomputed shrink + epilogue, 2 = shrink fused in the GEMM's K loop.
+def lora_mode(m: int, r: int, dropout_p: float) -> LoraMode:
+    """``LoraMode.SEEDED`` (1) = precomputed shrink + seeded accumulator, ``LoraMode.IN_LOOP``
+    (2) = shrink fused in the GEMM's K loop.
 
     Dropout always takes mode 1: mode 2 would redraw the Philox mask of every x tile in every
     N-tile program (N/BLOCK_N times), ~60 integer ops per element on the CUDA cores — far
     more than the one draw per element the shrink kernel makes.
     """
     if dropout_p > 0.0 or r > FUSED_SHRINK_MAX_R:
-        return 1
-    return 2 if m <= SMALL_M_MAX or m * r <= FUSED_SHRINK_MAX_MR else 1
+        return LoraMode.SEEDED
+    if m <= SMALL_M_MAX or m * r <= FUSED_SHRINK_MAX_MR:
+        return LoraMode.IN_LOOP
+    return LoraMode.SEEDED
 
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -63,7 +63,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     dropout_p: float, seed: int, out: Optional[torch.Tensor] = None,
                     *, mode: Optional[int] = None, config: Optional[dict] = None):
     """``(y [M, N], xa [M, r])``; ``mode``/``config`` force a path (tests, benchmarks)."""
-    with _on_device(x):
+    with on_device(x):
         return _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, config)
 
 
@@ -78,14 +78,26 @@ def _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, c
     mode = lora_mode(M, r, dropout_p) if mode is None else mode
     if r == 0:
         fused_gemm(x, weight, y, bias=bias, small_m_max=SMALL_M_MAX, config=config)
-    elif mode == 1:
+    elif mode == LoraMode.SEEDED:
         shrink(x, lora_a, xa, dropout_p, seed)
-        fused_gemm(x, weight, y, bias=bias, lora=1, u=xa, lb=lora_b, scaling=scaling,
+        fused_gemm(x, weight, y, bias=bias, lora=LoraMode.SEEDED, u=xa, lb=lora_b, scaling=scaling,
                    small_m_max=SMALL_M_MAX, config=config)
     else:
-        fused_gemm(x, weight, y, bias=bias, lora=2, u=xa, la=lora_a, lb=lora_b,
+        fused_gemm(x, weight, y, bias=bias, lora=LoraMode.IN_LOOP, u=xa, la=lora_a, lb=lora_b,
                    scaling=scaling, small_m_max=SMALL_M_MAX, config=config)
     return y, xa
+
+
+def _degenerate_bwd(dy, x, weight, lora_a, lora_b, needs):
+    """K, N or r is 0: nothing worth a kernel. Every low-rank product is then empty or zero
+    (dyb = dY·B and xa are [M, 0], or dY is [M, 0], or x is [M, 0]), so dA and dB are zeros
+    and no dropout mask is needed."""
+    need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
+    return (dy @ weight.to(dy.dtype) if need_x else None,
+            (dy.t() @ x).to(weight.dtype) if need_w else None,
+            dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_b else None,
+            torch.zeros_like(lora_a) if need_a else None,
+            torch.zeros_like(lora_b) if need_bb else None)
 
 
 def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -93,7 +105,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     scaling: float, dropout_p: float, seed: int, needs: Sequence[bool],
                     *, config: Optional[dict] = None):
     """``(dx, dweight, dbias, dlora_a, dlora_b)``, ``None`` where ``needs`` is False."""
-    with _on_device(x):
+    with on_device(x):
         return _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, config)
 
 
@@ -103,9 +115,7 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
     N, r = weight.shape[0], lora_a.shape[0]
     dx = dw = db = da = dbb = None
     if K == 0 or N == 0 or r == 0:
-        from lora_kernels import reference  # degenerate sizes: nothing worth a kernel
-        return reference.lora_linear_backward(dy, x, weight, lora_a, lora_b, xa, scaling,
-                                              dropout_p, seed, needs)
+        return _degenerate_bwd(dy, x, weight, lora_a, lora_b, needs)
     dyb = None
     if need_x or need_a:
         # dyb = dY·B: the shrink kernel with Bᵀ (a [r, N] view) as its "A".
@@ -114,7 +124,7 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
         dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
         # dX[M, K] = dY[M, N]·W[N, K]: the kernel's "w" is Wᵀ (a [K, N] view), its low-rank
         # "lb" is Aᵀ (a [K, r] view); the dropout mask is drawn on dX's own (m, k) grid.
-        fused_gemm(dy, weight.t(), dx, lora=1, u=dyb, lb=lora_a.t(), scaling=scaling,
+        fused_gemm(dy, weight.t(), dx, lora=LoraMode.SEEDED, u=dyb, lb=lora_a.t(), scaling=scaling,
                    dropout_p=dropout_p, seed=seed, small_m_max=SMALL_M_MAX, config=config)
     if need_a:
         da = torch.empty_like(lora_a)

@@ -3,7 +3,7 @@ reductions over rows behind ``dA`` and ``dB``.
 
 Both read their big operand ([M, K] or [M, N]) exactly once and produce only rank-sized
 results ([M, r] or [K|N, r]); the dropout mask is regenerated from the seed on the tile being
-read (``philox_keep``), never loaded.
+read (``keep_tile``), never loaded.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.triton import configs as C
-from lora_kernels.triton.dropout import drop_threshold, philox_keep, seed_arg
+from lora_kernels.triton.dropout import drop_threshold, keep_tile, seed_arg
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
@@ -38,7 +38,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
         k_ok = (k + rk) < K
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
-            keep = philox_keep(seed, rm64[:, None] * K + (k + rk)[None, :], threshold)
+            keep = keep_tile(seed, pid_m * BLOCK_M, k, K, threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
@@ -53,7 +53,7 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
 def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float = 0.0,
            seed: int = 0) -> torch.Tensor:
     """``out[M, r] = drop(x)·aᵀ`` for ``x [M, K]``, ``a [r, K]`` (any strides). With dropout the
-    mask is the (seed, m·K + k) Philox mask on x."""
+    mask is the v2 keep-mask of x's [M, K] grid."""
     M, K = x.shape
     R = a.shape[0]
     cfg = C.shrink_config(M)
@@ -81,7 +81,8 @@ def _reduce_rows_kernel(l_ptr, r_ptr, out_ptr, M, P, Q, rows_per_split,
 
     P is the big side (K for dA, N for dB) and sits on the MMA's M dimension, Q is the rank:
     128-row tiles feed Hopper's wgmma, which a 16-row rank-side tile could not. The mask, when
-    on, is the Philox mask of ``l`` (x for dA) at counter m·P + p.
+    on, is the keep-mask of ``l``'s [M, P] grid (x for dA), drawn as [BLOCK_M, BLOCK_P] and
+    transposed.
     """
     pid_p = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -101,8 +102,8 @@ def _reduce_rows_kernel(l_ptr, r_ptr, out_ptr, M, P, Q, rows_per_split,
         lt = tl.load(l_ptr + rows[None, :] * stride_lm + rp64[:, None] * stride_lp,
                      mask=p_ok[:, None] & row_ok[None, :], other=0.0)
         if DROPOUT:
-            keep = philox_keep(seed, rows[None, :] * P + rp64[:, None], threshold)
-            lt = tl.where(keep, lt, 0.0)
+            keep = keep_tile(seed, m, pid_p * BLOCK_P, P, threshold, BLOCK_M, BLOCK_P)
+            lt = tl.where(tl.trans(keep), lt, 0.0)
         rt = tl.load(r_ptr + rows[:, None] * stride_rm + rq[None, :] * stride_rq,
                      mask=row_ok[:, None] & q_ok[None, :], other=0.0)
         acc = tl.dot(lt, rt, acc, input_precision=PRECISION)

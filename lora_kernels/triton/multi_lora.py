@@ -17,7 +17,7 @@ import functools
 import torch
 
 from lora_kernels.triton import configs as C
-from lora_kernels.triton.lora_linear import _on_device
+from lora_kernels.triton.device import on_device
 from lora_kernels.triton.multi_fused import launch_fused
 from lora_kernels.triton.multi_plan import (TUNING, SegConfig, fold_planes, grad_splits,
                                             override, plan, use_fused, use_pdl)
@@ -33,7 +33,7 @@ def _on_input_device(fn):
     """Triton launches on the *current* CUDA device: make it the first input's device."""
     @functools.wraps(fn)
     def wrapper(first, *args, **kwargs):
-        with _on_device(first):
+        with on_device(first):
             return fn(first, *args, **kwargs)
     return wrapper
 

@@ -1,0 +1,312 @@
+"""Static sm_90a report of the Triton kernels, on any CPU machine (no GPU needed).
+
+Every legal GEMM-core spec (``lora_kernels.triton.gemm.spec.legal_specs``) is launched through
+its real launcher (``fused_gemm``, ``multi_fused.launch_fused``, the shrink / dA / dB / mask
+kernels) at the target shape, with a fake sm_90 driver and ``warmup`` launches, so each
+reachable kernel × config is compiled by Triton's own ptxas; the SASS is read back with its
+cuobjdump. Per kernel it prints registers, spill bytes, shared memory, CTAs per SM, the grid
+against the SM count, HGMMA (wgmma) and UTMA (TMA) instruction counts, the SASS length, and
+for the dropout paths the extra SASS instructions per element the mask costs (static count:
+dropout variant minus the same kernel without it, per element each thread holds).
+
+    python bench/sass_report.py [--fast] [--check] [--json out.json]
+
+``--fast`` compiles the first reachable config of each (spec, operand form) instead of all of
+them (what CI runs); ``--check`` exits non-zero on any spill, or when the large-M forward or
+dX path (what ``fused_gemm`` picks at M = 8192 on a GPU) lacks wgmma or TMA.
+
+Target shape: M = 8192, K = N = 4096, r = 16, bf16 (the decode specs: M = 1). 132 SMs (H100
+SXM; an H200 has the same count). Everything here is static: GPU times are not predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+SMS = 132
+M_T, K_T, N_T, R_T = 8192, 4096, 4096, 16
+REGS_PER_SM, SMEM_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048
+
+
+class _FakeSm90Driver:
+    """What Triton asks its driver for when it only compiles (``warmup=True``)."""
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+    def get_device_interface(self): return torch.cuda
+    def get_benchmarker(self): return None
+
+
+def install_fake_sm90_driver() -> None:
+    """Make this process compile for sm_90 without a GPU (tests/helpers.SM90_FAKE_DRIVER)."""
+    driver.set_active(_FakeSm90Driver())
+
+
+@dataclass
+class Row:
+    kernel: str
+    form: str
+    config: str
+    grid: int
+    regs: int = 0
+    spill: int = 0
+    smem: int = 0
+    ctas_per_sm: int = 0
+    hgmma: int = 0
+    utma: int = 0
+    sass: int = 0
+    elems_per_thread: float = 0.0
+    drop_per_elem: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _opcodes(sass: str) -> list[str]:
+    """Opcodes of Triton's SASS dump (``ctrl<TAB>[@pred ]OPCODE operands;`` per line)."""
+    ops = []
+    for line in sass.splitlines():
+        if "\t" not in line:
+            continue
+        text = line.split("\t", 1)[1].strip()
+        if text.startswith("@"):
+            text = text.split(None, 1)[1] if " " in text else ""
+        m = re.match(r"([A-Z][A-Z0-9_.]*)", text)
+        if m:
+            ops.append(m.group(1))
+    return ops
+
+
+def _ptxas_usage(k) -> tuple[int, int]:
+    """(registers, spill-store bytes) from ptxas -v on the kernel's PTX (what the GPU driver
+    would report as n_regs / n_spills; the fake driver loads nothing)."""
+    import subprocess
+    import tempfile
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(k.asm["ptx"])
+        out = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", str(src), "-o",
+                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    return int(regs.group(1)) if regs else -1, int(spill.group(1)) if spill else -1
+
+
+def _ctas_per_sm(regs: int, smem: int, threads: int) -> int:
+    regs_warp = ((max(regs, 1) * 32 + 255) // 256) * 256  # allocated per warp in 256s
+    by_regs = REGS_PER_SM // (regs_warp * (threads // 32))
+    by_smem = SMEM_PER_SM // (smem + 1024) if smem else 32
+    return max(0, min(by_regs, by_smem, THREADS_PER_SM // threads, 32))
+
+
+class Compiler:
+    """Replaces the launchers' kernel objects: ``kernel[grid](*args, **kw)`` compiles (warmup)
+    every config left after the launcher's own pruning (or the first one with ``fast``)."""
+
+    def __init__(self, fast: bool):
+        self.fast = fast
+        self.rows: list[Row] = []
+        self.form = ""
+        # The p = 0 twin of a dropout kernel is compiled with the configs the dropout variant
+        # prunes to, so the two differ only in the mask code.
+        self.prune_as_dropout = False
+        self.only = None  # compile only forms containing this text
+
+    def wrap(self, fn, name, configs=None, prune=None, elems=None):
+        outer = self
+
+        class _Launch:
+            def __getitem__(self, grid):
+                def call(*args, **kw):
+                    if outer.only and outer.only not in f"{name} {outer.form}":
+                        return
+                    cfgs = [None]
+                    if configs:
+                        named = dict(zip(fn.arg_names, args))
+                        pkw = {**kw, "DROPOUT": True} if outer.prune_as_dropout else kw
+                        cfgs = prune(configs, named, **pkw) if prune else list(configs)
+                        if outer.fast:
+                            cfgs = cfgs[:1]
+                    for c in cfgs:
+                        outer._compile(fn, name, grid, args, kw, c, elems)
+                return call
+        return _Launch()
+
+    def _compile(self, fn, name, grid, args, kw, cfg, elems):
+        extra = dict(cfg.all_kwargs()) if cfg is not None else {}
+        meta = {**dict(zip(fn.arg_names, args)), **kw, **extra}
+        meta.setdefault("num_warps", 4)
+        meta.setdefault("num_stages", 3)
+        g = grid(meta) if callable(grid) else grid
+        k = fn.run(*args, grid=g, warmup=True, **kw, **extra)
+        threads = 32 * k.metadata.num_warps
+        ops = _opcodes(k.asm["sass"])
+        tile = {key: meta[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_P",
+                                           "WARP_SPEC") if key in meta}
+        tile.update(w=k.metadata.num_warps, s=meta["num_stages"])
+        regs, spill = _ptxas_usage(k)
+        row = Row(kernel=name, form=self.form, config=" ".join(f"{a}={b}" for a, b in tile.items()),
+                  grid=int(torch.tensor(g).prod()), regs=regs, spill=spill,
+                  smem=k.metadata.shared, hgmma=sum(o.startswith("HGMMA") for o in ops),
+                  utma=sum(o.startswith("UTMA") for o in ops), sass=len(ops))
+        row.ctas_per_sm = _ctas_per_sm(row.regs, row.smem, threads)
+        if elems is not None:
+            row.elems_per_thread = elems(meta) / threads
+        self.rows.append(row)
+
+
+def run(fast: bool, only: str | None = None) -> list[Row]:
+    install_fake_sm90_driver()
+    import lora_kernels as lk
+    import lora_kernels.triton.configs as C
+    import lora_kernels.triton.fused_gemm as FG
+    import lora_kernels.triton.lowrank as LR
+    import lora_kernels.triton.multi_fused as MF
+    import lora_kernels.triton.dropout as DR
+    from lora_kernels.triton.gemm.modes import LoraMode
+    from lora_kernels.triton.gemm.spec import legal_specs
+
+    C.num_sms = lambda device: SMS
+    FG.C.num_sms = C.num_sms
+    comp = Compiler(fast)
+    comp.only = only
+    tile_elems = lambda m: m["BLOCK_M"] * m["BLOCK_N"]
+    FG.autotuned = lambda shape_class, dev: comp.wrap(
+        FG.heuristic_kernel, "gemm", *FG._LISTS[shape_class], elems=tile_elems)
+    LR._shrink_kernel = comp.wrap(LR._shrink_kernel, "shrink",
+                                  elems=lambda m: m["BLOCK_M"] * m["BLOCK_K"])
+    LR._reduce_rows_kernel = comp.wrap(LR._reduce_rows_kernel, "reduce_rows",
+                                       elems=lambda m: m["BLOCK_P"] * m["BLOCK_M"])
+    DR._keep_mask_kernel = comp.wrap(DR._keep_mask_kernel, "keep_mask",
+                                     elems=lambda m: m["BLOCK_R"] * m["BLOCK_C"])
+
+    dt = torch.bfloat16
+    e = lambda *s: torch.empty(*s, dtype=dt)
+    for spec in legal_specs():
+        if spec.rows == "gathered":
+            continue
+        M = 1 if spec.schedule == "split_k" else M_T
+        path_max = 16 if spec.schedule == "split_k" else 0
+        x, w, b, y = e(M, K_T), e(N_T, K_T), e(N_T), e(M, N_T)
+        a, bb, u = e(R_T, K_T), e(N_T, R_T), e(M, R_T)
+        cs = torch.empty(N_T, dtype=torch.float32) if spec.col_scale == "vector" else None
+        lora = {"none": LoraMode.NONE, "seeded": LoraMode.SEEDED,
+                "in_loop": LoraMode.IN_LOOP}[spec.lowrank]
+        common = dict(lora=lora, u=u, la=a, lb=bb, scaling=2.0, col_scale=cs, small_m_max=path_max,
+                      schedule=spec.schedule, store=spec.store)
+        comp.form = f"{spec.name} fwd"
+        FG.fused_gemm(x, w, y, bias=b, **common)
+        if spec.lowrank == "seeded":  # the dX form: N-major Wᵀ view, dropout mask epilogue
+            dy, dx = e(M, N_T), e(M, K_T)
+            for p in (0.0, 0.1):
+                comp.form = f"{spec.name} dX p={p}"
+                comp.prune_as_dropout = True
+                FG.fused_gemm(dy, w.t(), dx, **{**common, "la": None, "lb": a.t(), "u": e(M, R_T)},
+                              dropout_p=p, seed=7)
+            comp.prune_as_dropout = False
+        if spec.lowrank == "none" and spec.schedule == "tiles" and spec.col_scale == "none":
+            comp.form = f"{spec.name} dW"
+            FG.fused_gemm(e(M_T, N_T).t(), e(M_T, K_T).t(), e(N_T, K_T), small_m_max=0)
+
+    x = e(M_T, K_T)
+    reduce_config = C.reduce_config
+    C.reduce_config = lambda dropout=False: reduce_config(True)  # same tiles for both twins
+    for p in (0.0, 0.1):
+        comp.form = f"shrink p={p}"
+        LR.shrink(x, e(R_T, K_T), e(M_T, R_T), p, 7)
+        comp.form = f"dA reduce p={p}"
+        LR.reduce_rows(x, e(M_T, R_T), e(R_T, K_T).t(), 2.0, p, 7)
+    C.reduce_config = reduce_config
+    comp.form = "keep mask"
+    DR.dropout_keep_mask(7, M_T, K_T, 0.1)
+
+    # The multi-adapter fused forward (gathered rows, per-slot epilogue), first GPU config.
+    S, T = 64, 8192
+    batch = lk.LoRABatch.from_adapter_ids(torch.arange(T) % 8, S)
+    comp.form = f"{MF.SPEC.name} fwd"
+    MF._fused_even_k = comp.wrap(MF._fused_even_k, "multi_gemm",
+                                 elems=tile_elems)
+    cfg0 = C.MULTI_FUSED[0]
+    MF.launch_fused(e(T, K_T), e(N_T, K_T), None, e(T, N_T), torch.empty(T, R_T),
+                    e(S, N_T, R_T), None, torch.tensor([0, N_T], dtype=torch.int32), batch,
+                    R=R_T, n_slices=1, prec="tf32", lora_prec="tf32", interpret=False,
+                    config={**cfg0.kwargs, "num_warps": cfg0.num_warps,
+                            "num_stages": cfg0.num_stages})
+    _dropout_cost(comp.rows)
+    return comp.rows
+
+
+def _dropout_cost(rows: list[Row]) -> None:
+    """Extra SASS per element of the p > 0 variant over the same kernel and config at p = 0."""
+    base = {(r.kernel, r.form.replace("p=0.1", "p=0.0"), r.config): r for r in rows
+            if "p=0.0" in r.form}
+    for r in rows:
+        if "p=0.1" in r.form:
+            b = base.get((r.kernel, r.form.replace("p=0.1", "p=0.0"), r.config))
+            if b is not None and r.elems_per_thread:
+                r.drop_per_elem = (r.sass - b.sass) / r.elems_per_thread
+
+
+def print_table(rows: list[Row]) -> None:
+    head = ("kernel", "form", "config", "regs", "spill", "smem KiB", "CTA/SM", "grid/SMs",
+            "HGMMA", "UTMA", "SASS", "drop instr/elem")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        drop = "" if r.drop_per_elem is None else f"{r.drop_per_elem:.1f}"
+        waves = r.grid / (SMS * max(r.ctas_per_sm, 1))
+        print(f"| {r.kernel} | {r.form} | {r.config} | {r.regs} | {r.spill} | "
+              f"{r.smem / 1024:.0f} | {r.ctas_per_sm} | {r.grid}/{SMS} ({waves:.2f} waves) | "
+              f"{r.hgmma} | {r.utma} | {r.sass} | {drop} |")
+
+
+def check(rows: list[Row]) -> list[str]:
+    """Failures: any spill; a large-M forward / dX path (persistent-tma, the default at
+    M = 8192 on a GPU) without wgmma or TMA."""
+    bad = [f"{r.kernel} {r.form} {r.config}: {r.spill} B spilled" for r in rows if r.spill]
+    hot = [r for r in rows if r.kernel == "gemm" and "persistent-tma" in r.form
+           and ("fwd" in r.form or "dX" in r.form)]
+    if not hot:
+        bad.append("no large-M persistent-tma forward/dX kernel was compiled")
+    bad += [f"{r.kernel} {r.form} {r.config}: HGMMA={r.hgmma} UTMA={r.utma}" for r in hot
+            if not (r.hgmma and r.utma)]
+    return bad
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fast", action="store_true", help="first reachable config per form only")
+    ap.add_argument("--check", action="store_true", help="fail on spills / missing wgmma+TMA")
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--only", help="compile only kernels whose 'kernel form' contains this")
+    args = ap.parse_args(argv)
+    rows = run(args.fast, args.only)
+    print_table(rows)
+    print(f"\ncompiled {len(rows)} kernels")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    if args.check:
+        bad = check(rows)
+        for b in bad:
+            print("FAIL:", b)
+        return 1 if bad else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The @triton.jit entry points of the GEMM core: schedule ∘ mainloop ∘ epilogue.
+
+* :func:`gemm_kernel` — ``out = col_scale·(a·wᵀ + low-rank) + bias`` on dense rows: the
+  single-adapter forward (``a = x, w = W``), dX (``a = dY, w = Wᵀ`` view) and dW
+  (``a = dYᵀ, w = xᵀ`` views), under every schedule of :mod:`schedule`;
+* :func:`multi_gemm_kernel` — the multi-adapter forward on gathered (sorted) rows with the
+  per-slot low-rank epilogue.
+
+Both run the one K loop of :mod:`mainloop`; the variant is the spec's constexprs
+(:mod:`spec`, :mod:`modes`). Persistent programs build their tensor descriptors once and walk
+their tiles in a ``tl.range`` that Triton may flatten into the K loop and warp-specialise
+(``WARP_SPEC``: producer warps issue the TMA loads of the next tile while consumer warps run
+this tile's epilogue). In sm_90a compiles with Triton 3.8 this takes effect for the plain and
+in-loop bodies; the seeded body (a nested rank loop before the K loop) compiles to the same
+code as without it.
+
+Bytes and FLOPs of the persistent forward at M = 8192, K = N = 4096, r = 16, bf16, seeded
+mode (xa precomputed by the shrink): minimum = x + W + y = 64 + 32 + 64 MiB and
+2·M·N·K = 275 GFLOP; this kernel reads each x row panel once per N tile and W once per
+GROUP_M row tiles (both mostly from L2), reads xa [M, r] (0.25 MiB) and writes y once: HBM
+traffic ≈ the minimum + 0.25 MiB, MMA work = minimum + 2·M·N·r (+0.4%). The shrink that
+makes xa reads x once more (+64 MiB), which the in-loop mode avoids at +r/BLOCK_N MMA work.
+"""
+
+import triton
+import triton.language as tl
+
+from lora_kernels.triton.gemm.epilogue import (in_loop_term, lowrank_seed, per_slot_term,
+                                               scale_bias, store_rank_rows, store_tile)
+from lora_kernels.triton.gemm.mainloop import mainloop
+from lora_kernels.triton.gemm.modes import (LORA_IN_LOOP, LORA_SEEDED, ROWS_DENSE,
+                                            ROWS_GATHERED, SCHED_PERSISTENT, SCHED_SPLIT_K,
+                                            STORE_POINTER, STORE_TMA)
+from lora_kernels.triton.gemm.operands import a_rows, descriptors
+from lora_kernels.triton.gemm.schedule import (grouped_tile, k_slab, split_k_publish,
+                                               split_k_publish_rows, split_k_sum,
+                                               split_k_sum_rows)
+
+
+@triton.jit
+def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_ptr, lb_ptr,
+                ws_ptr, wsu_ptr, cnt_ptr, a_desc, w_desc, o_desc,
+                M, N, K, R, stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
+                stride_um, stride_ur, stride_lar, stride_lak, stride_lbn, stride_lbr, stride_b,
+                stride_cs, scaling, seed, drop_threshold, drop_scale,
+                HAS_BIAS: tl.constexpr, LORA: tl.constexpr, DROPOUT: tl.constexpr,
+                COL_SCALE: tl.constexpr, SCHEDULE: tl.constexpr, STORE: tl.constexpr,
+                W_KMAJOR: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One output tile (one K slab of it under split-K) of :func:`gemm_kernel`."""
+    pid_m, pid_n = grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    rm64, a_off, m_ok = a_rows(a_ptr, a_ptr, row0, M, stride_am, ROWS_DENSE, BLOCK_M)
+    rn64 = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = rn64 < N
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    k_lo, k_hi = k_slab(pid_k, K, SPLIT_K, BLOCK_K)
+    rk64 = (k_lo + tl.arange(0, BLOCK_K)).to(tl.int64)
+    a_ptrs = a_ptr + a_off[:, None] + rk64[None, :] * stride_ak
+    w_ptrs = w_ptr + rn64[None, :] * stride_wn + rk64[:, None] * stride_wk
+    la_ptrs = la_ptr + rr[None, :].to(tl.int64) * stride_lar + rk64[:, None] * stride_lak
+
+    # The split-K schedule with a one-slab config is the tile schedule.
+    SPLIT: tl.constexpr = (SCHEDULE == SCHED_SPLIT_K) and (SPLIT_K > 1)
+    if LORA == LORA_SEEDED and not SPLIT:
+        acc = lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride_um,
+                           stride_ur, stride_lbn, stride_lbr, scaling, seed, drop_threshold,
+                           drop_scale, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0, col0,
+                          k_lo, k_hi, m_ok, n_ok, r_ok, stride_ak, stride_wk, stride_lak,
+                          STORE, LORA == LORA_IN_LOOP, True, True, EVEN_K, W_KMAJOR, PRECISION,
+                          BLOCK_K)
+    if LORA == LORA_IN_LOOP:
+        acc = in_loop_term(acc, u_acc, lb_ptr, rn64, n_ok, r_ok, stride_lbn, stride_lbr,
+                           scaling, BLOCK_R, PRECISION)
+
+    o_rows = rm64 * stride_om
+    if SPLIT:
+        if LORA == LORA_IN_LOOP:
+            if pid_n == 0:
+                split_k_publish_rows(wsu_ptr, u_acc, pid_k, rm64, m_ok, M, BLOCK_R)
+        last = split_k_publish(acc, ws_ptr, cnt_ptr, tile, pid_k, rm64, rn64, m_ok, n_ok, M,
+                               N, SPLIT_K)
+        if last:
+            if LORA == LORA_SEEDED:
+                acc = lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R,
+                                   stride_um, stride_ur, stride_lbn, stride_lbr, scaling, seed,
+                                   drop_threshold, drop_scale, DROPOUT, BLOCK_M, BLOCK_N,
+                                   BLOCK_R, PRECISION)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = split_k_sum(acc, ws_ptr, rm64, rn64, m_ok, n_ok, M, N, SPLIT_K)
+            if LORA == LORA_IN_LOOP:
+                if pid_n == 0:
+                    u_sum = split_k_sum_rows(wsu_ptr, u_acc, rm64, m_ok, M, BLOCK_R, SPLIT_K)
+                    store_rank_rows(u_ptr, u_sum, rm64, m_ok, r_ok, stride_um, stride_ur,
+                                    BLOCK_R)
+            acc = scale_bias(acc, cs_ptr, bias_ptr, rn64, n_ok, stride_cs, stride_b, COL_SCALE,
+                             HAS_BIAS)
+            store_tile(acc, out_ptr, o_desc, row0, col0, o_rows, rn64, m_ok, n_ok, stride_on,
+                       STORE_POINTER)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # the ticket is back at zero for the next launch
+    else:
+        if LORA == LORA_IN_LOOP:
+            if pid_n == 0:
+                store_rank_rows(u_ptr, u_acc, rm64, m_ok, r_ok, stride_um, stride_ur, BLOCK_R)
+        acc = scale_bias(acc, cs_ptr, bias_ptr, rn64, n_ok, stride_cs, stride_b, COL_SCALE,
+                         HAS_BIAS)
+        store_tile(acc, out_ptr, o_desc, row0, col0, o_rows, rn64, m_ok, n_ok, stride_on, STORE)
+
+
+@triton.jit(do_not_specialize=["seed", "drop_threshold"])
+def gemm_kernel(
+    a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_ptr, lb_ptr, ws_ptr, wsu_ptr, cnt_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
+    stride_um, stride_ur, stride_lar, stride_lak, stride_lbn, stride_lbr, stride_b, stride_cs,
+    scaling, seed, drop_threshold, drop_scale,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, DROPOUT: tl.constexpr, COL_SCALE: tl.constexpr,
+    SCHEDULE: tl.constexpr, STORE: tl.constexpr, W_KMAJOR: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, WARP_SPEC: tl.constexpr,
+):
+    """``out = col_scale·(a·wᵀ + low-rank) + bias`` (fused_gemm.py documents the operands).
+    ``M_BUCKET`` only keys the autotuner."""
+    if STORE == STORE_TMA:
+        a_desc, w_desc, o_desc = descriptors(a_ptr, w_ptr, out_ptr, M, N, K, stride_am,
+                                             stride_wn, stride_wk, stride_om, W_KMAJOR,
+                                             BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        a_desc, w_desc, o_desc = a_ptr, w_ptr, out_ptr  # unused placeholders
+    if SCHEDULE == SCHED_PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0),
+                             warp_specialize=WARP_SPEC, flatten=WARP_SPEC):
+            _dense_tile(tile, 0, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_ptr, lb_ptr,
+                        ws_ptr, wsu_ptr, cnt_ptr, a_desc, w_desc, o_desc, M, N, K, R,
+                        stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
+                        stride_um, stride_ur, stride_lar, stride_lak, stride_lbn, stride_lbr,
+                        stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
+                        HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
+                        PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1)
+    else:
+        _dense_tile(tl.program_id(0), tl.program_id(1), a_ptr, w_ptr, out_ptr, bias_ptr,
+                    cs_ptr, u_ptr, la_ptr, lb_ptr, ws_ptr, wsu_ptr, cnt_ptr, a_desc, w_desc,
+                    o_desc, M, N, K, R, stride_am, stride_ak, stride_wn, stride_wk, stride_om,
+                    stride_on, stride_um, stride_ur, stride_lar, stride_lak, stride_lbn,
+                    stride_lbr, stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
+                    HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
+                    PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
+
+
+@triton.jit
+def multi_gemm_kernel(
+        X, W, BIAS, Y, XA, B, RANKS, BOUNDS, adapter_ids, sorted_ids,
+        T, N, K, R, S, n_slices, t_bucket,
+        stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_xat, stride_bs,
+        stride_bn, stride_rs, stride_rj, stride_b,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, PREC: tl.constexpr,
+        LORA_PREC: tl.constexpr):
+    """``y[t] = x[t]·Wᵀ + xa[t]·B_{slot(t)}ᵀ + b`` over sorted token positions (multi_fused.py
+    explains the layout). ``t_bucket`` only keys the autotuner."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N),
+                                GROUP_M)
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    tok, x_off, row_ok = a_rows(X, sorted_ids, row0, T, stride_xt, ROWS_GATHERED, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    rk64 = tl.arange(0, BLOCK_K).to(tl.int64)
+    x_ptrs = X + x_off[:, None] + rk64[None, :] * stride_xk
+    # Columns past N wrap: the main loop needs no column mask.
+    w_ptrs = W + (cols % N)[None, :].to(tl.int64) * stride_wn + rk64[:, None] * stride_wk
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc, _ = mainloop(acc, acc, x_ptrs, w_ptrs, x_ptrs, X, W, row0, col0, 0, K, row_ok, col_ok,
+                      col_ok, stride_xk, stride_wk, 0, STORE_POINTER, False, False, False,
+                      EVEN_K, False, PREC, BLOCK_K)
+    slots = tl.load(adapter_ids + tok, mask=row_ok, other=-1)
+    acc = per_slot_term(acc, XA, B, RANKS, BOUNDS, slots, tok, cols, col0, S, R, n_slices,
+                        stride_xat, stride_bs, stride_bn, stride_rs, stride_rj, HAS_RANKS,
+                        BLOCK_N, BLOCK_R, LORA_PREC)
+    cols64 = cols.to(tl.int64)
+    acc = scale_bias(acc, BIAS, BIAS, cols64, col_ok, 0, stride_b, 0, HAS_BIAS)
+    store_tile(acc, Y, Y, row0, col0, tok * stride_yt, cols64, row_ok, col_ok, 1,
+               STORE_POINTER)
