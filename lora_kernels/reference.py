@@ -475,3 +475,29 @@ def multi_lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, l
         if dx_s is not None and not isinstance(rows, slice):
             dx.index_add_(0, rows, dx_s)
     return dx, dw, db, da, dbb
+
+
+# ------------------------------------------------------------------------------------------
+# Mixture-of-experts LoRA (one expert projection): the float64 oracle of ops.moe_lora
+# ------------------------------------------------------------------------------------------
+def moe_lora_linear_reference(x, expert_weight, topk_ids, lora_a, lora_b, scaling,
+                              topk_weights=None):
+    """Per (token, expert) pair ``y[t, j] = x_p·W_eᵀ + s·(x_p·A_eᵀ)·B_eᵀ`` with ``e =
+    topk_ids[t, j]``, in float64, one pair at a time (the plainest statement of the math).
+
+    ``x`` is ``[T, K]`` (every pair of token t reads row t: a gate/up projection) or
+    ``[T, k, K]`` (pair (t, j) reads its own row: the down projection of the activated
+    intermediate). Returns ``[T, k, N]``; with ``topk_weights [T, k]`` the gate-weighted sum
+    over the k pairs, ``[T, N]`` (what a transformers MoE block adds to the residual)."""
+    T, k = topk_ids.shape
+    x64 = x.double()
+    w64, a64, b64 = expert_weight.double(), lora_a.double(), lora_b.double()
+    y = x64.new_zeros(T, k, expert_weight.shape[1])
+    for t in range(T):
+        for j in range(k):
+            e = int(topk_ids[t, j])
+            xp = x64[t] if x.dim() == 2 else x64[t, j]
+            y[t, j] = xp @ w64[e].t() + scaling * ((xp @ a64[e].t()) @ b64[e].t())
+    if topk_weights is None:
+        return y
+    return (y * topk_weights.double()[..., None]).sum(1)

@@ -98,6 +98,27 @@ def _batch_args():
     return list(batch.tensors()), batch.host_ints()
 
 
+def _moe_args(r):
+    """Samples of the MoE-LoRA ops: 5 experts (expert 2 empty), top-2 with a repeated expert,
+    per-token and per-pair x."""
+    from lora_kernels.ops.moe_lora import moe_plan
+    E, T, k, K, N, R = 5, 7, 2, 13, 11, 3
+    ids = torch.tensor([[3, 3], [0, 1], [4, 0], [1, 1], [0, 4], [3, 1], [4, 4]])
+    plan = moe_plan(ids, E)
+    x, xp, w = r(T, K, grad=True), r(T * k, K, grad=True), r(E, N, K)
+    A, B = r(E, R, K, grad=True), r(E, N, R, grad=True)
+    u = torch.randn(T * k, R)
+    return {
+        "moe_lora_linear": [(x, w, A, B, *plan, k, 0.5, "torch"),
+                            (xp, w, A, B, *plan, 1, 2.0, "torch")],
+        "moe_lora_linear_backward": [
+            (r(T * k, N), x.detach(), w, A.detach(), B.detach(), u, *plan, k, 0.5,
+             [True, True, True], "torch"),
+            (r(T * k, N), xp.detach(), w, A.detach(), B.detach(), u, *plan, 1, 2.0,
+             [False, True, False], "torch")],
+    }
+
+
 def _samples():
     g = torch.Generator().manual_seed(0)
 
@@ -115,7 +136,9 @@ def _samples():
     ranks = torch.tensor([4, 0, 2], dtype=torch.int32)
     ranks2 = torch.tensor([[4, 1], [0, 0], [2, 3]], dtype=torch.int32)
     xa_multi = torch.randn(T, R, generator=g)
+    moe = _moe_args(r)
     return {
+        **moe,
         "lora_linear": [
             (x, w, b, a1, b1, 0.5, 0.0, None, "torch"),
             (x, w, None, a1, b1, 2.0, 0.3, seed, "torch"),

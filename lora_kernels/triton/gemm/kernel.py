@@ -4,7 +4,9 @@
   single-adapter forward (``a = x, w = W``), dX (``a = dY, w = Wᵀ`` view) and dW
   (``a = dYᵀ, w = xᵀ`` views), under every schedule of :mod:`schedule`;
 * :func:`multi_gemm_kernel` — the multi-adapter forward on gathered (sorted) rows with the
-  per-slot low-rank epilogue.
+  per-slot low-rank epilogue;
+* :func:`moe_gemm_kernel` — the MoE-LoRA forward / dX over expert segments of gathered rows,
+  per-expert weight and in-loop per-expert LoRA (launcher: triton/moe_lora.py).
 
 Both run the one K loop of :mod:`mainloop`; the variant is the spec's constexprs
 (:mod:`spec`, :mod:`modes`). Persistent programs build their tensor descriptors once and walk
@@ -29,9 +31,9 @@ from lora_kernels.triton.gemm.modes import (LORA_IN_LOOP, LORA_SEEDED, ROWS_DENS
                                             ROWS_GATHERED, SCHED_PERSISTENT, SCHED_SPLIT_K,
                                             STORE_POINTER, STORE_TMA)
 from lora_kernels.triton.gemm.operands import a_rows, descriptors
-from lora_kernels.triton.gemm.schedule import (grouped_tile, k_slab, split_k_publish,
-                                               split_k_publish_rows, split_k_sum,
-                                               split_k_sum_rows)
+from lora_kernels.triton.gemm.schedule import (grouped_tile, k_slab, moe_segment_tile,
+                                               split_k_publish, split_k_publish_rows,
+                                               split_k_sum, split_k_sum_rows)
 
 
 @triton.jit
@@ -189,3 +191,50 @@ def multi_gemm_kernel(
     acc = scale_bias(acc, BIAS, BIAS, cols64, col_ok, 0, stride_b, 0, HAS_BIAS)
     store_tile(acc, Y, Y, row0, col0, tok * stride_yt, cols64, row_ok, col_ok, 1,
                STORE_POINTER)
+
+
+@triton.jit
+def moe_gemm_kernel(
+        A, W, LA, LB, OUT, U, TILES, SRC, DST, N, K, R,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+        stride_lae, stride_lar, stride_lak, stride_lbe, stride_lbn, stride_lbr,
+        stride_om, stride_on, stride_um, stride_ur, scaling,
+        STORE_U: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    """Grouped MoE-LoRA GEMM (schedule ``SCHED_MOE_SEGMENTS``): for the sorted pair positions
+    of one expert segment tile, ``out[DST[pos]] = a[SRC[pos]]·W_eᵀ + s·u·LB_eᵀ`` with the
+    in-loop ``u = a[SRC[pos]]·LA_eᵀ`` (written to ``U[pos]`` when STORE_U). The forward runs
+    it on (x, W_e, A_e, B_e), dX on (dy, W_eᵀ view, B_eᵀ view, A_eᵀ view): the same K loop as
+    every other GEMM of the package, the expert weight is never combined with B_e·A_e."""
+    e, row0, row_end = moe_segment_tile(TILES, tl.program_id(0))
+    if e >= 0:
+        col0 = tl.program_id(1) * BLOCK_N
+        pos = row0 + tl.arange(0, BLOCK_M)
+        row_ok = pos < row_end
+        src = tl.load(SRC + pos, mask=row_ok, other=0).to(tl.int64)
+        rn64 = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = rn64 < N
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        rk64 = tl.arange(0, BLOCK_K).to(tl.int64)
+        e64 = e.to(tl.int64)
+        a_ptrs = A + src[:, None] * stride_am + rk64[None, :] * stride_ak
+        w_ptrs = W + e64 * stride_we + rn64[None, :] * stride_wn + rk64[:, None] * stride_wk
+        la_ptrs = (LA + e64 * stride_lae + rr[None, :].to(tl.int64) * stride_lar
+                   + rk64[:, None] * stride_lak)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, A, W, row0, col0, 0, K,
+                              row_ok, n_ok, r_ok, stride_ak, stride_wk, stride_lak,
+                              STORE_POINTER, True, True, True, EVEN_K, True, PRECISION,
+                              BLOCK_K)
+        acc = in_loop_term(acc, u_acc, LB + e64 * stride_lbe, rn64, n_ok, r_ok, stride_lbn,
+                           stride_lbr, scaling, BLOCK_R, PRECISION)
+        if STORE_U:
+            if tl.program_id(1) == 0:
+                store_rank_rows(U, u_acc, pos.to(tl.int64), row_ok, r_ok, stride_um,
+                                stride_ur, BLOCK_R)
+        dst = tl.load(DST + pos, mask=row_ok, other=0).to(tl.int64)
+        store_tile(acc, OUT, OUT, row0, col0, dst * stride_om, rn64, row_ok, n_ok, stride_on,
+                   STORE_POINTER)

@@ -1,0 +1,102 @@
+"""MoE-LoRA op (ops/moe_lora.py) against the float64 oracle: torch backend and Triton (the
+interpreter on CPU), odd shapes, an odd expert count with empty experts, top-2 with an expert
+repeated within a token, per-token and per-pair x, gate weights; validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import TOL, interpreting, rel_err, triton_device
+from lora_kernels import moe_lora_linear
+from lora_kernels.ops.moe_lora import moe_plan
+from lora_kernels.reference import moe_lora_linear_reference
+
+E, T, TOPK, K, N, R = 5, 9, 2, 33, 19, 4
+BACKENDS = ["torch"] + (["triton"] if triton_device() is not None else [])
+
+
+def _case(seed=0, per_pair=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, E, (T, TOPK), generator=g)
+    ids[ids == 2] = 4      # expert 2 gets no token
+    ids[0] = 3             # token 0 routes to expert 3 twice (repeated expert)
+    x = torch.randn(*((T, TOPK, K) if per_pair else (T, K)), generator=g)
+    w = torch.randn(E, N, K, generator=g) / K ** 0.5
+    a = torch.randn(E, R, K, generator=g) / K ** 0.5
+    b = torch.randn(E, N, R, generator=g)
+    gw = torch.rand(T, TOPK, generator=g)
+    dev = triton_device() or "cpu"
+    return [t.to(dev, dtype) for t in (x, w, a, b, gw)] + [ids.to(dev)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_pair", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_forward_and_grads_match_float64(backend, per_pair, gated):
+    x, w, a, b, gw, ids = _case(per_pair=per_pair)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, gw)]
+    xr, ar, br, gr = (t.detach().double().requires_grad_() for t in (x, a, b, gw))
+    y = moe_lora_linear(leaves[0], w, ids, leaves[1], leaves[2], scaling=0.75,
+                        topk_weights=leaves[3] if gated else None, backend=backend)
+    yr = moe_lora_linear_reference(xr, w, ids, ar, br, 0.75, gr if gated else None)
+    assert y.shape == yr.shape == ((T, N) if gated else (T, TOPK, N))
+    assert rel_err(y, yr) <= TOL[torch.float32]
+    dy = torch.randn(yr.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (y * dy.to(y)).sum().backward()
+    (yr * dy).sum().backward()
+    for got, want, name in zip(leaves, (xr, ar, br, gr), ("x", "lora_a", "lora_b", "gate")):
+        if name == "gate" and not gated:
+            continue
+        assert rel_err(got.grad, want.grad) <= 5 * TOL[torch.float32], name
+    # The empty expert's factors get exactly zero gradient.
+    assert not leaves[1].grad[2].any() and not leaves[2].grad[2].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_deterministic_and_half_close(backend):
+    # The Triton interpreter's bf16 is unreliable (numpy has none): fp16 on CPU, bf16 on GPUs.
+    half = torch.bfloat16 if torch.cuda.is_available() and not interpreting() else torch.float16
+    x, w, a, b, _, ids = _case(seed=3, dtype=half)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        moe_lora_linear(leaves[0], w, ids, leaves[1], leaves[2], scaling=2.0,
+                        backend=backend).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for g0, g1 in zip(*grads):
+        assert torch.equal(g0, g1)
+    ref = moe_lora_linear_reference(x, w, ids, a, b, 2.0)
+    assert rel_err(moe_lora_linear(x, w, ids, a, b, scaling=2.0, backend=backend), ref) \
+        <= TOL[half]
+
+
+def test_plan_sorts_pairs_by_expert_stably():
+    ids = torch.tensor([[3, 0], [0, 3], [4, 4]])
+    pairs, offs = moe_plan(ids, 6)
+    assert pairs.tolist() == [1, 2, 0, 3, 4, 5]
+    assert offs.tolist() == [0, 2, 2, 2, 4, 6, 6]
+
+
+def test_no_tokens():
+    x, w, a, b, _, ids = _case()
+    y = moe_lora_linear(x[:0], w, ids[:0], a, b)
+    assert y.shape == (0, TOPK, N)
+
+
+@pytest.mark.parametrize("change, err, match", [
+    (dict(ids=torch.tensor([[0, 5]] * T)), ValueError, r"topk_ids must lie in \[0, 5\)"),
+    (dict(ids=torch.zeros(T, TOPK)), TypeError, "topk_ids must be an integer"),
+    (dict(x=torch.randn(T, K + 1)), ValueError, "x must have shape"),
+    (dict(a=torch.randn(E, R, K + 1)), ValueError, "lora_a must have shape"),
+    (dict(b=torch.randn(E, N, R + 1)), ValueError, "lora_b must have shape"),
+    (dict(gw=torch.rand(T, TOPK + 1)), ValueError, "topk_weights must have shape"),
+    (dict(w=torch.randn(E, N, K, requires_grad=True)), ValueError, "expert_weight must be frozen"),
+])
+def test_bad_input(change, err, match):
+    x, w, a, b, gw, ids = (t.cpu() for t in _case())
+    args = dict(x=x, w=w, a=a, b=b, gw=gw, ids=ids, **{})
+    args.update(change)
+    with pytest.raises(err, match=match):
+        moe_lora_linear(args["x"], args["w"], args["ids"], args["a"], args["b"],
+                        topk_weights=args["gw"], backend="torch")
