@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TOL, interpreting, rel_err, triton_device
+from helpers import SM90_FAKE_DRIVER, TOL, interpreting, rel_err, run_sm90_compile, triton_device
 from lora_kernels import moe_lora_linear
 from lora_kernels.ops.moe_lora import moe_plan
 from lora_kernels.reference import moe_lora_linear_reference
@@ -100,3 +100,54 @@ def test_bad_input(change, err, match):
     with pytest.raises(err, match=match):
         moe_lora_linear(args["x"], args["w"], args["ids"], args["a"], args["b"],
                         topk_weights=args["gw"], backend="torch")
+
+
+def test_torch_compile_fullgraph():
+    x, w, a, b, gw, ids = (t.cpu() for t in _case())
+    a.requires_grad_()
+
+    def f(x, a, gw):
+        return moe_lora_linear(x, w, ids, a, b, scaling=0.5, topk_weights=gw, backend="torch")
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, a, gw)
+    want = f(x, a, gw)
+    assert rel_err(got, want) <= 1e-6
+    got.sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+    torch._dynamo.reset()
+
+
+_SM90_SCRIPT = SM90_FAKE_DRIVER + r'''
+from triton.runtime.jit import JITFunction
+from sass_report import _ptxas_usage
+_run = JITFunction.run
+compiled = []
+def _compile_only(self, *args, grid, warmup, **kw):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kw)
+    regs, spills = _ptxas_usage(kernel)
+    compiled.append((self.fn.__name__, regs, spills, "mma.sync" in kernel.asm["ptx"] or
+                     "wgmma" in kernel.asm["ptx"]))
+JITFunction.run = _compile_only
+
+from lora_kernels.ops.moe_lora import moe_plan
+from lora_kernels.triton import moe_lora as M
+E, T, k, K, N, R = 64, 512, 8, 4096, 3072, 16   # the #18 benchmark layer's gate_up
+ids = torch.randint(0, E, (T, k))
+sp, offs = moe_plan(ids, E)
+bf = torch.bfloat16
+x, W = torch.empty(T, K, dtype=bf), torch.empty(E, N, K, dtype=bf)
+A, B = torch.empty(E, R, K, dtype=bf), torch.empty(E, N, R, dtype=bf)
+y, u = M.moe_lora_fwd(x, W, A, B, sp, offs, k, 1.0)
+M.moe_lora_bwd(torch.empty(T * k, N, dtype=bf), x, W, A, B, u, sp, offs, k, 1.0,
+               (True, True, True))
+for name, regs, spills, mma in compiled:
+    assert spills == 0, (name, regs, spills)
+    assert mma, name
+print("compiled", len(compiled), "kernels", compiled)
+'''
+
+
+def test_moe_kernels_compile_for_sm90_without_spills():
+    out = run_sm90_compile(_SM90_SCRIPT)
+    assert "moe_gemm_kernel" in out and "moe_rank_grad_kernel" in out

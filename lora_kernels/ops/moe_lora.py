@@ -42,10 +42,11 @@ def moe_plan(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     (stable: token order within an expert) and each expert's segment bounds. Device ops
     only (no host sync)."""
     flat = topk_ids.reshape(-1).to(torch.int64)
-    sorted_pairs = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    sorted_ids, sorted_pairs = torch.sort(flat, stable=True)
+    # Bounds by binary search on the sorted ids: static shapes (torch.compile traces it; a
+    # bincount's length would depend on the data) and no atomics.
+    bounds = torch.arange(num_experts + 1, dtype=torch.int64, device=flat.device)
+    offsets = torch.searchsorted(sorted_ids, bounds)
     return sorted_pairs, offsets
 
 
