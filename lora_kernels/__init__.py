@@ -7,7 +7,8 @@ from lora_kernels.nn import (LoRALinear, MultiLoRALinear, PackedLoRALinear, inje
                              lora_state_dict, mark_only_lora_as_trainable, merge_lora,
                              set_lora_batch, unmerge_lora, use_lora_batch)
 from lora_kernels.ops import (BackendUnavailableError, LoRABatch, lora_expand, lora_linear,
-                              lora_shrink, moe_lora_linear, multi_lora_linear)
+                              lora_shrink, moe_lora_linear, moe_multi_lora_linear,
+                              multi_lora_linear)
 from lora_kernels.adapters import AdapterPool, load_peft_adapter, save_peft_adapter
 from lora_kernels.integrations import patch_peft_model
 
@@ -17,6 +18,6 @@ __all__ = [
     "AdapterPool", "BackendUnavailableError", "LoRABatch", "LoRALinear", "MultiLoRALinear",
     "PackedLoRALinear", "inject_lora", "load_peft_adapter", "lora_expand", "lora_linear",
     "lora_shrink", "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora",
-    "moe_lora_linear", "multi_lora_linear", "patch_peft_model", "save_peft_adapter", "set_lora_batch",
+    "moe_lora_linear", "moe_multi_lora_linear", "multi_lora_linear", "patch_peft_model", "save_peft_adapter", "set_lora_batch",
     "unmerge_lora", "use_lora_batch", "__version__",
 ]

@@ -108,7 +108,13 @@ def _moe_args(r):
     x, xp, w = r(T, K, grad=True), r(T * k, K, grad=True), r(E, N, K)
     A, B = r(E, R, K, grad=True), r(E, N, R, grad=True)
     u = torch.randn(T * k, R)
+    from lora_kernels.ops.moe_lora import moe_multi_plan
+    S = 3
+    mplan = moe_multi_plan(ids, torch.tensor([0, -1, 2, 2, 1, -1, 0]), E, S)
+    MA, MB, sc = r(S, E, R, K), r(S, E, N, R), torch.tensor([0.5, 1.0, 2.0])
     return {
+        "moe_multi_lora_linear": [(x.detach(), w, MA, MB, sc, *mplan, k, "torch"),
+                                  (xp.detach(), w, MA, MB, sc, *mplan, 1, "torch")],
         "moe_lora_linear": [(x, w, A, B, *plan, k, 0.5, "torch"),
                             (xp, w, A, B, *plan, 1, 2.0, "torch")],
         "moe_lora_linear_backward": [

@@ -185,3 +185,87 @@ def moe_lora_linear(x: Tensor, expert_weight: Tensor, topk_ids: Tensor, lora_a: 
     if topk_weights is None:
         return y
     return (y * topk_weights.to(y.dtype)[..., None]).sum(1)
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-adapter variant (serving): each token also carries an adapter slot
+# ------------------------------------------------------------------------------------------
+def moe_multi_plan(topk_ids: Tensor, adapter_ids: Tensor, num_experts: int,
+                   num_slots: int) -> tuple[Tensor, Tensor]:
+    """``(sorted_pairs [P], offsets [E·(S+1) + 1])``: pairs sorted by (expert, slot), slot
+    -1 (base only) first within an expert, so a segment tile has one expert and one
+    adapter. Device ops only."""
+    k = topk_ids.shape[1]
+    slot = adapter_ids.to(torch.int64).repeat_interleave(k)
+    key = topk_ids.reshape(-1).to(torch.int64) * (num_slots + 1) + slot + 1
+    sorted_key, sorted_pairs = torch.sort(key, stable=True)
+    bounds = torch.arange(num_experts * (num_slots + 1) + 1, dtype=torch.int64,
+                          device=key.device)
+    return sorted_pairs, torch.searchsorted(sorted_key, bounds)
+
+
+@torch.library.custom_op("lora_kernels::moe_multi_lora_linear", mutates_args=())
+def _moe_multi_op(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scalings: Tensor,
+                  sorted_pairs: Tensor, offsets: Tensor, group: int, backend: str) -> Tensor:
+    if sorted_pairs.shape[0] == 0:
+        return x.new_empty(0, weight.shape[1])
+    return _impl(backend, "moe_multi_lora_fwd")(x, weight, lora_a, lora_b, scalings,
+                                                sorted_pairs, offsets, group)
+
+
+@_moe_multi_op.register_fake
+def _(x, weight, lora_a, lora_b, scalings, sorted_pairs, offsets, group, backend):
+    return x.new_empty(sorted_pairs.shape[0], weight.shape[1])
+
+
+def moe_multi_lora_linear(x: Tensor, expert_weight: Tensor, topk_ids: Tensor, lora_a: Tensor,
+                          lora_b: Tensor, adapter_ids: Tensor, *, scalings,
+                          topk_weights: Optional[Tensor] = None,
+                          backend: str = "auto") -> Tensor:
+    """:func:`moe_lora_linear` for a batch of adapters (inference; no autograd): token t uses
+    slot ``adapter_ids[t]`` of ``lora_a [S, E, r, K]`` / ``lora_b [S, E, N, r]`` with scaling
+    ``scalings[slot]`` (a float for all, or ``[S]``); slot -1 runs the base experts only.
+    A grouped GEMM over (expert, slot) segments, the low-rank term in the accumulator."""
+    V.tensor("x", x)
+    V.tensor("expert_weight", expert_weight, 3)
+    V.tensor("lora_a", lora_a, 4)
+    V.tensor("lora_b", lora_b, 4)
+    E, N, K = expert_weight.shape
+    _check_ids(topk_ids, E)
+    T, k = topk_ids.shape
+    S, r = lora_a.shape[0], lora_a.shape[2]
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must have shape [T, K] or [T, k, K], got {tuple(x.shape)}")
+    V.shape("x", x, (T, K) if x.dim() == 2 else (T, k, K),
+            "[T, K]" if x.dim() == 2 else "[T, k, K]")
+    V.shape("lora_a", lora_a, (None, E, None, K), "[S, E, r, K]")
+    V.shape("lora_b", lora_b, (S, E, N, r), "[S, E, N, r]")
+    if not isinstance(adapter_ids, Tensor) or adapter_ids.dtype.is_floating_point or \
+            adapter_ids.dtype == torch.bool or adapter_ids.shape != (T,):
+        raise ValueError(f"adapter_ids must be an integer tensor of shape [T] = [{T}]")
+    if T and not torch.compiler.is_compiling():
+        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+        if lo < -1 or hi >= S:
+            raise ValueError(f"adapter_ids must lie in [-1, {S}), got values in [{lo}, {hi}]")
+    if isinstance(scalings, Tensor):
+        V.shape("scalings", scalings, (S,), "[S]")
+        scalings = scalings.to(device=x.device, dtype=torch.float32).contiguous()
+    else:
+        scalings = torch.full((S,), V.scalar("scalings", scalings), dtype=torch.float32,
+                              device=x.device)
+    if topk_weights is not None:
+        V.tensor("topk_weights", topk_weights, 2)
+        V.shape("topk_weights", topk_weights, (T, k), "[T, k]")
+    V.same_device("x", x, expert_weight=expert_weight, topk_ids=topk_ids, lora_a=lora_a,
+                  lora_b=lora_b, adapter_ids=adapter_ids)
+    dtype = V.compute_dtype(x, expert_weight)
+    group = k if x.dim() == 2 else 1
+    x2 = x.reshape(T if group == k else T * k, K)
+    name = _backend.resolve_for(backend, x2, "moe_multi_lora_linear")
+    sorted_pairs, offsets = moe_multi_plan(topk_ids, adapter_ids, E, S)
+    y = torch.ops.lora_kernels.moe_multi_lora_linear(
+        x2.contiguous(), expert_weight, V.dense(lora_a, dtype), V.dense(lora_b, dtype),
+        scalings, sorted_pairs, offsets, group, name).view(T, k, N)
+    if topk_weights is None:
+        return y
+    return (y * topk_weights.to(y.dtype)[..., None]).sum(1)

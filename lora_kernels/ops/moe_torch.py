@@ -58,3 +58,23 @@ def moe_lora_bwd(dy, x, weight, lora_a, lora_b, u, sorted_pairs, offsets, group,
         dx_pair[sorted_pairs] = dxs
         dx = dx_pair.view(-1, group, K).sum(1)
     return dx, da, db
+
+
+def moe_multi_lora_fwd(x, weight, lora_a, lora_b, scalings, sorted_pairs, offsets, group):
+    """Multi-adapter forward: pairs sorted by (expert, slot), ``offsets [E·(S+1) + 1]``
+    (per expert: slot -1 = base only, then slots 0..S-1); ``lora_a [S, E, r, K]``,
+    ``lora_b [S, E, N, r]``, ``scalings [S]``. Returns ``y [P, N]`` in pair order."""
+    S = lora_a.shape[0]
+    xs = x[sorted_pairs // group]
+    ys = x.new_empty(sorted_pairs.shape[0], weight.shape[1])
+    scales = scalings.tolist()
+    for g, lo, hi in _segments(offsets):
+        e, slot = divmod(g, S + 1)
+        seg = xs[lo:hi]
+        ys[lo:hi] = seg @ weight[e].t()
+        if slot > 0:
+            a, b = lora_a[slot - 1, e], lora_b[slot - 1, e]
+            ys[lo:hi].addmm_((seg @ a.t()) * scales[slot - 1], b.t())
+    y = torch.empty_like(ys)
+    y[sorted_pairs] = ys
+    return y

@@ -44,30 +44,37 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(max(r, 1)))  # tl.dot needs K >= 16
 
 
-def tile_table(offsets: torch.Tensor, P: int, block_m: int) -> torch.Tensor:
-    """``[cdiv(P, BLOCK_M) + E, 3]`` int32 ``(expert or -1, row0, row_end)`` per M tile."""
-    E = offsets.shape[0] - 1
+def tile_table(offsets: torch.Tensor, P: int, block_m: int, slots: int = 0) -> torch.Tensor:
+    """``[cdiv(P, BLOCK_M) + segments, 4]`` int32 ``(expert or -1, slot, row0, row_end)`` per
+    M tile. ``offsets`` bounds ``E`` segments (``slots = 0``: slot 0 throughout) or
+    ``E·(slots + 1)`` (expert-major, then slot -1 (base only), 0, ..., slots - 1)."""
+    G = slots + 1 if slots else 1
+    n_seg = offsets.shape[0] - 1
     counts = offsets[1:] - offsets[:-1]
-    tiles_e = (counts + block_m - 1) // block_m
-    ends = torch.cumsum(tiles_e, 0)
-    t = torch.arange(triton.cdiv(P, block_m) + E, device=offsets.device)
-    e = torch.searchsorted(ends, t, right=True)
-    ec = e.clamp(max=E - 1)
-    row0 = offsets[ec] + (t - (ends[ec] - tiles_e[ec])) * block_m
-    return torch.stack([torch.where(e < E, e, -1), row0, offsets[ec + 1]], 1).to(torch.int32)
+    tiles_g = (counts + block_m - 1) // block_m
+    ends = torch.cumsum(tiles_g, 0)
+    t = torch.arange(triton.cdiv(P, block_m) + n_seg, device=offsets.device)
+    g = torch.searchsorted(ends, t, right=True)
+    gc = g.clamp(max=n_seg - 1)
+    row0 = offsets[gc] + (t - (ends[gc] - tiles_g[gc])) * block_m
+    expert = torch.where(g < n_seg, gc // G, -1)
+    slot = gc % G - 1 if slots else torch.zeros_like(gc)
+    return torch.stack([expert, slot, row0, offsets[gc + 1]], 1).to(torch.int32)
 
 
 def _grouped_gemm(a, w, la, lb, out, u, tiles, src, dst, N, K, R, w_strides, la_strides,
-                  lb_strides, scaling, block_m):
+                  lb_strides, scaling, block_m, scales=None, store_u=True):
+    """``la_strides`` / ``lb_strides``: (slot, expert, r, k) and (slot, expert, n, r)."""
     cfg = dict(_INTERPRET_CFG if interpreting() else _GPU_CFG)
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
     grid = (tiles.shape[0], triton.cdiv(N, cfg["BLOCK_N"]))
     moe_gemm_kernel[grid](
-        a, w, la, lb, out, u, tiles, src, dst, N, K, R,
+        a, w, la, lb, out, u, tiles, src, dst, tiles if scales is None else scales, N, K, R,
         a.stride(0), a.stride(1), *w_strides, *la_strides, *lb_strides,
         out.stride(0), out.stride(1), u.stride(0), u.stride(1), scaling,
-        STORE_U=True, BLOCK_R=_block_r(R), PRECISION=dot_precision(a.dtype),
-        EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_M=block_m, **cfg, **launch)
+        STORE_U=store_u, SLOT_SCALES=scales is not None, BLOCK_R=_block_r(R),
+        PRECISION=dot_precision(a.dtype), EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_M=block_m,
+        **cfg, **launch)
 
 
 def moe_lora_fwd(x, weight, lora_a, lora_b, sorted_pairs, offsets, group, scaling):
@@ -80,9 +87,23 @@ def moe_lora_fwd(x, weight, lora_a, lora_b, sorted_pairs, offsets, group, scalin
     u = x.new_empty(P, R)
     _grouped_gemm(x, weight, lora_a, lora_b, y, u, tiles, src, sorted_pairs, N, K, R,
                   (weight.stride(0), weight.stride(1), weight.stride(2)),
-                  (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
-                  (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), scaling, bm)
+                  (0, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
+                  (0, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), scaling, bm)
     return y, u
+
+
+def moe_multi_lora_fwd(x, weight, lora_a, lora_b, scalings, sorted_pairs, offsets, group):
+    """Multi-adapter forward (ops/moe_torch.py has the contract): segments per (expert,
+    slot), ``lora_a [S, E, r, K]``, ``lora_b [S, E, N, r]``, ``scalings [S]`` fp32."""
+    P, S, E = sorted_pairs.shape[0], lora_a.shape[0], weight.shape[0]
+    N, K, R = weight.shape[1], x.shape[1], lora_a.shape[2]
+    bm = _block_m(P, E)
+    tiles = tile_table(offsets, P, bm, slots=S)
+    y = x.new_empty(P, N)
+    _grouped_gemm(x, weight, lora_a, lora_b, y, y, tiles, sorted_pairs // group, sorted_pairs,
+                  N, K, R, (weight.stride(0), weight.stride(1), weight.stride(2)),
+                  lora_a.stride(), lora_b.stride(), 1.0, bm, scales=scalings, store_u=False)
+    return y
 
 
 @triton.jit
@@ -137,8 +158,8 @@ def moe_lora_bwd(dy, x, weight, lora_a, lora_b, u, sorted_pairs, offsets, group,
         # dX = dy·W_e + s·(dy·B_e)·A_e: the forward kernel on stride views (N and K swap).
         _grouped_gemm(dy, weight, lora_b, lora_a, dx_pair, g, tiles, sorted_pairs, sorted_pairs,
                       K, N, R, (weight.stride(0), weight.stride(2), weight.stride(1)),
-                      (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
-                      (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), scaling, bm)
+                      (0, lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
+                      (0, lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), scaling, bm)
         if need_x:
             dx = dx_pair if group == 1 else dx_pair.view(-1, group, K).sum(1)
         if need_a:

@@ -195,20 +195,25 @@ def multi_gemm_kernel(
 
 @triton.jit
 def moe_gemm_kernel(
-        A, W, LA, LB, OUT, U, TILES, SRC, DST, N, K, R,
+        A, W, LA, LB, OUT, U, TILES, SRC, DST, SCALES, N, K, R,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk,
-        stride_lae, stride_lar, stride_lak, stride_lbe, stride_lbn, stride_lbr,
+        stride_las, stride_lae, stride_lar, stride_lak,
+        stride_lbs, stride_lbe, stride_lbn, stride_lbr,
         stride_om, stride_on, stride_um, stride_ur, scaling,
-        STORE_U: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        STORE_U: tl.constexpr, SLOT_SCALES: tl.constexpr, BLOCK_R: tl.constexpr,
+        PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grouped MoE-LoRA GEMM (schedule ``SCHED_MOE_SEGMENTS``): for the sorted pair positions
-    of one expert segment tile, ``out[DST[pos]] = a[SRC[pos]]·W_eᵀ + s·u·LB_eᵀ`` with the
-    in-loop ``u = a[SRC[pos]]·LA_eᵀ`` (written to ``U[pos]`` when STORE_U). The forward runs
-    it on (x, W_e, A_e, B_e), dX on (dy, W_eᵀ view, B_eᵀ view, A_eᵀ view): the same K loop as
-    every other GEMM of the package, the expert weight is never combined with B_e·A_e."""
-    e, row0, row_end = moe_segment_tile(TILES, tl.program_id(0))
+    of one segment tile (expert e, adapter slot j), ``out[DST[pos]] = a[SRC[pos]]·W_eᵀ +
+    s_j·u·LB_{j,e}ᵀ`` with the in-loop ``u = a[SRC[pos]]·LA_{j,e}ᵀ`` (written to ``U[pos]``
+    when STORE_U); slot -1 is the base experts only (rank 0). The forward runs it on (x, W_e,
+    A_e, B_e), dX on (dy, W_eᵀ view, B_eᵀ view, A_eᵀ view): the same K loop as every other
+    GEMM of the package, the expert weight is never combined with B_e·A_e."""
+    e, slot, row0, row_end = moe_segment_tile(TILES, tl.program_id(0))
     if e >= 0:
+        s = scaling
+        if SLOT_SCALES:
+            s = scaling * tl.load(SCALES + tl.maximum(slot, 0))
         col0 = tl.program_id(1) * BLOCK_N
         pos = row0 + tl.arange(0, BLOCK_M)
         row_ok = pos < row_end
@@ -216,21 +221,22 @@ def moe_gemm_kernel(
         rn64 = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         n_ok = rn64 < N
         rr = tl.arange(0, BLOCK_R)
-        r_ok = rr < R
+        r_ok = rr < tl.where(slot >= 0, R, 0)
         rk64 = tl.arange(0, BLOCK_K).to(tl.int64)
         e64 = e.to(tl.int64)
+        j64 = tl.maximum(slot, 0).to(tl.int64)
         a_ptrs = A + src[:, None] * stride_am + rk64[None, :] * stride_ak
         w_ptrs = W + e64 * stride_we + rn64[None, :] * stride_wn + rk64[:, None] * stride_wk
-        la_ptrs = (LA + e64 * stride_lae + rr[None, :].to(tl.int64) * stride_lar
-                   + rk64[:, None] * stride_lak)
+        la_ptrs = (LA + j64 * stride_las + e64 * stride_lae
+                   + rr[None, :].to(tl.int64) * stride_lar + rk64[:, None] * stride_lak)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, A, W, row0, col0, 0, K,
                               row_ok, n_ok, r_ok, stride_ak, stride_wk, stride_lak,
                               STORE_POINTER, True, True, True, EVEN_K, True, PRECISION,
                               BLOCK_K)
-        acc = in_loop_term(acc, u_acc, LB + e64 * stride_lbe, rn64, n_ok, r_ok, stride_lbn,
-                           stride_lbr, scaling, BLOCK_R, PRECISION)
+        acc = in_loop_term(acc, u_acc, LB + j64 * stride_lbs + e64 * stride_lbe, rn64, n_ok,
+                           r_ok, stride_lbn, stride_lbr, s, BLOCK_R, PRECISION)
         if STORE_U:
             if tl.program_id(1) == 0:
                 store_rank_rows(U, u_acc, pos.to(tl.int64), row_ok, r_ok, stride_um,
