@@ -27,9 +27,25 @@ import triton.language as tl
 
 from lora_kernels.triton.device import dot_precision, interpreting
 from lora_kernels.triton.gemm.kernel import moe_gemm_kernel
+from lora_kernels.triton.gemm.modes import LORA_IN_LOOP, LORA_NONE, LORA_SEEDED
 
 _INTERPRET_CFG = dict(BLOCK_N=16, BLOCK_K=16)
 _GPU_CFG = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+# "in_loop" / "seeded" forces the low-rank mode of the single-adapter kernels (tests); None
+# picks by the number of N tiles (see lora_mode).
+FORCE_MODE = None
+
+
+def lora_mode(N: int) -> int:
+    """In-loop recomputes u = a·A_eᵀ in every N tile (+r/BLOCK_N MMA work per tile, no extra
+    pass); seeded pays one shrink pass (a grouped GEMM with N = r: one more read of the
+    gathered rows, 2·P·K·r FLOPs) and then r/K. With 4 or more N tiles the shrink is cheaper."""
+    if FORCE_MODE is not None:
+        return {"in_loop": LORA_IN_LOOP, "seeded": LORA_SEEDED}[FORCE_MODE]
+    block_n = (_INTERPRET_CFG if interpreting() else _GPU_CFG)["BLOCK_N"]
+    return LORA_SEEDED if triton.cdiv(N, block_n) >= 4 else LORA_IN_LOOP
 
 
 def _block_m(P: int, E: int) -> int:
@@ -63,18 +79,37 @@ def tile_table(offsets: torch.Tensor, P: int, block_m: int, slots: int = 0) -> t
 
 
 def _grouped_gemm(a, w, la, lb, out, u, tiles, src, dst, N, K, R, w_strides, la_strides,
-                  lb_strides, scaling, block_m, scales=None, store_u=True):
+                  lb_strides, scaling, block_m, scales=None, store_u=True,
+                  lora=LORA_IN_LOOP, block_n=None):
     """``la_strides`` / ``lb_strides``: (slot, expert, r, k) and (slot, expert, n, r)."""
     cfg = dict(_INTERPRET_CFG if interpreting() else _GPU_CFG)
+    if block_n is not None:
+        cfg["BLOCK_N"] = block_n
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
     grid = (tiles.shape[0], triton.cdiv(N, cfg["BLOCK_N"]))
     moe_gemm_kernel[grid](
         a, w, la, lb, out, u, tiles, src, dst, tiles if scales is None else scales, N, K, R,
         a.stride(0), a.stride(1), *w_strides, *la_strides, *lb_strides,
         out.stride(0), out.stride(1), u.stride(0), u.stride(1), scaling,
-        STORE_U=store_u, SLOT_SCALES=scales is not None, BLOCK_R=_block_r(R),
+        LORA=lora, STORE_U=store_u, SLOT_SCALES=scales is not None, BLOCK_R=_block_r(R),
         PRECISION=dot_precision(a.dtype), EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_M=block_m,
         **cfg, **launch)
+
+
+def _fused_term(a, w, la, lb, out, u, tiles, src, dst, N, K, R, w_strides, la_strides,
+                lb_strides, scaling, block_m):
+    """``out[dst] = a[src]·wᵀ + s·(a[src]·laᵀ)·lbᵀ`` per expert segment, ``u = a[src]·laᵀ``
+    (sorted order) filled as a by-product; the low-rank mode by :func:`lora_mode`."""
+    mode = lora_mode(N)
+    if mode == LORA_SEEDED:
+        # The shrink is the same grouped GEMM with w = la (N = r) and no low-rank term.
+        P = src.shape[0]
+        pos = torch.arange(P, device=src.device)
+        _grouped_gemm(a, la, la, la, u, u, tiles, src, pos, R, K, 0, la_strides[1:],
+                      (0,) * 4, (0,) * 4, 1.0, block_m, store_u=False, lora=LORA_NONE,
+                      block_n=_block_r(R))
+    _grouped_gemm(a, w, la, lb, out, u, tiles, src, dst, N, K, R, w_strides, (0, *la_strides[1:]),
+                  (0, *lb_strides[1:]), scaling, block_m, lora=mode)
 
 
 def moe_lora_fwd(x, weight, lora_a, lora_b, sorted_pairs, offsets, group, scaling):
@@ -85,10 +120,10 @@ def moe_lora_fwd(x, weight, lora_a, lora_b, sorted_pairs, offsets, group, scalin
     src = sorted_pairs // group
     y = x.new_empty(P, N)
     u = x.new_empty(P, R)
-    _grouped_gemm(x, weight, lora_a, lora_b, y, u, tiles, src, sorted_pairs, N, K, R,
-                  (weight.stride(0), weight.stride(1), weight.stride(2)),
-                  (0, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
-                  (0, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), scaling, bm)
+    _fused_term(x, weight, lora_a, lora_b, y, u, tiles, src, sorted_pairs, N, K, R,
+                (weight.stride(0), weight.stride(1), weight.stride(2)),
+                (0, lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
+                (0, lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), scaling, bm)
     return y, u
 
 
@@ -102,7 +137,8 @@ def moe_multi_lora_fwd(x, weight, lora_a, lora_b, scalings, sorted_pairs, offset
     y = x.new_empty(P, N)
     _grouped_gemm(x, weight, lora_a, lora_b, y, y, tiles, sorted_pairs // group, sorted_pairs,
                   N, K, R, (weight.stride(0), weight.stride(1), weight.stride(2)),
-                  lora_a.stride(), lora_b.stride(), 1.0, bm, scales=scalings, store_u=False)
+                  lora_a.stride(), lora_b.stride(), 1.0, bm, scales=scalings, store_u=False,
+                  lora=LORA_IN_LOOP)
     return y
 
 
@@ -156,10 +192,10 @@ def moe_lora_bwd(dy, x, weight, lora_a, lora_b, u, sorted_pairs, offsets, group,
         dx_pair = dy.new_empty(P, K)
         g = dy.new_empty(P, R)
         # dX = dy·W_e + s·(dy·B_e)·A_e: the forward kernel on stride views (N and K swap).
-        _grouped_gemm(dy, weight, lora_b, lora_a, dx_pair, g, tiles, sorted_pairs, sorted_pairs,
-                      K, N, R, (weight.stride(0), weight.stride(2), weight.stride(1)),
-                      (0, lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
-                      (0, lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), scaling, bm)
+        _fused_term(dy, weight, lora_b, lora_a, dx_pair, g, tiles, sorted_pairs, sorted_pairs,
+                    K, N, R, (weight.stride(0), weight.stride(2), weight.stride(1)),
+                    (0, lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
+                    (0, lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), scaling, bm)
         if need_x:
             dx = dx_pair if group == 1 else dx_pair.view(-1, group, K).sum(1)
         if need_a:

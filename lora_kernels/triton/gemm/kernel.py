@@ -200,7 +200,8 @@ def moe_gemm_kernel(
         stride_las, stride_lae, stride_lar, stride_lak,
         stride_lbs, stride_lbe, stride_lbn, stride_lbr,
         stride_om, stride_on, stride_um, stride_ur, scaling,
-        STORE_U: tl.constexpr, SLOT_SCALES: tl.constexpr, BLOCK_R: tl.constexpr,
+        LORA: tl.constexpr, STORE_U: tl.constexpr, SLOT_SCALES: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grouped MoE-LoRA GEMM (schedule ``SCHED_MOE_SEGMENTS``): for the sorted pair positions
@@ -208,7 +209,12 @@ def moe_gemm_kernel(
     s_j·u·LB_{j,e}ᵀ`` with the in-loop ``u = a[SRC[pos]]·LA_{j,e}ᵀ`` (written to ``U[pos]``
     when STORE_U); slot -1 is the base experts only (rank 0). The forward runs it on (x, W_e,
     A_e, B_e), dX on (dy, W_eᵀ view, B_eᵀ view, A_eᵀ view): the same K loop as every other
-    GEMM of the package, the expert weight is never combined with B_e·A_e."""
+    GEMM of the package, the expert weight is never combined with B_e·A_e.
+
+    ``LORA``: ``LORA_IN_LOOP`` (u from the K loop; recomputed by every N tile, +r/BLOCK_N MMA
+    work), ``LORA_SEEDED`` (``U`` holds u already, sorted order: the accumulator starts at
+    ``s·u·LB_eᵀ``; wins when there are many N tiles) or ``LORA_NONE`` (plain grouped GEMM:
+    with ``W = LA`` and N = r it *is* the shrink that makes the seeded mode's u)."""
     e, slot, row0, row_end = moe_segment_tile(TILES, tl.program_id(0))
     if e >= 0:
         s = scaling
@@ -229,15 +235,22 @@ def moe_gemm_kernel(
         w_ptrs = W + e64 * stride_we + rn64[None, :] * stride_wn + rk64[:, None] * stride_wk
         la_ptrs = (LA + j64 * stride_las + e64 * stride_lae
                    + rr[None, :].to(tl.int64) * stride_lar + rk64[:, None] * stride_lak)
+        lb = LB + j64 * stride_lbs + e64 * stride_lbe
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if LORA == LORA_SEEDED:
+            u = tl.load(U + pos[:, None].to(tl.int64) * stride_um + rr[None, :] * stride_ur,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = in_loop_term(acc, u.to(tl.float32), lb, rn64, n_ok, r_ok, stride_lbn,
+                               stride_lbr, s, BLOCK_R, PRECISION)
         u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, A, W, row0, col0, 0, K,
                               row_ok, n_ok, r_ok, stride_ak, stride_wk, stride_lak,
-                              STORE_POINTER, True, True, True, EVEN_K, True, PRECISION,
-                              BLOCK_K)
-        acc = in_loop_term(acc, u_acc, LB + j64 * stride_lbs + e64 * stride_lbe, rn64, n_ok,
-                           r_ok, stride_lbn, stride_lbr, s, BLOCK_R, PRECISION)
-        if STORE_U:
+                              STORE_POINTER, LORA == LORA_IN_LOOP, True, True, EVEN_K, True,
+                              PRECISION, BLOCK_K)
+        if LORA == LORA_IN_LOOP:
+            acc = in_loop_term(acc, u_acc, lb, rn64, n_ok, r_ok, stride_lbn, stride_lbr, s,
+                               BLOCK_R, PRECISION)
+        if STORE_U and LORA == LORA_IN_LOOP:
             if tl.program_id(1) == 0:
                 store_rank_rows(U, u_acc, pos.to(tl.int64), row_ok, r_ok, stride_um,
                                 stride_ur, BLOCK_R)
