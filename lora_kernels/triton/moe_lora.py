@@ -13,10 +13,14 @@ LoRA factors, the low-rank term in the accumulator (no ``W_e + s·B_e·A_e`` any
 * dA, dB:   :func:`moe_rank_grad_kernel`, one program per (expert, column tile) summing its
             segment in a fixed order: rank-sized outputs, deterministic, no atomics.
 
-Bytes (forward, bf16, 64 experts, top-8, 8192 tokens, K = 4096, N = 3072, r = 16): x 64 MiB
-gathered once per N tile (L2), W 64·3072·4096·2 = 1.5 GiB read once per M tile of its expert
-(L2-resident across its ~16 M tiles when GROUP-ed by the grid order), y 384 MiB written once;
-the in-loop u adds r/BLOCK_N = 12.5% MMA work at BLOCK_N = 128 and no HBM traffic.
+Bytes and FLOPs (prediction; forward of the #18 gate_up: bf16, E = 64, top-8, T = 8192 so
+P = 65536 pairs, K = 4096, N = 3072, r = 16): minimum traffic = W 1.5 GiB + gathered x 512 MiB +
+y 384 MiB; 2·P·N·K = 1.65 TFLOP. With GROUP_M = 16 row tiles sweeping the N tiles together,
+each expert's ~16 M tiles (1024 rows / 64) read W_e about once and their rows stay in L2:
+HBM ≈ the minimum (≈ 0.5 ms at 4.8 TB/s) against ≈ 2.5 ms of MMA at ~660 TFLOP/s, so the
+kernel is compute-bound and the LoRA cost is MMA work: seeded mode adds the shrink (2·P·K·r
+= 0.4%, plus one more read of the gathered x, 512 MiB ≈ 0.1 ms) and 2·P·N·r (0.4%); in-loop
+mode would add r/BLOCK_N = 12.5% here, which is why 24 N tiles pick the seeded mode.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from lora_kernels.triton.device import dot_precision, interpreting
 from lora_kernels.triton.gemm.kernel import moe_gemm_kernel
 from lora_kernels.triton.gemm.modes import LORA_IN_LOOP, LORA_NONE, LORA_SEEDED
 
-_INTERPRET_CFG = dict(BLOCK_N=16, BLOCK_K=16)
-_GPU_CFG = dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+_INTERPRET_CFG = dict(BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+_GPU_CFG = dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=16, num_warps=4, num_stages=3)
 
 
 # "in_loop" / "seeded" forces the low-rank mode of the single-adapter kernels (tests); None
@@ -86,9 +90,10 @@ def _grouped_gemm(a, w, la, lb, out, u, tiles, src, dst, N, K, R, w_strides, la_
     if block_n is not None:
         cfg["BLOCK_N"] = block_n
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-    grid = (tiles.shape[0], triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = (tiles.shape[0] * triton.cdiv(N, cfg["BLOCK_N"]),)
     moe_gemm_kernel[grid](
-        a, w, la, lb, out, u, tiles, src, dst, tiles if scales is None else scales, N, K, R,
+        a, w, la, lb, out, u, tiles, src, dst, tiles if scales is None else scales,
+        tiles.shape[0], N, K, R,
         a.stride(0), a.stride(1), *w_strides, *la_strides, *lb_strides,
         out.stride(0), out.stride(1), u.stride(0), u.stride(1), scaling,
         LORA=lora, STORE_U=store_u, SLOT_SCALES=scales is not None, BLOCK_R=_block_r(R),

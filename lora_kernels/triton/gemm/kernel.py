@@ -195,7 +195,7 @@ def multi_gemm_kernel(
 
 @triton.jit
 def moe_gemm_kernel(
-        A, W, LA, LB, OUT, U, TILES, SRC, DST, SCALES, N, K, R,
+        A, W, LA, LB, OUT, U, TILES, SRC, DST, SCALES, M_TILES, N, K, R,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk,
         stride_las, stride_lae, stride_lar, stride_lak,
         stride_lbs, stride_lbe, stride_lbn, stride_lbr,
@@ -203,7 +203,7 @@ def moe_gemm_kernel(
         LORA: tl.constexpr, STORE_U: tl.constexpr, SLOT_SCALES: tl.constexpr,
         BLOCK_R: tl.constexpr,
         PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped MoE-LoRA GEMM (schedule ``SCHED_MOE_SEGMENTS``): for the sorted pair positions
     of one segment tile (expert e, adapter slot j), ``out[DST[pos]] = a[SRC[pos]]·W_eᵀ +
     s_j·u·LB_{j,e}ᵀ`` with the in-loop ``u = a[SRC[pos]]·LA_{j,e}ᵀ`` (written to ``U[pos]``
@@ -215,12 +215,16 @@ def moe_gemm_kernel(
     work), ``LORA_SEEDED`` (``U`` holds u already, sorted order: the accumulator starts at
     ``s·u·LB_eᵀ``; wins when there are many N tiles) or ``LORA_NONE`` (plain grouped GEMM:
     with ``W = LA`` and N = r it *is* the shrink that makes the seeded mode's u)."""
-    e, slot, row0, row_end = moe_segment_tile(TILES, tl.program_id(0))
+    # Grouped raster over the table's M tiles (consecutive tiles are mostly one expert):
+    # GROUP_M row tiles sweep the N tiles together, so their gathered rows stay in L2 while
+    # W_e's panels are read about once per expert.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
+    e, slot, row0, row_end = moe_segment_tile(TILES, pid_m)
     if e >= 0:
         s = scaling
         if SLOT_SCALES:
             s = scaling * tl.load(SCALES + tl.maximum(slot, 0))
-        col0 = tl.program_id(1) * BLOCK_N
+        col0 = pid_n * BLOCK_N
         pos = row0 + tl.arange(0, BLOCK_M)
         row_ok = pos < row_end
         src = tl.load(SRC + pos, mask=row_ok, other=0).to(tl.int64)
@@ -251,7 +255,7 @@ def moe_gemm_kernel(
             acc = in_loop_term(acc, u_acc, lb, rn64, n_ok, r_ok, stride_lbn, stride_lbr, s,
                                BLOCK_R, PRECISION)
         if STORE_U and LORA == LORA_IN_LOOP:
-            if tl.program_id(1) == 0:
+            if pid_n == 0:
                 store_rank_rows(U, u_acc, pos.to(tl.int64), row_ok, r_ok, stride_um,
                                 stride_ur, BLOCK_R)
         dst = tl.load(DST + pos, mask=row_ok, other=0).to(tl.int64)
