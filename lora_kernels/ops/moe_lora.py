@@ -121,7 +121,10 @@ def _check_ids(topk_ids: Tensor, E: int) -> None:
         raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must have shape [T, k], got {tuple(topk_ids.shape)}")
-    # A range check reads the ids on the host; a compiled graph skips it (no graph break).
+
+
+def _check_id_range(topk_ids: Tensor, E: int) -> None:
+    # Reads the ids on the host (after the device checks); a compiled graph skips it.
     if topk_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= E:
@@ -166,6 +169,7 @@ def moe_lora_linear(x: Tensor, expert_weight: Tensor, topk_ids: Tensor, lora_a: 
         V.shape("topk_weights", topk_weights, (T, k), "[T, k]")
     V.same_device("x", x, expert_weight=expert_weight, topk_ids=topk_ids, lora_a=lora_a,
                   lora_b=lora_b, topk_weights=topk_weights)
+    _check_id_range(topk_ids, E)
     if expert_weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("expert_weight must be frozen (requires_grad=False): the MoE-LoRA op "
                          "trains the LoRA factors (and x), not the base experts")
@@ -243,10 +247,6 @@ def moe_multi_lora_linear(x: Tensor, expert_weight: Tensor, topk_ids: Tensor, lo
     if not isinstance(adapter_ids, Tensor) or adapter_ids.dtype.is_floating_point or \
             adapter_ids.dtype == torch.bool or adapter_ids.shape != (T,):
         raise ValueError(f"adapter_ids must be an integer tensor of shape [T] = [{T}]")
-    if T and not torch.compiler.is_compiling():
-        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
-        if lo < -1 or hi >= S:
-            raise ValueError(f"adapter_ids must lie in [-1, {S}), got values in [{lo}, {hi}]")
     if isinstance(scalings, Tensor):
         V.shape("scalings", scalings, (S,), "[S]")
         scalings = scalings.to(device=x.device, dtype=torch.float32).contiguous()
@@ -258,6 +258,11 @@ def moe_multi_lora_linear(x: Tensor, expert_weight: Tensor, topk_ids: Tensor, lo
         V.shape("topk_weights", topk_weights, (T, k), "[T, k]")
     V.same_device("x", x, expert_weight=expert_weight, topk_ids=topk_ids, lora_a=lora_a,
                   lora_b=lora_b, adapter_ids=adapter_ids)
+    _check_id_range(topk_ids, E)
+    if T and not torch.compiler.is_compiling():
+        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+        if lo < -1 or hi >= S:
+            raise ValueError(f"adapter_ids must lie in [-1, {S}), got values in [{lo}, {hi}]")
     dtype = V.compute_dtype(x, expert_weight)
     group = k if x.dim() == 2 else 1
     x2 = x.reshape(T if group == k else T * k, K)
