@@ -151,3 +151,19 @@ def test_unrecognised_experts_block_keeps_peft_with_one_warning(monkeypatch):
     ids = _ids(7)
     with torch.no_grad():
         assert rel_err(ours(input_ids=ids).logits, ref(input_ids=ids).logits) == 0.0
+
+
+def test_adapter_files_round_trip_through_a_patched_model(tmp_path):
+    ours = _peft(_model(seed=2))
+    handle = patch_peft_model(ours, backend="torch")
+    ids = _ids(7)
+    with torch.no_grad():
+        want = ours(input_ids=ids).logits
+    ours.save_pretrained(tmp_path)
+    fresh = peft.PeftModel.from_pretrained(_model(seed=2), tmp_path)
+    patch_peft_model(fresh, backend="torch")
+    with torch.no_grad():
+        assert rel_err(fresh(input_ids=ids).logits, want) <= 1e-6
+    handle.unpatch()
+    with torch.no_grad():
+        assert rel_err(ours(input_ids=ids).logits, want) <= 1e-5
