@@ -225,3 +225,21 @@ def test_gpu_moe_bf16_ragged_segments(monkeypatch, mode):
     (yr * dy).sum().backward()
     for got, want in zip(leaves, (xr, ar, br)):
         assert rel_err(got.grad, want.grad) <= 2 * TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["in_loop", "seeded"])
+def test_rank_zero_is_the_base_experts(monkeypatch, backend, mode):
+    """r = 0 (what patch_peft_model passes for an untargeted projection)."""
+    from lora_kernels.triton import moe_lora as M
+    monkeypatch.setattr(M, "FORCE_MODE", mode)
+    x, w, _, _, _, ids = _case(seed=8)
+    a, b = w.new_zeros(E, 0, K), w.new_zeros(E, N, 0)
+    xl = x.clone().requires_grad_()
+    y = moe_lora_linear(xl, w, ids, a, b, backend=backend)
+    xr = x.double().requires_grad_()
+    yr = moe_lora_linear_reference(xr, w, ids, a, b, 1.0)
+    assert rel_err(y, yr) <= TOL[torch.float32]
+    y.sum().backward()
+    yr.sum().backward()
+    assert rel_err(xl.grad, xr.grad) <= TOL[torch.float32]

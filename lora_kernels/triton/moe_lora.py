@@ -105,7 +105,7 @@ def _fused_term(a, w, la, lb, out, u, tiles, src, dst, N, K, R, w_strides, la_st
                 lb_strides, scaling, block_m):
     """``out[dst] = a[src]·wᵀ + s·(a[src]·laᵀ)·lbᵀ`` per expert segment, ``u = a[src]·laᵀ``
     (sorted order) filled as a by-product; the low-rank mode by :func:`lora_mode`."""
-    mode = lora_mode(N)
+    mode = lora_mode(N) if R > 0 else LORA_NONE  # rank 0 (an untargeted projection)
     if mode == LORA_SEEDED:
         # The shrink is the same grouped GEMM with w = la (N = r) and no low-rank term.
         P = src.shape[0]
@@ -205,10 +205,12 @@ def moe_lora_bwd(dy, x, weight, lora_a, lora_b, u, sorted_pairs, offsets, group,
             dx = dx_pair if group == 1 else dx_pair.view(-1, group, K).sum(1)
         if need_a:
             da = torch.empty_like(lora_a)
+        if need_a and R > 0:
             _rank_grad(x, g, da, sorted_pairs // group, offsets, K, R,
                        (da.stride(0), da.stride(2), da.stride(1)), scaling)
     if need_b:
         db = torch.empty_like(lora_b)
+    if need_b and R > 0:
         _rank_grad(dy, u, db, sorted_pairs, offsets, N, R,
                    (db.stride(0), db.stride(1), db.stride(2)), scaling)
     return dx, da, db
