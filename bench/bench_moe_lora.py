@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, env_info, env_line, md_table, results_dir, results_payload, write_results  # noqa: E402
+from common import (bench, env_info, env_line, md_table, results_dir,  # noqa: E402
+                    results_payload, write_results)
 
 FULL = dict(E=64, k=8, H=4096, I=1536, T=8192, r=16, dtype=torch.bfloat16)
 QUICK = dict(E=8, k=2, H=64, I=48, T=64, r=4, dtype=torch.float32)

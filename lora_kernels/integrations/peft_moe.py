@@ -25,7 +25,7 @@ import types
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lora_kernels.ops import moe_lora_linear
 

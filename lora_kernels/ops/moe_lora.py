@@ -19,7 +19,6 @@ and dB are each a fixed-order reduction (no atomics), so gradients are determini
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -117,7 +116,8 @@ _moe_op.register_autograd(_backward, setup_context=_setup_context)
 def _check_ids(topk_ids: Tensor, E: int) -> None:
     if not isinstance(topk_ids, Tensor):
         raise TypeError(f"topk_ids must be a Tensor, got {type(topk_ids).__name__}")
-    if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
+    dt = topk_ids.dtype
+    if dt.is_floating_point or dt.is_complex or dt == torch.bool:
         raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must have shape [T, k], got {tuple(topk_ids.shape)}")

@@ -113,13 +113,14 @@ def _fused_term(a, w, la, lb, out, u, tiles, src, dst, N, K, R, w_strides, la_st
         _grouped_gemm(a, la, la, la, u, u, tiles, src, pos, R, K, 0, la_strides[1:],
                       (0,) * 4, (0,) * 4, 1.0, block_m, store_u=False, lora=LORA_NONE,
                       block_n=_block_r(R))
-    _grouped_gemm(a, w, la, lb, out, u, tiles, src, dst, N, K, R, w_strides, (0, *la_strides[1:]),
-                  (0, *lb_strides[1:]), scaling, block_m, lora=mode)
+    _grouped_gemm(a, w, la, lb, out, u, tiles, src, dst, N, K, R, w_strides,
+                  (0, *la_strides[1:]), (0, *lb_strides[1:]), scaling, block_m, lora=mode)
 
 
 def moe_lora_fwd(x, weight, lora_a, lora_b, sorted_pairs, offsets, group, scaling):
     """``(y [P, N] pair order, u [P, r] sorted order)`` (ops/moe_torch.py has the contract)."""
-    P, E, N, K, R = sorted_pairs.shape[0], weight.shape[0], weight.shape[1], x.shape[1], lora_a.shape[1]
+    P, K, R = sorted_pairs.shape[0], x.shape[1], lora_a.shape[1]
+    E, N = weight.shape[0], weight.shape[1]
     bm = _block_m(P, E)
     tiles = tile_table(offsets, P, bm)
     src = sorted_pairs // group
@@ -189,7 +190,8 @@ def moe_lora_bwd(dy, x, weight, lora_a, lora_b, u, sorted_pairs, offsets, group,
                  needs):
     """``(dx, dA, dB)`` (None where not needed), deterministic."""
     need_x, need_a, need_b = needs
-    P, E, N, K, R = sorted_pairs.shape[0], weight.shape[0], weight.shape[1], x.shape[1], lora_a.shape[1]
+    P, K, R = sorted_pairs.shape[0], x.shape[1], lora_a.shape[1]
+    E, N = weight.shape[0], weight.shape[1]
     dx = da = db = None
     if need_x or need_a:
         bm = _block_m(P, E)
