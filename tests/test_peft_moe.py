@@ -167,3 +167,22 @@ def test_adapter_files_round_trip_through_a_patched_model(tmp_path):
     handle.unpatch()
     with torch.no_grad():
         assert rel_err(ours(input_ids=ids).logits, want) <= 1e-5
+
+
+def test_patched_moe_model_compiles_fullgraph():
+    ref = _peft(_model(seed=3))
+    ours = copy.deepcopy(ref)
+    patch_peft_model(ours, backend="torch")
+    ids = _ids(7)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    compiled.zero_grad(set_to_none=True)
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+    torch._dynamo.reset()
+    loss_ref, g_ref = _loss_and_grads(ref, ids)
+    assert rel_err(loss, loss_ref) <= 1e-5
+    assert got.keys() == g_ref.keys()
+    for n in g_ref:
+        assert rel_err(got[n], g_ref[n]) <= 1e-4, n
