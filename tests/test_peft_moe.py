@@ -116,6 +116,11 @@ def test_several_adapters_disable_merge_and_single_target():
     ours = copy.deepcopy(ref)
     patch_peft_model(ours, backend="torch")
     ids = _ids(7)
+    (loss_ref, g_ref), (loss, g) = _loss_and_grads(ref, ids), _loss_and_grads(ours, ids)
+    assert rel_err(loss, loss_ref) <= 1e-5 and g.keys() == g_ref.keys()
+    assert any(".one." in n for n in g) and any(".two." in n for n in g)
+    for n in g_ref:
+        assert rel_err(g[n], g_ref[n]) <= 1e-4, n
     with torch.no_grad():
         assert rel_err(ours(input_ids=ids).logits, ref(input_ids=ids).logits) <= 1e-5
         with ours.disable_adapter(), ref.disable_adapter():
