@@ -6,9 +6,9 @@
 * :func:`multi_gemm_kernel` — the multi-adapter forward on gathered (sorted) rows with the
   per-slot low-rank epilogue;
 * :func:`moe_gemm_kernel` — the MoE-LoRA forward / dX over expert segments of gathered rows,
-  per-expert weight and in-loop per-expert LoRA (launcher: triton/moe_lora.py).
+  per-expert weight and per-expert LoRA, in-loop or seeded (launcher: triton/moe_lora.py).
 
-Both run the one K loop of :mod:`mainloop`; the variant is the spec's constexprs
+All run the one K loop of :mod:`mainloop`; the variant is the spec's constexprs
 (:mod:`spec`, :mod:`modes`). Persistent programs build their tensor descriptors once and walk
 their tiles in a ``tl.range`` that Triton may warp-specialise (``WARP_SPEC``: producer warps
 issue the TMA loads of the next tile while consumer warps run this tile's epilogue).
