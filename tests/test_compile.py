@@ -126,6 +126,33 @@ def _batch_args():
     return list(batch.tensors()), batch.host_ints()
 
 
+def _moe_args(r):
+    """Samples of the MoE-LoRA ops: 5 experts (expert 2 empty), top-2 with a repeated expert,
+    per-token and per-pair x."""
+    from lora_kernels.ops.moe_lora import moe_plan
+    E, T, k, K, N, R = 5, 7, 2, 13, 11, 3
+    ids = torch.tensor([[3, 3], [0, 1], [4, 0], [1, 1], [0, 4], [3, 1], [4, 4]])
+    plan = moe_plan(ids, E)
+    x, xp, w = r(T, K, grad=True), r(T * k, K, grad=True), r(E, N, K)
+    A, B = r(E, R, K, grad=True), r(E, N, R, grad=True)
+    u = torch.randn(T * k, R)
+    from lora_kernels.ops.moe_lora import moe_multi_plan
+    S = 3
+    mplan = moe_multi_plan(ids, torch.tensor([0, -1, 2, 2, 1, -1, 0]), E, S)
+    MA, MB, sc = r(S, E, R, K), r(S, E, N, R), torch.tensor([0.5, 1.0, 2.0])
+    return {
+        "moe_multi_lora_linear": [(x.detach(), w, MA, MB, sc, *mplan, k, "torch"),
+                                  (xp.detach(), w, MA, MB, sc, *mplan, 1, "torch")],
+        "moe_lora_linear": [(x, w, A, B, *plan, k, 0.5, "torch"),
+                            (xp, w, A, B, *plan, 1, 2.0, "torch")],
+        "moe_lora_linear_backward": [
+            (r(T * k, N), x.detach(), w, A.detach(), B.detach(), u, *plan, k, 0.5,
+             [True, True, True], "torch"),
+            (r(T * k, N), xp.detach(), w, A.detach(), B.detach(), u, *plan, 1, 2.0,
+             [False, True, False], "torch")],
+    }
+
+
 def _samples():
     g = torch.Generator().manual_seed(0)
 
@@ -146,7 +173,9 @@ def _samples():
     mag, wsq = r(N, grad=True), w.detach().norm(dim=1).square()
     dnorm = (w.detach() + 0.5 * (b1 @ a1).detach()).norm(dim=1)
     y_pre = torch.randn(T, N, generator=g)
+    moe = _moe_args(r)
     return {
+        **moe,
         "dora_linear": [
             (x, w, b, a1, b1, mag, wsq, None, 0.5, 0.0, None, "torch"),
             (x, w.detach(), None, a1, b1, mag, wsq, None, 2.0, 0.3, seed, "torch"),  # dropout

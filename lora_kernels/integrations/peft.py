@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lora_kernels.integrations import peft_dora
 from lora_kernels.integrations.peft_joint import JointState, train_stack
 from lora_kernels.integrations.peft_mixed import BatchCache, StackCache, needs_grad
+from lora_kernels.integrations.peft_moe import patch_moe_blocks
 from lora_kernels.nn.lora_linear import check_backend, is_conv1d
 from lora_kernels.ops import lora_linear, multi_lora_linear
 
@@ -316,7 +317,11 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
             raise ValueError(f"layer '{name}' is already patched; call handle.unpatch() on the "
                              f"earlier handle first")
     handle = PeftPatchHandle(model, backend)
+    # ParamWrappers (target_parameters) of recognised MoE experts blocks: integrations/peft_moe.
+    moe_taken = patch_moe_blocks(model, handle, lora_layer)
     for name, module in layers:
+        if name in moe_taken:
+            continue
         reason = None
         if not isinstance(module, lora_layer.Linear) or \
                 type(module).forward is not lora_layer.Linear.forward:

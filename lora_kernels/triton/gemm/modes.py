@@ -29,6 +29,9 @@ LORA_PER_SLOT: tl.constexpr = tl.constexpr(int(LoraMode.PER_SLOT))  # xa[row]·B
 SCHED_TILES: tl.constexpr = tl.constexpr(0)       # one program per output tile, grouped raster
 SCHED_SPLIT_K: tl.constexpr = tl.constexpr(1)     # + K slabs reduced by the last program (ticket)
 SCHED_PERSISTENT: tl.constexpr = tl.constexpr(2)  # grid = resident programs, each loops over tiles
+# MoE expert segments (moe_gemm_kernel only, not a GemmSpec axis value yet): M tiles over
+# the expert-sorted pairs, per-expert weight and LoRA factors (schedule.moe_segment_tile).
+SCHED_MOE_SEGMENTS: tl.constexpr = tl.constexpr(3)
 
 # Rows of the A operand.
 ROWS_DENSE: tl.constexpr = tl.constexpr(0)     # row m of a is row m of out
