@@ -1,0 +1,91 @@
+"""Quantized weight formats of the GEMM core: the in-register decode of one ``w`` K-step tile.
+
+NF4 (bitsandbytes / QLoRA storage, lora_kernels/ops/nf4.py documents the layout): element
+``f = n·K0 + k`` of the frozen ``W [N0, K0]`` sits in byte ``f // 2`` of ``codes`` (high nibble
+for even ``f``), its scale is block ``f // QBLOCK``'s absmax, fp32 or (nested) ``code2[q]·
+absmax2[b // QBLOCK2] + offset``. The tile's flat indices come from the logical strides
+``(stride_wn, stride_wk)`` of the view the GEMM reads: ``(K0, 1)`` for the forward's W and
+``(1, K0)`` for dX's Wᵀ — the same packed bytes serve both, no transposed copy.
+
+Decode = one byte gather + shift/mask + a 16-entry table gather (L1-resident) + the block
+scale gather (one per 64 elements, mostly the same address across a tile row) + one fp32
+multiply; rounded to the storage dtype (bitsandbytes rounds there) before the MMA dtype, so the
+tile equals ``dequantize_4bit(...)`` bit for bit. Never more than a ``[BLOCK_K, BLOCK_N]`` tile.
+"""
+
+import triton
+import triton.language as tl
+
+from lora_kernels.triton.gemm.modes import WEIGHT_NF4_NESTED
+
+# Storage dtype of a quantized weight (QROUND): what bitsandbytes rounds the fp32 product to.
+QROUND_FP32: tl.constexpr = tl.constexpr(0)
+QROUND_FP16: tl.constexpr = tl.constexpr(1)
+QROUND_BF16: tl.constexpr = tl.constexpr(2)
+
+# The launcher's table: the 16 NF4 values, then (nested) the 256 absmax codes.
+LUT_CODE2: tl.constexpr = tl.constexpr(16)
+
+
+@triton.jit
+def nf4_tile(codes_ptr, wq, col0, k, col_ok, k_ok, WEIGHT: tl.constexpr, QBLOCK: tl.constexpr,
+             QBLOCK2: tl.constexpr, QROUND: tl.constexpr, EVEN_K: tl.constexpr,
+             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` tile of the (logical) wᵀ at K offset ``k``, decoded; zero
+    outside the matrix. ``wq = (absmax, absmax2, lut, offset, stride_wn, stride_wk)``."""
+    absmax_ptr, absmax2_ptr, lut_ptr, offset, stride_wn, stride_wk = wq
+    rk = (k + tl.arange(0, BLOCK_K)).to(tl.int64)
+    rn = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    flat = rn[None, :] * stride_wn + rk[:, None] * stride_wk
+    if EVEN_K:
+        ok = col_ok[None, :] & (rk[:, None] >= 0)
+    else:
+        ok = col_ok[None, :] & k_ok[:, None]
+    byte = tl.load(codes_ptr + (flat >> 1), mask=ok, other=0).to(tl.int32)
+    nib = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
+    q = tl.load(lut_ptr + nib)
+    blk = flat // QBLOCK
+    if WEIGHT == WEIGHT_NF4_NESTED:
+        am_code = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+        scale = (tl.load(lut_ptr + LUT_CODE2 + am_code)
+                 * tl.load(absmax2_ptr + blk // QBLOCK2, mask=ok, other=0.0) + offset)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+    w = tl.where(ok, q * scale, 0.0)
+    if QROUND == QROUND_FP16:
+        w = w.to(tl.float16)
+    elif QROUND == QROUND_BF16:
+        w = w.to(tl.bfloat16)
+    return w
+
+
+class PackedWeight:
+    """Host-side handle of a quantized w for ``fused_gemm(..., wq=)``: the packed storage, its
+    launch arguments, and the logical ``[rows, cols]`` view the GEMM reads (``t()`` gives dX's
+    ``Wᵀ`` view of the same bytes). Built by lora_kernels/triton/nf4_lora.py."""
+
+    def __init__(self, codes, absmax, absmax2, lut, offset, weight, qblock, qblock2, qround,
+                 shape, transposed=False):
+        self.codes, self.absmax, self.absmax2, self.lut = codes, absmax, absmax2, lut
+        self.offset, self.weight, self.qblock, self.qblock2 = offset, weight, qblock, qblock2
+        self.qround, self.base_shape, self.transposed = qround, tuple(shape), transposed
+
+    @property
+    def shape(self):
+        n0, k0 = self.base_shape
+        return (k0, n0) if self.transposed else (n0, k0)
+
+    def t(self):
+        return PackedWeight(self.codes, self.absmax, self.absmax2, self.lut, self.offset,
+                            self.weight, self.qblock, self.qblock2, self.qround, self.base_shape,
+                            not self.transposed)
+
+    def strides(self):
+        """Logical element strides ``(stride_n, stride_k)`` of the view (row-major base)."""
+        k0 = self.base_shape[1]
+        return (1, k0) if self.transposed else (k0, 1)
+
+    def launch_args(self):
+        return dict(wq_absmax=self.absmax, wq_absmax2=self.absmax2, wq_lut=self.lut,
+                    wq_offset=float(self.offset), WEIGHT=int(self.weight), QBLOCK=self.qblock,
+                    QBLOCK2=self.qblock2, QROUND=int(self.qround))
