@@ -36,7 +36,7 @@ import triton
 
 from lora_kernels.triton import configs as C, tuned
 from lora_kernels.triton.dropout import drop_scale, drop_threshold, seed_arg
-from lora_kernels.triton.gemm.formats import PackedWeight
+from lora_kernels.triton.gemm.formats import PackedWeight, prune_packed
 from lora_kernels.triton.gemm.kernel import gemm_kernel
 from lora_kernels.triton.gemm.modes import LoraMode
 from lora_kernels.triton.gemm.spec import GemmSpec
@@ -48,8 +48,9 @@ __all__ = ["fused_gemm", "select_spec", "tma_compatible"]
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "stride_ak", "stride_wk", "LORA", "BLOCK_R", "HAS_BIAS",
                  "PRECISION", "DROPOUT", "COL_SCALE", "SCHEDULE", "STORE", "W_KMAJOR", "WEIGHT"]
 
-_LISTS = {"small": (C.GEMM_SMALL, C.prune_small), "medium": (C.GEMM_MEDIUM, C.prune_dropout),
-          "large": (C.GEMM_LARGE, C.prune_dropout),
+_LISTS = {"small": (C.GEMM_SMALL, prune_packed(C.prune_small)),
+          "medium": (C.GEMM_MEDIUM, prune_packed(C.prune_dropout)),
+          "large": (C.GEMM_LARGE, prune_packed(C.prune_dropout)),
           "persistent": (C.GEMM_PERSISTENT, C.prune_persistent)}
 
 

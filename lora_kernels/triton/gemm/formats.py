@@ -89,3 +89,29 @@ class PackedWeight:
         return dict(wq_absmax=self.absmax, wq_absmax2=self.absmax2, wq_lut=self.lut,
                     wq_offset=float(self.offset), WEIGHT=int(self.weight), QBLOCK=self.qblock,
                     QBLOCK2=self.qblock2, QROUND=int(self.qround))
+
+
+def prune_packed(prune):
+    """``prune`` (a config list's early pruner) followed, for a quantized w, by a register
+    budget: the decoded ``[BLOCK_K, BLOCK_N]`` tile ≤ 32 values per thread and the accumulator
+    ≤ 64 fp32 per thread (≤ 32 with the dX dropout epilogue or the nested absmax decode). In
+    sm_90a compiles (bench/sass_report.py) 128x256x64 / 8 warps spilled 112-248 B with NF4,
+    128x128 dX with dropout 104 B; the kept ones compiled spill-free. Dense w: ``prune`` only."""
+    def pruned(configs, named_args, **kwargs):
+        configs = prune(configs, named_args, **kwargs)
+        weight = kwargs.get("WEIGHT", 0)
+        if not weight:
+            return configs
+        tight = kwargs.get("DROPOUT") or weight == int(WEIGHT_NF4_NESTED)
+
+        def fits(c):
+            threads = 32 * c.num_warps
+            acc = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / threads
+            w = c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] / threads
+            return w <= 32 and acc <= (32 if tight else 64)
+        keep = [c for c in configs if fits(c)]
+        if keep:
+            return keep
+        return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+                    * c.kwargs["BLOCK_K"] / c.num_warps)]
+    return pruned

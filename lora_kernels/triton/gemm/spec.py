@@ -30,8 +30,10 @@ def illegal_reason(weight, rows, lowrank, col_scale, schedule, store) -> str:
         return "gathered rows go with (only) the per-slot low-rank term (multi-adapter)"
     if gathered and (schedule != "tiles" or store != "pointer" or col_scale != "none"):
         return "the multi-adapter GEMM runs on pointer tiles without a column scale"
-    if weight != "dense" and (gathered or store != "pointer"):
-        return "a 4-bit weight is gathered by pointer on dense rows (no TMA box of nibbles)"
+    if weight != "dense" and (gathered or store != "pointer" or col_scale != "none"
+                              or schedule == "persistent"):
+        return ("a 4-bit weight is gathered by pointer on dense rows, tiles or split-K, "
+                "no column scale (no TMA box of nibbles; DoRA over NF4 is not built)")
     if store == "tma" and schedule != "persistent":
         return "tensor descriptors are built once per program: persistent schedule only"
     return ""
