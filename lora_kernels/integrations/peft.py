@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lora_kernels.integrations import peft_qlora
 from lora_kernels.integrations.peft_mixed import (BatchCache, StackCache, build_stack,
                                                   needs_grad)
 from lora_kernels.nn.lora_linear import check_backend, is_conv1d
-from lora_kernels.ops import lora_linear, multi_lora_linear
+from lora_kernels.ops import lora_linear as _lora_linear, lora_linear_nf4, multi_lora_linear
 
 _ATTR = "_lora_kernels_patch"
 
@@ -98,6 +99,8 @@ def _base_reason(layer: nn.Module) -> Optional[str]:
     base = layer.base_layer
     if layer.get_base_layer() is not base:
         return "its base layer is wrapped by another adapter layer (nested tuners)"
+    if peft_qlora.is_nf4_base(base):  # QLoRA: fused from the 4-bit storage (peft_qlora.py)
+        return peft_qlora.base_reason(base)
     if is_conv1d(base):
         ok = type(base).__module__.startswith("transformers")
     else:
@@ -165,6 +168,11 @@ def _patched_forward(self, x: Tensor, *args, **kwargs):
         reason = _adapter_reason(self, a)
         if reason is not None:
             return _fallback(self, st, reason, x, args, kwargs)
+    if peft_qlora.is_nf4_base(self.base_layer):
+        weight, bias, x_c = peft_qlora.base_operands(self, x)
+        if isinstance(weight, str):
+            return _fallback(self, st, weight, x, args, kwargs)
+        return _fused(self, st, x_c, weight, bias, active).to(x.dtype)
     weight, bias, x_c = _base_operands(self, st, x)
     if weight is None:
         return _fallback(self, st, f"input dtype {x.dtype} differs from the base weight's "
@@ -192,6 +200,7 @@ def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tens
            active: list) -> Tensor:
     backend = st.handle.backend
     drops = [_dropout_p(self, a) for a in active]
+    lora_linear = lora_linear_nf4 if isinstance(weight, peft_qlora.NF4Weight) else _lora_linear
     if len(active) == 1:
         a = active[0]
         return lora_linear(x, weight, bias, self.lora_A[a].weight, self.lora_B[a].weight,
@@ -231,6 +240,9 @@ def concat_adapters(layer: nn.Module, adapters, dtype: torch.dtype, device: torc
 
 
 def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> Tensor:
+    if peft_qlora.is_nf4_base(self.base_layer):
+        return _fallback(self, st, "mixed batches (adapter_names=) over an NF4 base are not "
+                         "fused", x, (), kwargs)
     used = {n for n in adapter_names if n in self.lora_A}
     for a in sorted(used):
         reason = _adapter_reason(self, a)

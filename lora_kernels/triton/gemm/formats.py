@@ -93,7 +93,8 @@ class PackedWeight:
 
 def prune_packed(prune):
     """``prune`` (a config list's early pruner) followed, for a quantized w, by a register
-    budget: the decoded ``[BLOCK_K, BLOCK_N]`` tile ≤ 32 values per thread and the accumulator
+    budget: the decoded ``[BLOCK_K, BLOCK_N]`` tile ≤ 32 values per thread (16 on 16-row decode
+    tiles: 16x32x128 / 4 warps spilled 4 B in the seeded split-K forward) and the accumulator
     ≤ 64 fp32 per thread (≤ 32 with the dX dropout epilogue or the nested absmax decode). In
     sm_90a compiles (bench/sass_report.py) 128x256x64 / 8 warps spilled 112-248 B with NF4,
     128x128 dX with dropout 104 B; the kept ones compiled spill-free. Dense w: ``prune`` only."""
@@ -108,7 +109,9 @@ def prune_packed(prune):
             threads = 32 * c.num_warps
             acc = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / threads
             w = c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] / threads
-            return w <= 32 and acc <= (32 if tight else 64)
+            # decode tiles (16 rows) keep num_stages byte tiles in flight: half the budget
+            w_cap = 16 if c.kwargs["BLOCK_M"] <= 16 else 32
+            return w <= w_cap and acc <= (32 if tight else 64)
         keep = [c for c in configs if fits(c)]
         if keep:
             return keep
