@@ -142,6 +142,8 @@ def _samples():
             (r(T, N), x.detach(), w.detach(), A.detach(), B.detach(), xa_multi, sc, ranks, *bt,
              ints, None, [True, False, False, True, True], "torch"),
         ],
+        "lora_linear_nf4": _nf4_samples(r, x, b1, seed)[0],
+        "lora_linear_nf4_backward": _nf4_samples(r, x, b1, seed)[1],
         "lora_shrink": [
             (x.detach(), A.detach(), sc, ranks, *bt, ints, 1, "torch"),
             (x.detach(), A2, None, ranks2, *bt, ints, 2, "torch"),
@@ -151,6 +153,36 @@ def _samples():
             (r(T, N), torch.randn(T, 2 * R, generator=g), B2, ranks2, *bt, ints, [5, 6], "torch"),
         ],
     }
+
+
+def _nf4_samples(r, x, b1, seed):
+    """NF4 storage built by hand (random codes and scales: opcheck needs no bitsandbytes) for
+    W [11, 13] (143 elements: blocks straddle rows), plain and nested absmax."""
+    from lora_kernels.ops.lora_linear_nf4 import op_args
+    from lora_kernels.ops.nf4 import NF4Weight
+    g = torch.Generator().manual_seed(3)
+    N, K = 11, 13
+    codes = torch.randint(0, 256, ((N * K + 1) // 2,), dtype=torch.uint8, generator=g)
+    code = torch.linspace(-1, 1, 16)
+    plain = NF4Weight(codes=codes, absmax=torch.rand(3, generator=g) + 0.5, code=code,
+                      shape=(N, K), dtype=torch.float32, blocksize=64)
+    nested = NF4Weight(codes=codes, absmax=torch.randint(0, 256, (3,), dtype=torch.uint8,
+                                                          generator=g),
+                       code=code, shape=(N, K), dtype=torch.float32, blocksize=64,
+                       absmax2=torch.rand(1, generator=g) + 0.5,
+                       code2=torch.linspace(-1, 1, 256), offset=0.3, blocksize2=256)
+    xd, bd = x.detach(), r(N, grad=True)
+    a1, bb = r(3, K, grad=True), b1
+    fwd = [op_args(x, plain, bd, a1, bb, 0.5, 0.0, None, "torch"),
+           op_args(x, nested, None, a1, bb, 2.0, 0.3, seed, "torch")]
+    xa = (xd @ a1.detach().t())
+    dy = r(7, N)
+
+    def bwd(w, p, sd, needs):
+        head = op_args(xd, w, None, a1.detach(), bb.detach(), 0.5, p, sd, "torch")
+        return (dy, xd, *head[1:11], a1.detach(), bb.detach(), xa, 0.5, p, sd, needs, "torch")
+    return fwd, [bwd(plain, 0.0, None, [True, True, True, True]),
+                 bwd(nested, 0.3, seed, [True, False, True, False])]
 
 
 def _registered_ops():

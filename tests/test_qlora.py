@@ -125,3 +125,28 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="quant_type"):
         fp4 = bnb.nn.Linear4bit(33, 19, bias=False, quant_type="fp4").to("cpu")
         nf4.from_params4bit(fp4.weight)
+
+
+def test_nf4_specs_and_register_budget():
+    """The weight axis is in the spec list; NF4 combinations the loader cannot serve are refused
+    by name; the NF4 pruner keeps the decoded tile within its register budget (the budget
+    that compiled spill-free for sm_90a in bench/sass_report.py)."""
+    from lora_kernels.triton import configs as C
+    from lora_kernels.triton.gemm import spec as SP
+    from lora_kernels.triton.gemm.formats import prune_packed
+    specs = SP.legal_specs()
+    assert {s.weight for s in specs} == set(SP.WEIGHT)
+    for bad in (dict(schedule="persistent"), dict(schedule="persistent", store="tma"),
+                dict(col_scale="vector"), dict(rows="gathered", lowrank="per_slot")):
+        with pytest.raises(ValueError, match="4-bit"):
+            SP.GemmSpec(weight="nf4", **bad)
+    assert SP.GemmSpec(weight="nf4_nested", lowrank="seeded").constexprs()["WEIGHT"] == 2
+    prune = prune_packed(C.prune_dropout)
+    assert prune(C.GEMM_LARGE, {}, WEIGHT=0) == C.GEMM_LARGE
+    for weight, dropout, cap in ((1, False, 32), (1, True, 16), (2, False, 16)):
+        kept = prune(C.GEMM_LARGE, {}, WEIGHT=weight, DROPOUT=dropout)
+        assert kept
+        for c in kept:
+            threads = 32 * c.num_warps
+            assert c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= cap * threads
+            assert c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * threads

@@ -93,11 +93,12 @@ class PackedWeight:
 
 def prune_packed(prune):
     """``prune`` (a config list's early pruner) followed, for a quantized w, by a register
-    budget: the decoded ``[BLOCK_K, BLOCK_N]`` tile ≤ 32 values per thread (16 on 16-row decode
-    tiles: 16x32x128 / 4 warps spilled 4 B in the seeded split-K forward) and the accumulator
-    ≤ 64 fp32 per thread (≤ 32 with the dX dropout epilogue or the nested absmax decode). In
-    sm_90a compiles (bench/sass_report.py) 128x256x64 / 8 warps spilled 112-248 B with NF4,
-    128x128 dX with dropout 104 B; the kept ones compiled spill-free. Dense w: ``prune`` only."""
+    budget: the accumulator ≤ 64 fp32 per thread and the decoded ``[BLOCK_K, BLOCK_N]`` tile
+    ≤ 32 values per thread, ≤ 16 with the dX dropout epilogue, the nested absmax decode or on
+    16-row decode tiles. In sm_90a compiles (bench/sass_report.py) 128x256x64 / 8 warps spilled
+    112-248 B with NF4, 128x128x64 nested / dX with dropout 12-204 B and 16x32x128 / 4 warps
+    4 B (seeded split-K); 128x128x64, 128x128x32 (tight) and 16x32x64 compiled spill-free.
+    Dense w: ``prune`` only."""
     def pruned(configs, named_args, **kwargs):
         configs = prune(configs, named_args, **kwargs)
         weight = kwargs.get("WEIGHT", 0)
@@ -110,8 +111,8 @@ def prune_packed(prune):
             acc = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] / threads
             w = c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] / threads
             # decode tiles (16 rows) keep num_stages byte tiles in flight: half the budget
-            w_cap = 16 if c.kwargs["BLOCK_M"] <= 16 else 32
-            return w <= w_cap and acc <= (32 if tight else 64)
+            w_cap = 16 if tight or c.kwargs["BLOCK_M"] <= 16 else 32
+            return w <= w_cap and acc <= 64
         keep = [c for c in configs if fits(c)]
         if keep:
             return keep
