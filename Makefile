@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	# torch resolves to the machine's local wheel (pip is capped at torch<=2.14.1 there)
 	$(VPY) -m pip install -q torch triton numpy setuptools wheel ninja
 	$(VPY) -m pip install -q pytest hypothesis pytest-benchmark "peft>=0.13" "transformers>=4.45" \
+		"bitsandbytes==0.50.2" \
 		safetensors matplotlib tqdm
 	LORA_KERNELS_SKIP_CUDA_BUILD=1 $(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
