@@ -32,6 +32,8 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import types  # noqa: E402
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -222,7 +224,11 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                 "in_loop": LoraMode.IN_LOOP}[spec.lowrank]
         common = dict(lora=lora, u=u, la=a, lb=bb, scaling=2.0, col_scale=cs, small_m_max=path_max,
                       schedule=spec.schedule, store=spec.store)
-        if spec.weight != "dense":  # NF4 storage of the same [N_T, K_T] weight
+        if spec.weight == "fp8_e4m3":  # e4m3 bytes + per-row scale of the same weight
+            from lora_kernels.triton.quant_lora import packed_fp8
+            w = packed_fp8(types.SimpleNamespace(
+                codes=torch.empty(N_T, K_T, dtype=torch.uint8), scale=torch.empty(N_T)))
+        elif spec.weight != "dense":  # NF4 storage of the same [N_T, K_T] weight
             w = _packed_nf4(spec.weight == "nf4_nested", N_T, K_T)
         comp.form = f"{spec.name} fwd"
         FG.fused_gemm(x, w, y, bias=b, **common)

@@ -94,17 +94,17 @@ def test_triton_nf4_op_interpreter(nested, dtype):
 def test_triton_nf4_kernel_modes_and_dx(nested):
     """Both low-rank modes of the forward and the dX GEMM read the same 4-bit bytes (the Wᵀ
     view's flat indices), against float64 of bitsandbytes' dequantized W."""
-    from lora_kernels.triton import nf4_lora as T
+    from lora_kernels.triton import quant_lora as T
     n, k = (300, 65) if nested else (19, 33)
     layer = linear4bit(n, k, torch.float32, nested)
     w = nf4.from_params4bit(layer.weight)
     W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
     x, b, a, bb, dy = _inputs(3, n, k, 5, torch.float32)
     for mode in (1, 2):
-        y, xa = T.nf4_lora_fwd(x, w, b, a, bb, 0.5, 0.0, 0, mode=mode)
+        y, xa = T.quant_lora_fwd(x, w, b, a, bb, 0.5, 0.0, 0, mode=mode)
         want = x.double() @ W.t() + b.double() + 0.5 * (x.double() @ a.double().t()) @ bb.double().t()
         assert rel_err(y, want) <= 1e-5
-    dx, db, da, dbb = T.nf4_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.3, 11, (True, False, False, True))
+    dx, db, da, dbb = T.quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.3, 11, (True, False, False, True))
     want_dx = dy.double() @ W + reference.apply_dropout(
         0.5 * (dy.double() @ bb.double()) @ a.double(), 11, 0.3)
     assert rel_err(dx, want_dx) <= 1e-5 and db is None and da is None

@@ -28,7 +28,7 @@ from lora_kernels.integrations import peft_qlora
 from lora_kernels.integrations.peft_mixed import (BatchCache, StackCache, build_stack,
                                                   needs_grad)
 from lora_kernels.nn.lora_linear import check_backend, is_conv1d
-from lora_kernels.ops import lora_linear as _lora_linear, lora_linear_nf4, multi_lora_linear
+from lora_kernels.ops import lora_linear, lora_linear_nf4, multi_lora_linear
 
 _ATTR = "_lora_kernels_patch"
 
@@ -200,12 +200,12 @@ def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tens
            active: list) -> Tensor:
     backend = st.handle.backend
     drops = [_dropout_p(self, a) for a in active]
-    lora_linear = lora_linear_nf4 if isinstance(weight, peft_qlora.NF4Weight) else _lora_linear
+    fused_op = lora_linear_nf4 if isinstance(weight, peft_qlora.NF4Weight) else lora_linear
     if len(active) == 1:
         a = active[0]
-        return lora_linear(x, weight, bias, self.lora_A[a].weight, self.lora_B[a].weight,
-                           scaling=float(self.scaling[a]), dropout_p=drops[0],
-                           training=drops[0] > 0.0, backend=backend)
+        return fused_op(x, weight, bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                        scaling=float(self.scaling[a]), dropout_p=drops[0],
+                        training=drops[0] > 0.0, backend=backend)
     if not any(drops):
         # Several adapters, no dropout: one fused op with their ranks side by side. Built afresh
         # when autograd reaches the factors (or under torch.compile, where the cache's checks
@@ -214,14 +214,14 @@ def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tens
             lora_a, lora_b = concat_adapters(self, active, x.dtype, x.device)
         else:
             lora_a, lora_b = st.concat.get(self, active, x.dtype, x.device)
-        return lora_linear(x, weight, bias, lora_a, lora_b, scaling=1.0, training=False,
-                           backend=backend)
+        return fused_op(x, weight, bias, lora_a, lora_b, scaling=1.0, training=False,
+                        backend=backend)
     # With dropout each adapter draws its own mask (PEFT's semantics): the first adapter is
     # fused with the base GEMM, the others add their low-rank terms PEFT's way.
     a0 = active[0]
-    y = lora_linear(x, weight, bias, self.lora_A[a0].weight, self.lora_B[a0].weight,
-                    scaling=float(self.scaling[a0]), dropout_p=drops[0],
-                    training=drops[0] > 0.0, backend=backend)
+    y = fused_op(x, weight, bias, self.lora_A[a0].weight, self.lora_B[a0].weight,
+                 scaling=float(self.scaling[a0]), dropout_p=drops[0],
+                 training=drops[0] > 0.0, backend=backend)
     for a in active[1:]:
         xa = self.lora_dropout[a](x.to(self.lora_A[a].weight.dtype))
         y = y + (self.lora_B[a](self.lora_A[a](xa)) * float(self.scaling[a])).to(y.dtype)

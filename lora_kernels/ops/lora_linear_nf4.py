@@ -39,8 +39,8 @@ def _weight(codes, absmax, code, absmax2, code2, offset, shape, wdtype, blocksiz
 
 def _impl(backend: str, fn: str):
     if backend == "triton":
-        from lora_kernels.triton import nf4_lora
-        return getattr(nf4_lora, {"fwd": "nf4_lora_fwd", "bwd": "nf4_lora_bwd"}[fn])
+        from lora_kernels.triton import quant_lora
+        return getattr(quant_lora, {"fwd": "quant_lora_fwd", "bwd": "quant_lora_bwd"}[fn])
     return {"fwd": _nf4.torch_fwd, "bwd": _nf4.torch_bwd}[fn]
 
 

@@ -183,7 +183,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     tma_ok = not packed and tma_compatible(a, w, out)
     spec = select_spec(M, lora, col_scale is not None, path,
                        tma_ok and (dev.type == "cuda" or store == "tma"), schedule, store,
-                       ("nf4_nested" if w.absmax2 is not None else "nf4") if packed else "dense")
+                       w.format if packed else "dense")
     if spec.store == "tma" and not tma_ok:
         raise ValueError("store='tma' needs unit inner strides and 16-byte aligned operands")
 

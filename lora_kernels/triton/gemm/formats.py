@@ -16,7 +16,7 @@ tile equals ``dequantize_4bit(...)`` bit for bit. Never more than a ``[BLOCK_K, 
 import triton
 import triton.language as tl
 
-from lora_kernels.triton.gemm.modes import WEIGHT_NF4_NESTED
+from lora_kernels.triton.gemm.modes import (WEIGHT_FP8_E4M3, WEIGHT_NF4, WEIGHT_NF4_NESTED)
 
 # Storage dtype of a quantized weight (QROUND): what bitsandbytes rounds the fp32 product to.
 QROUND_FP32: tl.constexpr = tl.constexpr(0)
@@ -59,16 +59,60 @@ def nf4_tile(codes_ptr, wq, col0, k, col_ok, k_ok, WEIGHT: tl.constexpr, QBLOCK:
     return w
 
 
+@triton.jit
+def e4m3_to_f32(b):
+    """float8 e4m3fn codes (integers 0..255) to fp32, bit-exact, by integer arithmetic (no
+    float8 type needed: the interpreter runs it, every GPU too). Normal: exponent e - 7,
+    mantissa 1.m (fp32 bits assembled directly); subnormal (e = 0): m·2⁻⁹; 0x7f/0xff: NaN."""
+    b = b.to(tl.int32)
+    e = (b >> 3) & 0xF
+    m = b & 0x7
+    normal = ((e + 120) << 23) | (m << 20)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal.to(tl.float32, bitcast=True))
+    mag = tl.where((e == 15) & (m == 7), float("nan"), mag)
+    return tl.where((b & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def fp8_tile(codes_ptr, wq, col0, k, col_ok, k_ok, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` tile of the (logical) wᵀ of an e4m3 W ``[N0, K0]`` (one byte
+    per element, row-major) with an fp32 scale per row of W, decoded to ``code·scale`` in fp32
+    (then the MMA dtype). The scale's row is ``flat // K0`` (K0 = the larger logical stride),
+    which serves the forward's W and dX's Wᵀ view alike. ``wq[0]``: the scale vector."""
+    scale_ptr, _unused2, _unused_lut, _unused_off, stride_wn, stride_wk = wq
+    rk = (k + tl.arange(0, BLOCK_K)).to(tl.int64)
+    rn = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    flat = rn[None, :] * stride_wn + rk[:, None] * stride_wk
+    if EVEN_K:
+        ok = col_ok[None, :] & (rk[:, None] >= 0)
+    else:
+        ok = col_ok[None, :] & k_ok[:, None]
+    byte = tl.load(codes_ptr + flat, mask=ok, other=0)
+    k0 = tl.maximum(stride_wn, stride_wk)
+    scale = tl.load(scale_ptr + flat // k0, mask=ok, other=0.0)
+    return tl.where(ok, e4m3_to_f32(byte) * scale, 0.0)
+
+
+_FORMAT_NAMES = {int(WEIGHT_NF4): "nf4", int(WEIGHT_NF4_NESTED): "nf4_nested",
+                 int(WEIGHT_FP8_E4M3): "fp8_e4m3"}
+
+
 class PackedWeight:
     """Host-side handle of a quantized w for ``fused_gemm(..., wq=)``: the packed storage, its
     launch arguments, and the logical ``[rows, cols]`` view the GEMM reads (``t()`` gives dX's
-    ``Wᵀ`` view of the same bytes). Built by lora_kernels/triton/nf4_lora.py."""
+    ``Wᵀ`` view of the same bytes). Built by lora_kernels/triton/quant_lora.py."""
 
     def __init__(self, codes, absmax, absmax2, lut, offset, weight, qblock, qblock2, qround,
                  shape, transposed=False):
         self.codes, self.absmax, self.absmax2, self.lut = codes, absmax, absmax2, lut
         self.offset, self.weight, self.qblock, self.qblock2 = offset, weight, qblock, qblock2
         self.qround, self.base_shape, self.transposed = qround, tuple(shape), transposed
+
+    @property
+    def format(self) -> str:
+        """The spec's weight-axis value."""
+        return _FORMAT_NAMES[int(self.weight)]
 
     @property
     def shape(self):

@@ -13,8 +13,8 @@ A new weight format (NF4 unpack, FP8 upcast) is one more branch of :func:`load_w
 import triton
 import triton.language as tl
 
-from lora_kernels.triton.gemm.formats import nf4_tile
-from lora_kernels.triton.gemm.modes import ROWS_GATHERED, STORE_TMA, WEIGHT_DENSE
+from lora_kernels.triton.gemm.formats import fp8_tile, nf4_tile
+from lora_kernels.triton.gemm.modes import ROWS_GATHERED, STORE_TMA, WEIGHT_DENSE, WEIGHT_FP8_E4M3
 
 
 @triton.jit
@@ -61,7 +61,9 @@ def load_w(w_ptrs, w_desc, col0, k, col_ok, k_ok, STORE: tl.constexpr, MASK_COLS
     memory (free for wgmma); an N-major one (dX's ``Wᵀ`` view) is read as is. A quantized
     weight (``WEIGHT`` ≠ dense, pointer store only) is decoded from its packed storage, whose
     base pointer then travels in ``w_desc`` (formats.py)."""
-    if WEIGHT != WEIGHT_DENSE:
+    if WEIGHT == WEIGHT_FP8_E4M3:
+        w = fp8_tile(w_desc, wq, col0, k, col_ok, k_ok, EVEN_K, BLOCK_K, BLOCK_N)
+    elif WEIGHT != WEIGHT_DENSE:
         w = nf4_tile(w_desc, wq, col0, k, col_ok, k_ok, WEIGHT, QBLOCK, QBLOCK2, QROUND, EVEN_K,
                      BLOCK_K, BLOCK_N)
     elif STORE == STORE_TMA:

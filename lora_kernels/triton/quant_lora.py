@@ -1,4 +1,5 @@
-"""Triton single-adapter LoRA linear over a frozen NF4 (bitsandbytes / QLoRA) weight.
+"""Triton single-adapter LoRA linear over a frozen quantized weight: NF4 (bitsandbytes /
+QLoRA storage) or FP8 e4m3 with a per-output-channel scale.
 
 Same structure as lora_linear.py, with ``w`` a :class:`gemm.formats.PackedWeight`: the GEMM core
 decodes each ``[BLOCK_K, BLOCK_N]`` tile of the 4-bit storage in registers (gemm/formats.py),
@@ -8,8 +9,8 @@ so neither the forward nor dX ever holds W in a wider dtype:
 * ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the fused GEMM on the packed storage's ``Wᵀ`` view;
 * ``dA``, ``dB``: the rank-sized reductions of lowrank.py; W is frozen (no dW).
 
-``w`` is any object with NF4Weight's attributes (lora_kernels/ops/nf4.py): kernels never import
-ops.
+``w`` is a PackedWeight, or any object with NF4Weight's attributes (lora_kernels/ops/nf4.py)
+or FP8Weight's (lora_kernels/ops/fp8.py): kernels never import ops.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from lora_kernels.triton.device import on_device
 from lora_kernels.triton.fused_gemm import fused_gemm
 from lora_kernels.triton.gemm.formats import (PackedWeight, QROUND_BF16, QROUND_FP16,
                                               QROUND_FP32)
-from lora_kernels.triton.gemm.modes import LoraMode, WEIGHT_NF4, WEIGHT_NF4_NESTED
+from lora_kernels.triton.gemm.modes import (LoraMode, WEIGHT_FP8_E4M3, WEIGHT_NF4,
+                                            WEIGHT_NF4_NESTED)
 from lora_kernels.triton import lora_linear as _lin
 from lora_kernels.triton.lowrank import reduce_rows, shrink
 
-__all__ = ["packed_nf4", "nf4_lora_fwd", "nf4_lora_bwd"]
+__all__ = ["packed", "packed_nf4", "packed_fp8", "quant_lora_fwd", "quant_lora_bwd"]
 
 _QROUND = {torch.float32: QROUND_FP32, torch.float16: QROUND_FP16, torch.bfloat16: QROUND_BF16}
 
@@ -39,15 +41,30 @@ def packed_nf4(w) -> PackedWeight:
                         int(w.blocksize2), int(_QROUND[w.dtype]), w.shape)
 
 
-def nf4_lora_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+def packed_fp8(w) -> PackedWeight:
+    """The launch handle of an e4m3 weight ``codes [N, K]`` (float8_e4m3fn, read as bytes) with
+    its fp32 ``scale [N]``."""
+    codes = w.codes.contiguous().view(torch.uint8).reshape(-1)
+    scale = w.scale.float().contiguous()
+    return PackedWeight(codes, scale, None, scale, 0.0, int(WEIGHT_FP8_E4M3), 1, 1,
+                        int(QROUND_FP32), tuple(w.codes.shape))
+
+
+def packed(w) -> PackedWeight:
+    if isinstance(w, PackedWeight):
+        return w
+    return packed_fp8(w) if hasattr(w, "scale") else packed_nf4(w)
+
+
+def quant_lora_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                  lora_b: torch.Tensor, scaling: float, dropout_p: float, seed: int,
                  *, mode: Optional[int] = None, config: Optional[dict] = None):
     """``(y [M, N], xa [M, r])``."""
     with on_device(x):
         M = x.shape[0]
-        N = w.shape[0]
+        pw = packed(w)
+        N = pw.shape[0]
         r = lora_a.shape[0]
-        pw = packed_nf4(w)
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         xa = torch.empty(M, r, dtype=x.dtype, device=x.device)
         mode = _lin.lora_mode(M, r, dropout_p) if mode is None else mode
@@ -65,7 +82,7 @@ def nf4_lora_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: torch
         return y, xa
 
 
-def nf4_lora_bwd(dy: torch.Tensor, x: torch.Tensor, w, lora_a: torch.Tensor,
+def quant_lora_bwd(dy: torch.Tensor, x: torch.Tensor, w, lora_a: torch.Tensor,
                  lora_b: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float,
                  seed: int, needs: Sequence[bool], *, config: Optional[dict] = None):
     """``(dx, dbias, dlora_a, dlora_b)``, None where ``needs`` is False."""
@@ -73,6 +90,7 @@ def nf4_lora_bwd(dy: torch.Tensor, x: torch.Tensor, w, lora_a: torch.Tensor,
     M, K = x.shape
     r = lora_a.shape[0]
     dx = db = da = dbb = None
+    pw = packed(w)
     with on_device(x):
         dyb = None
         if r and (need_x or need_a):
@@ -80,11 +98,11 @@ def nf4_lora_bwd(dy: torch.Tensor, x: torch.Tensor, w, lora_a: torch.Tensor,
         if need_x:
             dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
             if r:
-                fused_gemm(dy, packed_nf4(w).t(), dx, lora=LoraMode.SEEDED, u=dyb,
+                fused_gemm(dy, pw.t(), dx, lora=LoraMode.SEEDED, u=dyb,
                            lb=lora_a.t(), scaling=scaling, dropout_p=dropout_p, seed=seed,
                            small_m_max=_lin.SMALL_M_MAX, config=config)
             else:
-                fused_gemm(dy, packed_nf4(w).t(), dx, small_m_max=_lin.SMALL_M_MAX,
+                fused_gemm(dy, pw.t(), dx, small_m_max=_lin.SMALL_M_MAX,
                            config=config)
         if need_a:
             da = torch.empty_like(lora_a)
