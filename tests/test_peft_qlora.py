@@ -30,9 +30,11 @@ class Tiny(nn.Module):
         return self.o(torch.nn.functional.gelu(self.q(x)))
 
 
-def qlora_model(compute_dtype, nested, dropout=0.0, seed=0):
+def qlora_model(compute_dtype, nested, dropout=0.0, seed=0, peft_bnb_class=False):
     torch.manual_seed(seed)
     model = Tiny(compute_dtype, nested).to(compute_dtype).to("cpu")  # quantizes
+    if peft_bnb_class:
+        model.is_loaded_in_4bit = True  # what transformers sets: PEFT picks lora.bnb.Linear4bit
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             # keep bitsandbytes' portable layout (no AVX512-BF16 repack on eval forwards), so
@@ -51,6 +53,7 @@ def _step(model, x):
     return y.detach(), grads
 
 
+@pytest.mark.parametrize("peft_bnb_class", [False, True])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("compute_dtype,x_dtype,tol", [
     (torch.float32, torch.float32, 1e-5),
@@ -59,8 +62,10 @@ def _step(model, x):
     (torch.bfloat16, torch.float32, 2e-2),
     (torch.float16, torch.float16, 5e-3),
 ])
-def test_patched_qlora_matches_peft(nested, compute_dtype, x_dtype, tol):
-    model = qlora_model(compute_dtype, nested)
+def test_patched_qlora_matches_peft(peft_bnb_class, nested, compute_dtype, x_dtype, tol):
+    model = qlora_model(compute_dtype, nested, peft_bnb_class=peft_bnb_class)
+    layer_cls = type(model.base_model.model.q)
+    assert (layer_cls.__module__ == "peft.tuners.lora.bnb") == peft_bnb_class
     x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(1)).to(x_dtype)
     want_y, want_g = _step(model, x)
     with patch_peft_model(model, backend="torch") as handle, warnings.catch_warnings():

@@ -304,10 +304,12 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
     handle = PeftPatchHandle(model, backend)
     for name, module in layers:
         reason = None
-        if not isinstance(module, lora_layer.Linear) or \
-                type(module).forward is not lora_layer.Linear.forward:
+        plain = isinstance(module, lora_layer.Linear) and \
+            type(module).forward is lora_layer.Linear.forward
+        if not (plain or peft_qlora.is_peft_bnb_4bit(module)):
             reason = (f"{type(module).__module__}.{type(module).__name__} layers are not "
-                      f"accelerated (only lora.Linear over nn.Linear / Conv1D)")
+                      f"accelerated (only lora.Linear over nn.Linear / Conv1D / Linear4bit "
+                      f"and PEFT's bnb Linear4bit)")
         elif "forward" in module.__dict__:
             reason = "its forward is already wrapped on the instance by another library"
         else:

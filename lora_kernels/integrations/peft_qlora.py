@@ -1,5 +1,6 @@
-"""PEFT LoRA layers over a bitsandbytes NF4 ``Linear4bit`` (QLoRA): what integrations/peft.py
-needs to fuse them with :func:`lora_kernels.ops.lora_linear_nf4.lora_linear_nf4`.
+"""PEFT LoRA layers over a bitsandbytes NF4 ``Linear4bit`` (QLoRA; the generic ``lora.Linear``
+PEFT builds on CPU, or PEFT's ``lora.bnb.Linear4bit`` for a model loaded in 4 bit): what
+integrations/peft.py needs to fuse them with :func:`lora_kernels.ops.lora_linear_nf4.lora_linear_nf4`.
 
 PEFT over ``Linear4bit`` computes ``base(x) + Σ B(A(drop(x)))·s`` where ``base`` casts x to the
 layer's ``compute_dtype``, dequantizes the whole W (``dequantize_4bit(...).to(x.dtype)``, an
@@ -22,13 +23,21 @@ from torch import Tensor, nn
 
 from lora_kernels.ops.nf4 import NF4Weight, from_params4bit
 
-__all__ = ["is_nf4_base", "base_reason", "base_operands", "NF4Weight"]
+__all__ = ["is_nf4_base", "is_peft_bnb_4bit", "base_reason", "base_operands", "NF4Weight"]
 
 
 def is_nf4_base(base: nn.Module) -> bool:
     """A bitsandbytes ``Linear4bit`` (or subclass) with its own forward."""
     return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes")
                for c in type(base).__mro__)
+
+
+def is_peft_bnb_4bit(layer: nn.Module) -> bool:
+    """PEFT's own QLoRA layer class (``peft.tuners.lora.bnb.Linear4bit``, what
+    ``get_peft_model`` builds over a model loaded in 4 bit), not a subclass: its forward is
+    lora.Linear's, branch for branch, plus a defensive clone of the base result."""
+    cls = type(layer)
+    return cls.__name__ == "Linear4bit" and cls.__module__ == "peft.tuners.lora.bnb"
 
 
 def _state(base: nn.Module):
