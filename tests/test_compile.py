@@ -204,3 +204,25 @@ def test_opcheck(op):
         pytest.fail(f"no opcheck sample for lora_kernels::{op}")
     for args in samples:
         torch.library.opcheck(getattr(torch.ops.lora_kernels, op).default, args)
+
+
+def test_compile_lora_linear_nf4():
+    """The NF4 op traces as one custom op (fake kernel, autograd) under fullgraph."""
+    from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
+    fwd, _ = _nf4_samples(lambda *s, grad=False: torch.randn(*s).requires_grad_(grad),
+                          torch.randn(7, 13), torch.randn(11, 3), None)
+    (_, codes, absmax, code, absmax2, code2, offset, shape, wdtype, bs, bs2, *_rest) = fwd[1]
+    from lora_kernels.ops.nf4 import NF4Weight
+    w = NF4Weight(codes=codes, absmax=absmax, code=code, shape=tuple(shape), dtype=wdtype,
+                  blocksize=bs, absmax2=absmax2, code2=code2, offset=offset, blocksize2=bs2)
+
+    class NF4LoRA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.randn(3, 13) * 0.3)
+            self.b = torch.nn.Parameter(torch.randn(11, 3) * 0.3)
+            self.bias = torch.nn.Parameter(torch.randn(11))
+
+        def forward(self, x):
+            return lora_linear_nf4(x, w, self.bias, self.a, self.b, scaling=0.5)
+    _check_fwd_bwd(NF4LoRA(), torch.randn(2, 7, 13))
