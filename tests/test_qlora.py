@@ -91,11 +91,13 @@ def test_triton_nf4_op_interpreter(nested, dtype):
 
 @pytest.mark.skipif(not interpreting(), reason="the interpreter runs the Triton kernels on CPU")
 @pytest.mark.parametrize("nested", [False, True])
-def test_triton_nf4_kernel_modes_and_dx(nested):
+@pytest.mark.parametrize("aligned", [False, True])
+def test_triton_nf4_kernel_modes_and_dx(nested, aligned):
     """Both low-rank modes of the forward and the dX GEMM read the same 4-bit bytes (the Wᵀ
-    view's flat indices), against float64 of bitsandbytes' dequantized W."""
+    view's flat indices), against float64 of bitsandbytes' dequantized W. ``aligned``: K a
+    multiple of 64, where the forward loads one scale per tile column."""
     from lora_kernels.triton import quant_lora as T
-    n, k = (300, 65) if nested else (19, 33)
+    n, k = ((21, 128) if aligned else (300, 65)) if nested else ((19, 128) if aligned else (19, 33))
     layer = linear4bit(n, k, torch.float32, nested)
     w = nf4.from_params4bit(layer.weight)
     W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()

@@ -28,6 +28,20 @@ LUT_CODE2: tl.constexpr = tl.constexpr(16)
 
 
 @triton.jit
+def _block_scale(absmax_ptr, absmax2_ptr, lut_ptr, offset, blk, ok, WEIGHT: tl.constexpr,
+                 QBLOCK2: tl.constexpr):
+    """fp32 absmax of blocks ``blk`` (nested: ``code2[q]·absmax2[b // QBLOCK2] + offset``, the
+    order bitsandbytes computes it in)."""
+    if WEIGHT == WEIGHT_NF4_NESTED:
+        am_code = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+        scale = (tl.load(lut_ptr + LUT_CODE2 + am_code)
+                 * tl.load(absmax2_ptr + blk // QBLOCK2, mask=ok, other=0.0) + offset)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+    return scale
+
+
+@triton.jit
 def nf4_tile(codes_ptr, wq, col0, k, col_ok, k_ok, WEIGHT: tl.constexpr, QBLOCK: tl.constexpr,
              QBLOCK2: tl.constexpr, QROUND: tl.constexpr, EVEN_K: tl.constexpr,
              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -44,13 +58,18 @@ def nf4_tile(codes_ptr, wq, col0, k, col_ok, k_ok, WEIGHT: tl.constexpr, QBLOCK:
     byte = tl.load(codes_ptr + (flat >> 1), mask=ok, other=0).to(tl.int32)
     nib = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
     q = tl.load(lut_ptr + nib)
-    blk = flat // QBLOCK
-    if WEIGHT == WEIGHT_NF4_NESTED:
-        am_code = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
-        scale = (tl.load(lut_ptr + LUT_CODE2 + am_code)
-                 * tl.load(absmax2_ptr + blk // QBLOCK2, mask=ok, other=0.0) + offset)
+    # The forward's W with K0 % QBLOCK == 0 and BLOCK_K | QBLOCK: one block per column of the
+    # tile, so one scale per column (a [BLOCK_N] load broadcast down K) instead of a gather
+    # per element. Otherwise (dX's Wᵀ view, ragged K0) each element's own block.
+    col_blocks = (stride_wk == 1) & ((stride_wn % QBLOCK) == 0) & (QBLOCK % BLOCK_K == 0)
+    if col_blocks:
+        cblk = (rn * stride_wn + k) // QBLOCK
+        scale = tl.broadcast_to(
+            _block_scale(absmax_ptr, absmax2_ptr, lut_ptr, offset, cblk, col_ok, WEIGHT,
+                         QBLOCK2)[None, :], (BLOCK_K, BLOCK_N))
     else:
-        scale = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+        scale = _block_scale(absmax_ptr, absmax2_ptr, lut_ptr, offset, flat // QBLOCK, ok,
+                             WEIGHT, QBLOCK2)
     w = tl.where(ok, q * scale, 0.0)
     if QROUND == QROUND_FP16:
         w = w.to(tl.float16)
@@ -158,6 +177,12 @@ def prune_packed(prune):
             w_cap = 16 if tight or c.kwargs["BLOCK_M"] <= 16 else 32
             return w <= w_cap and acc <= 64
         keep = [c for c in configs if fits(c)]
+        if keep and kwargs.get("LORA") == 2:
+            # in-loop u accumulator + la tiles on 16-row decode tiles: 16x32x64 / 4 warps with 5
+            # stages spilled 4 B (255 registers), with 3 stages none.
+            keep = [triton.Config(dict(c.kwargs), num_warps=c.num_warps,
+                                  num_stages=min(c.num_stages, 3))
+                    if c.kwargs["BLOCK_M"] <= 16 else c for c in keep]
         if keep:
             return keep
         return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
