@@ -47,7 +47,8 @@ def test_fp8_fused_forward_and_dx(dtype, shape):
         y, xa = T.quant_lora_fwd(x, w, b, a, bb, 0.5, 0.0, 0, mode=mode)
         # the kernel rounds code·scale to the MMA dtype: the reference sees the same W
         Wr = fp8.dequantize(w, dtype).double()
-        want = x.double() @ Wr.t() + b.double() + 0.5 * (x.double() @ a.double().t()) @ bb.double().t()
+        low = 0.5 * (x.double() @ a.double().t()) @ bb.double().t()
+        want = x.double() @ Wr.t() + b.double() + low
         assert rel_err(y, want) <= tol
     assert rel_err(W.to(dtype), fp8.dequantize(w, dtype)) == 0.0
     dx, db, da, dbb = T.quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.3, 7, (True, True, True, True))

@@ -98,7 +98,8 @@ def test_gpu_fp8_forward_and_dx(M):
     rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=g, device="cuda") * sc).bfloat16()
     x, b, a, bb, dy = rnd(M, K), rnd(N), rnd(16, K, sc=0.05), rnd(N, 16, sc=0.05), rnd(M, N)
     y, xa = quant_lora_fwd(x, w, b, a, bb, 0.5, 0.0, 0)
-    want = x.double() @ Wr.t() + b.double() + 0.5 * (x.double() @ a.double().t()) @ bb.double().t()
+    low = 0.5 * (x.double() @ a.double().t()) @ bb.double().t()
+    want = x.double() @ Wr.t() + b.double() + low
     assert rel_err(y, want) <= 1e-2
     dx, _, _, _ = quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.0, 0, (True, False, False, False))
     want_dx = dy.double() @ Wr + 0.5 * (dy.double() @ bb.double()) @ a.double()

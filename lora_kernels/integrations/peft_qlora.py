@@ -1,6 +1,7 @@
 """PEFT LoRA layers over a bitsandbytes NF4 ``Linear4bit`` (QLoRA; the generic ``lora.Linear``
 PEFT builds on CPU, or PEFT's ``lora.bnb.Linear4bit`` for a model loaded in 4 bit): what
-integrations/peft.py needs to fuse them with :func:`lora_kernels.ops.lora_linear_nf4.lora_linear_nf4`.
+integrations/peft.py needs to fuse them with
+:func:`lora_kernels.ops.lora_linear_nf4.lora_linear_nf4`.
 
 PEFT over ``Linear4bit`` computes ``base(x) + Σ B(A(drop(x)))·s`` where ``base`` casts x to the
 layer's ``compute_dtype``, dequantizes the whole W (``dequantize_4bit(...).to(x.dtype)``, an

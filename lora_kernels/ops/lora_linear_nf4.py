@@ -178,7 +178,8 @@ def lora_linear_nf4(x: Tensor, weight, bias: Optional[Tensor], lora_a: Tensor, l
         dropout_seed = _check_seed(dropout_seed)
     seed = None
     if dropout_p > 0.0:
-        seed = draw_seed() if dropout_seed is None else torch.tensor(dropout_seed, dtype=torch.int64)
+        seed = (draw_seed() if dropout_seed is None
+                else torch.tensor(dropout_seed, dtype=torch.int64))
     dtype = x.dtype
     args = op_args(x2.contiguous(), w, V.dense(bias, dtype), V.dense(lora_a, dtype),
                    V.dense(lora_b, dtype), scaling, dropout_p, seed, name)

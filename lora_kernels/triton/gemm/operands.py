@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from lora_kernels.triton.gemm.formats import fp8_tile, nf4_tile
-from lora_kernels.triton.gemm.modes import ROWS_GATHERED, STORE_TMA, WEIGHT_DENSE, WEIGHT_FP8_E4M3
+from lora_kernels.triton.gemm.modes import (ROWS_GATHERED, STORE_TMA, WEIGHT_DENSE,
+                                            WEIGHT_FP8_E4M3)
 
 
 @triton.jit

@@ -33,8 +33,8 @@ def illegal_reason(weight, rows, lowrank, col_scale, schedule, store) -> str:
         return "the multi-adapter GEMM runs on pointer tiles without a column scale"
     if weight != "dense" and (gathered or store != "pointer" or col_scale != "none"
                               or schedule == "persistent"):
-        return ("a quantized (4-bit / fp8) weight is gathered by pointer on dense rows, tiles or split-K, "
-                "no column scale (no TMA box of nibbles; DoRA over NF4 is not built)")
+        return ("a quantized (4-bit / fp8) weight is gathered by pointer on dense rows, tiles "
+                "or split-K, no column scale (no TMA box of nibbles; DoRA over it not built)")
     if store == "tma" and schedule != "persistent":
         return "tensor descriptors are built once per program: persistent schedule only"
     return ""
@@ -64,8 +64,8 @@ class GemmSpec:
 
     def constexprs(self) -> dict:
         """The kernel's mode arguments for this spec."""
-        return dict(WEIGHT=WEIGHT[self.weight].value, ROWS=ROWS[self.rows].value, LORA=LOWRANK[self.lowrank].value,
-                    COL_SCALE=COL_SCALE[self.col_scale].value,
+        return dict(WEIGHT=WEIGHT[self.weight].value, ROWS=ROWS[self.rows].value,
+                    LORA=LOWRANK[self.lowrank].value, COL_SCALE=COL_SCALE[self.col_scale].value,
                     SCHEDULE=SCHEDULE[self.schedule].value, STORE=STORE[self.store].value)
 
 
