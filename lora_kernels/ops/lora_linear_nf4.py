@@ -5,9 +5,10 @@ autograd, dispatch.
 (:class:`lora_kernels.ops.nf4.NF4Weight`, or a quantized ``Params4bit`` read through its
 ``quant_state``). W0 is frozen: gradients flow to x, lora_a, lora_b and bias.
 
-Backends: ``triton`` decodes the 4-bit tiles inside the GEMM (forward and dX, no N×K tensor);
-``torch`` (CPU, and the fallback of ``cuda``, which has no NF4 kernel) dequantizes by tiles of
-``nf4.ROWS_PER_TILE`` rows, exact against ``bitsandbytes.functional.dequantize_4bit``.
+Backends: ``triton`` (and ``cuda``, whose extension has no NF4 kernel: its fallback, as for
+every op missing there) decodes the 4-bit tiles inside the GEMM (forward and dX, no N×K
+tensor); ``torch`` dequantizes by tiles of ``nf4.ROWS_PER_TILE`` rows, exact against
+``bitsandbytes.functional.dequantize_4bit``.
 
 The storage travels through the custom op as its tensors (codes, absmax, code, and for nested
 storage absmax2 / code2) plus scalars, so ``torch.compile`` and ``opcheck`` see plain tensors.
@@ -144,7 +145,7 @@ def lora_linear_nf4(x: Tensor, weight, bias: Optional[Tensor], lora_a: Tensor, l
 
     Same contract as :func:`lora_kernels.lora_linear` otherwise (``x [..., K]``, fp32 LoRA
     weights with fp16/bf16 x are cast to x's dtype, dropout on the LoRA input only).
-    ``backend="cuda"`` has no NF4 kernel and runs the torch path."""
+    ``backend="cuda"`` has no NF4 kernel and runs the Triton one."""
     V.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have shape [..., K], got a 0-D tensor")
@@ -173,7 +174,8 @@ def lora_linear_nf4(x: Tensor, weight, bias: Optional[Tensor], lora_a: Tensor, l
     x2 = x.reshape(math.prod(lead), K)
     V.check_index_math("x", x2.shape[0])
     name = _backend.resolve_for(backend, x2, "lora_linear")
-    name = "triton" if name == "triton" else "torch"
+    # The CUDA extension has no NF4 kernel: like every op missing there, its fallback (Triton).
+    name = "triton" if name in ("triton", "cuda") else "torch"
     if dropout_seed is not None:
         dropout_seed = _check_seed(dropout_seed)
     seed = None
