@@ -225,6 +225,8 @@ def _samples():
              ranks2, *bt, ints, [5, 6], [0.25, 0.25, 0.25], seed,
              [True, False, False, True, True], "torch"),
         ],
+        "lora_linear_nf4": _nf4_samples(r, x, b1, seed)[0],
+        "lora_linear_nf4_backward": _nf4_samples(r, x, b1, seed)[1],
         "lora_shrink": [
             (x.detach(), A.detach(), sc, ranks, *bt, ints, 1, "torch"),
             (x.detach(), A2, None, ranks2, *bt, ints, 2, "torch"),
@@ -234,6 +236,36 @@ def _samples():
             (r(T, N), torch.randn(T, 2 * R, generator=g), B2, ranks2, *bt, ints, [5, 6], "torch"),
         ],
     }
+
+
+def _nf4_samples(r, x, b1, seed):
+    """NF4 storage built by hand (random codes and scales: opcheck needs no bitsandbytes) for
+    W [11, 13] (143 elements: blocks straddle rows), plain and nested absmax."""
+    from lora_kernels.ops.lora_linear_nf4 import op_args
+    from lora_kernels.ops.nf4 import NF4Weight
+    g = torch.Generator().manual_seed(3)
+    N, K = 11, 13
+    codes = torch.randint(0, 256, ((N * K + 1) // 2,), dtype=torch.uint8, generator=g)
+    code = torch.linspace(-1, 1, 16)
+    plain = NF4Weight(codes=codes, absmax=torch.rand(3, generator=g) + 0.5, code=code,
+                      shape=(N, K), dtype=torch.float32, blocksize=64)
+    nested = NF4Weight(codes=codes, absmax=torch.randint(0, 256, (3,), dtype=torch.uint8,
+                                                          generator=g),
+                       code=code, shape=(N, K), dtype=torch.float32, blocksize=64,
+                       absmax2=torch.rand(1, generator=g) + 0.5,
+                       code2=torch.linspace(-1, 1, 256), offset=0.3, blocksize2=256)
+    xd, bd = x.detach(), r(N, grad=True)
+    a1, bb = r(3, K, grad=True), b1
+    fwd = [op_args(x, plain, bd, a1, bb, 0.5, 0.0, None, "torch"),
+           op_args(x, nested, None, a1, bb, 2.0, 0.3, seed, "torch")]
+    xa = (xd @ a1.detach().t())
+    dy = r(7, N)
+
+    def bwd(w, p, sd, needs):
+        head = op_args(xd, w, None, a1.detach(), bb.detach(), 0.5, p, sd, "torch")
+        return (dy, xd, *head[1:11], a1.detach(), bb.detach(), xa, 0.5, p, sd, needs, "torch")
+    return fwd, [bwd(plain, 0.0, None, [True, True, True, True]),
+                 bwd(nested, 0.3, seed, [True, False, True, False])]
 
 
 def _registered_ops():
@@ -255,3 +287,25 @@ def test_opcheck(op):
         pytest.fail(f"no opcheck sample for lora_kernels::{op}")
     for args in samples:
         torch.library.opcheck(getattr(torch.ops.lora_kernels, op).default, args)
+
+
+def test_compile_lora_linear_nf4():
+    """The NF4 op traces as one custom op (fake kernel, autograd) under fullgraph."""
+    from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
+    fwd, _ = _nf4_samples(lambda *s, grad=False: torch.randn(*s).requires_grad_(grad),
+                          torch.randn(7, 13), torch.randn(11, 3), None)
+    (_, codes, absmax, code, absmax2, code2, offset, shape, wdtype, bs, bs2, *_rest) = fwd[1]
+    from lora_kernels.ops.nf4 import NF4Weight
+    w = NF4Weight(codes=codes, absmax=absmax, code=code, shape=tuple(shape), dtype=wdtype,
+                  blocksize=bs, absmax2=absmax2, code2=code2, offset=offset, blocksize2=bs2)
+
+    class NF4LoRA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.randn(3, 13) * 0.3)
+            self.b = torch.nn.Parameter(torch.randn(11, 3) * 0.3)
+            self.bias = torch.nn.Parameter(torch.randn(11))
+
+        def forward(self, x):
+            return lora_linear_nf4(x, w, self.bias, self.a, self.b, scaling=0.5)
+    _check_fwd_bwd(NF4LoRA(), torch.randn(2, 7, 13))

@@ -49,7 +49,9 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
                 COL_SCALE: tl.constexpr, SCHEDULE: tl.constexpr, STORE: tl.constexpr,
                 W_KMAJOR: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, wq,
+                WEIGHT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+                QROUND: tl.constexpr):
     """One output tile (one K slab of it under split-K) of :func:`gemm_kernel`."""
     pid_m, pid_n = grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
@@ -77,7 +79,7 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
     acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0, col0,
                           k_lo, k_hi, m_ok, n_ok, r_ok, stride_ak, stride_wk, stride_lak,
                           STORE, LORA == LORA_IN_LOOP, True, True, EVEN_K, W_KMAJOR, PRECISION,
-                          BLOCK_K)
+                          BLOCK_K, wq, WEIGHT, QBLOCK, QBLOCK2, QROUND, BLOCK_N)
     if LORA == LORA_IN_LOOP:
         acc = in_loop_term(acc, u_acc, lb_ptr, rn64, n_ok, r_ok, stride_lbn, stride_lbr,
                            scaling, BLOCK_R, PRECISION)
@@ -129,9 +131,14 @@ def gemm_kernel(
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, WARP_SPEC: tl.constexpr,
+    wq_absmax=None, wq_absmax2=None, wq_lut=None, wq_offset=0.0,
+    WEIGHT: tl.constexpr = 0, QBLOCK: tl.constexpr = 64, QBLOCK2: tl.constexpr = 256,
+    QROUND: tl.constexpr = 0,
 ):
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (fused_gemm.py documents the operands).
-    ``M_BUCKET`` only keys the autotuner."""
+    ``M_BUCKET`` only keys the autotuner; ``wq_*``/``WEIGHT``/``Q*``: a quantized w
+    (formats.py; ``w_ptr`` is then its packed storage, stride_wn/wk its logical strides)."""
+    wq = (wq_absmax, wq_absmax2, wq_lut, wq_offset, stride_wn, stride_wk)
     if STORE == STORE_TMA:
         a_desc, w_desc, o_desc = descriptors(a_ptr, w_ptr, out_ptr, M, N, K, stride_am,
                                              stride_wn, stride_wk, stride_om, W_KMAJOR,
@@ -148,7 +155,8 @@ def gemm_kernel(
                         stride_um, stride_ur, stride_lar, stride_lak, stride_lbn, stride_lbr,
                         stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
                         HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
-                        PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1)
+                        PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1, wq, WEIGHT,
+                        QBLOCK, QBLOCK2, QROUND)
     else:
         _dense_tile(tl.program_id(0), tl.program_id(1), a_ptr, w_ptr, out_ptr, bias_ptr,
                     cs_ptr, u_ptr, la_ptr, lb_ptr, ws_ptr, wsu_ptr, cnt_ptr, a_desc, w_desc,
@@ -156,7 +164,8 @@ def gemm_kernel(
                     stride_on, stride_um, stride_ur, stride_lar, stride_lak, stride_lbn,
                     stride_lbr, stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
                     HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
-                    PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
+                    PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, wq, WEIGHT,
+                    QBLOCK, QBLOCK2, QROUND)
 
 
 @triton.jit
