@@ -128,3 +128,52 @@ def capture_cuda_graph(fn):
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def _gloo_worker(rank: int, world: int, init_file: str, out_file: str, run, modes) -> None:
+    """One gloo process: ``{mode: run(mode, rank)}`` for every mode, saved by rank 0; a failure
+    leaves its traceback in ``out_file.err<rank>`` for the parent to show."""
+    import traceback
+
+    import torch.distributed as dist
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world)
+        results = {mode: run(mode, rank) for mode in modes}
+        if rank == 0:
+            torch.save(results, out_file)
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        with open(out_file + f".err{rank}", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_gloo(run, modes, world: int, tmp, timeout: float):
+    """Spawn ``world`` CPU processes over gloo, each running ``run(mode, rank)`` for every mode
+    (one set of processes for all modes: spawning costs more than training here), and return
+    rank 0's ``{mode: result}``. ``run`` must be a module-level function (spawn pickles it).
+    Skips when torch.distributed has no gloo."""
+    import pytest
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    init_file, out_file = str(tmp / "rendezvous"), str(tmp / "result.pt")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_gloo_worker, args=(r, world, init_file, out_file, run, modes))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+    errs = [open(out_file + f".err{r}").read() for r in range(world)
+            if os.path.exists(out_file + f".err{r}")]
+    assert not errs, errs[0]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return torch.load(out_file)
+
