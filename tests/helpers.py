@@ -177,3 +177,15 @@ def run_gloo(run, modes, world: int, tmp, timeout: float):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return torch.load(out_file)
 
+
+def assert_entry_point_declared(group: str, value: str, register) -> None:
+    """pyproject.toml declares ``lora_kernels = "<value>"`` under the entry-point ``group``,
+    and that entry point loads ``register`` (whether or not the package was reinstalled)."""
+    from importlib import metadata
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert f'[project.entry-points."{group}"]' in text
+    assert f'lora_kernels = "{value}"' in text
+    ep = metadata.EntryPoint("lora_kernels", value, group)
+    assert ep.load() is register
+
