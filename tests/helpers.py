@@ -189,3 +189,17 @@ def assert_entry_point_declared(group: str, value: str, register) -> None:
     ep = metadata.EntryPoint("lora_kernels", value, group)
     assert ep.load() is register
 
+
+def load_bench_tool(name: str):
+    """Import ``bench/<name>.py`` (bench/ is not a package) as module ``name``; registered in
+    sys.modules because dataclasses look their module up there."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
