@@ -203,3 +203,14 @@ def load_bench_tool(name: str):
     spec.loader.exec_module(mod)
     return mod
 
+
+class MLP(torch.nn.Module):
+    """The small PEFT test model: Linear(13, 24) -> ReLU -> Linear(24, 11, no bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(13, 24)
+        self.down = torch.nn.Linear(24, 11, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
