@@ -74,48 +74,37 @@ def test_compile_multi_lora_linear():
     _check_fwd_bwd(ml, torch.randn(7, 13), batch)
 
 
-def test_compile_patched_peft_model():
+class _Logits(torch.nn.Module):  # the PeftModel itself, returning a tensor
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x).logits
+
+
+def _check_patched_peft_gpt2(**lora_config):
+    """A patched tiny GPT-2 PeftModel (c_attn and c_proj adapted, random B) compiles and
+    matches eager, forward and backward."""
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from lora_kernels import patch_peft_model
     base = tiny_gpt2(n_layer=1, n_embd=32, n_head=4, vocab=97, n_positions=32, seed=0)
     model = peft.get_peft_model(base, peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-        init_lora_weights=False, rank_pattern={"h.0.attn.c_attn": 6}))
+        init_lora_weights=False, **lora_config))
     handle = patch_peft_model(model)
     ids = torch.randint(0, 97, (2, 9))
-
-    class Logits(torch.nn.Module):  # the PeftModel itself, returning a tensor
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x).logits
-    _check_fwd_bwd(Logits(model).train(), ids)
+    _check_fwd_bwd(_Logits(model).train(), ids)
     handle.unpatch()
+
+
+def test_compile_patched_peft_model():
+    _check_patched_peft_gpt2(rank_pattern={"h.0.attn.c_attn": 6})
 
 
 def test_compile_patched_peft_dora_model():
-    pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    from lora_kernels import patch_peft_model
-    base = tiny_gpt2(n_layer=1, n_embd=32, n_head=4, vocab=97, n_positions=32, seed=0)
-    model = peft.get_peft_model(base, peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-        init_lora_weights=False, use_dora=True))
-    handle = patch_peft_model(model)
-    ids = torch.randint(0, 97, (2, 9))
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x).logits
-    _check_fwd_bwd(Logits(model).train(), ids)
-    handle.unpatch()
+    _check_patched_peft_gpt2(use_dora=True)
 
 
 # ------------------------------------------------------------------------------------------
