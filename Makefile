@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	# cutlass_library/source/include on disk; nothing imports it at run time)
 	$(VPY) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0
 	$(VPY) -m pip install -q pytest hypothesis pytest-benchmark "peft>=0.13" "transformers>=4.45" \
+		"bitsandbytes==0.50.2" \
 		safetensors matplotlib tqdm
 	LORA_KERNELS_SKIP_CUDA_BUILD=1 $(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@

@@ -51,6 +51,17 @@ def rel_err(out, want) -> float:
     return float((out - want).norm() / want.norm().clamp_min(1e-30))
 
 
+def _errors(y, y64, leaves, leaves64, dy, grads):
+    """Relative errors of ``y`` against ``y64`` and, with ``grads``, of the gradients of the
+    leaves (x, A, B) for one upstream ``dy`` (sent to the device in bf16)."""
+    errs = {"y": rel_err(y, y64)}
+    if grads:
+        want = torch.autograd.grad(y64, leaves64, dy)
+        got = torch.autograd.grad(y, leaves, dy.to(DEV, torch.bfloat16))
+        errs.update({n: rel_err(gt, wt) for n, gt, wt in zip(("dx", "dA", "dB"), got, want)})
+    return errs
+
+
 def _single(M, K, N, r, p, grads, seed=0):
     """lora_linear (Triton) in bf16 vs float64, output and (optionally) dx, dA, dB."""
     g = torch.Generator().manual_seed(1000 + M + K + N + r)
@@ -63,12 +74,7 @@ def _single(M, K, N, r, p, grads, seed=0):
     leaves = [t.to(DEV, torch.bfloat16).requires_grad_(grads) for t in (x, a, bb)]
     y = lk.lora_linear(leaves[0], w.to(DEV, torch.bfloat16), b.to(DEV, torch.bfloat16), leaves[1],
                        leaves[2], scaling=s, dropout_p=p, dropout_seed=dseed, backend="triton")
-    errs = {"y": rel_err(y, y64)}
-    if grads:
-        want = torch.autograd.grad(y64, leaves64, dy)
-        got = torch.autograd.grad(y, leaves, dy.to(DEV, torch.bfloat16))
-        errs.update({n: rel_err(gt, wt) for n, gt, wt in zip(("dx", "dA", "dB"), got, want)})
-    return errs
+    return _errors(y, y64, leaves, leaves64, dy, grads)
 
 
 def _multi(T, S, K, N, r, dist, grads):
@@ -89,12 +95,7 @@ def _multi(T, S, K, N, r, dist, grads):
     y = lk.multi_lora_linear(leaves[0], w.to(DEV, torch.bfloat16), b.to(DEV, torch.bfloat16),
                              leaves[1], leaves[2], batch, scalings=sc.to(DEV, torch.float32),
                              backend="triton")
-    errs = {"y": rel_err(y, y64)}
-    if grads:
-        want = torch.autograd.grad(y64, leaves64, dy)
-        got = torch.autograd.grad(y, leaves, dy.to(DEV, torch.bfloat16))
-        errs.update({n: rel_err(gt, wt) for n, gt, wt in zip(("dx", "dA", "dB"), got, want)})
-    return errs
+    return _errors(y, y64, leaves, leaves64, dy, grads)
 
 
 def _shrink_expand(T=96, S=5, K=700, N=900, r=16):

@@ -32,6 +32,8 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import types  # noqa: E402
+
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -170,6 +172,19 @@ class Compiler:
         self.rows.append(row)
 
 
+def _packed_nf4(nested: bool, n: int, k: int):
+    """An NF4 operand (bitsandbytes layout, blocksize 64) of an [n, k] weight, for compiling."""
+    from lora_kernels.triton.gemm.formats import PackedWeight, QROUND_BF16
+    from lora_kernels.triton.gemm.modes import WEIGHT_NF4, WEIGHT_NF4_NESTED
+    blocks = n * k // 64
+    absmax = torch.empty(blocks, dtype=torch.uint8 if nested else torch.float32)
+    return PackedWeight(torch.empty(n * k // 2, dtype=torch.uint8), absmax,
+                        torch.empty(blocks // 256 + 1) if nested else None,
+                        torch.empty(272 if nested else 16), 0.5,
+                        int(WEIGHT_NF4_NESTED if nested else WEIGHT_NF4), 64, 256,
+                        int(QROUND_BF16), (n, k))
+
+
 def run(fast: bool, only: str | None = None) -> list[Row]:
     install_fake_sm90_driver()
     import lora_kernels as lk
@@ -209,6 +224,12 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                 "in_loop": LoraMode.IN_LOOP}[spec.lowrank]
         common = dict(lora=lora, u=u, la=a, lb=bb, scaling=2.0, col_scale=cs, small_m_max=path_max,
                       schedule=spec.schedule, store=spec.store)
+        if spec.weight == "fp8_e4m3":  # e4m3 bytes + per-row scale of the same weight
+            from lora_kernels.triton.quant_lora import packed_fp8
+            w = packed_fp8(types.SimpleNamespace(
+                codes=torch.empty(N_T, K_T, dtype=torch.uint8), scale=torch.empty(N_T)))
+        elif spec.weight != "dense":  # NF4 storage of the same [N_T, K_T] weight
+            w = _packed_nf4(spec.weight == "nf4_nested", N_T, K_T)
         comp.form = f"{spec.name} fwd"
         FG.fused_gemm(x, w, y, bias=b, **common)
         if spec.lowrank == "seeded":  # the dX form: N-major Wᵀ view, dropout mask epilogue
@@ -219,7 +240,8 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                 FG.fused_gemm(dy, w.t(), dx, **{**common, "la": None, "lb": a.t(), "u": e(M, R_T)},
                               dropout_p=p, seed=7)
             comp.prune_as_dropout = False
-        if spec.lowrank == "none" and spec.schedule == "tiles" and spec.col_scale == "none":
+        if (spec.lowrank == "none" and spec.schedule == "tiles" and spec.col_scale == "none"
+                and spec.weight == "dense"):
             comp.form = f"{spec.name} dW"
             FG.fused_gemm(e(M_T, N_T).t(), e(M_T, K_T).t(), e(N_T, K_T), small_m_max=0)
 

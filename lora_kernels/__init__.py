@@ -7,7 +7,8 @@ from lora_kernels.nn import (LoRALinear, MultiLoRALinear, PackedLoRALinear, inje
                              lora_state_dict, mark_only_lora_as_trainable, merge_lora,
                              set_lora_batch, unmerge_lora, use_lora_batch)
 from lora_kernels.ops import (BackendUnavailableError, LoRABatch, dora_linear, lora_expand,
-                              lora_linear, lora_shrink, multi_lora_linear)
+                              lora_linear, lora_shrink, moe_lora_linear, moe_multi_lora_linear,
+                              multi_lora_linear)
 from lora_kernels.adapters import AdapterPool, load_peft_adapter, save_peft_adapter
 from lora_kernels.integrations import adapter_param_groups, patch_peft_model, save_peft_adapters
 
@@ -18,7 +19,7 @@ __all__ = [
     "PackedLoRALinear", "adapter_param_groups", "dora_linear", "inject_lora", "load_peft_adapter",
     "lora_expand", "lora_linear",
     "lora_shrink", "lora_state_dict", "mark_only_lora_as_trainable", "merge_lora",
-    "multi_lora_linear", "patch_peft_model", "save_peft_adapter", "save_peft_adapters",
-    "set_lora_batch",
+    "moe_lora_linear", "moe_multi_lora_linear", "multi_lora_linear", "patch_peft_model",
+    "save_peft_adapter", "save_peft_adapters", "set_lora_batch",
     "unmerge_lora", "use_lora_batch", "__version__",
 ]

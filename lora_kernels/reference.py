@@ -558,3 +558,51 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, weight.shape[0])
+
+
+# ------------------------------------------------------------------------------------------
+# Mixture-of-experts LoRA (one expert projection): the float64 oracle of ops.moe_lora
+# ------------------------------------------------------------------------------------------
+def moe_lora_linear_reference(x, expert_weight, topk_ids, lora_a, lora_b, scaling,
+                              topk_weights=None):
+    """Per (token, expert) pair ``y[t, j] = x_p·W_eᵀ + s·(x_p·A_eᵀ)·B_eᵀ`` with ``e =
+    topk_ids[t, j]``, in float64, one pair at a time (the plainest statement of the math).
+
+    ``x`` is ``[T, K]`` (every pair of token t reads row t: a gate/up projection) or
+    ``[T, k, K]`` (pair (t, j) reads its own row: the down projection of the activated
+    intermediate). Returns ``[T, k, N]``; with ``topk_weights [T, k]`` the gate-weighted sum
+    over the k pairs, ``[T, N]`` (what a transformers MoE block adds to the residual)."""
+    T, k = topk_ids.shape
+    x64 = x.double()
+    w64, a64, b64 = expert_weight.double(), lora_a.double(), lora_b.double()
+    y = x64.new_zeros(T, k, expert_weight.shape[1])
+    for t in range(T):
+        for j in range(k):
+            e = int(topk_ids[t, j])
+            xp = x64[t] if x.dim() == 2 else x64[t, j]
+            y[t, j] = xp @ w64[e].t() + scaling * ((xp @ a64[e].t()) @ b64[e].t())
+    if topk_weights is None:
+        return y
+    return (y * topk_weights.double()[..., None]).sum(1)
+
+
+def moe_multi_lora_linear_reference(x, expert_weight, topk_ids, lora_a, lora_b, adapter_ids,
+                                    scalings, topk_weights=None):
+    """Multi-adapter MoE-LoRA in float64: token t uses adapter slot ``adapter_ids[t]`` (-1:
+    base experts only), ``lora_a [S, E, r, K]``, ``lora_b [S, E, N, r]``, ``scalings [S]``;
+    otherwise :func:`moe_lora_linear_reference`."""
+    T, k = topk_ids.shape
+    x64 = x.double()
+    w64, a64, b64 = expert_weight.double(), lora_a.double(), lora_b.double()
+    y = x64.new_zeros(T, k, expert_weight.shape[1])
+    for t in range(T):
+        slot = int(adapter_ids[t])
+        for j in range(k):
+            e = int(topk_ids[t, j])
+            xp = x64[t] if x.dim() == 2 else x64[t, j]
+            y[t, j] = xp @ w64[e].t()
+            if slot >= 0:
+                y[t, j] += float(scalings[slot]) * ((xp @ a64[slot, e].t()) @ b64[slot, e].t())
+    if topk_weights is None:
+        return y
+    return (y * topk_weights.double()[..., None]).sum(1)

@@ -128,3 +128,89 @@ def capture_cuda_graph(fn):
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def _gloo_worker(rank: int, world: int, init_file: str, out_file: str, run, modes) -> None:
+    """One gloo process: ``{mode: run(mode, rank)}`` for every mode, saved by rank 0; a failure
+    leaves its traceback in ``out_file.err<rank>`` for the parent to show."""
+    import traceback
+
+    import torch.distributed as dist
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world)
+        results = {mode: run(mode, rank) for mode in modes}
+        if rank == 0:
+            torch.save(results, out_file)
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        with open(out_file + f".err{rank}", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_gloo(run, modes, world: int, tmp, timeout: float):
+    """Spawn ``world`` CPU processes over gloo, each running ``run(mode, rank)`` for every mode
+    (one set of processes for all modes: spawning costs more than training here), and return
+    rank 0's ``{mode: result}``. ``run`` must be a module-level function (spawn pickles it).
+    Skips when torch.distributed has no gloo."""
+    import pytest
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    init_file, out_file = str(tmp / "rendezvous"), str(tmp / "result.pt")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_gloo_worker, args=(r, world, init_file, out_file, run, modes))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+    errs = [open(out_file + f".err{r}").read() for r in range(world)
+            if os.path.exists(out_file + f".err{r}")]
+    assert not errs, errs[0]
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return torch.load(out_file)
+
+
+def assert_entry_point_declared(group: str, value: str, register) -> None:
+    """pyproject.toml declares ``lora_kernels = "<value>"`` under the entry-point ``group``,
+    and that entry point loads ``register`` (whether or not the package was reinstalled)."""
+    from importlib import metadata
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert f'[project.entry-points."{group}"]' in text
+    assert f'lora_kernels = "{value}"' in text
+    ep = metadata.EntryPoint("lora_kernels", value, group)
+    assert ep.load() is register
+
+
+def load_bench_tool(name: str):
+    """Import ``bench/<name>.py`` (bench/ is not a package) as module ``name``; registered in
+    sys.modules because dataclasses look their module up there."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class MLP(torch.nn.Module):
+    """The small PEFT test model: Linear(13, 24) -> ReLU -> Linear(24, 11, no bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(13, 24)
+        self.down = torch.nn.Linear(24, 11, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))

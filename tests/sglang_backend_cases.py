@@ -29,6 +29,7 @@ from lora_kernels.integrations.sglang_backend import LoRAKernelsSGLangBackend  #
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_env import unpin_sglang_torch_native  # noqa: E402
+from helpers import assert_entry_point_declared  # noqa: E402
 
 S, R, K = 4, 6, 19
 RANKS = [4, 5, 2, 0]          # slot 3 has rank 0: SGLang's base-model slot
@@ -268,12 +269,8 @@ def test_registry_and_cli_choices():
 
 
 def test_entry_point_declared_and_loadable():
-    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert '[project.entry-points."sglang.srt.plugins"]' in text
-    assert 'lora_kernels = "lora_kernels.integrations.sglang:register"' in text
-    ep = metadata.EntryPoint("lora_kernels", "lora_kernels.integrations.sglang:register",
-                             "sglang.srt.plugins")
-    assert ep.load() is lk_sglang.register
+    assert_entry_point_declared("sglang.srt.plugins", "lora_kernels.integrations.sglang:register",
+                                lk_sglang.register)
 
 
 def test_entry_point_installed_and_sglang_loads_it():

@@ -726,6 +726,56 @@ ROWS += [
 ]
 
 # ---- GPU-only: real mixed devices ---------------------------------------------------------
+# MoE experts (ops/moe_lora.py): E experts, top-2 of T tokens.
+ME, MK = 5, 2
+
+
+def moe_kw():
+    return dict(x=randn(T, K), expert_weight=randn(ME, N, K),
+                topk_ids=torch.tensor([[i % ME, (i + 2) % ME] for i in range(T)]),
+                lora_a=randn(ME, R, K), lora_b=randn(ME, N, R), topk_weights=randn(T, MK))
+
+
+def moe_multi_kw():
+    kw = moe_kw()
+    kw.update(lora_a=randn(S, ME, R, K), lora_b=randn(S, ME, N, R), scalings=torch.ones(S),
+              adapter_ids=torch.tensor([(i % (S + 1)) - 1 for i in range(T)]))
+    return kw
+
+
+MOE = lk.moe_lora_linear
+ROWS += [op("moe_lora_linear", MOE, moe_kw, m, c, e, n) for m, c, e, n in [
+    ("x 0-D", {"x": torch.tensor(1.0)}, ValueError, r"x must have shape \[T, K\] or \[T, k, K\]"),
+    ("x int64", {"x": torch.ones(T, K, dtype=torch.int64)}, TypeError, "x must be float"),
+    ("expert_weight 2-D", {"expert_weight": randn(N, K)}, ValueError, "expert_weight must be 3-D"),
+    ("K of x", {"x": randn(T, K + 1)}, ValueError, r"x must have shape \[T, K\]"),
+    ("k of per-pair x", {"x": randn(T, MK + 1, K)}, ValueError, r"x must have shape \[T, k, K\]"),
+    ("K of lora_a", {"lora_a": randn(ME, R, K + 1)}, ValueError, r"lora_a must have shape \[E, r, K\]"),
+    ("E of lora_b", {"lora_b": randn(ME + 1, N, R)}, ValueError, r"lora_b must have shape \[E, N, r\]"),
+    ("topk_ids float", {"topk_ids": torch.zeros(T, MK)}, TypeError, "topk_ids must be an integer"),
+    ("topk_ids 1-D", {"topk_ids": torch.zeros(T, dtype=torch.long)}, ValueError, r"topk_ids must have shape \[T, k\]"),
+    ("topk_ids out of range", {"topk_ids": torch.full((T, MK), ME)}, ValueError, r"topk_ids must lie in \[0, 5\)"),
+    ("topk_ids negative", {"topk_ids": torch.full((T, MK), -1)}, ValueError, "topk_ids must lie in"),
+    ("topk_ids on meta", {"topk_ids": lambda kw: kw["topk_ids"].to(META)}, ValueError, "topk_ids is on meta"),
+    ("topk_weights shape", {"topk_weights": randn(T, MK + 1)}, ValueError, r"topk_weights must have shape \[T, k\]"),
+    ("expert_weight trainable", {"expert_weight": lambda kw: kw["expert_weight"].requires_grad_()},
+     ValueError, "expert_weight must be frozen"),
+    ("expert_weight dtype != x", {"expert_weight": randn(ME, N, K, dtype=torch.float16)}, TypeError,
+     "x and weight must share a dtype"),
+    ("scaling nan", {"scaling": float("nan")}, ValueError, "scaling must be finite"),
+    ("backend unknown", {"backend": "fastest"}, ValueError, "backend must be one of"),
+]]
+MMOE = lk.moe_multi_lora_linear
+ROWS += [op("moe_multi_lora_linear", MMOE, moe_multi_kw, m, c, e, n) for m, c, e, n in [
+    ("lora_a 3-D", {"lora_a": randn(ME, R, K)}, ValueError, "lora_a must be 4-D"),
+    ("E of lora_b", {"lora_b": randn(S, ME + 1, N, R)}, ValueError, r"lora_b must have shape \[S, E, N, r\]"),
+    ("adapter_ids float", {"adapter_ids": torch.zeros(T)}, ValueError, "adapter_ids must be an integer"),
+    ("adapter_ids out of range", {"adapter_ids": torch.full((T,), S)}, ValueError, r"adapter_ids must lie in \[-1, 3\)"),
+    ("adapter_ids below -1", {"adapter_ids": torch.full((T,), -2)}, ValueError, "adapter_ids must lie in"),
+    ("scalings shape", {"scalings": torch.ones(S + 1)}, ValueError, r"scalings must have shape \[S\]"),
+    ("topk_ids out of range", {"topk_ids": torch.full((T, MK), ME)}, ValueError, "topk_ids must lie in"),
+]]
+
 GPU = [pytest.mark.gpu]
 ROWS += [
     op("lora_linear", LL, single_kw, "x on cuda, weight on cpu", {"x": lambda kw: kw["x"].cuda()},

@@ -74,48 +74,37 @@ def test_compile_multi_lora_linear():
     _check_fwd_bwd(ml, torch.randn(7, 13), batch)
 
 
-def test_compile_patched_peft_model():
+class _Logits(torch.nn.Module):  # the PeftModel itself, returning a tensor
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x).logits
+
+
+def _check_patched_peft_gpt2(**lora_config):
+    """A patched tiny GPT-2 PeftModel (c_attn and c_proj adapted, random B) compiles and
+    matches eager, forward and backward."""
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from lora_kernels import patch_peft_model
     base = tiny_gpt2(n_layer=1, n_embd=32, n_head=4, vocab=97, n_positions=32, seed=0)
     model = peft.get_peft_model(base, peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-        init_lora_weights=False, rank_pattern={"h.0.attn.c_attn": 6}))
+        init_lora_weights=False, **lora_config))
     handle = patch_peft_model(model)
     ids = torch.randint(0, 97, (2, 9))
-
-    class Logits(torch.nn.Module):  # the PeftModel itself, returning a tensor
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x).logits
-    _check_fwd_bwd(Logits(model).train(), ids)
+    _check_fwd_bwd(_Logits(model).train(), ids)
     handle.unpatch()
+
+
+def test_compile_patched_peft_model():
+    _check_patched_peft_gpt2(rank_pattern={"h.0.attn.c_attn": 6})
 
 
 def test_compile_patched_peft_dora_model():
-    pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    from lora_kernels import patch_peft_model
-    base = tiny_gpt2(n_layer=1, n_embd=32, n_head=4, vocab=97, n_positions=32, seed=0)
-    model = peft.get_peft_model(base, peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-        init_lora_weights=False, use_dora=True))
-    handle = patch_peft_model(model)
-    ids = torch.randint(0, 97, (2, 9))
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(x).logits
-    _check_fwd_bwd(Logits(model).train(), ids)
-    handle.unpatch()
+    _check_patched_peft_gpt2(use_dora=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,6 +113,33 @@ def test_compile_patched_peft_dora_model():
 def _batch_args():
     batch = LoRABatch.from_adapter_ids(torch.tensor([0, -1, 2, 2, 0, 1, -1]), 3)
     return list(batch.tensors()), batch.host_ints()
+
+
+def _moe_args(r):
+    """Samples of the MoE-LoRA ops: 5 experts (expert 2 empty), top-2 with a repeated expert,
+    per-token and per-pair x."""
+    from lora_kernels.ops.moe_lora import moe_plan
+    E, T, k, K, N, R = 5, 7, 2, 13, 11, 3
+    ids = torch.tensor([[3, 3], [0, 1], [4, 0], [1, 1], [0, 4], [3, 1], [4, 4]])
+    plan = moe_plan(ids, E)
+    x, xp, w = r(T, K, grad=True), r(T * k, K, grad=True), r(E, N, K)
+    A, B = r(E, R, K, grad=True), r(E, N, R, grad=True)
+    u = torch.randn(T * k, R)
+    from lora_kernels.ops.moe_lora import moe_multi_plan
+    S = 3
+    mplan = moe_multi_plan(ids, torch.tensor([0, -1, 2, 2, 1, -1, 0]), E, S)
+    MA, MB, sc = r(S, E, R, K), r(S, E, N, R), torch.tensor([0.5, 1.0, 2.0])
+    return {
+        "moe_multi_lora_linear": [(x.detach(), w, MA, MB, sc, *mplan, k, "torch"),
+                                  (xp.detach(), w, MA, MB, sc, *mplan, 1, "torch")],
+        "moe_lora_linear": [(x, w, A, B, *plan, k, 0.5, "torch"),
+                            (xp, w, A, B, *plan, 1, 2.0, "torch")],
+        "moe_lora_linear_backward": [
+            (r(T * k, N), x.detach(), w, A.detach(), B.detach(), u, *plan, k, 0.5,
+             [True, True, True], "torch"),
+            (r(T * k, N), xp.detach(), w, A.detach(), B.detach(), u, *plan, 1, 2.0,
+             [False, True, False], "torch")],
+    }
 
 
 def _samples():
@@ -146,7 +162,9 @@ def _samples():
     mag, wsq = r(N, grad=True), w.detach().norm(dim=1).square()
     dnorm = (w.detach() + 0.5 * (b1 @ a1).detach()).norm(dim=1)
     y_pre = torch.randn(T, N, generator=g)
+    moe = _moe_args(r)
     return {
+        **moe,
         "dora_linear": [
             (x, w, b, a1, b1, mag, wsq, None, 0.5, 0.0, None, "torch"),
             (x, w.detach(), None, a1, b1, mag, wsq, None, 2.0, 0.3, seed, "torch"),  # dropout
@@ -196,6 +214,8 @@ def _samples():
              ranks2, *bt, ints, [5, 6], [0.25, 0.25, 0.25], seed,
              [True, False, False, True, True], "torch"),
         ],
+        "lora_linear_nf4": _nf4_samples(r, x, b1, seed)[0],
+        "lora_linear_nf4_backward": _nf4_samples(r, x, b1, seed)[1],
         "lora_shrink": [
             (x.detach(), A.detach(), sc, ranks, *bt, ints, 1, "torch"),
             (x.detach(), A2, None, ranks2, *bt, ints, 2, "torch"),
@@ -205,6 +225,36 @@ def _samples():
             (r(T, N), torch.randn(T, 2 * R, generator=g), B2, ranks2, *bt, ints, [5, 6], "torch"),
         ],
     }
+
+
+def _nf4_samples(r, x, b1, seed):
+    """NF4 storage built by hand (random codes and scales: opcheck needs no bitsandbytes) for
+    W [11, 13] (143 elements: blocks straddle rows), plain and nested absmax."""
+    from lora_kernels.ops.lora_linear_nf4 import op_args
+    from lora_kernels.ops.nf4 import NF4Weight
+    g = torch.Generator().manual_seed(3)
+    N, K = 11, 13
+    codes = torch.randint(0, 256, ((N * K + 1) // 2,), dtype=torch.uint8, generator=g)
+    code = torch.linspace(-1, 1, 16)
+    plain = NF4Weight(codes=codes, absmax=torch.rand(3, generator=g) + 0.5, code=code,
+                      shape=(N, K), dtype=torch.float32, blocksize=64)
+    nested = NF4Weight(codes=codes, absmax=torch.randint(0, 256, (3,), dtype=torch.uint8,
+                                                          generator=g),
+                       code=code, shape=(N, K), dtype=torch.float32, blocksize=64,
+                       absmax2=torch.rand(1, generator=g) + 0.5,
+                       code2=torch.linspace(-1, 1, 256), offset=0.3, blocksize2=256)
+    xd, bd = x.detach(), r(N, grad=True)
+    a1, bb = r(3, K, grad=True), b1
+    fwd = [op_args(x, plain, bd, a1, bb, 0.5, 0.0, None, "torch"),
+           op_args(x, nested, None, a1, bb, 2.0, 0.3, seed, "torch")]
+    xa = (xd @ a1.detach().t())
+    dy = r(7, N)
+
+    def bwd(w, p, sd, needs):
+        head = op_args(xd, w, None, a1.detach(), bb.detach(), 0.5, p, sd, "torch")
+        return (dy, xd, *head[1:11], a1.detach(), bb.detach(), xa, 0.5, p, sd, needs, "torch")
+    return fwd, [bwd(plain, 0.0, None, [True, True, True, True]),
+                 bwd(nested, 0.3, seed, [True, False, True, False])]
 
 
 def _registered_ops():
@@ -226,3 +276,25 @@ def test_opcheck(op):
         pytest.fail(f"no opcheck sample for lora_kernels::{op}")
     for args in samples:
         torch.library.opcheck(getattr(torch.ops.lora_kernels, op).default, args)
+
+
+def test_compile_lora_linear_nf4():
+    """The NF4 op traces as one custom op (fake kernel, autograd) under fullgraph."""
+    from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
+    fwd, _ = _nf4_samples(lambda *s, grad=False: torch.randn(*s).requires_grad_(grad),
+                          torch.randn(7, 13), torch.randn(11, 3), None)
+    (_, codes, absmax, code, absmax2, code2, offset, shape, wdtype, bs, bs2, *_rest) = fwd[1]
+    from lora_kernels.ops.nf4 import NF4Weight
+    w = NF4Weight(codes=codes, absmax=absmax, code=code, shape=tuple(shape), dtype=wdtype,
+                  blocksize=bs, absmax2=absmax2, code2=code2, offset=offset, blocksize2=bs2)
+
+    class NF4LoRA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.randn(3, 13) * 0.3)
+            self.b = torch.nn.Parameter(torch.randn(11, 3) * 0.3)
+            self.bias = torch.nn.Parameter(torch.randn(11))
+
+        def forward(self, x):
+            return lora_linear_nf4(x, w, self.bias, self.a, self.b, scaling=0.5)
+    _check_fwd_bwd(NF4LoRA(), torch.randn(2, 7, 13))

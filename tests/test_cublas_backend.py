@@ -6,18 +6,13 @@ CPU tests run the composition on CPU tensors (it is pure torch); the GPU tests a
 validation bench/dispatch_table.py requires (``FLOOR_TESTS``) before the table may name it.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from helpers import load_bench_tool
 import lora_kernels as lk
 from lora_kernels import reference as ref
 from lora_kernels.ops import backend, cublas_backend
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _rel(out, want):
     return float((out.double() - want).norm() / want.norm())
@@ -72,15 +67,8 @@ def test_cublas_is_not_a_user_backend():
         lk.lora_linear(x, torch.randn(5, 4), None, torch.randn(2, 4), torch.randn(5, 2), backend="cublas")
 
 
-def _dispatch_tool():
-    spec = importlib.util.spec_from_file_location("dispatch_table", REPO / "bench" / "dispatch_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_dispatch_tool_picks_the_floor_only_when_validated_and_faster(tmp_path):
-    tool = _dispatch_tool()
+    tool = load_bench_tool("dispatch_table")
     rows = [tool.timing_row("lora_linear", 8192, {"triton": 1.30, "cublas": 1.10, "cuda": 1.20}),
             tool.timing_row("lora_linear", 4096, {"triton": 1.00, "cublas": 0.80, "cuda": None}),
             tool.timing_row("lora_linear", 1, {"triton": 0.020, "cublas": 0.0199}),   # within margin

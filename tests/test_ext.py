@@ -14,10 +14,8 @@ compute-sanitizer; bench/dispatch_table.py lets ``auto`` pick CUDA only where th
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,10 +25,9 @@ from lora_kernels import _ext, reference as ref
 from lora_kernels._ext import fakes
 from lora_kernels.ops import backend as B
 from lora_kernels.ops.batch import LoRABatch
-from helpers import f64, randn, rel_err, tol
+from helpers import f64, load_bench_tool, randn, rel_err, tol
 
 F64 = torch.float64
-REPO = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HALF = [torch.float16, torch.bfloat16]
 _DT_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -178,15 +175,8 @@ def test_fake_kernels_reject_bad_shapes(C):
                                    torch.empty(8, 31, device="cuda", dtype=torch.float16))
 
 
-def _dispatch_tool():
-    spec = importlib.util.spec_from_file_location("dispatch_table", REPO / "bench" / "dispatch_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_dispatch_table_only_names_validated_winners(tmp_path):
-    tool = _dispatch_tool()
+    tool = load_bench_tool("dispatch_table")
     rows = [tool.timing_row("lora_linear", 4, {"triton": 2.0, "cuda": 1.0}),
             tool.timing_row("lora_linear", 8, {"triton": 2.0, "cuda": 1.5}),
             tool.timing_row("lora_linear", 4096, {"triton": 1.0, "cuda": 3.0}),

@@ -4,15 +4,11 @@ few SGD steps) equal single-process joint training on the whole batch."""
 
 from __future__ import annotations
 
-import os
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from helpers import run_gloo
 from test_joint_training import joint_gpt2, joint_loss, tokens
 
 pytest.importorskip("peft")
@@ -62,41 +58,9 @@ def _run(mode: str, rank: int):
     return train(model, model, rank, WORLD, full=lambda t: t.full_tensor())
 
 
-def _worker(rank: int, init_file: str, out_file: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=WORLD)
-        results = {mode: _run(mode, rank) for mode in MODES}
-        if rank == 0:
-            torch.save(results, out_file)
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:
-        with open(out_file + f".err{rank}", "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    tmp = tmp_path_factory.mktemp("joint_dist")
-    init_file, out_file = str(tmp / "rendezvous"), str(tmp / "result.pt")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, init_file, out_file)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        if p.is_alive():
-            p.kill()
-    errs = [open(out_file + f".err{r}").read() for r in range(WORLD)
-            if os.path.exists(out_file + f".err{r}")]
-    assert not errs, errs[0]
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return torch.load(out_file)
+    return run_gloo(_run, MODES, WORLD, tmp_path_factory.mktemp("joint_dist"), timeout=300)
 
 
 @pytest.mark.parametrize("mode", MODES)

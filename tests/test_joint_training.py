@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import rel_err, tiny_gpt2
+from helpers import MLP, rel_err, tiny_gpt2
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -148,16 +148,6 @@ def test_eval_mode_mixed_batch_unchanged():
 # ------------------------------------------------------------------------------------------
 # Dropout: the float64 reference with the seeds the layers drew
 # ------------------------------------------------------------------------------------------
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(13, 24)
-        self.down = nn.Linear(24, 11, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
-
 def test_dropout_grads_equal_float64_reference(monkeypatch):
     torch.manual_seed(1)
     model = get_peft_model(MLP().double(), LoraConfig(

@@ -7,9 +7,8 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
-from helpers import rel_err, tiny_gpt2
+from helpers import MLP, rel_err, tiny_gpt2
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -39,16 +38,6 @@ def gpt2_peft(dropout=0.0):
                                        fan_in_fan_out=True, use_rslora=True,
                                        lora_dropout=dropout, init_lora_weights=False))
     return model
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up = nn.Linear(13, 24)
-        self.down = nn.Linear(24, 11, bias=False)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
 
 
 def mlp_peft(dropout=0.0):

@@ -2,27 +2,20 @@
 least the minimal bytes and issues at least the useful FLOPs, no plan is predicted faster than
 the ideal single pass, and the plans come from the launchers themselves."""
 
-import importlib.util
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import load_bench_tool
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("fwd", "fwd p=0.05", "fwd+bwd", "fwd+bwd p=0.05", "decode M=1",
        "multi decode T=64 distinct", "prefill T=8192 64 adapters")
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("roofline", REPO / "bench" / "roofline.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["roofline"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_roofline_plans_are_consistent_with_the_minimum():
-    rf = _tool()
+    rf = load_bench_tool("roofline")
     rep = rf.report(["H100", "H200"])
     assert rep["assumptions"]["launchers"] == "called"  # the launchers' choices, not defaults
     assert set(rep["ops"]) == set(OPS)

@@ -27,6 +27,7 @@ punica_cpu = pytest.importorskip(
     "vllm.lora.punica_wrapper.punica_cpu",
     reason=f"vLLM's LoRA modules not found at {_SRC} (python tests/engine_env.py vllm)")
 
+from helpers import assert_entry_point_declared  # noqa: E402
 from lora_kernels.integrations import vllm as lk_vllm  # noqa: E402
 from lora_kernels.integrations.engine_versions import UnsupportedEngineVersion  # noqa: E402
 from lora_kernels.integrations.vllm_punica import LoRAKernelsPunicaWrapper  # noqa: E402
@@ -268,12 +269,8 @@ def test_entry_point_installed_and_vllm_loads_it(monkeypatch, platform):
 
 
 def test_entry_point_declared_and_loadable():
-    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert '[project.entry-points."vllm.general_plugins"]' in text
-    assert 'lora_kernels = "lora_kernels.integrations.vllm:register"' in text
-    ep = metadata.EntryPoint("lora_kernels", "lora_kernels.integrations.vllm:register",
-                             "vllm.general_plugins")
-    assert ep.load() is lk_vllm.register
+    assert_entry_point_declared("vllm.general_plugins", "lora_kernels.integrations.vllm:register",
+                                lk_vllm.register)
     assert metadata.version("vllm") == "0.33.0"
 
 

@@ -28,8 +28,10 @@ from torch import Tensor, nn
 from lora_kernels.integrations import peft_dora
 from lora_kernels.integrations.peft_joint import JointState, train_stack
 from lora_kernels.integrations.peft_mixed import BatchCache, StackCache, needs_grad
+from lora_kernels.integrations.peft_moe import patch_moe_blocks
+from lora_kernels.integrations import peft_qlora
 from lora_kernels.nn.lora_linear import check_backend, is_conv1d
-from lora_kernels.ops import lora_linear, multi_lora_linear
+from lora_kernels.ops import lora_linear, lora_linear_nf4, multi_lora_linear
 
 _ATTR = "_lora_kernels_patch"
 
@@ -102,6 +104,8 @@ def _base_reason(layer: nn.Module) -> Optional[str]:
     base = layer.base_layer
     if layer.get_base_layer() is not base:
         return "its base layer is wrapped by another adapter layer (nested tuners)"
+    if peft_qlora.is_nf4_base(base):  # QLoRA: fused from the 4-bit storage (peft_qlora.py)
+        return peft_qlora.base_reason(base)
     if is_conv1d(base):
         ok = type(base).__module__.startswith("transformers")
     else:
@@ -175,6 +179,14 @@ def _patched_forward(self, x: Tensor, *args, **kwargs):
     reason = peft_dora.active_reason(self, active)
     if reason is not None:
         return _fallback(self, st, reason, x, args, kwargs)
+    if peft_qlora.is_nf4_base(self.base_layer):
+        if any(peft_dora.is_dora(self, a) for a in active):  # dora_linear reads a dense W0 only
+            return _fallback(self, st, "DoRA over a bitsandbytes 4-bit base is not fused", x,
+                             args, kwargs)
+        weight, bias, x_c = peft_qlora.base_operands(self, x)
+        if isinstance(weight, str):
+            return _fallback(self, st, weight, x, args, kwargs)
+        return _fused(self, st, x_c, weight, bias, active).to(x.dtype)
     weight, bias, x_c = _base_operands(self, st, x)
     if weight is None:
         return _fallback(self, st, f"input dtype {x.dtype} differs from the base weight's "
@@ -204,11 +216,12 @@ def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tens
            active: list) -> Tensor:
     backend = st.handle.backend
     drops = [_dropout_p(self, a) for a in active]
+    fused_op = lora_linear_nf4 if isinstance(weight, peft_qlora.NF4Weight) else lora_linear
     if len(active) == 1:
         a = active[0]
-        return lora_linear(x, weight, bias, self.lora_A[a].weight, self.lora_B[a].weight,
-                           scaling=float(self.scaling[a]), dropout_p=drops[0],
-                           training=drops[0] > 0.0, backend=backend)
+        return fused_op(x, weight, bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                        scaling=float(self.scaling[a]), dropout_p=drops[0],
+                        training=drops[0] > 0.0, backend=backend)
     if not any(drops):
         # Several adapters, no dropout: one fused op with their ranks side by side. Built afresh
         # when autograd reaches the factors (or under torch.compile, where the cache's checks
@@ -217,14 +230,14 @@ def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tens
             lora_a, lora_b = concat_adapters(self, active, x.dtype, x.device)
         else:
             lora_a, lora_b = st.concat.get(self, active, x.dtype, x.device)
-        return lora_linear(x, weight, bias, lora_a, lora_b, scaling=1.0, training=False,
-                           backend=backend)
+        return fused_op(x, weight, bias, lora_a, lora_b, scaling=1.0, training=False,
+                        backend=backend)
     # With dropout each adapter draws its own mask (PEFT's semantics): the first adapter is
     # fused with the base GEMM, the others add their low-rank terms PEFT's way.
     a0 = active[0]
-    y = lora_linear(x, weight, bias, self.lora_A[a0].weight, self.lora_B[a0].weight,
-                    scaling=float(self.scaling[a0]), dropout_p=drops[0],
-                    training=drops[0] > 0.0, backend=backend)
+    y = fused_op(x, weight, bias, self.lora_A[a0].weight, self.lora_B[a0].weight,
+                 scaling=float(self.scaling[a0]), dropout_p=drops[0],
+                 training=drops[0] > 0.0, backend=backend)
     for a in active[1:]:
         xa = self.lora_dropout[a](x.to(self.lora_A[a].weight.dtype))
         y = y + (self.lora_B[a](self.lora_A[a](xa)) * float(self.scaling[a])).to(y.dtype)
@@ -243,6 +256,9 @@ def concat_adapters(layer: nn.Module, adapters, dtype: torch.dtype, device: torc
 
 
 def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> Tensor:
+    if peft_qlora.is_nf4_base(self.base_layer):
+        return _fallback(self, st, "mixed batches (adapter_names=) over an NF4 base are not "
+                         "fused", x, (), kwargs)
     used = {n for n in adapter_names if n in self.lora_A}
     for a in sorted(used):
         reason = _adapter_reason(self, a)
@@ -316,12 +332,18 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
             raise ValueError(f"layer '{name}' is already patched; call handle.unpatch() on the "
                              f"earlier handle first")
     handle = PeftPatchHandle(model, backend)
+    # ParamWrappers (target_parameters) of recognised MoE experts blocks: integrations/peft_moe.
+    moe_taken = patch_moe_blocks(model, handle, lora_layer)
     for name, module in layers:
+        if name in moe_taken:
+            continue
         reason = None
-        if not isinstance(module, lora_layer.Linear) or \
-                type(module).forward is not lora_layer.Linear.forward:
+        plain = isinstance(module, lora_layer.Linear) and \
+            type(module).forward is lora_layer.Linear.forward
+        if not (plain or peft_qlora.is_peft_bnb_4bit(module)):
             reason = (f"{type(module).__module__}.{type(module).__name__} layers are not "
-                      f"accelerated (only lora.Linear over nn.Linear / Conv1D)")
+                      f"accelerated (only lora.Linear over nn.Linear / Conv1D / Linear4bit "
+                      f"and PEFT's bnb Linear4bit)")
         elif "forward" in module.__dict__:
             reason = "its forward is already wrapped on the instance by another library"
         else:

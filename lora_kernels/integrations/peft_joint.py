@@ -28,8 +28,9 @@ import types
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lora_kernels.integrations.peft_mixed import stack_factors
 
 _HOOKS_ATTR = "_enable_peft_forward_hooks"
 
@@ -156,20 +157,7 @@ def _tables(state: JointState, layer, slot_names, device) -> tuple[Tensor, Tenso
 def train_stack(state: JointState, layer, slot_names: Sequence[str], dtype: torch.dtype,
                 device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(lora_a [S, R, K], lora_b [S, N, R], scalings, ranks)`` like ``peft_mixed.build_stack``
-    (differentiable in PEFT's own factors: ``F.pad`` + ``torch.stack``), with cached tables."""
-    present = [n for n in slot_names if n in layer.lora_A]
-    R = max((layer.lora_A[n].weight.shape[0] for n in present), default=1)
-    K, N = layer.in_features, layer.out_features
-    a_rows, b_rows = [], []
-    for name in slot_names:
-        if name not in layer.lora_A:
-            a_rows.append(torch.zeros(R, K, dtype=dtype, device=device))
-            b_rows.append(torch.zeros(N, R, dtype=dtype, device=device))
-            continue
-        a = layer.lora_A[name].weight.to(dtype)
-        b = layer.lora_B[name].weight.to(dtype)
-        r = a.shape[0]
-        a_rows.append(F.pad(a, (0, 0, 0, R - r)))
-        b_rows.append(F.pad(b, (0, R - r)))
+    (the same :func:`stack_factors`, differentiable in PEFT's own factors), with cached tables."""
+    lora_a, lora_b = stack_factors(layer, slot_names, dtype, device)
     scalings, ranks = _tables(state, layer, slot_names, device)
-    return torch.stack(a_rows), torch.stack(b_rows), scalings, ranks
+    return lora_a, lora_b, scalings, ranks

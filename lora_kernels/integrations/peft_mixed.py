@@ -94,6 +94,28 @@ def _fingerprint(layer, slot_names: Sequence[str]) -> tuple:
     return tuple(out)
 
 
+def stack_factors(layer, slot_names: Sequence[str], dtype: torch.dtype, device: torch.device
+                  ) -> tuple[Tensor, Tensor]:
+    """``(lora_a [S, R, K], lora_b [S, N, R])``: one PEFT layer's factors of ``slot_names`` in
+    ``dtype``, zero-padded to the largest rank among them (all zeros for an adapter the layer
+    does not have). Differentiable in ``lora_A``/``lora_B`` (``F.pad`` + ``torch.stack``)."""
+    present = [n for n in slot_names if n in layer.lora_A]
+    R = max((layer.lora_A[n].weight.shape[0] for n in present), default=1)
+    K, N = layer.in_features, layer.out_features
+    a_rows, b_rows = [], []
+    for name in slot_names:
+        if name not in layer.lora_A:
+            a_rows.append(torch.zeros(R, K, dtype=dtype, device=device))
+            b_rows.append(torch.zeros(N, R, dtype=dtype, device=device))
+            continue
+        a = layer.lora_A[name].weight.to(dtype)
+        b = layer.lora_B[name].weight.to(dtype)
+        r = a.shape[0]
+        a_rows.append(F.pad(a, (0, 0, 0, R - r)))
+        b_rows.append(F.pad(b, (0, R - r)))
+    return torch.stack(a_rows), torch.stack(b_rows)
+
+
 def build_stack(layer, slot_names: Sequence[str], dtype: torch.dtype, device: torch.device
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(lora_a [S, R, K], lora_b [S, N, R], scalings [S] f32, ranks [S] i32)`` for the adapters
@@ -102,26 +124,10 @@ def build_stack(layer, slot_names: Sequence[str], dtype: torch.dtype, device: to
 
     Differentiable in the layer's ``lora_A``/``lora_B`` weights (``F.pad`` + ``torch.stack``).
     """
-    present = [n for n in slot_names if n in layer.lora_A]
-    R = max((layer.lora_A[n].weight.shape[0] for n in present), default=1)
-    K, N = layer.in_features, layer.out_features
-    a_rows, b_rows, scalings, ranks = [], [], [], []
-    for name in slot_names:
-        if name not in layer.lora_A:
-            a_rows.append(torch.zeros(R, K, dtype=dtype, device=device))
-            b_rows.append(torch.zeros(N, R, dtype=dtype, device=device))
-            scalings.append(0.0)
-            ranks.append(0)
-            continue
-        a = layer.lora_A[name].weight.to(dtype)
-        b = layer.lora_B[name].weight.to(dtype)
-        r = a.shape[0]
-        a_rows.append(F.pad(a, (0, 0, 0, R - r)))
-        b_rows.append(F.pad(b, (0, R - r)))
-        scalings.append(float(layer.scaling[name]))
-        ranks.append(r)
-    return (torch.stack(a_rows), torch.stack(b_rows),
-            torch.tensor(scalings, dtype=torch.float32, device=device),
+    lora_a, lora_b = stack_factors(layer, slot_names, dtype, device)
+    scalings = [float(layer.scaling[n]) if n in layer.lora_A else 0.0 for n in slot_names]
+    ranks = [layer.lora_A[n].weight.shape[0] if n in layer.lora_A else 0 for n in slot_names]
+    return (lora_a, lora_b, torch.tensor(scalings, dtype=torch.float32, device=device),
             torch.tensor(ranks, dtype=torch.int32, device=device))
 
 

@@ -32,7 +32,6 @@ initialises m to the row norms).
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -42,7 +41,7 @@ from torch import Tensor
 from lora_kernels import reference
 from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import validation as V
-from lora_kernels.ops.lora_linear import draw_seed
+from lora_kernels.ops.lora_linear import check_lora_linear_args, draw_seed
 
 _EMPTY = (0,)
 
@@ -242,40 +241,17 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     the per-call norm, whose ``W0·Aᵀ`` reads all of W0 (at decode sizes as much traffic as the
     base GEMM). Factors, bias and magnitude may be fp32 with fp16/bf16 ``x``.
     """
-    V.tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must have shape [..., K], got a 0-D tensor")
-    V.tensor("weight", weight, 2)
-    V.tensor("lora_a", lora_a, 2)
-    V.tensor("lora_b", lora_b, 2)
+    x2, lead, dtype, N, K, scaling, dropout_p = check_lora_linear_args(
+        x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     V.tensor("magnitude", magnitude, 1)
-    dtype = V.compute_dtype(x, weight)
-    N, K = weight.shape
-    r = lora_a.shape[0]
-    V.shape("x", x, (*x.shape[:-1], K), "[..., K]")
-    V.shape("lora_a", lora_a, (None, K), "[r, K]")
-    V.shape("lora_b", lora_b, (N, r), "[N, r]")
     V.shape("magnitude", magnitude, (N,), "[N]")
-    if bias is not None:
-        V.tensor("bias", bias, 1)
-        V.shape("bias", bias, (N,), "[N]")
     if weight_sq_norm is not None:
         V.tensor("weight_sq_norm", weight_sq_norm, 1)
         V.shape("weight_sq_norm", weight_sq_norm, (N,), "[N]")
     if dora_norm is not None:
         V.tensor("dora_norm", dora_norm, 1)
         V.shape("dora_norm", dora_norm, (N,), "[N]")
-    V.same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
-                  magnitude=magnitude, weight_sq_norm=weight_sq_norm, dora_norm=dora_norm)
-    scaling = V.scalar("scaling", scaling)
-    dropout_p = V.scalar("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if not training:
-        dropout_p = 0.0
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), K)  # not -1: ambiguous when K = 0
-    V.check_index_math("x", x2.shape[0])
+    V.same_device("x", x, magnitude=magnitude, weight_sq_norm=weight_sq_norm, dora_norm=dora_norm)
     name = _backend.resolve_for(backend, x2, "dora_linear")
     acc = accumulate_dtype(dtype)
     norm = None if dora_norm is None else dora_norm.detach().to(acc).contiguous()

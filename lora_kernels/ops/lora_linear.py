@@ -92,19 +92,11 @@ def draw_seed() -> Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
-                lora_b: Tensor, *, scaling: float = 1.0, dropout_p: float = 0.0,
-                training: bool = True, backend: str = "auto",
-                dropout_seed: Optional[int] = None) -> Tensor:
-    """``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` in one fused pass (backend permitting).
-
-    ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` or None, ``lora_a [r, K]``, ``lora_b [N, r]``.
-    Differentiable in x, lora_a, lora_b (and weight/bias when they require grad). Dropout
-    (probability ``dropout_p``, only when ``training``) applies to the LoRA branch input and
-    the backward reuses the same mask; ``dropout_seed`` fixes it (default: drawn from torch's
-    generator). ``lora_a``/``lora_b``/``bias`` may be fp32 with fp16/bf16 ``x`` (PEFT's default):
-    they are cast to x's dtype and their gradients come back in their own dtype.
-    """
+def check_lora_linear_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                           lora_b: Tensor, scaling, dropout_p, training):
+    """Validate the arguments every single-adapter linear shares (:func:`lora_linear`,
+    ``ops.dora.dora_linear``); return ``(x2 [M, K], lead shape, compute dtype, N, K, scaling,
+    dropout_p)``, with ``dropout_p`` 0 outside training."""
     V.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have shape [..., K], got a 0-D tensor")
@@ -130,6 +122,24 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), K)  # not -1: ambiguous when K = 0
     V.check_index_math("x", x2.shape[0])
+    return x2, lead, dtype, N, K, scaling, dropout_p
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
+                lora_b: Tensor, *, scaling: float = 1.0, dropout_p: float = 0.0,
+                training: bool = True, backend: str = "auto",
+                dropout_seed: Optional[int] = None) -> Tensor:
+    """``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` in one fused pass (backend permitting).
+
+    ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` or None, ``lora_a [r, K]``, ``lora_b [N, r]``.
+    Differentiable in x, lora_a, lora_b (and weight/bias when they require grad). Dropout
+    (probability ``dropout_p``, only when ``training``) applies to the LoRA branch input and
+    the backward reuses the same mask; ``dropout_seed`` fixes it (default: drawn from torch's
+    generator). ``lora_a``/``lora_b``/``bias`` may be fp32 with fp16/bf16 ``x`` (PEFT's default):
+    they are cast to x's dtype and their gradients come back in their own dtype.
+    """
+    x2, lead, dtype, N, K, scaling, dropout_p = check_lora_linear_args(
+        x, weight, bias, lora_a, lora_b, scaling, dropout_p, training)
     name = _backend.resolve_for(backend, x2, "lora_linear")
     seed = None
     if dropout_seed is not None:

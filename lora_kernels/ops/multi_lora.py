@@ -50,9 +50,7 @@ def _forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices
 @_multi_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scalings, ranks, adapter_ids, sorted_token_ids,
       seg_offsets, active_slots, tile_map, batch_ints, out_slices, need_xa, backend):
-    xa_dtype = torch.promote_types(x.dtype, torch.float32)
-    xa_shape = (x.shape[0], lora_a.shape[1]) if need_xa else _EMPTY
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(xa_shape, dtype=xa_dtype)
+    return _dropout.fake_forward_outputs(x, weight, lora_a, need_xa)
 
 
 @torch.library.custom_op("lora_kernels::multi_lora_linear_backward", mutates_args=())

@@ -195,13 +195,20 @@ def forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
     return y, xa
 
 
+def fake_forward_outputs(x: Tensor, weight: Tensor, lora_a: Tensor, need_xa: bool):
+    """``(y [M, N], xa)`` of the right shapes and dtypes for the multi-adapter forward ops' fake
+    (meta) implementations, with and without dropout: ``xa`` is ``[M, r]`` fp32-or-wider when
+    kept, else the empty placeholder."""
+    xa_dtype = torch.promote_types(x.dtype, torch.float32)
+    xa_shape = (x.shape[0], lora_a.shape[1]) if need_xa else _EMPTY
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(xa_shape, dtype=xa_dtype)
+
+
 @_dropout_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scalings, ranks, adapter_ids, sorted_token_ids,
       seg_offsets, active_slots, tile_map, batch_ints, out_slices, dropout_p, seed, need_xa,
       backend):
-    xa_dtype = torch.promote_types(x.dtype, torch.float32)
-    xa_shape = (x.shape[0], lora_a.shape[1]) if need_xa else _EMPTY
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(xa_shape, dtype=xa_dtype)
+    return fake_forward_outputs(x, weight, lora_a, need_xa)
 
 
 @torch.library.custom_op("lora_kernels::multi_lora_linear_dropout_backward", mutates_args=())

@@ -36,6 +36,7 @@ import triton
 
 from lora_kernels.triton import configs as C, tuned
 from lora_kernels.triton.dropout import drop_scale, drop_threshold, seed_arg
+from lora_kernels.triton.gemm.formats import PackedWeight, prune_packed
 from lora_kernels.triton.gemm.kernel import gemm_kernel
 from lora_kernels.triton.gemm.modes import LoraMode
 from lora_kernels.triton.gemm.spec import GemmSpec
@@ -45,10 +46,11 @@ __all__ = ["fused_gemm", "select_spec", "tma_compatible"]
 # M is bucketed (training sees many sequence lengths); the strides tell the forward's K-major
 # weight from the dX's N-major view of the same [N, K] tensor, which tune differently.
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "stride_ak", "stride_wk", "LORA", "BLOCK_R", "HAS_BIAS",
-                 "PRECISION", "DROPOUT", "COL_SCALE", "SCHEDULE", "STORE", "W_KMAJOR"]
+                 "PRECISION", "DROPOUT", "COL_SCALE", "SCHEDULE", "STORE", "W_KMAJOR", "WEIGHT"]
 
-_LISTS = {"small": (C.GEMM_SMALL, C.prune_small), "medium": (C.GEMM_MEDIUM, C.prune_dropout),
-          "large": (C.GEMM_LARGE, C.prune_dropout),
+_LISTS = {"small": (C.GEMM_SMALL, prune_packed(C.prune_small)),
+          "medium": (C.GEMM_MEDIUM, prune_packed(C.prune_dropout)),
+          "large": (C.GEMM_LARGE, prune_packed(C.prune_dropout)),
           "persistent": (C.GEMM_PERSISTENT, C.prune_persistent)}
 
 
@@ -122,7 +124,8 @@ def tma_compatible(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def select_spec(M: int, lora: int, col_scale: bool, path: str, tma_ok: bool,
-                schedule: Optional[str] = None, store: Optional[str] = None) -> GemmSpec:
+                schedule: Optional[str] = None, store: Optional[str] = None,
+                weight: str = "dense") -> GemmSpec:
     """The spec a call runs: split-K on the decode path, persistent + TMA for large M on a GPU
     when the operands allow descriptors, tiles otherwise (``schedule``/``store`` force one)."""
     lowrank = {LoraMode.NONE: "none", LoraMode.SEEDED: "seeded",
@@ -133,7 +136,7 @@ def select_spec(M: int, lora: int, col_scale: bool, path: str, tma_ok: bool,
             schedule = "persistent"
     if store is None:
         store = "tma" if schedule == "persistent" and tma_ok else "pointer"
-    return GemmSpec(lowrank=lowrank, col_scale="vector" if col_scale else "none",
+    return GemmSpec(weight=weight, lowrank=lowrank, col_scale="vector" if col_scale else "none",
                     schedule=schedule, store=store)
 
 
@@ -157,7 +160,9 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     ``lora=IN_LOOP``: ``la [r, K]`` and ``u [M, r]`` is *written* (xa). ``col_scale``: fp32
     ``[N]`` (DoRA's magnitude/norm), applied before the bias. All may be strided views (unit
     inner stride not required). ``config`` forces one launch config (tests; the interpreter
-    always uses one); ``schedule``/``store`` force a spec (tests, benchmarks)."""
+    always uses one); ``schedule``/``store`` force a spec (tests, benchmarks). ``w`` may be a
+    ``gemm.formats.PackedWeight`` (NF4 storage, or its ``.t()`` view for dX): decoded in the
+    K loop, pointer loads only."""
     M, K = a.shape
     N = w.shape[0]
     assert w.shape[1] == K and out.shape == (M, N) and M > 0 and N > 0
@@ -174,9 +179,11 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         assert la is not None and u is not None
     path = C.gemm_path(M, small_m_max)
     interpret = C.interpreting()
-    tma_ok = tma_compatible(a, w, out)
+    packed = isinstance(w, PackedWeight)
+    tma_ok = not packed and tma_compatible(a, w, out)
     spec = select_spec(M, lora, col_scale is not None, path,
-                       tma_ok and (dev.type == "cuda" or store == "tma"), schedule, store)
+                       tma_ok and (dev.type == "cuda" or store == "tma"), schedule, store,
+                       w.format if packed else "dense")
     if spec.store == "tma" and not tma_ok:
         raise ValueError("store='tma' needs unit inner strides and 16-byte aligned operands")
 
@@ -198,11 +205,12 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     la_t = la if la is not None else dummy
     lb_t = lb if lb is not None else dummy
     cs_t = col_scale if col_scale is not None else dummy
+    w_strides = w.strides() if packed else (w.stride(0), w.stride(1))
     args = (
-        a, w, out, bias if bias is not None else dummy, cs_t,
+        a, w.codes if packed else w, out, bias if bias is not None else dummy, cs_t,
         u_t, la_t, lb_t, ws, wsu, tickets,
         M, N, K, r, C.m_bucket(M),
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        a.stride(0), a.stride(1), *w_strides, out.stride(0), out.stride(1),
         u_t.stride(0) if u is not None else 0, u_t.stride(1) if u is not None else 0,
         la_t.stride(0) if la is not None else 0, la_t.stride(1) if la is not None else 0,
         lb_t.stride(0) if lb is not None else 0, lb_t.stride(1) if lb is not None else 0,
@@ -214,7 +222,10 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     flags = dict(HAS_BIAS=bias is not None, LORA=modes["LORA"],
                  DROPOUT=lora == LoraMode.SEEDED and dropout_p > 0.0,
                  COL_SCALE=modes["COL_SCALE"], SCHEDULE=modes["SCHEDULE"], STORE=modes["STORE"],
-                 W_KMAJOR=w.stride(1) == 1, BLOCK_R=block_r, PRECISION=C.dot_precision(a.dtype))
+                 W_KMAJOR=w_strides[1] == 1, BLOCK_R=block_r, PRECISION=C.dot_precision(a.dtype))
+    if packed:
+        flags.update(w.launch_args())
+        flags["wq_absmax2"] = w.absmax2 if w.absmax2 is not None else w.absmax
     persistent = spec.schedule == "persistent"
     sms = C.num_sms(dev)
 

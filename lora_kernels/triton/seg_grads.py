@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.triton.segments import rank_of, ranks_args, slice_bounds
+from lora_kernels.triton.segments import slice_bounds
+from lora_kernels.triton.slots import ranks_args, slot_rank
 
 
 @triton.jit
@@ -38,7 +39,7 @@ def _seg_outer_kernel(
     slot = tl.load(active_slots + a_idx)
     if slot < 0:  # padding of a bounded batch's active slots
         return
-    rank = rank_of(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
+    rank = slot_rank(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
     if r0 >= rank:
         return
     q_lo, q_hi = slice_bounds(BOUNDS, j, Q, SLICED_Q, SLICE_ALIGN)

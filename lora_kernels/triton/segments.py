@@ -1,5 +1,5 @@
-"""Where a program's work lies in a heterogeneous batch: token tiles of slot segments, per-slot
-ranks, packed-slice bounds, and programmatic dependent launch (PDL) detection.
+"""Where a program's work lies in a heterogeneous batch: token tiles of slot segments, packed-slice
+bounds, and programmatic dependent launch (PDL) detection.
 
 Shared by the segment kernels (:mod:`shrink_expand`, :mod:`seg_grads`) and the fused GEMM
 (:mod:`multi_fused`). Everything here reads device metadata inside kernels only: the launch
@@ -71,15 +71,6 @@ def segment_tile(pid_t, tile_map, seg_offsets, active_slots, num_active, tiles_p
 
 
 @triton.jit
-def rank_of(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS: tl.constexpr):
-    """Rank of ``slot`` on slice ``j`` (``R`` everywhere without a ranks tensor)."""
-    if HAS_RANKS:
-        return tl.load(RANKS + slot * stride_rs + j * stride_rj)
-    else:
-        return R
-
-
-@triton.jit
 def slice_bounds(BOUNDS, j, full, SLICED: tl.constexpr, SLICE_ALIGN: tl.constexpr):
     """Columns [lo, hi) of slice j (the whole [0, full) when unsliced). The alignment hint
     keeps the slices' row segments 16-byte aligned for vector loads/stores."""
@@ -88,15 +79,6 @@ def slice_bounds(BOUNDS, j, full, SLICED: tl.constexpr, SLICE_ALIGN: tl.constexp
                 tl.multiple_of(tl.load(BOUNDS + j + 1), SLICE_ALIGN))
     else:
         return 0, full
-
-
-def ranks_args(ranks, dummy):
-    """``(ranks or dummy, stride over slots, stride over slices, HAS_RANKS)`` for rank_of."""
-    if ranks is None:
-        return dummy, 0, 0, False
-    if ranks.dim() == 1:
-        return ranks, ranks.stride(0), 0, True
-    return ranks, ranks.stride(0), ranks.stride(1), True
 
 
 def token_tiles(batch, block_m: int) -> tuple[int, int, int, int]:

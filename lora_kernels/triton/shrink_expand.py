@@ -30,8 +30,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lora_kernels.triton.segments import (TILES_BY_MAP, rank_of, ranks_args, segment_tile,
-                                          slice_bounds, token_tiles)
+from lora_kernels.triton.segments import TILES_BY_MAP, segment_tile, slice_bounds, token_tiles
+from lora_kernels.triton.slots import ranks_args, slot_rank
 
 try:  # Triton ≥ 3.4; only traced when PDL is on (segments.pdl_supported())
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -86,7 +86,7 @@ def _shrink_kernel(
                                         tiles_per_seg, BLOCK_M, A_BLOCK, TILES)
     if slot < 0:
         return
-    rank = rank_of(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
+    rank = slot_rank(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
     if r0 >= rank:  # cost follows the real rank: rank tiles past it do nothing
         return
     c_lo, c_hi = slice_bounds(BOUNDS, j, K, SLICED_IN, SLICE_ALIGN)
@@ -147,7 +147,7 @@ def _expand_kernel(
     # A slot that does not adapt these slices (rank 0) leaves y alone: no read-modify-write.
     live = 0
     for j in range(j_lo, j_hi):
-        live += rank_of(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
+        live += slot_rank(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
     if live == 0:
         return
     slot64 = slot.to(tl.int64)
@@ -163,7 +163,7 @@ def _expand_kernel(
     # The first B tile (for decode: all of B_i's share of this program) is requested before
     # anything that waits on the shrink, so its latency hides behind the dependency.
     r_first = tl.arange(0, BLOCK_R)
-    rank_lo = rank_of(RANKS, slot, j_lo, R, stride_rs, stride_rj, HAS_RANKS)
+    rank_lo = slot_rank(RANKS, slot, j_lo, R, stride_rs, stride_rj, HAS_RANKS)
     b_first = tl.load(b_cols[None, :] + j_lo * stride_bj + r_first[:, None].to(tl.int64) * stride_br,
                       mask=(r_first < rank_lo)[:, None] & c_mask[None, :], other=0.0)
     if PDL:
@@ -172,7 +172,7 @@ def _expand_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j in range(j_lo, j_hi):
-        rank = rank_of(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
+        rank = slot_rank(RANKS, slot, j, R, stride_rs, stride_rj, HAS_RANKS)
         for r0 in range(0, rank, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
             r_mask = rr < rank

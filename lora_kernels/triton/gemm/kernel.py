@@ -4,9 +4,11 @@
   single-adapter forward (``a = x, w = W``), dX (``a = dY, w = Wᵀ`` view) and dW
   (``a = dYᵀ, w = xᵀ`` views), under every schedule of :mod:`schedule`;
 * :func:`multi_gemm_kernel` — the multi-adapter forward on gathered (sorted) rows with the
-  per-slot low-rank epilogue.
+  per-slot low-rank epilogue;
+* :func:`moe_gemm_kernel` — the MoE-LoRA forward / dX over expert segments of gathered rows,
+  per-expert weight and per-expert LoRA, in-loop or seeded (launcher: triton/moe_lora.py).
 
-Both run the one K loop of :mod:`mainloop`; the variant is the spec's constexprs
+All run the one K loop of :mod:`mainloop`; the variant is the spec's constexprs
 (:mod:`spec`, :mod:`modes`). Persistent programs build their tensor descriptors once and walk
 their tiles in a ``tl.range`` that Triton may flatten into the K loop and warp-specialise
 (``WARP_SPEC``: producer warps issue the TMA loads of the next tile while consumer warps run
@@ -32,9 +34,9 @@ from lora_kernels.triton.gemm.modes import (LORA_IN_LOOP, LORA_SEEDED, ROWS_DENS
                                             ROWS_GATHERED, SCHED_PERSISTENT, SCHED_SPLIT_K,
                                             STORE_POINTER, STORE_TMA)
 from lora_kernels.triton.gemm.operands import a_rows, descriptors
-from lora_kernels.triton.gemm.schedule import (grouped_tile, k_slab, split_k_publish,
-                                               split_k_publish_rows, split_k_sum,
-                                               split_k_sum_rows)
+from lora_kernels.triton.gemm.schedule import (grouped_tile, k_slab, moe_segment_tile,
+                                               split_k_publish, split_k_publish_rows,
+                                               split_k_sum, split_k_sum_rows)
 
 
 @triton.jit
@@ -47,7 +49,9 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
                 COL_SCALE: tl.constexpr, SCHEDULE: tl.constexpr, STORE: tl.constexpr,
                 W_KMAJOR: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, wq,
+                WEIGHT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
+                QROUND: tl.constexpr):
     """One output tile (one K slab of it under split-K) of :func:`gemm_kernel`."""
     pid_m, pid_n = grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
@@ -75,7 +79,7 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
     acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0, col0,
                           k_lo, k_hi, m_ok, n_ok, r_ok, stride_ak, stride_wk, stride_lak,
                           STORE, LORA == LORA_IN_LOOP, True, True, EVEN_K, W_KMAJOR, PRECISION,
-                          BLOCK_K)
+                          BLOCK_K, wq, WEIGHT, QBLOCK, QBLOCK2, QROUND, BLOCK_N)
     if LORA == LORA_IN_LOOP:
         acc = in_loop_term(acc, u_acc, lb_ptr, rn64, n_ok, r_ok, stride_lbn, stride_lbr,
                            scaling, BLOCK_R, PRECISION)
@@ -127,9 +131,14 @@ def gemm_kernel(
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, WARP_SPEC: tl.constexpr,
+    wq_absmax=None, wq_absmax2=None, wq_lut=None, wq_offset=0.0,
+    WEIGHT: tl.constexpr = 0, QBLOCK: tl.constexpr = 64, QBLOCK2: tl.constexpr = 256,
+    QROUND: tl.constexpr = 0,
 ):
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (fused_gemm.py documents the operands).
-    ``M_BUCKET`` only keys the autotuner."""
+    ``M_BUCKET`` only keys the autotuner; ``wq_*``/``WEIGHT``/``Q*``: a quantized w
+    (formats.py; ``w_ptr`` is then its packed storage, stride_wn/wk its logical strides)."""
+    wq = (wq_absmax, wq_absmax2, wq_lut, wq_offset, stride_wn, stride_wk)
     if STORE == STORE_TMA:
         a_desc, w_desc, o_desc = descriptors(a_ptr, w_ptr, out_ptr, M, N, K, stride_am,
                                              stride_wn, stride_wk, stride_om, W_KMAJOR,
@@ -146,7 +155,8 @@ def gemm_kernel(
                         stride_um, stride_ur, stride_lar, stride_lak, stride_lbn, stride_lbr,
                         stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
                         HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
-                        PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1)
+                        PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1, wq, WEIGHT,
+                        QBLOCK, QBLOCK2, QROUND)
     else:
         _dense_tile(tl.program_id(0), tl.program_id(1), a_ptr, w_ptr, out_ptr, bias_ptr,
                     cs_ptr, u_ptr, la_ptr, lb_ptr, ws_ptr, wsu_ptr, cnt_ptr, a_desc, w_desc,
@@ -154,7 +164,8 @@ def gemm_kernel(
                     stride_on, stride_um, stride_ur, stride_lar, stride_lak, stride_lbn,
                     stride_lbr, stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
                     HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
-                    PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K)
+                    PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, wq, WEIGHT,
+                    QBLOCK, QBLOCK2, QROUND)
 
 
 @triton.jit
@@ -192,3 +203,73 @@ def multi_gemm_kernel(
     acc = scale_bias(acc, BIAS, BIAS, cols64, col_ok, 0, stride_b, 0, HAS_BIAS)
     store_tile(acc, Y, Y, row0, col0, tok * stride_yt, cols64, row_ok, col_ok, 1,
                STORE_POINTER)
+
+
+@triton.jit
+def moe_gemm_kernel(
+        A, W, LA, LB, OUT, U, TILES, SRC, DST, SCALES, M_TILES, N, K, R,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+        stride_las, stride_lae, stride_lar, stride_lak,
+        stride_lbs, stride_lbe, stride_lbn, stride_lbr,
+        stride_om, stride_on, stride_um, stride_ur, scaling,
+        LORA: tl.constexpr, STORE_U: tl.constexpr, SLOT_SCALES: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped MoE-LoRA GEMM (schedule ``SCHED_MOE_SEGMENTS``): for the sorted pair positions
+    of one segment tile (expert e, adapter slot j), ``out[DST[pos]] = a[SRC[pos]]·W_eᵀ +
+    s_j·u·LB_{j,e}ᵀ`` with the in-loop ``u = a[SRC[pos]]·LA_{j,e}ᵀ`` (written to ``U[pos]``
+    when STORE_U); slot -1 is the base experts only (rank 0). The forward runs it on (x, W_e,
+    A_e, B_e), dX on (dy, W_eᵀ view, B_eᵀ view, A_eᵀ view): the same K loop as every other
+    GEMM of the package, the expert weight is never combined with B_e·A_e.
+
+    ``LORA``: ``LORA_IN_LOOP`` (u from the K loop; recomputed by every N tile, +r/BLOCK_N MMA
+    work), ``LORA_SEEDED`` (``U`` holds u already, sorted order: the accumulator starts at
+    ``s·u·LB_eᵀ``; wins when there are many N tiles) or ``LORA_NONE`` (plain grouped GEMM:
+    with ``W = LA`` and N = r it *is* the shrink that makes the seeded mode's u)."""
+    # Grouped raster over the table's M tiles (consecutive tiles are mostly one expert):
+    # GROUP_M row tiles sweep the N tiles together, so their gathered rows stay in L2 while
+    # W_e's panels are read about once per expert.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M_TILES, tl.cdiv(N, BLOCK_N), GROUP_M)
+    e, slot, row0, row_end = moe_segment_tile(TILES, pid_m)
+    if e >= 0:
+        s = scaling
+        if SLOT_SCALES:
+            s = scaling * tl.load(SCALES + tl.maximum(slot, 0))
+        col0 = pid_n * BLOCK_N
+        pos = row0 + tl.arange(0, BLOCK_M)
+        row_ok = pos < row_end
+        src = tl.load(SRC + pos, mask=row_ok, other=0).to(tl.int64)
+        rn64 = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_ok = rn64 < N
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < tl.where(slot >= 0, R, 0)
+        rk64 = tl.arange(0, BLOCK_K).to(tl.int64)
+        e64 = e.to(tl.int64)
+        j64 = tl.maximum(slot, 0).to(tl.int64)
+        a_ptrs = A + src[:, None] * stride_am + rk64[None, :] * stride_ak
+        w_ptrs = W + e64 * stride_we + rn64[None, :] * stride_wn + rk64[:, None] * stride_wk
+        la_ptrs = (LA + j64 * stride_las + e64 * stride_lae
+                   + rr[None, :].to(tl.int64) * stride_lar + rk64[:, None] * stride_lak)
+        lb = LB + j64 * stride_lbs + e64 * stride_lbe
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if LORA == LORA_SEEDED:
+            u = tl.load(U + pos[:, None].to(tl.int64) * stride_um + rr[None, :] * stride_ur,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = in_loop_term(acc, u.to(tl.float32), lb, rn64, n_ok, r_ok, stride_lbn,
+                               stride_lbr, s, BLOCK_R, PRECISION)
+        u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, A, W, row0, col0, 0, K,
+                              row_ok, n_ok, r_ok, stride_ak, stride_wk, stride_lak,
+                              STORE_POINTER, LORA == LORA_IN_LOOP, True, True, EVEN_K, True,
+                              PRECISION, BLOCK_K)
+        if LORA == LORA_IN_LOOP:
+            acc = in_loop_term(acc, u_acc, lb, rn64, n_ok, r_ok, stride_lbn, stride_lbr, s,
+                               BLOCK_R, PRECISION)
+        if STORE_U and LORA == LORA_IN_LOOP:
+            if pid_n == 0:
+                store_rank_rows(U, u_acc, pos.to(tl.int64), row_ok, r_ok, stride_um,
+                                stride_ur, BLOCK_R)
+        dst = tl.load(DST + pos, mask=row_ok, other=0).to(tl.int64)
+        store_tile(acc, OUT, OUT, row0, col0, dst * stride_om, rn64, row_ok, n_ok, stride_on,
+                   STORE_POINTER)

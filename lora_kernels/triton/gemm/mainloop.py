@@ -9,6 +9,7 @@ multi-adapter forward) runs this loop; what differs is the operand loaders' flag
 import triton
 import triton.language as tl
 
+from lora_kernels.triton.gemm.modes import WEIGHT_DENSE
 from lora_kernels.triton.gemm.operands import load_a, load_w
 
 
@@ -17,14 +18,20 @@ def mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0, col0, k_
              row_ok, col_ok, r_ok, stride_ak, stride_wk, stride_lak,
              STORE: tl.constexpr, IN_LOOP: tl.constexpr, MASK_ROWS: tl.constexpr,
              MASK_COLS: tl.constexpr, EVEN_K: tl.constexpr, W_KMAJOR: tl.constexpr,
-             PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+             PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, wq=None,
+             WEIGHT: tl.constexpr = 0, QBLOCK: tl.constexpr = 64, QBLOCK2: tl.constexpr = 256,
+             QROUND: tl.constexpr = 0, BLOCK_N: tl.constexpr = 16):
     """Returns ``(acc, u_acc)``. Pointers start at ``k_lo`` and advance by BLOCK_K (64-bit
-    adds, no per-step offset products); descriptors are indexed by ``k``."""
+    adds, no per-step offset products); descriptors are indexed by ``k``. ``wq``/``WEIGHT``/
+    ``Q*``: a quantized w (formats.py), cast to a's dtype for the MMA."""
     rk = tl.arange(0, BLOCK_K)
     for k in range(k_lo, k_hi, BLOCK_K):
         k_ok = (k + rk) < k_hi
         a = load_a(a_ptrs, a_desc, row0, k, row_ok, k_ok, STORE, MASK_ROWS, EVEN_K)
-        w = load_w(w_ptrs, w_desc, col0, k, col_ok, k_ok, STORE, MASK_COLS, EVEN_K, W_KMAJOR)
+        w = load_w(w_ptrs, w_desc, col0, k, col_ok, k_ok, STORE, MASK_COLS, EVEN_K, W_KMAJOR,
+                   wq, WEIGHT, QBLOCK, QBLOCK2, QROUND, BLOCK_K, BLOCK_N)
+        if WEIGHT != WEIGHT_DENSE:
+            w = w.to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if IN_LOOP:
             if EVEN_K:

@@ -29,6 +29,9 @@ LORA_PER_SLOT: tl.constexpr = tl.constexpr(int(LoraMode.PER_SLOT))  # xa[row]·B
 SCHED_TILES: tl.constexpr = tl.constexpr(0)       # one program per output tile, grouped raster
 SCHED_SPLIT_K: tl.constexpr = tl.constexpr(1)     # + K slabs reduced by the last program (ticket)
 SCHED_PERSISTENT: tl.constexpr = tl.constexpr(2)  # grid = resident programs, each loops over tiles
+# MoE expert segments (moe_gemm_kernel only, not a GemmSpec axis value yet): M tiles over
+# the expert-sorted pairs, per-expert weight and LoRA factors (schedule.moe_segment_tile).
+SCHED_MOE_SEGMENTS: tl.constexpr = tl.constexpr(3)
 
 # Rows of the A operand.
 ROWS_DENSE: tl.constexpr = tl.constexpr(0)     # row m of a is row m of out
@@ -42,5 +45,8 @@ STORE_TMA: tl.constexpr = tl.constexpr(1)      # tensor descriptors (TMA on sm_9
 COL_SCALE_NONE: tl.constexpr = tl.constexpr(0)
 COL_SCALE_VECTOR: tl.constexpr = tl.constexpr(1)  # fp32 [N] factor before the bias (DoRA)
 
-# Weight format (the axis exists; dense only for now).
-WEIGHT_DENSE: tl.constexpr = tl.constexpr(0)
+# Weight format of w (the decode is gemm/formats.py; the forward's W and dX's Wᵀ view both).
+WEIGHT_DENSE: tl.constexpr = tl.constexpr(0)       # a plain tensor in the MMA dtype
+WEIGHT_NF4: tl.constexpr = tl.constexpr(1)         # bitsandbytes NF4, fp32 absmax
+WEIGHT_NF4_NESTED: tl.constexpr = tl.constexpr(2)  # bitsandbytes NF4, double-quantized absmax
+WEIGHT_FP8_E4M3: tl.constexpr = tl.constexpr(3)    # float8 e4m3fn codes, fp32 scale per row of W

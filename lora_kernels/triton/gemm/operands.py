@@ -13,7 +13,9 @@ A new weight format (NF4 unpack, FP8 upcast) is one more branch of :func:`load_w
 import triton
 import triton.language as tl
 
-from lora_kernels.triton.gemm.modes import ROWS_GATHERED, STORE_TMA
+from lora_kernels.triton.gemm.formats import fp8_tile, nf4_tile
+from lora_kernels.triton.gemm.modes import (ROWS_GATHERED, STORE_TMA, WEIGHT_DENSE,
+                                            WEIGHT_FP8_E4M3)
 
 
 @triton.jit
@@ -52,11 +54,20 @@ def load_a(a_ptrs, a_desc, row0, k, row_ok, k_ok, STORE: tl.constexpr, MASK_ROWS
 
 @triton.jit
 def load_w(w_ptrs, w_desc, col0, k, col_ok, k_ok, STORE: tl.constexpr, MASK_COLS: tl.constexpr,
-           EVEN_K: tl.constexpr, W_KMAJOR: tl.constexpr):
+           EVEN_K: tl.constexpr, W_KMAJOR: tl.constexpr, wq, WEIGHT: tl.constexpr,
+           QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, QROUND: tl.constexpr,
+           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """The ``[BLOCK_K, BLOCK_N]`` tile of wᵀ at K offset ``k``. With descriptors a K-major w
     (the forward's ``W [N, K]``) is read as ``[BLOCK_N, BLOCK_K]`` and transposed in shared
-    memory (free for wgmma); an N-major one (dX's ``Wᵀ`` view) is read as is."""
-    if STORE == STORE_TMA:
+    memory (free for wgmma); an N-major one (dX's ``Wᵀ`` view) is read as is. A quantized
+    weight (``WEIGHT`` ≠ dense, pointer store only) is decoded from its packed storage, whose
+    base pointer then travels in ``w_desc`` (formats.py)."""
+    if WEIGHT == WEIGHT_FP8_E4M3:
+        w = fp8_tile(w_desc, wq, col0, k, col_ok, k_ok, EVEN_K, BLOCK_K, BLOCK_N)
+    elif WEIGHT != WEIGHT_DENSE:
+        w = nf4_tile(w_desc, wq, col0, k, col_ok, k_ok, WEIGHT, QBLOCK, QBLOCK2, QROUND, EVEN_K,
+                     BLOCK_K, BLOCK_N)
+    elif STORE == STORE_TMA:
         if W_KMAJOR:
             w = w_desc.load([col0, k]).T
         else:

@@ -85,3 +85,18 @@ def split_k_sum_rows(wsu_ptr, u_acc, rm64, m_ok, M, BLOCK_R: tl.constexpr,
         u_sum += tl.load(wsu_ptr + s * M * BLOCK_R + wsu_tile, mask=m_ok[:, None], other=0.0,
                          cache_modifier=".cg")
     return u_sum
+
+
+@triton.jit
+def moe_segment_tile(tiles_ptr, pid):
+    """``(expert, slot, row0, row_end)`` of M tile ``pid`` of the grouped MoE schedule: tiles
+    walk the segments of the expert-sorted pair list, ``cdiv(n_seg, BLOCK_M)`` tiles per
+    segment (none for an empty one), so a tile never mixes experts (or adapter slots: the
+    multi-adapter variant sorts by (expert, slot)) and the cost follows the real tokens per
+    expert. The table ``[tiles, 4]`` int32 is built on the device (triton/moe_lora.py);
+    unused tiles of the upper-bound grid hold expert -1; slot -1 means no LoRA."""
+    e = tl.load(tiles_ptr + pid * 4)
+    slot = tl.load(tiles_ptr + pid * 4 + 1)
+    row0 = tl.load(tiles_ptr + pid * 4 + 2)
+    row_end = tl.load(tiles_ptr + pid * 4 + 3)
+    return e, slot, row0, row_end

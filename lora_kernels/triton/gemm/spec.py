@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 
 from lora_kernels.triton.gemm import modes as MD
 
-WEIGHT = {"dense": MD.WEIGHT_DENSE}
+WEIGHT = {"dense": MD.WEIGHT_DENSE, "nf4": MD.WEIGHT_NF4, "nf4_nested": MD.WEIGHT_NF4_NESTED,
+          "fp8_e4m3": MD.WEIGHT_FP8_E4M3}
 ROWS = {"dense": MD.ROWS_DENSE, "gathered": MD.ROWS_GATHERED}
 LOWRANK = {"none": MD.LORA_NONE, "seeded": MD.LORA_SEEDED, "in_loop": MD.LORA_IN_LOOP,
            "per_slot": MD.LORA_PER_SLOT}
@@ -30,6 +31,10 @@ def illegal_reason(weight, rows, lowrank, col_scale, schedule, store) -> str:
         return "gathered rows go with (only) the per-slot low-rank term (multi-adapter)"
     if gathered and (schedule != "tiles" or store != "pointer" or col_scale != "none"):
         return "the multi-adapter GEMM runs on pointer tiles without a column scale"
+    if weight != "dense" and (gathered or store != "pointer" or col_scale != "none"
+                              or schedule == "persistent"):
+        return ("a quantized (4-bit / fp8) weight is gathered by pointer on dense rows, tiles "
+                "or split-K, no column scale (no TMA box of nibbles; DoRA over it not built)")
     if store == "tma" and schedule != "persistent":
         return "tensor descriptors are built once per program: persistent schedule only"
     return ""
@@ -59,8 +64,8 @@ class GemmSpec:
 
     def constexprs(self) -> dict:
         """The kernel's mode arguments for this spec."""
-        return dict(ROWS=ROWS[self.rows].value, LORA=LOWRANK[self.lowrank].value,
-                    COL_SCALE=COL_SCALE[self.col_scale].value,
+        return dict(WEIGHT=WEIGHT[self.weight].value, ROWS=ROWS[self.rows].value,
+                    LORA=LOWRANK[self.lowrank].value, COL_SCALE=COL_SCALE[self.col_scale].value,
                     SCHEDULE=SCHEDULE[self.schedule].value, STORE=STORE[self.store].value)
 
 

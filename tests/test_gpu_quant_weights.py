@@ -1,0 +1,106 @@
+"""GPU checks of the quantized-weight paths (skipped without an NVIDIA GPU): NF4 from
+bitsandbytes' CUDA storage through the Triton GEMM core (forward, dX, decode M = 1) against
+float64 of ``dequantize_4bit``, the patched PEFT QLoRA layer (PEFT's lora.bnb.Linear4bit on
+CUDA) against PEFT, and the FP8 e4m3 path on real float8 tensors."""
+
+import pytest
+import torch
+
+from helpers import TOL_GPU_FP32, rel_err
+from lora_kernels import reference
+
+pytestmark = pytest.mark.gpu
+
+bnb = pytest.importorskip("bitsandbytes")
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+# bf16: the product is rounded once to bf16 per K block of the fp32 accumulator (1e-2 is the
+# project's bf16 contract); fp16 2e-3; fp32 through tf32 tensor cores.
+TOLS = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: TOL_GPU_FP32}
+
+
+def _cuda_nf4(n, k, dtype, nested):
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4",
+                              compress_statistics=nested).to(dtype).to("cuda")
+    return layer
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K,p", [(1, 4096, 4096, 0.0), (16, 4096, 4096, 0.0),
+                                     (300, 1003, 1000, 0.1), (2048, 1024, 1024, 0.1)])
+def test_gpu_nf4_op_matches_dequantized_float64(nested, dtype, M, N, K, p):
+    from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
+    layer = _cuda_nf4(N, K, dtype, nested)
+    W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=g, device="cuda") * sc).to(dtype)
+    x, b, a, bb, dy = rnd(M, K), rnd(N), rnd(16, K, sc=0.05), rnd(N, 16, sc=0.05), rnd(M, N)
+    leaves = [t.clone().requires_grad_(True) for t in (x, b, a, bb)]
+    y = lora_linear_nf4(leaves[0], layer.weight, leaves[1], leaves[2], leaves[3], scaling=2.0,
+                        dropout_p=p, backend="triton", dropout_seed=7)
+    y.backward(dy)
+    d = lambda t: t.detach().double().cpu().requires_grad_(True)
+    x64, b64, a64, bb64 = d(x), d(b), d(a), d(bb)
+    want = reference.lora_linear(x64, W.cpu(), b64, a64, bb64, 2.0, p, 7)
+    want.backward(dy.double().cpu())
+    tol = TOLS[dtype]
+    assert rel_err(y, want) <= tol
+    for t, w64 in zip(leaves, (x64, b64, a64, bb64)):
+        assert rel_err(t.grad, w64.grad) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_patched_peft_qlora_layer_matches_peft(dtype):
+    peft = pytest.importorskip("peft")
+    from lora_kernels import patch_peft_model
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = bnb.nn.Linear4bit(512, 768, compute_dtype=dtype, quant_type="nf4",
+                                       compress_statistics=True)
+
+        def forward(self, x):
+            return self.q(x)
+    torch.manual_seed(0)
+    model = Tiny().to(dtype).to("cuda")
+    model.is_loaded_in_4bit = True  # PEFT builds its lora.bnb.Linear4bit
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q"],
+                                                       init_lora_weights=False))
+    x = torch.randn(4, 33, 512, device="cuda", dtype=dtype)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        y = model(x)
+        y.float().square().mean().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                            if p.grad is not None}
+    want_y, want_g = step()
+    with patch_peft_model(model, backend="triton") as handle:
+        assert handle.patched and not handle.skipped
+        y, g = step()
+    assert rel_err(y, want_y) <= 2e-2
+    for n in want_g:
+        assert rel_err(g[n], want_g[n]) <= 2e-2, n
+
+
+@pytest.mark.parametrize("M", [1, 16, 2048])
+def test_gpu_fp8_forward_and_dx(M):
+    from lora_kernels.ops import fp8
+    from lora_kernels.triton.quant_lora import quant_lora_bwd, quant_lora_fwd
+    N, K = 4096, 4096
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = fp8.quantize_fp8(torch.randn(N, K, generator=g, device="cuda") * 0.02)
+    assert w.codes.dtype == torch.float8_e4m3fn
+    Wr = fp8.dequantize(w, torch.bfloat16).double()
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=g, device="cuda") * sc).bfloat16()
+    x, b, a, bb, dy = rnd(M, K), rnd(N), rnd(16, K, sc=0.05), rnd(N, 16, sc=0.05), rnd(M, N)
+    y, xa = quant_lora_fwd(x, w, b, a, bb, 0.5, 0.0, 0)
+    low = 0.5 * (x.double() @ a.double().t()) @ bb.double().t()
+    want = x.double() @ Wr.t() + b.double() + low
+    assert rel_err(y, want) <= 1e-2
+    dx, _, _, _ = quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.0, 0, (True, False, False, False))
+    want_dx = dy.double() @ Wr + 0.5 * (dy.double() @ bb.double()) @ a.double()
+    assert rel_err(dx, want_dx) <= 1e-2

@@ -1,0 +1,149 @@
+"""PEFT QLoRA (lora.Linear over a bitsandbytes NF4 ``Linear4bit``, what PEFT builds on CPU) as
+the oracle for ``patch_peft_model``: outputs and LoRA gradients match, unpatch restores PEFT,
+and the patched Triton training step holds no whole-weight (N×K) tensor."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import interpreting, rel_err
+from lora_kernels import patch_peft_model
+from lora_kernels.integrations.peft import LoRAKernelsFallbackWarning
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+K, HID = 65, 37  # q: [37, 65] (NF4 blocks straddle rows), o: [65, 37]
+
+
+class Tiny(nn.Module):
+    def __init__(self, compute_dtype, nested):
+        super().__init__()
+        mk = lambda i, o: bnb.nn.Linear4bit(i, o, bias=True, compute_dtype=compute_dtype,
+                                            quant_type="nf4", compress_statistics=nested)
+        self.q, self.o = mk(K, HID), mk(HID, K)
+
+    def forward(self, x):
+        return self.o(torch.nn.functional.gelu(self.q(x)))
+
+
+def qlora_model(compute_dtype, nested, dropout=0.0, seed=0, peft_bnb_class=False):
+    torch.manual_seed(seed)
+    model = Tiny(compute_dtype, nested).to(compute_dtype).to("cpu")  # quantizes
+    if peft_bnb_class:
+        model.is_loaded_in_4bit = True  # what transformers sets: PEFT picks lora.bnb.Linear4bit
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            # keep bitsandbytes' portable layout (no AVX512-BF16 repack on eval forwards), so
+            # the PEFT reference and our kernels read the same bytes
+            m.support_avx512bf16_for_cpu = False
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "o"], lora_dropout=dropout,
+                          init_lora_weights=False)
+    return peft.get_peft_model(model, cfg)
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    (y.float() ** 2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("peft_bnb_class", [False, True])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("compute_dtype,x_dtype,tol", [
+    (torch.float32, torch.float32, 1e-5),
+    # QLoRA's usual setup: fp32 activations and LoRA factors, bf16 compute. PEFT runs the
+    # low-rank term in fp32, we in bf16: bf16 rounding of that term.
+    (torch.bfloat16, torch.float32, 2e-2),
+    (torch.float16, torch.float16, 5e-3),
+])
+def test_patched_qlora_matches_peft(peft_bnb_class, nested, compute_dtype, x_dtype, tol):
+    model = qlora_model(compute_dtype, nested, peft_bnb_class=peft_bnb_class)
+    layer_cls = type(model.base_model.model.q)
+    assert (layer_cls.__module__ == "peft.tuners.lora.bnb") == peft_bnb_class
+    x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(1)).to(x_dtype)
+    want_y, want_g = _step(model, x)
+    with patch_peft_model(model, backend="torch") as handle, warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAKernelsFallbackWarning)  # fused, not PEFT's forward
+        assert sorted(handle.patched) == ["base_model.model.o", "base_model.model.q"]
+        assert not handle.skipped
+        y, g = _step(model, x)
+        assert y.dtype == want_y.dtype
+        assert rel_err(y, want_y) <= tol
+        for name in want_g:
+            assert rel_err(g[name], want_g[name]) <= tol, name
+        model.eval()
+        with torch.no_grad():
+            assert rel_err(model(x), want_y) <= tol  # inference (plain eager path)
+        model.train()
+    # unpatched: PEFT's own forward again, bit for bit
+    again, _ = _step(model, x)
+    assert torch.equal(again, want_y)
+
+
+def test_patched_qlora_dropout_trains():
+    """With dropout the mask is ours (PEFT's nn.Dropout draws its own): eval outputs equal
+    PEFT's, training gives the same gradients for the same seed and every LoRA factor moves."""
+    model = qlora_model(torch.float32, True, dropout=0.25)
+    x = torch.randn(4, K, generator=torch.Generator().manual_seed(2))
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    model.train()
+    with patch_peft_model(model, backend="torch"):
+        torch.manual_seed(5)
+        _, g1 = _step(model, x)
+        torch.manual_seed(5)
+        _, g2 = _step(model, x)
+        assert all(torch.equal(g1[n], g2[n]) and g1[n].abs().sum() > 0 for n in g1)
+        model.eval()
+        with torch.no_grad():
+            assert rel_err(model(x), want) <= 1e-5
+
+
+def test_mixed_batches_over_nf4_fall_back_to_peft():
+    model = qlora_model(torch.float32, False)
+    x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        want = model(x, adapter_names=["default", "__base__"])
+        with patch_peft_model(model, backend="torch"):
+            with pytest.warns(UserWarning, match="mixed batches"):
+                got = model(x, adapter_names=["default", "__base__"])
+    assert torch.equal(got, want)
+
+
+class _Shapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.biggest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.biggest = max(self.biggest, t.numel())
+        return out
+
+
+@pytest.mark.skipif(not interpreting(), reason="the interpreter runs the Triton kernels on CPU")
+def test_patched_qlora_step_on_triton_makes_no_whole_weight():
+    """A whole W (N×K = 37·65 = 2405 elements) is bigger than every other tensor of the step
+    (x 3×65, activations 3×37, codes 1203 bytes): PEFT's step makes one (the detector works),
+    the patched Triton step makes none."""
+    model = qlora_model(torch.float32, True)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(4))
+    with _Shapes() as peft_step:
+        want_y, want_g = _step(model, x)
+    assert peft_step.biggest >= HID * K
+    with patch_peft_model(model, backend="triton"):
+        with _Shapes() as ours:
+            y, g = _step(model, x)
+    assert ours.biggest < HID * K
+    assert rel_err(y, want_y) <= 1e-5
+    assert all(rel_err(g[n], want_g[n]) <= 1e-5 for n in want_g)
