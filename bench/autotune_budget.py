@@ -26,12 +26,25 @@ COMPILE_S_PER_CONFIG = 2.5
 BENCH_S_PER_CONFIG = 0.15
 
 
+def _gemm_autotuners() -> list:
+    """The fused GEMM's autotuners, which ``fused_gemm.autotuned`` builds lazily per (shape
+    class, device) and keeps in an lru_cache (not a module attribute a scan could find):
+    built here for this machine's device, so they are the very objects later launches use."""
+    import torch
+
+    from lora_kernels.triton import fused_gemm, tuned
+    name = tuned.device_name("cuda" if torch.cuda.is_available() else "cpu")
+    return [(f"fused_gemm.autotuned[{cls}]", fused_gemm.autotuned(cls, name))
+            for cls in fused_gemm.SHAPE_CLASSES]
+
+
 def _autotuners():
     """Every triton Autotuner object reachable from lora_kernels.triton's modules."""
     from triton.runtime.autotuner import Autotuner
 
     import lora_kernels.triton as pkg
-    found, seen = [], set()
+    found = _gemm_autotuners()
+    seen = {id(t) for _, t in found}
     for info in pkgutil.iter_modules(pkg.__path__):
         mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
         for name, obj in vars(mod).items():

@@ -52,6 +52,7 @@ _LISTS = {"small": (C.GEMM_SMALL, prune_packed(C.prune_small)),
           "medium": (C.GEMM_MEDIUM, prune_packed(C.prune_dropout)),
           "large": (C.GEMM_LARGE, prune_packed(C.prune_dropout)),
           "persistent": (C.GEMM_PERSISTENT, C.prune_persistent)}
+SHAPE_CLASSES = tuple(_LISTS)  # the keys of autotuned(); bench/autotune_budget.py walks them
 
 
 def _even_k(args):
