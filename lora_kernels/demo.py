@@ -209,8 +209,10 @@ def _fine_tune(model, patch, sz, steps, gen, dev) -> tuple[float, float]:
     """AdamW on the rule-following sequences with PEFT patched onto our ops; returns the mean
     loss of the first and of the last three steps."""
     with patch(model) as handle:
-        print(f"patched {len(handle.patched)} PEFT LoRA layers onto lora-kernels "
-              f"({len(handle.skipped)} left on PEFT's forward)")
+        c = handle.counts()
+        print(f"patched {c['layers_patched']} PEFT LoRA layers onto lora-kernels "
+              f"({c['adapters_fused']} adapters fused, {c['adapters_fallback']} on PEFT's "
+              f"forward; {c['layers_skipped']} layers left on PEFT's forward)")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         model.train()
         losses = []
