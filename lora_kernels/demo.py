@@ -89,6 +89,28 @@ def _loss(model, ids):
                                              ids[:, 1:].reshape(-1))
 
 
+def _pick_device(device: Optional[str]) -> tuple[Optional[torch.device], Optional[str]]:
+    """``(device, None)``, or ``(None, a one-line reason)`` for a device the demo cannot use."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return None, (f"--device must be cpu or cuda (or cuda:N), got {device!r}"
+                      + ("; for a GPU use --device cuda" if device.lower() == "gpu" else ""))
+    if dev.type not in ("cpu", "cuda"):
+        return None, f"--device must be cpu or cuda (or cuda:N), got {device!r}"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA" if torch.version.cuda is None else
+                   "no CUDA device is visible")
+            return None, f"--device {device}: {why}; run with --device cpu"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return None, (f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) "
+                          f"visible")
+    return dev, None
+
+
 def run_demo(device: Optional[str] = None, steps: Optional[int] = None) -> int:
     """Run the tour; returns the exit code (0: every check passed, 1: a check failed,
     2: cannot run here)."""
@@ -98,7 +120,10 @@ def run_demo(device: Optional[str] = None, steps: Optional[int] = None) -> int:
     except ImportError as exc:
         print(f"the demo needs PEFT and transformers ({exc}): pip install 'lora-kernels[peft]'")
         return 2
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev, problem = _pick_device(device)
+    if problem is not None:
+        print(f"lora-kernels demo: {problem}")
+        return 2
     sz = _sizes(dev)
     steps = sz["steps"] if steps is None else int(steps)
     if steps < 1:
