@@ -214,6 +214,8 @@ def plot(fig, payload: dict) -> None:
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
+    fig.set_layout_engine("constrained")  # makes room for the figure legend below the panels
+
     ax1, ax2 = fig.subplots(1, 2)
     rows = [r for r in payload["rows"] if "error" not in r]
     labels = [f"{r['model']}: {r['row']}" + (f" ({r['targets']})" if r["method"] != "full" else "")
@@ -237,11 +239,10 @@ def plot(fig, payload: dict) -> None:
         ax.tick_params(axis="x", labelsize=8)
     present = dict.fromkeys(r["method"] for r in rows)
     fig.legend([Patch(color=COLORS.get(m, "#d62728")) for m in present],
-               [METHODS.get(m, m) for m in present], loc="lower center", ncol=len(present),
-               fontsize=8, frameon=False)
+               [METHODS.get(m, m) for m in present], loc="outside lower center",
+               ncol=len(present), fontsize=8, frameon=False)
     env = payload["env"]
     fig.suptitle(f"Training step — {env['device']} ({env['mode']}, {env['dtype']})", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
 
 
 def main(argv=None) -> int:

@@ -295,6 +295,7 @@ def _kind(key: str) -> str:
 def plot(fig, payload: dict) -> None:
     from matplotlib.patches import Patch
 
+    fig.set_layout_engine("constrained")  # makes room for the figure legend below the panels
     cols = payload["settings"]["columns"]
     axes = fig.subplots(1, len(cols), sharey=True, squeeze=False)[0]
     by = {(r["key"], r["setting"]): r for r in payload["rows"]}
@@ -310,11 +311,10 @@ def plot(fig, payload: dict) -> None:
     axes[0].set_yticklabels([ROWS[k] for k in keys], fontsize=7)
     present = dict.fromkeys(_kind(k) for k in keys)
     fig.legend([Patch(color=KINDS[k][1]) for k in present], [KINDS[k][0] for k in present],
-               loc="lower center", ncol=len(present), fontsize=8, frameon=False)
+               loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     env = payload["env"]
     fig.suptitle(f"GPT-2 forward latency vs base — {env['device']} ({env['mode']}, {env['dtype']})",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
 
 
 def main(argv=None) -> int:
