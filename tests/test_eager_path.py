@@ -96,11 +96,11 @@ def test_dispatch_modes_and_transforms_still_see_the_custom_op():
     assert seen == [B.CUSTOM_OP]
 
 
-def test_single_and_multi_adapter_paths_agree_at_allclose_default_tolerance():
+def test_single_and_multi_adapter_paths_round_alike_on_tiny_batches():
     # PEFT's TestMixedAdapterBatches compares a token's output through one active adapter with
-    # the same token in a mixed batch using allclose's *default* tolerance (a few fp32 ulps).
-    # At small M both of our paths add the base GEMM first, then the low-rank term; the rows
-    # without an adapter are the very same base GEMM.
+    # the same token in a mixed batch at allclose's *default* tolerance (a few fp32 ulps). A
+    # BLAS call's rounding depends on its row count, so tiny mixed batches compute each slot's
+    # term over all rows, like the single-adapter op: the same bits.
     x, w, b, a, bb = operands()
     with torch.no_grad():
         single = lk.lora_linear(x, w, b, a, bb, scaling=1.7, backend="torch")
@@ -109,5 +109,5 @@ def test_single_and_multi_adapter_paths_agree_at_allclose_default_tolerance():
         mixed = lk.multi_lora_linear(x, w, b, torch.stack([a, a * 0.5]), torch.stack([bb, bb]),
                                      batch, scalings=torch.tensor([1.7, 1.0]), backend="torch")
         base = torch.nn.functional.linear(x, w, b)
-    assert torch.allclose(mixed[ids == 0], single[ids == 0])
+    assert torch.equal(mixed[ids == 0], single[ids == 0])
     assert torch.equal(mixed[ids == -1], base[ids == -1])
