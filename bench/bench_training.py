@@ -211,13 +211,21 @@ def _md_row(r: dict) -> list:
             f"{r['state_mb']:,.1f}", fmt("state_reduction_x", ".2f", "x")]
 
 
+# One colour per kind of contender, the same in both panels and in the legend.
+COLORS = {"full": "#888888", "peft": "#ff7f0e", "peft_patched": "#2ca02c", "ours": "#1f77b4"}
+
+
 def plot(fig, payload: dict) -> None:
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    fig.set_layout_engine("constrained")  # makes room for the figure legend below the panels
+
     ax1, ax2 = fig.subplots(1, 2)
     rows = [r for r in payload["rows"] if "error" not in r]
     labels = [f"{r['model']}: {r['row']}" + (f" ({r['targets']})" if r["method"] != "full" else "")
               for r in rows]
-    colors = ["#888" if r["method"] == "full" else "#1f77b4" if r["method"] == "ours" else "#ff7f0e"
-              for r in rows]
+    colors = [COLORS.get(r["method"], "#d62728") for r in rows]
     y = range(len(rows))
     ax1.barh(y, [r["tokens_per_s"] for r in rows], color=colors)
     ax1.set_yticks(list(y))
@@ -230,6 +238,14 @@ def plot(fig, payload: dict) -> None:
     ax2.set_yticklabels([])
     ax2.invert_yaxis()
     ax2.set_xlabel("peak GPU memory, GB" if cuda else "weights+grads+optimizer, MB (CPU)")
+    for ax in (ax1, ax2):  # few ticks, thousands grouped: long tick labels never collide
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.xaxis.set_major_formatter(lambda v, _pos: f"{v:,.0f}" if abs(v) >= 100 else f"{v:g}")
+        ax.tick_params(axis="x", labelsize=8)
+    present = dict.fromkeys(r["method"] for r in rows)
+    fig.legend([Patch(color=COLORS.get(m, "#d62728")) for m in present],
+               [METHODS.get(m, m) for m in present], loc="outside lower center",
+               ncol=len(present), fontsize=8, frameon=False)
     env = payload["env"]
     fig.suptitle(f"Training step — {env['device']} ({env['mode']}, {env['dtype']})", fontsize=10)
 

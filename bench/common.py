@@ -193,7 +193,8 @@ def write_results(out_dir, payload: dict, markdown: str,
     fig = plt.figure(figsize=figsize, dpi=110)
     try:
         plot(fig)
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:  # a plot that set its own layout (legends) keeps it
+            fig.tight_layout()
         fig.savefig(out_dir / f"{name}.png")
         paths.append(out_dir / f"{name}.png")
     finally:

@@ -276,22 +276,42 @@ For reference, the paper's own figures:
 """
 
 
+# Bar colours by kind of row; the legend says which is which.
+KINDS = {"base": ("base model (no adapter work)", "#888888"),
+         "adapter": ("adapter baselines (AdapterL / AdapterH)", "#9467bd"),
+         "peft": ("PEFT LoRA", "#ff7f0e"),
+         "peft_patched": ("PEFT LoRA + patch_peft_model (our ops)", "#2ca02c"),
+         "ours": ("lora-kernels", "#1f77b4")}
+
+
+def _kind(key: str) -> str:
+    if key == "base" or key.startswith("adapter"):
+        return "base" if key == "base" else "adapter"
+    if key == "peft_patched":
+        return key
+    return "ours" if key.startswith("ours") else "peft"
+
+
 def plot(fig, payload: dict) -> None:
+    from matplotlib.patches import Patch
+
+    fig.set_layout_engine("constrained")  # makes room for the figure legend below the panels
     cols = payload["settings"]["columns"]
-    axes = fig.subplots(1, len(cols), sharey=True)
+    axes = fig.subplots(1, len(cols), sharey=True, squeeze=False)[0]
     by = {(r["key"], r["setting"]): r for r in payload["rows"]}
     keys = [k for k in ROWS if any((k, c) in by for c in cols)]
     for ax, c in zip(axes, cols):
         vals = [(by.get((k, c)) or {}).get("pct_over_base_median") or 0.0 for k in keys]
-        ax.barh(range(len(keys)), vals, color=["#888" if k == "base" else
-                                                "#1f77b4" if k.startswith("ours") else "#ff7f0e"
-                                                for k in keys])
+        ax.barh(range(len(keys)), vals, color=[KINDS[_kind(k)][1] for k in keys])
         ax.set_title(f"batch/seq/params {c}", fontsize=9)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlabel("% over base (median)")
         ax.invert_yaxis()
     axes[0].set_yticks(range(len(keys)))
     axes[0].set_yticklabels([ROWS[k] for k in keys], fontsize=7)
+    present = dict.fromkeys(_kind(k) for k in keys)
+    fig.legend([Patch(color=KINDS[k][1]) for k in present], [KINDS[k][0] for k in present],
+               loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     env = payload["env"]
     fig.suptitle(f"GPT-2 forward latency vs base — {env['device']} ({env['mode']}, {env['dtype']})",
                  fontsize=10)

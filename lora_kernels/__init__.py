@@ -1,6 +1,9 @@
 """lora-kernels: fused LoRA kernels (Triton and CUDA C++) for PyTorch.
 
-Public API (see docs and ../DESIGN): functional ops, batch metadata, modules, PEFT integration.
+Public API: functional ops (``lora_linear``, ``multi_lora_linear``, ``lora_shrink``,
+``lora_expand``), batch metadata (``LoRABatch``), modules (``LoRALinear``, ``MultiLoRALinear``...),
+adapter files and pools, and ``patch_peft_model``. The README has a tour; ``lora-kernels info``
+says which backends run here.
 """
 
 from lora_kernels.nn import (LoRALinear, MultiLoRALinear, PackedLoRALinear, inject_lora,

@@ -40,8 +40,14 @@ def info() -> int:
     return 0
 
 
+DESCRIPTION = ("lora-kernels: fused LoRA kernels for PyTorch. Commands: demo (the tour), "
+               "bench (the benchmark suite), info (versions, devices, backends).")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lora-kernels", description=__doc__)
+    from lora_kernels.bench_runner import ALIASES, ORDER
+
+    parser = argparse.ArgumentParser(prog="lora-kernels", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, devices, available backends and why not")
     demo = sub.add_parser("demo", help="fine-tune a small model and serve a mixed-adapter batch")
@@ -52,7 +58,10 @@ def main(argv=None) -> int:
     bench = sub.add_parser("bench", help="run the benchmark suite and write results files")
     bench.add_argument("--quick", action="store_true", help="small sizes, runs on CPU in minutes")
     bench.add_argument("--out", default=None, help="results directory (default bench/results/<device>)")
-    bench.add_argument("--only", default=None, help="comma-separated benchmark names")
+    aliases = ", ".join(f"{a}={n}" for a, n in ALIASES.items())
+    bench.add_argument("--only", default=None,
+                       help=f"comma-separated benchmark names, from: {', '.join(ORDER)} "
+                            f"(short names: {aliases})")
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return info()

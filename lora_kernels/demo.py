@@ -65,28 +65,55 @@ def _timed(fn, device) -> float:
 def _sizes(device: torch.device) -> dict:
     if device.type == "cuda":
         return dict(n_layer=4, n_embd=512, n_head=8, vocab=1024, batch=16, seq=128, steps=150,
-                    reps=20, dropout=0.05)
+                    reps=20, dropout=0.05, alphabet=64)
     # On CPU the LoRA dropout mask comes from the reference's Philox in plain torch ops, which is
     # far slower than torch.bernoulli: the CPU tour trains without dropout.
     return dict(n_layer=2, n_embd=128, n_head=4, vocab=256, batch=8, seq=48, steps=40, reps=8,
-                dropout=0.0)
+                dropout=0.0, alphabet=32)
 
 
-def _task(vocab: int, batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
-    """Sequences that follow a fixed rule (next = 5·tok + 3 mod V): easy to learn, impossible
-    for the random base model - so a falling loss is the adapter learning."""
-    toks = torch.randint(0, vocab, (batch, 1), generator=gen)
+RULE = "each next token is (5 x token + 3) mod {a}, over the first {a} tokens of the vocabulary"
+
+
+def _task(vocab: int, batch: int, seq: int, gen: torch.Generator, alphabet: int) -> torch.Tensor:
+    """Sequences that follow a fixed rule (``RULE``): easy to learn, impossible for the random
+    base model - so a falling loss is the adapter learning. The rule lives on a small alphabet
+    (a lookup of ``alphabet`` entries, not ``vocab``) so a few dozen steps on a CPU learn most
+    of it: first which tokens occur at all (loss ln V -> ln alphabet), then the rule itself."""
+    toks = torch.randint(0, alphabet, (batch, 1), generator=gen)
     rows = [toks]
     for _ in range(seq - 1):
-        toks = (5 * toks + 3) % vocab
+        toks = (5 * toks + 3) % alphabet
         rows.append(toks)
-    return torch.cat(rows, dim=1)
+    return torch.cat(rows, dim=1) % vocab
 
 
 def _loss(model, ids):
     logits = model(ids).logits[:, :-1]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                              ids[:, 1:].reshape(-1))
+
+
+def _pick_device(device: Optional[str]) -> tuple[Optional[torch.device], Optional[str]]:
+    """``(device, None)``, or ``(None, a one-line reason)`` for a device the demo cannot use."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu"), None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return None, (f"--device must be cpu or cuda (or cuda:N), got {device!r}"
+                      + ("; for a GPU use --device cuda" if device.lower() == "gpu" else ""))
+    if dev.type not in ("cpu", "cuda"):
+        return None, f"--device must be cpu or cuda (or cuda:N), got {device!r}"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA" if torch.version.cuda is None else
+                   "no CUDA device is visible")
+            return None, f"--device {device}: {why}; run with --device cpu"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return None, (f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) "
+                          f"visible")
+    return dev, None
 
 
 def run_demo(device: Optional[str] = None, steps: Optional[int] = None) -> int:
@@ -98,7 +125,10 @@ def run_demo(device: Optional[str] = None, steps: Optional[int] = None) -> int:
     except ImportError as exc:
         print(f"the demo needs PEFT and transformers ({exc}): pip install 'lora-kernels[peft]'")
         return 2
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev, problem = _pick_device(device)
+    if problem is not None:
+        print(f"lora-kernels demo: {problem}")
+        return 2
     sz = _sizes(dev)
     steps = sz["steps"] if steps is None else int(steps)
     if steps < 1:
@@ -209,14 +239,18 @@ def _fine_tune(model, patch, sz, steps, gen, dev) -> tuple[float, float]:
     """AdamW on the rule-following sequences with PEFT patched onto our ops; returns the mean
     loss of the first and of the last three steps."""
     with patch(model) as handle:
-        print(f"patched {len(handle.patched)} PEFT LoRA layers onto lora-kernels "
-              f"({len(handle.skipped)} left on PEFT's forward)")
+        c = handle.counts()
+        print(f"patched {c['layers_patched']} PEFT LoRA layers onto lora-kernels "
+              f"({c['layers_skipped']} left on PEFT's forward); adapters: {c['adapters_fused']} "
+              f"fused, {c['adapters_fallback']} on PEFT's forward")
+        print(f"the 'sql' adapter learns a rule the random base model cannot know: "
+              f"{RULE.format(a=sz['alphabet'])}")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         model.train()
         losses = []
         bar = _progress(range(steps), "fine-tuning 'sql'", total=steps)
         for _ in bar:
-            ids = _task(sz["vocab"], sz["batch"], sz["seq"], gen).to(dev)
+            ids = _task(sz["vocab"], sz["batch"], sz["seq"], gen, sz["alphabet"]).to(dev)
             loss = _loss(model, ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -226,14 +260,16 @@ def _fine_tune(model, patch, sz, steps, gen, dev) -> tuple[float, float]:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     first = sum(losses[:3]) / len(losses[:3])
     last = sum(losses[-3:]) / len(losses[-3:])
-    print(f"fine-tuned 'sql' for {steps} steps: loss {first:.3f} -> {last:.3f} "
-          f"(uniform guess: {math.log(sz['vocab']):.3f})")
+    chance = math.log(sz["vocab"])
+    print(f"fine-tuned 'sql' for {steps} steps: loss {first:.3f} -> {last:.3f} (chance, a "
+          f"uniform guess over {sz['vocab']} tokens: {chance:.3f}; knowing only the "
+          f"{sz['alphabet']}-token alphabet: {math.log(sz['alphabet']):.3f}; knowing the rule: 0)")
     return first, last
 
 
 def _time_train_step(model, patch, sz, gen, dev) -> tuple[float, float]:
     """One forward + backward, same batch and weights, patched vs PEFT's own layers."""
-    ids = _task(sz["vocab"], sz["batch"], sz["seq"], gen).to(dev)
+    ids = _task(sz["vocab"], sz["batch"], sz["seq"], gen, sz["alphabet"]).to(dev)
     model.train()
 
     def step():
@@ -252,7 +288,7 @@ def _time_train_step(model, patch, sz, gen, dev) -> tuple[float, float]:
 
 def _serve_and_check(model, serve, pool, patch, sz, gen, dev) -> dict:
     names = ["sql", "chat", None, "code"] * max(1, sz["batch"] // 4)
-    ids = _task(sz["vocab"], len(names), sz["seq"], gen).to(dev)
+    ids = _task(sz["vocab"], len(names), sz["seq"], gen, sz["alphabet"]).to(dev)
     peft_names = [n or BASE for n in names]
 
     def serve_pool():

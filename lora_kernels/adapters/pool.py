@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -79,13 +80,40 @@ class PoolBatch:
     """
 
     def __init__(self, pool: "AdapterPool", names, ids: Tensor, token_ids: Tensor, slots: list,
-                 lora_batch: Optional[LoRABatch] = None):
+                 tokens_per_sample=None, lora_batch: Optional[LoRABatch] = None):
         self.pool, self.names, self.ids, self.token_ids = pool, tuple(names), ids, token_ids
+        self.tokens_per_sample = tokens_per_sample  # int, or a tensor of per-sample lengths
         self._slots = slots
         self.lora_batch = lora_batch if lora_batch is not None else \
             LoRABatch.from_adapter_ids(token_ids, pool.num_slots)
         self.released = False
         self._previous: Optional[dict] = None
+
+    def input_mismatch(self, x: Tensor) -> Optional[str]:
+        """None if a layer input ``x [batch, ..., features]`` has the tokens this batch
+        describes, else an error naming the argument of ``pool.batch`` that disagrees. Checked
+        at every pool layer before its op, so the first layer reports it, in these words, not
+        as a token count deep in the model."""
+        T = self.lora_batch.num_tokens
+        if x.dim() < 1 or math.prod(x.shape[:-1]) == T:
+            return None
+        n, tps = len(self.names), self.tokens_per_sample
+        if isinstance(tps, int):
+            said = f"{n} names x tokens_per_sample={tps} = {T} tokens"
+        else:
+            said = f"{n} names with tokens_per_sample summing to {T} tokens"
+        why = []
+        if x.dim() >= 3:  # [batch, seq, ..., features]: compare each count with its argument
+            rows, per = x.shape[0], math.prod(x.shape[1:-1])
+            if rows != n:
+                why.append(f"the names list has {n} entries (one per sample) but the input has "
+                           f"{rows} samples")
+            if isinstance(tps, int) and per != tps:
+                why.append(f"tokens_per_sample={tps} but each sample has {per} tokens")
+        if not why:
+            why.append("check the names list (one per sample) and tokens_per_sample")
+        return (f"pool.batch(...) describes {said}, but a pool layer got input of shape "
+                f"{list(x.shape)} ({math.prod(x.shape[:-1])} tokens): " + "; ".join(why))
 
     def release(self) -> None:
         if not self.released:
@@ -429,7 +457,8 @@ class AdapterPool:
             # waiting for the device (no sync between scheduling and the forward).
             lora_batch = LoRABatch.from_host_ids(token_ids, self.num_slots, self.device)
             return PoolBatch(self, names, ids.to(self.device, non_blocking=True),
-                             token_ids.to(self.device, non_blocking=True), pinned, lora_batch)
+                             token_ids.to(self.device, non_blocking=True), pinned, lengths,
+                             lora_batch)
         except BaseException:
             self._release_slots(pinned)
             raise
@@ -443,15 +472,16 @@ class AdapterPool:
                                    "model; threads running forwards concurrently must pass "
                                    "batch.lora_batch to the layers explicitly")
             self._installed.append((me, batch))
-        previous = {n: layer.lora_batch for n, layer in self.layers.items()}
+        previous = {n: (layer.lora_batch, getattr(layer, "_explain_batch", None))
+                    for n, layer in self.layers.items()}
         for layer in self.layers.values():
-            layer.set_lora_batch(batch.lora_batch)
+            layer.set_lora_batch(batch.lora_batch, explain=batch.input_mismatch)
         return previous
 
     def _uninstall(self, batch: PoolBatch, previous: Optional[dict]) -> None:
         for n, layer in self.layers.items():
             if layer.lora_batch is batch.lora_batch:
-                layer.set_lora_batch(None if previous is None else previous.get(n))
+                layer.set_lora_batch(*(previous.get(n, (None,)) if previous else (None,)))
         with self._lock:
             self._installed = [(t, b) for t, b in self._installed if b is not batch]
 

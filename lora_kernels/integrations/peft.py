@@ -13,11 +13,16 @@ LoRA variants, ``lora_bias``, non-Linear targets (Embedding, Conv), quantized or
 base layers, autocast-free dtype mismatches - keeps PEFT's forward, with one warning naming the
 layer and the reason. ``handle.unpatch()`` deletes the instance attributes we added, so the
 layers are exactly PEFT's again (same outputs, bit for bit).
+
+A patched model can be ``copy.deepcopy``'d, pickled and ``torch.save``'d: the instance
+attributes are plain ``functools.partial`` objects over module-level functions, and the caches
+drop their lock and contents when copied. A copy is patched on its own, independent of the
+original; ``PeftPatchHandle.of(copy)`` gives a handle for it.
 """
 
 from __future__ import annotations
 
-import types
+import functools
 import warnings
 from typing import Optional
 
@@ -40,40 +45,110 @@ class LoRAKernelsFallbackWarning(UserWarning):
     """A PEFT layer (or one of its adapters) keeps PEFT's own forward; the message says why."""
 
 
+class _PatchShared:
+    """What the layers of one patch share: the backend, the mixed-batch cache, the reasons of the
+    skipped layers and the warnings already given.
+
+    The layers reference this, not the handle: a handle lists every patched layer, so a layer
+    that pointed at it would drag the whole model along when copied or pickled on its own.
+    """
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.batches = BatchCache()
+        self.skipped: dict[str, str] = {}
+        self.warned: set = set()
+        self.joint = JointState()  # adapter_names= in training mode (peft_joint.py)
+
+    def warn_once(self, layer_name: str, reason: str) -> None:
+        key = (layer_name, reason)
+        if key in self.warned:
+            return
+        self.warned.add(key)
+        warnings.warn(f"lora-kernels: PEFT layer '{layer_name}' keeps PEFT's own forward: {reason}",
+                      LoRAKernelsFallbackWarning, stacklevel=3)
+
+
 class _LayerState:
     """What the patched forward of one layer needs besides the layer itself."""
 
-    __slots__ = ("name", "handle", "conv1d", "stack", "concat", "peft_forward")
+    __slots__ = ("name", "shared", "conv1d", "stack", "concat", "peft_forward")
 
-    def __init__(self, name: str, handle: "PeftPatchHandle", conv1d: bool, peft_forward):
-        self.name, self.handle, self.conv1d = name, handle, conv1d
+    def __init__(self, name: str, shared: _PatchShared, conv1d: bool, peft_forward):
+        self.name, self.shared, self.conv1d = name, shared, conv1d
         self.stack = StackCache()  # mixed batches (adapter_names=)
         self.concat = StackCache(concat_adapters)  # several active adapters
+        # functools.partial, not a bound method: a bound method pickles as getattr(layer,
+        # "forward"), which after loading would find our patched forward, not PEFT's.
         self.peft_forward = peft_forward
 
 
 class PeftPatchHandle:
-    """Returned by :func:`patch_peft_model`. ``patched``: names of accelerated layers;
-    ``skipped``: ``{name: reason}`` for LoRA layers left on PEFT's forward. ``unpatch()`` (or
-    leaving a ``with`` block) restores PEFT exactly."""
+    """Returned by :func:`patch_peft_model`. ``unpatch()`` (or leaving a ``with`` block) restores
+    PEFT exactly.
 
-    def __init__(self, model: nn.Module, backend: str):
+    * ``patched``: ``{name: layer}`` whose forward is ours. A patched layer can still run one of
+      its adapters on PEFT's forward (DoRA, ``lora_bias``...): :meth:`adapter_status` says, per
+      adapter, which are fused and why the others are not; ``fallback_adapters`` lists only those.
+    * ``skipped``: ``{name: reason}`` for LoRA layers left wholly on PEFT's forward.
+    * :meth:`counts` sums these up (it is what ``repr`` prints).
+
+    A deep copy (or an unpickled copy) of a patched model is patched on its own;
+    :meth:`of` gives a handle for it.
+    """
+
+    def __init__(self, model: nn.Module, shared: _PatchShared,
+                 patched: Optional[dict[str, nn.Module]] = None):
         self.model = model
-        self.backend = backend
-        self.patched: dict[str, nn.Module] = {}
-        self.skipped: dict[str, str] = {}
-        self.batches = BatchCache()
-        self.joint = JointState()  # adapter_names= in training mode (peft_joint.py)
-        self._warned: set = set()
+        self._shared = shared
+        self.patched: dict[str, nn.Module] = {} if patched is None else patched
         self.active = True
 
-    def warn_once(self, layer_name: str, reason: str) -> None:
-        key = (layer_name, reason)
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        warnings.warn(f"lora-kernels: PEFT layer '{layer_name}' keeps PEFT's own forward: {reason}",
-                      LoRAKernelsFallbackWarning, stacklevel=3)
+    backend = property(lambda self: self._shared.backend)
+    skipped = property(lambda self: self._shared.skipped, doc="``{layer: reason}``")
+    batches = property(lambda self: self._shared.batches)
+    joint = property(lambda self: self._shared.joint)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Optional["PeftPatchHandle"]:
+        """A handle on the patch of ``model``'s layers, found from the layers themselves (so it
+        works for a ``copy.deepcopy`` or a ``torch.load`` of a patched model), or None if no
+        layer of ``model`` is patched. Names are relative to ``model``."""
+        found = [(n, m) for n, m in model.named_modules() if _ATTR in m.__dict__]
+        if not found:
+            return None
+        shared = found[0][1].__dict__[_ATTR].shared
+        return cls(model, shared, {n: m for n, m in found if m.__dict__[_ATTR].shared is shared})
+
+    def adapter_status(self) -> dict[str, dict[str, Optional[str]]]:
+        """``{layer: {adapter: None if it runs on our fused ops, else the reason it runs on PEFT's
+        forward}}`` for every adapter of every patched layer, computed now (so adapters added
+        or deleted after patching are counted too)."""
+        return {name: {a: _adapter_reason(layer, a) for a in layer.lora_A}
+                for name, layer in self.patched.items()}
+
+    @property
+    def fallback_adapters(self) -> dict[str, dict[str, str]]:
+        """``{layer: {adapter: reason}}``: adapters of patched layers that keep PEFT's forward."""
+        out = {}
+        for name, status in self.adapter_status().items():
+            falls = {a: why for a, why in status.items() if why is not None}
+            if falls:
+                out[name] = falls
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Layers and adapters by what runs them: ``layers_patched`` (= fully fused + with a
+        fallback adapter), ``layers_fully_fused``, ``layers_with_fallback_adapters``,
+        ``layers_skipped``, ``adapters_fused``, ``adapters_fallback`` (adapters of patched layers;
+        those of skipped layers all run on PEFT)."""
+        status = self.adapter_status()
+        falls = sum(1 for s in status.values() if any(w is not None for w in s.values()))
+        return {"layers_patched": len(status), "layers_fully_fused": len(status) - falls,
+                "layers_with_fallback_adapters": falls, "layers_skipped": len(self.skipped),
+                "adapters_fused": sum(w is None for s in status.values() for w in s.values()),
+                "adapters_fallback": sum(w is not None for s in status.values()
+                                         for w in s.values())}
 
     def unpatch(self) -> None:
         """Give every patched layer back its class ``forward``; idempotent."""
@@ -92,8 +167,12 @@ class PeftPatchHandle:
         self.unpatch()
 
     def __repr__(self) -> str:
-        return (f"PeftPatchHandle(patched={len(self.patched)} layers, skipped={len(self.skipped)}, "
-                f"backend={self.backend!r}, active={self.active})")
+        c = self.counts()
+        return (f"PeftPatchHandle(patched={c['layers_patched']} layers "
+                f"({c['layers_with_fallback_adapters']} with adapters on PEFT's forward: "
+                f"{c['adapters_fused']} adapters fused, {c['adapters_fallback']} not), "
+                f"skipped={c['layers_skipped']} layers, backend={self.backend!r}, "
+                f"active={self.active})")
 
 
 # ------------------------------------------------------------------------------------------
@@ -147,7 +226,7 @@ def _dropout_p(layer: nn.Module, adapter: str) -> float:
 # The forward
 # ------------------------------------------------------------------------------------------
 def _fallback(self, st: _LayerState, reason: str, x, args, kwargs):
-    st.handle.warn_once(st.name, reason)
+    st.shared.warn_once(st.name, reason)
     return st.peft_forward(x, *args, **kwargs)
 
 
@@ -192,7 +271,7 @@ def _patched_forward(self, x: Tensor, *args, **kwargs):
         return _fallback(self, st, f"input dtype {x.dtype} differs from the base weight's "
                          f"{self.base_layer.weight.dtype} (outside autocast)", x, args, kwargs)
     if peft_dora.is_dora(self, active[0]):
-        return peft_dora.active_forward(self, x_c, weight, bias, active, st.handle.backend)
+        return peft_dora.active_forward(self, x_c, weight, bias, active, st.shared.backend)
     return _fused(self, st, x_c, weight, bias, active)
 
 
@@ -214,7 +293,7 @@ def _base_operands(self, st: _LayerState, x: Tensor):
 
 def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tensor],
            active: list) -> Tensor:
-    backend = st.handle.backend
+    backend = st.shared.backend
     drops = [_dropout_p(self, a) for a in active]
     fused_op = lora_linear_nf4 if isinstance(weight, peft_qlora.NF4Weight) else lora_linear
     if len(active) == 1:
@@ -275,7 +354,7 @@ def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> T
         return F.linear(x_c, weight, bias)
     if any(peft_dora.is_dora(self, a) for a in used):
         return peft_dora.mixed_forward(
-            self, x_c, weight, bias, adapter_names, st.handle.backend,
+            self, x_c, weight, bias, adapter_names, st.shared.backend,
             lambda xs, names: _mixed_plain(self, st, xs, weight, bias, names))
     return _mixed_plain(self, st, x_c, weight, bias, adapter_names)
 
@@ -284,18 +363,18 @@ def _mixed_plain(self, st: _LayerState, x_c: Tensor, weight: Tensor, bias: Optio
                  adapter_names) -> Tensor:
     """A mixed batch of plain LoRA adapters (and ``__base__``) on the grouped op."""
     tokens_per_sample = x_c[0].numel() // x_c.shape[-1]
-    slot_names, batch = st.handle.batches.get(adapter_names, tokens_per_sample, x_c.device)
+    slot_names, batch = st.shared.batches.get(adapter_names, tokens_per_sample, x_c.device)
     if not slot_names:  # every sample on "__base__": no stack to build (S = 0)
         return F.linear(x_c, weight, bias)
     if needs_grad(self, slot_names):  # a training step: the stack stays in the autograd graph
-        lora_a, lora_b, scalings, ranks = train_stack(st.handle.joint, self, slot_names,
+        lora_a, lora_b, scalings, ranks = train_stack(st.shared.joint, self, slot_names,
                                                       x_c.dtype, x_c.device)
     else:
         lora_a, lora_b, scalings, ranks = st.stack.get(self, slot_names, x_c.dtype, x_c.device)
     # each slot's own dropout (PEFT: each adapter's nn.Dropout on its own sub-batch), 0 in eval
     drops = [_dropout_p(self, n) if n in self.lora_A else 0.0 for n in slot_names]
     return multi_lora_linear(x_c, weight, bias, lora_a, lora_b, batch, scalings=scalings,
-                             ranks=ranks, backend=st.handle.backend,
+                             ranks=ranks, backend=st.shared.backend,
                              dropout_p=drops if any(drops) else None)
 
 
@@ -331,9 +410,10 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
         if _ATTR in module.__dict__:
             raise ValueError(f"layer '{name}' is already patched; call handle.unpatch() on the "
                              f"earlier handle first")
-    handle = PeftPatchHandle(model, backend)
+    shared = _PatchShared(backend)
+    handle = PeftPatchHandle(model, shared)
     # ParamWrappers (target_parameters) of recognised MoE experts blocks: integrations/peft_moe.
-    moe_taken = patch_moe_blocks(model, handle, lora_layer)
+    moe_taken = patch_moe_blocks(model, handle, shared, lora_layer)
     for name, module in layers:
         if name in moe_taken:
             continue
@@ -350,16 +430,20 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
             reason = _base_reason(module)
         if reason is not None:
             handle.skipped[name] = reason
-            handle.warn_once(name, reason)
+            # A LoRA layer class of the user's own (registered with PEFT's custom-module dispatch)
+            # runs the user's forward by design: recorded, not warned about. PEFT itself warns
+            # about such layers ("Unsupported layer type ..."), and ours must not displace it.
+            if type(module).__module__.split(".")[0] == "peft":
+                shared.warn_once(name, reason)
             continue
         for adapter in module.lora_A:
             why = _adapter_reason(module, adapter)
             if why is not None:  # the layer is patched; this adapter alone falls back
-                handle.warn_once(name, why)
-        st = _LayerState(name, handle, is_conv1d(module.base_layer),
-                         types.MethodType(type(module).forward, module))
+                shared.warn_once(name, why)
+        st = _LayerState(name, shared, is_conv1d(module.base_layer),
+                         functools.partial(type(module).forward, module))
         module.__dict__[_ATTR] = st
-        module.__dict__["forward"] = types.MethodType(_patched_forward, module)
+        module.__dict__["forward"] = functools.partial(_patched_forward, module)
         handle.patched[name] = module
     handle.joint.install(model)
     return handle

@@ -81,6 +81,14 @@ class BatchCache:
         with self._lock:
             self._entries.clear()
 
+    # A lock cannot be copied or pickled, and the entries are only a cache: a copy (deepcopy of
+    # a patched model, torch.save) starts empty with a lock of its own.
+    def __getstate__(self) -> dict:
+        return {"size": self._size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["size"])
+
 
 def _fingerprint(layer, slot_names: Sequence[str]) -> tuple:
     out = []
@@ -159,6 +167,14 @@ class StackCache:
 
     def clear(self) -> None:
         self.key = self.tensors = None
+
+    # Copies start empty: the cached tensors belong to the original's factors (the copy's would
+    # never match the key anyway) and are not worth writing into a checkpoint.
+    def __getstate__(self):
+        return {"build": self.build}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["build"])
 
 
 def needs_grad(layer, slot_names: Sequence[str]) -> bool:

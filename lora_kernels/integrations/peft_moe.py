@@ -21,7 +21,7 @@ side by side (each scaling folded into its B). Anything else falls back to PEFT 
 
 from __future__ import annotations
 
-import types
+import functools
 from typing import Optional
 
 import torch
@@ -35,10 +35,13 @@ _PARAMS = ("gate_up_proj", "down_proj")
 
 
 class _MoeState:
-    __slots__ = ("name", "handle", "experts", "wrappers", "peft_forward")
+    # ``shared`` (the patch's backend, warnings and skipped reasons, peft._PatchShared), not
+    # the handle: as for the Linear layers, a block that pointed at the handle would drag the
+    # whole model along when copied or pickled alone, and PeftPatchHandle.of finds it by it.
+    __slots__ = ("name", "shared", "experts", "wrappers", "peft_forward")
 
-    def __init__(self, name, handle, experts, wrappers, peft_forward):
-        self.name, self.handle, self.experts = name, handle, experts
+    def __init__(self, name, shared, experts, wrappers, peft_forward):
+        self.name, self.shared, self.experts = name, shared, experts
         self.wrappers = wrappers  # {parameter_name: ParamWrapper}
         self.peft_forward = peft_forward
 
@@ -93,7 +96,7 @@ def _factors(wr, adapters, dtype):
 
 def _fallback(self, st, reason, args, kwargs):
     if reason:
-        st.handle.warn_once(st.name, reason)
+        st.shared.warn_once(st.name, reason)
     return st.peft_forward(*args, **kwargs)
 
 
@@ -124,7 +127,7 @@ def _moe_forward(self, *args, **kwargs):
             lora[p] = _factors(wr, active, hidden.dtype)
         else:  # untargeted (or no active adapter here): the base experts, a rank-0 term
             lora[p] = (W.new_zeros(W.shape[0], 0, W.shape[2]), W.new_zeros(*W.shape[:2], 0))
-    backend = st.handle.backend
+    backend = st.shared.backend
     shape = hidden.shape
     x = hidden.reshape(-1, shape[-1])
     gate_up = moe_lora_linear(x, w_gu, ids, *lora["gate_up_proj"], scaling=1.0, backend=backend)
@@ -134,7 +137,7 @@ def _moe_forward(self, *args, **kwargs):
     return y.to(hidden.dtype).reshape(shape)
 
 
-def patch_moe_blocks(model: nn.Module, handle, lora_layer) -> set:
+def patch_moe_blocks(model: nn.Module, handle, shared, lora_layer) -> set:
     """Patch the outermost ParamWrapper of every recognised experts block; returns the names
     of every ParamWrapper we took over (patched or covered by a patched outer one). Blocks we
     cannot run are left to the caller (they keep PEFT's forward with the usual warning)."""
@@ -150,13 +153,14 @@ def patch_moe_blocks(model: nn.Module, handle, lora_layer) -> set:
         if reason is None and ("forward" in m.__dict__ or "_lora_kernels_patch" in m.__dict__):
             reason = "its forward is already wrapped on the instance by another library"
         if reason is not None:
-            handle.skipped[name] = reason
-            handle.warn_once(name, reason)
+            shared.skipped[name] = reason
+            shared.warn_once(name, reason)
             taken.update(n for n, x in modules.items() if any(x is w for w in wrappers.values()))
             continue
-        st = _MoeState(name, handle, experts, wrappers, types.MethodType(type(m).forward, m))
+        # functools.partial, not bound methods: they pickle and deep-copy (see peft.py)
+        st = _MoeState(name, shared, experts, wrappers, functools.partial(type(m).forward, m))
         m.__dict__["_lora_kernels_patch"] = st
-        m.__dict__["forward"] = types.MethodType(_moe_forward, m)
+        m.__dict__["forward"] = functools.partial(_moe_forward, m)
         handle.patched[name] = m
         taken.update(n for n, x in modules.items() if any(x is w for w in wrappers.values()))
     return taken

@@ -112,7 +112,14 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key suffixes (``<module>.lora_A.weight``,
-    ``<module>.lora_B.weight``, DoRA's ``<module>.lora_magnitude_vector``), plus biases per ``bias`` as in :func:`mark_only_lora_as_trainable`."""
+    ``<module>.lora_B.weight``, DoRA's ``<module>.lora_magnitude_vector``), plus biases per ``bias`` as in :func:`mark_only_lora_as_trainable`.
+
+    This is lora-kernels' own checkpoint: ``model.load_state_dict(sd, strict=False)`` on a
+    model with the same LoRA layers loads it back. It is *not* a PEFT checkpoint (no
+    ``base_model.model.`` prefix, no config with ``r``/``lora_alpha``, packed layers keep their
+    own layout), so PEFT's ``set_peft_model_state_dict`` does not load it. For PEFT use
+    :func:`lora_kernels.save_peft_adapter` (a directory ``PeftModel.from_pretrained`` loads,
+    config included)."""
     _check_model(model)
     _check_bias_mode(bias)
     sd = model.state_dict()

@@ -108,12 +108,20 @@ class MultiLoRALinear(nn.Module):
         self.ranks[slot] = 0
 
     # ---- forward ----------------------------------------------------------------------------
-    def set_lora_batch(self, batch: Optional[LoRABatch]) -> None:
+    def set_lora_batch(self, batch: Optional[LoRABatch], explain=None) -> None:
+        """Install ``batch`` for later forwards. ``explain(x)``, if given, returns None or the
+        error to raise when ``x`` does not fit the batch, in the words of whoever built it
+        (``AdapterPool.batch`` names its ``names`` list and ``tokens_per_sample``)."""
         if batch is not None and not isinstance(batch, LoRABatch):
             raise TypeError(f"batch must be a LoRABatch or None, got {type(batch).__name__}")
         self.lora_batch = batch
+        self._explain_batch = explain if batch is not None else None
 
     def forward(self, x: Tensor, batch: Optional[LoRABatch] = None) -> Tensor:
+        if batch is None and getattr(self, "_explain_batch", None) is not None:
+            problem = self._explain_batch(x)
+            if problem is not None:
+                raise ValueError(problem)
         batch = batch if batch is not None else self.lora_batch
         w = self.base_weight()
         if batch is None:

@@ -189,26 +189,44 @@ def native(name: str, fn: str):
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
+# What eager_mode() answers: the custom op is needed / not needed (no graph to record) /
+# not needed, but a graph is (an autograd.Function around the same kernels records it).
+CUSTOM_OP, EAGER_NO_GRAD, EAGER_GRAD = 0, 1, 2
 
-def plain_eager(*tensors) -> bool:
-    """True when nothing needs the custom op itself — no autograd graph to record, no compiler
-    tracing, no dispatch mode, no tensor subclass — so the ops may call the backend kernel
+
+def eager_mode(*tensors) -> int:
+    """Whether an op may bypass its ``torch.library`` custom op. Only the custom op is seen by
+    ``torch.compile``, ``opcheck``, dispatch modes (fake/meta tensors, ``TorchDispatchMode``),
+    tensor subclasses and functorch transforms; plain eager calls get the same kernels
     directly. Measured on CPU: the custom-op dispatch costs ~10-30 µs a call, a whole tiny
-    forward ~8 µs; eager decode pays it once per layer per token."""
-    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
-        return False
+    forward ~8 µs; eager decode pays it once per layer per token, training twice."""
+    # The dispatch-mode test is _current_dispatch_mode()'s own, without its import per call.
+    if torch.compiler.is_compiling() or _dispatch_stack_len() > 0 or \
+            torch._C._are_functorch_transforms_active():
+        return CUSTOM_OP
     grad = torch.is_grad_enabled()
+    needs_graph = False
     for t in tensors:
         if t is None:
             continue
-        if type(t) not in _PLAIN or (grad and t.requires_grad):
-            return False
-    return True
+        if type(t) not in _PLAIN:
+            return CUSTOM_OP
+        needs_graph = needs_graph or (grad and t.requires_grad)
+    return EAGER_GRAD if needs_graph else EAGER_NO_GRAD
+
+
+def plain_eager(*tensors) -> bool:
+    """True when nothing needs the custom op nor an autograd graph: the ops may call the backend
+    kernel directly (:func:`eager_mode` is ``EAGER_NO_GRAD``)."""
+    return eager_mode(*tensors) == EAGER_NO_GRAD
 
 
 def _current_dispatch_mode():
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     return _get_current_dispatch_mode()
+
+
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack  # what _get_current_dispatch_mode reads
 
 
 def describe() -> dict:

@@ -49,15 +49,17 @@ def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tens
                              seed: Optional[Tensor], needs: Sequence[bool],
                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     needs = tuple(bool(n) for n in needs)
-    if x.shape[0] == 0:
-        grads = (torch.zeros_like(x), torch.zeros_like(weight),
-                 weight.new_zeros(weight.shape[0]), torch.zeros_like(lora_a),
-                 torch.zeros_like(lora_b))
-    else:
-        bwd = _backend.kernel(backend, "lora_linear_bwd")
-        grads = bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, _seed_int(seed), needs)
+    grads = _grads(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend)
     # custom ops cannot return None: an unneeded gradient travels as an empty tensor.
     return tuple(g if n else x.new_empty(_EMPTY_GRAD) for g, n in zip(grads, needs))
+
+
+def _grads(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend):
+    if x.shape[0] == 0:
+        return (torch.zeros_like(x), torch.zeros_like(weight), weight.new_zeros(weight.shape[0]),
+                torch.zeros_like(lora_a), torch.zeros_like(lora_b))
+    bwd = _backend.kernel(backend, "lora_linear_bwd")
+    return bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, _seed_int(seed), needs)
 
 
 @_lora_linear_backward_op.register_fake
@@ -84,6 +86,32 @@ def _backward(ctx, dy, _dxa):
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoRALinear(torch.autograd.Function):
+    """The custom op's forward and backward without the custom-op machinery, for eager calls
+    that record a graph (training). Same kernels, same saved tensors, same gradients; what it
+    skips is the op's schema parsing, dispatcher round trips and the second (backward) custom
+    op. Measured on the shared 2-core VM, 1 thread, K=N=256, r=16, M=1, fwd+bwd: 0.141 ms
+    through the custom op, 0.075-0.093 ms this way (PEFT's layer: 0.085-0.095 ms).
+    torch.compile, opcheck, dispatch modes, tensor subclasses and functorch transforms still go
+    through the custom op (``_backend.eager_mode`` decides)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
+        y, xa = _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # as the custom op: no double backward
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:5])
+        grads = _grads(dy.contiguous(), x, weight, lora_a, lora_b, xa, ctx.scaling,
+                       ctx.dropout_p, ctx.seed, needs, ctx.backend)
+        return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
 
 
 def draw_seed() -> Tensor:
@@ -120,7 +148,8 @@ def check_lora_linear_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     if not training:
         dropout_p = 0.0
     lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), K)  # not -1: ambiguous when K = 0
+    # not reshape(-1, K): ambiguous when K = 0. A 2-D x needs none (~2 µs a call at decode).
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(lead), K)
     V.check_index_math("x", x2.shape[0])
     return x2, lead, dtype, N, K, scaling, dropout_p
 
@@ -148,11 +177,14 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         seed = draw_seed() if dropout_seed is None else torch.tensor(dropout_seed, dtype=torch.int64)
     args = (x2.contiguous(), weight, V.dense(bias, dtype), V.dense(lora_a, dtype),
             V.dense(lora_b, dtype), scaling, dropout_p, seed, name)
-    if _backend.plain_eager(x, weight, bias, lora_a, lora_b):
+    mode = _backend.eager_mode(x, weight, bias, lora_a, lora_b)
+    if mode == _backend.EAGER_NO_GRAD:
         y, _ = _forward(*args)  # inference: skip the custom-op dispatch, same kernels
+    elif mode == _backend.EAGER_GRAD:
+        y = _EagerLoRALinear.apply(*args)
     else:
         y, _ = torch.ops.lora_kernels.lora_linear(*args)
-    return y.reshape(*lead, N)
+    return y if x.dim() == 2 else y.reshape(*lead, N)
 
 
 def _check_seed(seed) -> int:

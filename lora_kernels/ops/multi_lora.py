@@ -220,7 +220,16 @@ def _check_stack(x2, weight, bias, lora_a, lora_b, out_slices):
     slices = _check_slices(out_slices, N)
     n_slices = 1 if slices is None else len(slices)
     V.shape("lora_b", lora_b, (S, N, R), "[S, N, r_max]")
-    V.shape("lora_a", lora_a, (S, n_slices * R, K), "[S, n_slices·r_max, K]")
+    V.shape("lora_a", lora_a, (None, None, K), "[S, n_slices·r_max, K]")
+    # The two stacks must agree with each other; say so, naming both, rather than blame
+    # lora_a alone for a rank (or slot count) that lora_b set.
+    if lora_a.shape[0] != S or lora_a.shape[1] != n_slices * R:
+        what = ("the slot count S" if lora_a.shape[0] != S else
+                f"r_max (lora_a.shape[1] = n_slices·r_max, n_slices={n_slices})")
+        raise ValueError(
+            f"lora_a must have shape [S, n_slices·r_max, K] = [{S}, {n_slices * R}, {K}] to match "
+            f"lora_b {list(lora_b.shape)} ([S, N, r_max]), got {list(lora_a.shape)}: lora_a and "
+            f"lora_b disagree on {what}")
     if bias is not None:
         V.tensor("bias", bias, 1)
         V.shape("bias", bias, (N,), "[N]")

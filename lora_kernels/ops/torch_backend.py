@@ -151,8 +151,39 @@ def _padded_forward(x, weight, bias, lora_a, lora_b, scalings, ranks, plan, need
     return y, xa
 
 
+# Tiny batches (decode steps, PEFT's mixed-batch tests): each active slot's low-rank term is
+# computed over all T rows and kept on its own rows only. That wastes (active slots - 1) x the
+# LoRA work, nothing at <= 16 tokens, and buys bit-equality with the single-adapter op: a BLAS
+# call's rounding depends on its row count (measured: a 1-row or 3-row x·Aᵀ differs from the
+# same rows of a 9-row one by ulps), and PEFT's tests compare a token through one adapter with
+# the same token in a mixed batch at allclose's default tolerance.
+FULL_ROWS_MAX_TOKENS = 16  # decode-sized: the padded and grouped paths keep larger batches
+
+
+def _full_rows_forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, need_xa):
+    # The single-adapter op's small-M order (reference.lora_linear_forward): base GEMM, then
+    # y += (s·x·Aᵀ)·Bᵀ, here per slot over all rows, added on the slot's rows.
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    sc, rk, R = _host(scalings), _host(ranks), lora_b.shape[2]
+    xa = x.new_zeros(x.shape[0], R, dtype=torch.promote_types(x.dtype, torch.float32)) \
+        if need_xa else None
+    for slot, rows in batch.groups():
+        r = R if rk is None else rk[slot]
+        r = int(r[0] if isinstance(r, list) else r)
+        if r == 0:
+            continue
+        u = (x @ lora_a[slot, :r].t()) * float(sc[slot])
+        y.index_add_(0, rows, (u @ lora_b[slot, :, :r].t()).index_select(0, rows))
+        if xa is not None:
+            xa[rows, :r] = u.index_select(0, rows).to(xa.dtype)
+    return y, xa
+
+
 def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
                    need_xa=True):
+    if out_slices is None and x.device.type == "cpu" and x.shape[0] <= FULL_ROWS_MAX_TOKENS:
+        return _full_rows_forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch,
+                                  need_xa)
     groups = _groups(batch)
     if out_slices is None and x.device.type == "cpu" and groups and not isinstance(groups[0][1], slice):
         plan = _pad_plan(batch)

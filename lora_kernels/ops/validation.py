@@ -35,9 +35,10 @@ def shape(name: str, t: Tensor, expected: Sequence, desc: str) -> None:
 
 
 def same_device(ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+    dev = ref.device
     for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {dev}; "
                              f"move them to one device")
 
 
@@ -52,9 +53,19 @@ def scalar(name: str, v, low: float = -math.inf, high: float = math.inf,
     # `v != v` is the NaN test: under torch.compile a float that changed between compiles
     # arrives as a SymFloat, which math.isnan rejects (a graph break). ±inf is not finite either.
     if v != v or abs(v) == math.inf or v < low or v > high or (high_open and v >= high):
-        bound = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
-        raise ValueError(f"{name} must be finite and in {bound}, got {v}")
+        raise ValueError(f"{name} must be {_range_words(low, high, high_open)}, got {v}")
     return v
+
+
+def _range_words(low: float, high: float, high_open: bool) -> str:
+    # An infinite bound is no bound: "finite and in [-inf, inf]" reads as a contradiction.
+    if low == -math.inf and high == math.inf:
+        return "finite"
+    if high == math.inf:
+        return f"finite and >= {low}"
+    if low == -math.inf:
+        return f"finite and {'<' if high_open else '<='} {high}"
+    return f"finite and in [{low}, {high}{')' if high_open else ']'}"
 
 
 def check_index_math(name: str, rows: int) -> None:
