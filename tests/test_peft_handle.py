@@ -29,14 +29,14 @@ TOL = 1e-5
 VOCAB = 97
 
 
-def gpt2_peft(dora=False):
+def gpt2_peft(lora_bias=False):
     torch.manual_seed(0)
     model = get_peft_model(tiny_gpt2(n_embd=32, n_head=4, vocab=VOCAB, n_positions=32),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
                                       fan_in_fan_out=True, init_lora_weights=False),
                            adapter_name="a1")
     model.add_adapter("a2", LoraConfig(r=3, target_modules=["c_attn"], fan_in_fan_out=True,
-                                       init_lora_weights=False, use_dora=dora))
+                                       init_lora_weights=False, lora_bias=lora_bias))
     return model.eval()
 
 
@@ -118,7 +118,7 @@ def test_copy_trains_its_own_parameters():
 def test_copy_keeps_peft_forward_for_fallback_adapters():
     # The fallback calls PEFT's forward; after a reload it must still be PEFT's (a pickled bound
     # method would come back as our patched forward and recurse forever).
-    model = gpt2_peft(dora=True)
+    model = gpt2_peft(lora_bias=True)  # a fallback adapter (lora_bias stays on PEFT)
     model.base_model.set_adapter("a2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LoRAKernelsFallbackWarning)
@@ -196,7 +196,8 @@ def test_peft_warning_for_custom_layer_stays_the_last_one():
 
 
 def test_counts_say_which_adapters_fall_back():
-    model = gpt2_peft(dora=True)
+    # lora_bias=True is a variant we leave on PEFT's forward (DoRA is fused since dora_linear)
+    model = gpt2_peft(lora_bias=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LoRAKernelsFallbackWarning)
         handle = patch_peft_model(model)
@@ -205,7 +206,7 @@ def test_counts_say_which_adapters_fall_back():
     assert set(handle.patched) == set(c_attn + c_fc)
     status = handle.adapter_status()
     for name in c_attn:
-        assert status[name]["a1"] is None and "DoRA" in status[name]["a2"]
+        assert status[name]["a1"] is None and "lora_bias" in status[name]["a2"]
     assert all(status[name] == {"a1": None} for name in c_fc)
     assert set(handle.fallback_adapters) == set(c_attn)
     assert handle.counts() == {"layers_patched": 4, "layers_fully_fused": 2,

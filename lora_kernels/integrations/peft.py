@@ -118,6 +118,7 @@ class PeftPatchHandle:
         if not found:
             return None
         shared = found[0][1].__dict__[_ATTR].shared
+        shared.joint.install(model)  # a copy's tuners carry our hook; its JointState forgot them
         return cls(model, shared, {n: m for n, m in found if m.__dict__[_ATTR].shared is shared})
 
     def adapter_status(self) -> dict[str, dict[str, Optional[str]]]:

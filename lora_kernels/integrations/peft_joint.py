@@ -24,7 +24,7 @@ adapter's own rank, scaling and dropout. So while a patch is active, and only th
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from typing import Sequence
 
 import torch
@@ -53,16 +53,32 @@ class JointState:
 
     def install(self, model: nn.Module) -> None:
         for tuner in find_tuners(model):
-            if _HOOKS_ATTR in tuner.__dict__:
-                continue  # someone else wraps it on the instance: leave theirs alone
-            tuner.__dict__[_HOOKS_ATTR] = types.MethodType(joint_forward_hooks, tuner)
+            hook = tuner.__dict__.get(_HOOKS_ATTR)
+            if hook is not None:
+                # ours (a copy of a patched model, re-adopted by PeftPatchHandle.of): track it;
+                # someone else's wrapper on the instance: leave theirs alone
+                if _is_ours(hook) and all(t is not tuner for t in self.tuners):
+                    self.tuners.append(tuner)
+                continue
+            # a partial of a module-level function, not a bound method: it pickles and
+            # deep-copies with the model (a bound method pickles as getattr(tuner, name))
+            tuner.__dict__[_HOOKS_ATTR] = functools.partial(joint_forward_hooks, tuner)
             self.tuners.append(tuner)
+
+    def __getstate__(self):
+        # A copy finds its own tuners again (PeftPatchHandle.of -> install): keeping them here
+        # would drag the whole model into a copy of one layer; the tables are caches.
+        return {"tuners": [], "tables": {}}
 
     def uninstall(self) -> None:
         for tuner in self.tuners:
             tuner.__dict__.pop(_HOOKS_ATTR, None)
         self.tuners.clear()
         self.tables.clear()
+
+
+def _is_ours(hook) -> bool:
+    return isinstance(hook, functools.partial) and hook.func is joint_forward_hooks
 
 
 @contextlib.contextmanager
