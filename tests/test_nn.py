@@ -137,7 +137,7 @@ def test_inject_mark_state_dict_merge_on_gpt2():
     assert set(sd) == trainable
     assert "transformer.h.0.mlp.c_fc.lora_A.weight" in sd
     for m in model.modules():
-        if isinstance(m, lk.nn.lora_linear._LoRABase):
+        if isinstance(m, lk.nn.lora_linear.LoRABase):
             _trained(m)
     out = model(ids, labels=ids)
     out.loss.backward()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lora_kernels import reference
+from lora_kernels.runtime import apply_keep, seed_int64
 from lora_kernels._ext import cutlass_gemm
 from lora_kernels._ext.loader import ops
 
@@ -48,7 +48,7 @@ MAX_SLICES = 16
 FUSED_DECODE_MAX_RANK_ROWS = 8192
 
 # A seed as the signed int64 the schema carries (same 64 bits the reference masks).
-_i64 = reference.seed_int64
+_i64 = seed_int64
 
 
 def _slices(out_slices) -> list[int]:
@@ -140,14 +140,15 @@ def lora_linear_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
     # dx applies it in-kernel). None without dropout.
     keep = None
     if need_a or (need_x and fp32):
-        keep = reference.keep_like(x, seed, dropout_p, dropout_keep_mask)
+        keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device) \
+            if dropout_p > 0.0 else None
     if need_x:
         if fp32:
             dx = torch.mm(dy, weight)
             if keep is None:
                 dx.addmm_(dyb, lora_a, alpha=scaling)
             else:  # scale the rank-sized factor, not the [M, K] product
-                dx.add_(reference.apply_keep((dyb * scaling) @ lora_a, keep, dropout_p))
+                dx.add_(apply_keep((dyb * scaling) @ lora_a, keep, dropout_p))
         else:
             dx = torch.empty_like(x)
             if dropout_p == 0.0 and cutlass_gemm.usable(dy, weight, dx):
@@ -164,7 +165,7 @@ def lora_linear_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
     if need_b:
         db = dy.sum(0)
     if need_a:
-        da = (dyb.t() @ reference.apply_keep(x, keep, dropout_p)) * scaling
+        da = (dyb.t() @ apply_keep(x, keep, dropout_p)) * scaling
     if need_bb:
         dbb = (dy.t() @ xa) * scaling
     return dx, dw, db, da, dbb

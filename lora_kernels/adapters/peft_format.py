@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_kernels.nn.inject import matches_targets
-from lora_kernels.nn.lora_linear import PackedLoRALinear, _LoRABase, is_conv1d, lora_scaling
+from lora_kernels.nn.lora_linear import PackedLoRALinear, LoRABase, is_conv1d, lora_scaling
 from lora_kernels.nn.multi_lora import MultiLoRALinear
 
 CONFIG_NAME = "adapter_config.json"
@@ -347,7 +347,7 @@ def config_problems(cfg: AdapterConfig, modules: Mapping[str, tuple[Tensor, Tens
 # ------------------------------------------------------------------------------------------
 def linear_features(module: nn.Module) -> Optional[tuple[int, int]]:
     """``(in, out)`` of a linear-like module (nn.Linear, Conv1D, our LoRA layers, PEFT's)."""
-    if isinstance(module, (_LoRABase, MultiLoRALinear)) or hasattr(module, "base_layer"):
+    if isinstance(module, (LoRABase, MultiLoRALinear)) or hasattr(module, "base_layer"):
         if isinstance(getattr(module, "in_features", None), int):
             return module.in_features, module.out_features
     if isinstance(module, nn.Linear):
@@ -401,7 +401,7 @@ def _from_model(model: nn.Module) -> tuple[dict, dict]:
     modules, ra, mags = {}, {}, {}
     rslora = set()
     for name, m in model.named_modules():
-        if not isinstance(m, _LoRABase):
+        if not isinstance(m, LoRABase):
             continue
         a = m.lora_A.weight.detach()
         b = m._lora_b_full().detach()

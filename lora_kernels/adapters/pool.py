@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lora_kernels.adapters.peft_format import (AdapterConfig, AdapterMismatchError, PathLike,
                                                config_problems, load_peft_adapter, split_modules)
-from lora_kernels.nn.inject import _is_linear, _set_child, matches_targets
+from lora_kernels.nn.inject import is_linear, set_child, matches_targets
 from lora_kernels.nn.multi_lora import MultiLoRALinear
 from lora_kernels.ops import LoRABatch
 
@@ -174,7 +174,7 @@ class AdapterPool:
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ValueError(f"{nm} must be a positive int, got {v!r}")
             matched = [(n, m) for n, m in model.named_modules()
-                       if n and matches_targets(n, target_modules) and _is_linear(m)]
+                       if n and matches_targets(n, target_modules) and is_linear(m)]
             if not matched:
                 raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D "
                                  f"in the model")
@@ -183,7 +183,7 @@ class AdapterPool:
             self.layers = {n: MultiLoRALinear(m, num_slots, max_rank, backend=backend, dtype=dtype)
                            for n, m in matched}
             for n, layer in self.layers.items():
-                _set_child(model, n, layer)
+                set_child(model, n, layer)
         self.num_slots, self.max_rank = num_slots, max_rank
         first = next(iter(self.layers.values()))
         self.device = first.lora_A.device

@@ -8,7 +8,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from lora_kernels.nn.lora_linear import LoRALinear, PackedLoRALinear, _LoRABase, is_conv1d
+from lora_kernels.nn.lora_linear import LoRALinear, PackedLoRALinear, LoRABase, is_conv1d
 from lora_kernels.nn.multi_lora import MultiLoRALinear
 
 Targets = Union[str, Sequence[str]]
@@ -22,7 +22,7 @@ def matches_targets(name: str, targets: Targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
@@ -36,7 +36,7 @@ def _check_bias_mode(bias) -> None:
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -66,7 +66,7 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int,
     frozen = [(p, p.requires_grad) for _, m in matched for p in m.parameters(recurse=False)]
     try:
         for name, module in matched:
-            if isinstance(module, (_LoRABase, MultiLoRALinear)) or not _is_linear(module):
+            if isinstance(module, (LoRABase, MultiLoRALinear)) or not is_linear(module):
                 continue
             flags = next((f for key, f in enable_lora.items()
                           if name == key or name.endswith("." + key)), None)
@@ -84,12 +84,12 @@ def inject_lora(model: nn.Module, target_modules: Targets, r: int,
     if not replacements:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D in the model")
     for name, _, new in replacements:
-        _set_child(model, name, new)
+        set_child(model, name, new)
     return model
 
 
 def lora_modules(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _LoRABase)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRABase)]
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:

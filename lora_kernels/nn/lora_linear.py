@@ -67,7 +67,7 @@ def _check_dropout(p) -> float:
     return float(p)
 
 
-class _LoRABase(nn.Module):
+class LoRABase(nn.Module):
     """Shared state of the single-adapter layers: frozen base weight, A/B, merge bookkeeping.
 
     ``weight`` is stored ``[out, in]`` like ``nn.Linear``, or ``[in, out]`` for a transformers
@@ -238,7 +238,7 @@ class _LoRABase(nn.Module):
                 f"backend={self.backend!r}" + (", use_dora=True" if self.use_dora else ""))
 
 
-class LoRALinear(_LoRABase):
+class LoRALinear(LoRABase):
     """``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with the fused op; usable wherever ``nn.Linear`` is.
 
     ``.weight``/``.bias`` are the frozen base parameters; ``lora_A.weight [r, in]`` and
@@ -292,7 +292,7 @@ class LoRALinear(_LoRABase):
                         lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
         if use_dora:
             self._init_dora()
-        _freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
+        freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
         return self
 
 
@@ -302,7 +302,7 @@ def _check_use_dora(use_dora) -> bool:
     return use_dora
 
 
-class PackedLoRALinear(_LoRABase):
+class PackedLoRALinear(LoRABase):
     """A packed projection (GPT-2 ``c_attn``, fused qkv/gate_up) with LoRA on some slices only,
     like loralib's ``MergedLinear(enable_lora=[True, False, True])``.
 
@@ -380,7 +380,7 @@ class PackedLoRALinear(_LoRABase):
                         r, lora_dropout, use_rslora, backend, fan_in_fan_out, factory)
         if use_dora:
             self._init_dora()
-        _freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
+        freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
         return self
 
     def _magnitude_rows(self) -> Tensor:
@@ -430,7 +430,7 @@ class PackedLoRALinear(_LoRABase):
         return super().extra_repr() + f", out_slices={self.out_slices}, enable_lora={self.enable_lora}"
 
 
-def _freeze(*params) -> None:
+def freeze(*params) -> None:
     for p in params:
         if p is not None:
             p.requires_grad_(False)

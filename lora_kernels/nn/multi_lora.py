@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_kernels.nn.lora_linear import _freeze, check_backend, check_dtype, linear_dims
+from lora_kernels.nn.lora_linear import freeze, check_backend, check_dtype, linear_dims
 from lora_kernels.ops import LoRABatch, multi_lora_linear
-from lora_kernels.ops.multi_lora import _check_slices
+from lora_kernels.ops.validation import check_slices
 
 
 class MultiLoRALinear(nn.Module):
@@ -38,7 +38,7 @@ class MultiLoRALinear(nn.Module):
         self.bias = getattr(base_linear, "bias", None)
         check_dtype(dtype)
         self.backend = check_backend(backend)
-        slices = _check_slices(out_slices, self.out_features)  # the op's own rule and errors
+        slices = check_slices(out_slices, self.out_features)  # the op's own rule and errors
         self.out_slices = None if slices is None else tuple(slices)
         n_slices = 1 if self.out_slices is None else len(self.out_slices)
         self.num_slots, self.max_rank, self.n_slices = num_slots, max_rank, n_slices
@@ -49,7 +49,7 @@ class MultiLoRALinear(nn.Module):
         rank_shape = (num_slots,) if n_slices == 1 else (num_slots, n_slices)
         self.register_buffer("ranks", torch.zeros(rank_shape, dtype=torch.int32, device=weight.device))
         self.lora_batch: Optional[LoRABatch] = None
-        _freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
+        freeze(weight, self.bias)  # last: a rejected call leaves the wrapped layer as it was
 
     def base_weight(self) -> Tensor:
         return self.weight.t() if self.fan_in_fan_out else self.weight

@@ -26,6 +26,8 @@ from types import ModuleType
 
 import torch
 
+from lora_kernels.runtime import interpreting, shape_class  # noqa: F401  (shape_class: public here too)
+
 BACKENDS = ("auto", "triton", "cuda", "torch")
 ENV_VAR = "LORA_KERNELS_BACKEND"
 
@@ -61,10 +63,6 @@ def _env_backend() -> str:
     return os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.lru_cache(maxsize=None)
 def _why_unavailable(name: str, device_type: str) -> str | None:
     """None if backend ``name`` can run on ``device_type`` tensors, else the reason."""
@@ -75,7 +73,7 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
             importlib.import_module("triton")
         except ImportError as exc:  # pragma: no cover - triton is a core dependency
             return f"triton is not importable ({exc}); pip install triton"
-        if device_type == "cpu" and not _interpreting():
+        if device_type == "cpu" and not interpreting():
             return ("backend='triton' on CPU tensors needs the Triton interpreter: set "
                     "TRITON_INTERPRET=1 before triton is first imported")
         if device_type not in ("cuda", "cpu"):
@@ -129,11 +127,6 @@ def _auto_cuda(op: str, shape_class: str) -> str:
     if winner and available(winner, "cuda"):
         return winner
     return "triton" if available("triton", "cuda") else "torch"
-
-
-def shape_class(rows: int) -> str:
-    """Coarse shape classes the dispatch table is keyed by: rows = M (or T tokens)."""
-    return "decode" if rows <= 16 else ("medium" if rows <= 256 else "large")
 
 
 def resolve(backend: str, device: torch.device, op: str, shape_class: str = "any") -> str:

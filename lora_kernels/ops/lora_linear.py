@@ -16,10 +16,10 @@ from torch import Tensor
 from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import validation as V
 
-_EMPTY_GRAD = (0,)
+EMPTY_GRAD = (0,)
 
 
-def _seed_int(seed: Optional[Tensor]) -> int:
+def seed_int(seed: Optional[Tensor]) -> int:
     # The seed tensor lives on the CPU: reading it is not a device sync.
     return 0 if seed is None else int(seed.item())
 
@@ -35,7 +35,7 @@ def _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend)
     if x.shape[0] == 0:
         return x.new_empty(0, weight.shape[0]), x.new_empty(0, lora_a.shape[0])
     fwd = _backend.kernel(backend, "lora_linear_fwd")
-    return fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, _seed_int(seed), None)
+    return fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed_int(seed), None)
 
 
 @_lora_linear_op.register_fake
@@ -51,7 +51,7 @@ def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tens
     needs = tuple(bool(n) for n in needs)
     grads = _grads(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend)
     # custom ops cannot return None: an unneeded gradient travels as an empty tensor.
-    return tuple(g if n else x.new_empty(_EMPTY_GRAD) for g, n in zip(grads, needs))
+    return tuple(g if n else x.new_empty(EMPTY_GRAD) for g, n in zip(grads, needs))
 
 
 def _grads(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend):
@@ -59,13 +59,13 @@ def _grads(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, b
         return (torch.zeros_like(x), torch.zeros_like(weight), weight.new_zeros(weight.shape[0]),
                 torch.zeros_like(lora_a), torch.zeros_like(lora_b))
     bwd = _backend.kernel(backend, "lora_linear_bwd")
-    return bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, _seed_int(seed), needs)
+    return bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed_int(seed), needs)
 
 
 @_lora_linear_backward_op.register_fake
 def _(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape)
-    return tuple(x.new_empty(s if n else _EMPTY_GRAD) for s, n in zip(shapes, needs))
+    return tuple(x.new_empty(s if n else EMPTY_GRAD) for s, n in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
@@ -172,7 +172,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     name = _backend.resolve_for(backend, x2, "lora_linear")
     seed = None
     if dropout_seed is not None:
-        dropout_seed = _check_seed(dropout_seed)
+        dropout_seed = check_seed(dropout_seed)
     if dropout_p > 0.0:
         seed = draw_seed() if dropout_seed is None else torch.tensor(dropout_seed, dtype=torch.int64)
     args = (x2.contiguous(), weight, V.dense(bias, dtype), V.dense(lora_a, dtype),
@@ -187,7 +187,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     return y if x.dim() == 2 else y.reshape(*lead, N)
 
 
-def _check_seed(seed) -> int:
+def check_seed(seed) -> int:
     if isinstance(seed, bool):
         raise TypeError("dropout_seed must be an int, got bool")
     try:
@@ -199,7 +199,6 @@ def _check_seed(seed) -> int:
     return seed
 
 
-check_seed = _check_seed  # public name for the other ops (multi_lora's dropout_seed)
 
 
 def block_diag_lora_b(lora_b_slices: Sequence[Optional[Tensor]], out_slices: Sequence[int]) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor
 from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import nf4 as _nf4
 from lora_kernels.ops import validation as V
-from lora_kernels.ops.lora_linear import _EMPTY_GRAD, _check_seed, _seed_int, draw_seed
+from lora_kernels.ops.lora_linear import EMPTY_GRAD, check_seed, draw_seed, seed_int
 
 __all__ = ["lora_linear_nf4"]
 
@@ -58,7 +58,7 @@ def _nf4_op(x: Tensor, codes: Tensor, absmax: Tensor, code: Tensor, absmax2: Opt
 def _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
     if x.shape[0] == 0:
         return x.new_empty(0, w.shape[0]), x.new_empty(0, lora_a.shape[0])
-    return _impl(backend, "fwd")(x, w, bias, lora_a, lora_b, scaling, dropout_p, _seed_int(seed))
+    return _impl(backend, "fwd")(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed_int(seed))
 
 
 @_nf4_op.register_fake
@@ -81,15 +81,15 @@ def _nf4_backward_op(dy: Tensor, x: Tensor, codes: Tensor, absmax: Tensor, code:
                  torch.zeros_like(lora_b))
     else:
         grads = _impl(backend, "bwd")(dy, x, w, lora_a, lora_b, xa, scaling, dropout_p,
-                                      _seed_int(seed), needs)
-    return tuple(g if n else x.new_empty(_EMPTY_GRAD) for g, n in zip(grads, needs))
+                                      seed_int(seed), needs)
+    return tuple(g if n else x.new_empty(EMPTY_GRAD) for g, n in zip(grads, needs))
 
 
 @_nf4_backward_op.register_fake
 def _(dy, x, codes, absmax, code, absmax2, code2, offset, shape, wdtype, blocksize, blocksize2,
       lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend):
     shapes = (x.shape, (shape[0],), lora_a.shape, lora_b.shape)
-    return tuple(x.new_empty(s if n else _EMPTY_GRAD) for s, n in zip(shapes, needs))
+    return tuple(x.new_empty(s if n else EMPTY_GRAD) for s, n in zip(shapes, needs))
 
 
 # Positions of the differentiable inputs of the forward op: x, bias, lora_a, lora_b.
@@ -177,7 +177,7 @@ def lora_linear_nf4(x: Tensor, weight, bias: Optional[Tensor], lora_a: Tensor, l
     # The CUDA extension has no NF4 kernel: like every op missing there, its fallback (Triton).
     name = "triton" if name in ("triton", "cuda") else "torch"
     if dropout_seed is not None:
-        dropout_seed = _check_seed(dropout_seed)
+        dropout_seed = check_seed(dropout_seed)
     seed = None
     if dropout_p > 0.0:
         seed = (draw_seed() if dropout_seed is None

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import validation as V
+from lora_kernels.ops.lora_linear import EMPTY_GRAD
 
-_EMPTY_GRAD = (0,)
 _MODULES = {"torch": "lora_kernels.ops.moe_torch", "triton": "lora_kernels.triton.moe_lora",
             "cuda": "lora_kernels.triton.moe_lora"}  # no CUDA C++ MoE kernel: Triton's
 
@@ -81,13 +81,13 @@ def _moe_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora
         grads = _impl(backend, "moe_lora_bwd")(dy, x, weight, lora_a, lora_b, u, sorted_pairs,
                                                offsets, group, scaling, needs)
     # custom ops cannot return None: an unneeded gradient travels as an empty tensor.
-    return tuple(g if n else x.new_empty(_EMPTY_GRAD) for g, n in zip(grads, needs))
+    return tuple(g if n else x.new_empty(EMPTY_GRAD) for g, n in zip(grads, needs))
 
 
 @_moe_backward_op.register_fake
 def _(dy, x, weight, lora_a, lora_b, u, sorted_pairs, offsets, group, scaling, needs, backend):
     shapes = (x.shape, lora_a.shape, lora_b.shape)
-    return tuple(x.new_empty(s if n else _EMPTY_GRAD) for s, n in zip(shapes, needs))
+    return tuple(x.new_empty(s if n else EMPTY_GRAD) for s, n in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):

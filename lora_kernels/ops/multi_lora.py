@@ -9,8 +9,6 @@ metadata (``LoRABatch``) travels into the custom ops as plain tensors and ints.
 from __future__ import annotations
 
 import math
-import operator
-import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -128,118 +126,6 @@ def _expand_op(y: Tensor, xa: Tensor, lora_b: Tensor, ranks: Optional[Tensor],
         y.copy_(out)
 
 
-# ------------------------------------------------------------------------------------------
-# Validation shared by the public entries
-# ------------------------------------------------------------------------------------------
-_RANKS_CHECKED: dict = {}
-
-
-def _check_batch(batch, T: int, S: int, device) -> LoRABatch:
-    if not isinstance(batch, LoRABatch):
-        raise TypeError(f"batch must be a LoRABatch (LoRABatch.from_adapter_ids(ids, num_slots)), "
-                        f"got {type(batch).__name__}")
-    if batch.num_tokens != T:
-        raise ValueError(f"batch describes {batch.num_tokens} tokens but x has T={T} rows")
-    if batch.num_slots != S:
-        raise ValueError(f"batch was built for num_slots={batch.num_slots} but the adapter "
-                         f"stack has S={S} slots")
-    if batch.device != device:
-        raise ValueError(f"batch is on {batch.device} but x is on {device}; use batch.to(device)")
-    return batch
-
-
-def _check_scalings(scalings, S: int, device) -> Tensor:
-    if isinstance(scalings, Tensor):
-        if scalings.dtype.is_complex or scalings.dtype == torch.bool:
-            raise TypeError(f"scalings must be a float tensor [S], got dtype {scalings.dtype}")
-        t = scalings
-    else:
-        try:
-            t = torch.as_tensor(list(scalings) if not isinstance(scalings, (int, float)) else
-                                [scalings] * S, dtype=torch.float32)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"scalings must be a float tensor or a sequence of S floats: {exc}")
-    if t.dim() != 1 or t.shape[0] != S:
-        raise ValueError(f"scalings must have shape [S] = [{S}], got {list(t.shape)}")
-    return t.to(device=device, dtype=torch.float32).contiguous()
-
-
-def _check_ranks(ranks: Optional[Tensor], S: int, R: int, n_slices: int, device) -> Optional[Tensor]:
-    if ranks is None:
-        return None
-    if not isinstance(ranks, Tensor):
-        ranks = torch.as_tensor(ranks)
-    if ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
-        raise TypeError(f"ranks must be an integer tensor, got dtype {ranks.dtype}")
-    if not (ranks.shape == (S,) or ranks.shape == (S, n_slices)):
-        raise ValueError(f"ranks must have shape [S] = [{S}] or [S, n_slices] = [{S}, {n_slices}],"
-                         f" got {list(ranks.shape)}")
-    # Range check once per ranks tensor version (a sync on CUDA), not once per layer call.
-    # Under torch.compile a data-dependent check cannot live in the graph: it ran in eager
-    # (and MultiLoRALinear.set_adapter validates every rank it stores).
-    # Inference-mode tensors have no version counter: key those on identity alone.
-    # The cache holds a weak reference to the tensor it checked: a new tensor that happens to
-    # reuse a freed one's id and memory (the CUDA caching allocator does that) is checked again.
-    # CPU ranks are always checked (no sync to save), so an in-place change under
-    # inference_mode (no version counter) cannot slip through there.
-    key = None if torch.compiler.is_compiling() else (
-        id(ranks), None if ranks.is_inference() else ranks._version, ranks.data_ptr(), R)
-    hit = None if key is None or ranks.device.type == "cpu" else _RANKS_CHECKED.get(key)
-    if key is not None and (hit is None or hit() is not ranks):
-        lo, hi = (int(v) for v in torch.stack([ranks.min(), ranks.max()]).tolist()) \
-            if ranks.numel() else (0, 0)
-        if lo < 0 or hi > R:
-            raise ValueError(f"ranks must lie in [0, r_max={R}], found {lo if lo < 0 else hi}")
-        if len(_RANKS_CHECKED) > 256:
-            _RANKS_CHECKED.clear()
-        _RANKS_CHECKED[key] = weakref.ref(ranks)
-    return ranks.to(device=device, dtype=torch.int32).contiguous()
-
-
-def _check_slices(out_slices, N: int) -> Optional[list[int]]:
-    if out_slices is None:
-        return None
-    try:  # operator.index: 2.5 or "3" is a mistake, not a width to truncate
-        sl = [operator.index(w) for w in out_slices]
-    except TypeError as exc:
-        raise TypeError(f"out_slices must be a sequence of int widths summing to N={N}, got "
-                        f"{out_slices!r} ({exc})") from None
-    if not sl or any(w <= 0 for w in sl) or sum(sl) != N:
-        raise ValueError(f"out_slices must be positive widths summing to N={N}, got {list(out_slices)}")
-    return sl
-
-
-def _check_stack(x2, weight, bias, lora_a, lora_b, out_slices):
-    V.tensor("weight", weight, 2)
-    V.tensor("lora_a", lora_a, 3)
-    V.tensor("lora_b", lora_b, 3)
-    dtype = V.compute_dtype(x2, weight)
-    N, K = weight.shape
-    S, R = lora_b.shape[0], lora_b.shape[2]
-    V.shape("x", x2, (x2.shape[0], K), "[T, K]")
-    slices = _check_slices(out_slices, N)
-    n_slices = 1 if slices is None else len(slices)
-    V.shape("lora_b", lora_b, (S, N, R), "[S, N, r_max]")
-    V.shape("lora_a", lora_a, (None, None, K), "[S, n_slices·r_max, K]")
-    # The two stacks must agree with each other; say so, naming both, rather than blame
-    # lora_a alone for a rank (or slot count) that lora_b set.
-    if lora_a.shape[0] != S or lora_a.shape[1] != n_slices * R:
-        what = ("the slot count S" if lora_a.shape[0] != S else
-                f"r_max (lora_a.shape[1] = n_slices·r_max, n_slices={n_slices})")
-        raise ValueError(
-            f"lora_a must have shape [S, n_slices·r_max, K] = [{S}, {n_slices * R}, {K}] to match "
-            f"lora_b {list(lora_b.shape)} ([S, N, r_max]), got {list(lora_a.shape)}: lora_a and "
-            f"lora_b disagree on {what}")
-    if bias is not None:
-        V.tensor("bias", bias, 1)
-        V.shape("bias", bias, (N,), "[N]")
-    V.same_device("x", x2, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
-    return dtype, N, K, S, R, slices, n_slices
-
-
-# ------------------------------------------------------------------------------------------
-# Public entries
-# ------------------------------------------------------------------------------------------
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                       lora_b: Tensor, batch: LoRABatch, *, scalings, ranks: Optional[Tensor] = None,
                       out_slices: Optional[Sequence[int]] = None, backend: str = "auto",
@@ -260,11 +146,11 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
         raise ValueError("x must have shape [T, K], got a 0-D tensor")
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: ambiguous when K = 0
-    dtype, N, K, S, R, slices, n_slices = _check_stack(x2, weight, bias, lora_a, lora_b, out_slices)
-    batch = _check_batch(batch, x2.shape[0], S, x.device)
+    dtype, N, K, S, R, slices, n_slices = V.check_stack(x2, weight, bias, lora_a, lora_b, out_slices)
+    batch = V.check_batch(batch, x2.shape[0], S, x.device)
     V.check_index_math("x", x2.shape[0])
-    sc = _check_scalings(scalings, S, x.device)
-    rk = _check_ranks(ranks, S, R, n_slices, x.device)
+    sc = V.check_scalings(scalings, S, x.device)
+    rk = V.check_ranks(ranks, S, R, n_slices, x.device)
     drop = _dropout.check_dropout_p(dropout_p, S, training)
     seed = None if dropout_seed is None else check_seed(dropout_seed)
     bias_c = V.dense(bias, dtype)
@@ -304,9 +190,9 @@ def lora_shrink(x: Tensor, lora_a: Tensor, batch: LoRABatch, scalings=None, *,
         raise ValueError(f"n_slices must be a positive int dividing lora_a.shape[1]={RR}, got {n_slices!r}")
     V.shape("x", x, (x.shape[0], K), "[T, K]")
     V.same_device("x", x, lora_a=lora_a)
-    batch = _check_batch(batch, x.shape[0], S, x.device)
-    sc = None if scalings is None else _check_scalings(scalings, S, x.device)
-    rk = _check_ranks(ranks, S, RR // n_slices, n_slices, x.device)
+    batch = V.check_batch(batch, x.shape[0], S, x.device)
+    sc = None if scalings is None else V.check_scalings(scalings, S, x.device)
+    rk = V.check_ranks(ranks, S, RR // n_slices, n_slices, x.device)
     if not batch.has_lora or x.shape[0] == 0:
         return x.new_zeros(x.shape[0], RR, dtype=torch.promote_types(x.dtype, torch.float32))
     name = _backend.resolve_for(backend, x, "lora_shrink")
@@ -328,12 +214,12 @@ def lora_expand(y: Tensor, xa: Tensor, lora_b: Tensor, batch: LoRABatch, *,
     V.tensor("lora_b", lora_b, 3)
     S, N, R = lora_b.shape
     V.shape("y", y, (y.shape[0], N), "[T, N]")
-    slices = _check_slices(out_slices, N)
+    slices = V.check_slices(out_slices, N)
     n_slices = 1 if slices is None else len(slices)
     V.shape("xa", xa, (y.shape[0], n_slices * R), "[T, n_slices·r_max]")
     V.same_device("y", y, xa=xa, lora_b=lora_b)
-    batch = _check_batch(batch, y.shape[0], S, y.device)
-    rk = _check_ranks(ranks, S, R, n_slices, y.device)
+    batch = V.check_batch(batch, y.shape[0], S, y.device)
+    rk = V.check_ranks(ranks, S, R, n_slices, y.device)
     if not batch.has_lora or y.shape[0] == 0:
         return y
     if not y.is_contiguous():

@@ -32,13 +32,9 @@ from torch import Tensor
 
 from lora_kernels.ops import backend as _backend
 from lora_kernels.ops.batch import LoRABatch
+from lora_kernels.ops.lora_linear import seed_int
 
 _EMPTY = (0,)
-
-
-def _seed_int(seed: Tensor) -> int:
-    # The seed lives on the CPU (drawn by lora_linear.draw_seed): reading it is not a device sync.
-    return int(seed.item())
 
 
 def _slot_table(values: Sequence, default, dtype, device) -> Tensor:
@@ -183,7 +179,7 @@ def forward(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
     """The op's body (also called directly for inference-free eager calls)."""
     slices = None if out_slices is None else tuple(out_slices)
     p = tuple(float(v) for v in dropout_p)
-    keep = token_keep_mask(backend, _seed_int(seed), batch.adapter_ids, x.shape[1], p)
+    keep = token_keep_mask(backend, seed_int(seed), batch.adapter_ids, x.shape[1], p)
     if keep is None:  # every active slot has p = 0
         fwd = _backend.kernel(backend, "multi_lora_fwd")
         y, xa = fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, slices, need_xa)
@@ -225,7 +221,7 @@ def _dropout_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, 
     slices = None if out_slices is None else tuple(out_slices)
     p = tuple(float(v) for v in dropout_p)
     # the forward's mask, regenerated from the same seed
-    keep = token_keep_mask(backend, _seed_int(seed), batch.adapter_ids, x.shape[1], p)
+    keep = token_keep_mask(backend, seed_int(seed), batch.adapter_ids, x.shape[1], p)
     if keep is None:
         bwd = _backend.kernel(backend, "multi_lora_bwd")
         grads = bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, slices, needs)

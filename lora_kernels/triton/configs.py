@@ -24,11 +24,8 @@ from lora_kernels.triton.device import (dot_precision, fp32_precision,  # noqa: 
 
 # The split-K workspace is allocated for the largest split any small-M config may choose.
 MAX_SPLIT_K = 8
-# M at or below which the GEMM takes the decode path: 16 rows is the smallest tile tl.dot
-# accepts, so a 16-row tile wastes nothing at M ≤ 16 while a 128-row one idles 127/128 rows.
-DECODE_MAX_ROWS = 16
-# M at or below which the medium (bandwidth-bound on W) configs are tried.
-MEDIUM_MAX_ROWS = 256
+# The decode / medium row bounds live in lora_kernels.runtime (the dispatch table's classes).
+from lora_kernels.runtime import DECODE_MAX_ROWS, MEDIUM_MAX_ROWS  # noqa: E402,F401
 
 
 def m_bucket(m: int) -> int:

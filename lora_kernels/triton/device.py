@@ -10,12 +10,9 @@ import os
 
 import torch
 
+from lora_kernels.runtime import interpreting  # noqa: F401  (re-exported: the one definition)
+
 __all__ = ["interpreting", "num_sms", "fp32_precision", "dot_precision", "on_device"]
-
-
-def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1`` (kernels run on CPU tensors, one config each)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def fp32_precision() -> str:

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_kernels.runtime import seed_int64
+
 __all__ = ["keep_tile", "drop_threshold", "drop_scale", "seed_arg", "dropout_keep_mask",
            "KEEP_GROUP"]
 
@@ -46,12 +48,10 @@ def drop_scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p > 0.0 else 1.0
 
 
-def seed_arg(seed) -> int:
-    """The seed as the signed int64 carrying the same 64 bits (``seed & (2⁶⁴ − 1)`` in two's
-    complement): Triton types ints past int64 as uint64, and ``tl.randint4x`` widens any int
-    seed to uint64 two's-complement, so both spellings key Philox identically."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
+# The seed as the signed int64 carrying the same 64 bits (``seed & (2⁶⁴ − 1)`` in two's
+# complement): Triton types ints past int64 as uint64, and ``tl.randint4x`` widens any int
+# seed to uint64 two's-complement, so both spellings key Philox identically.
+seed_arg = seed_int64
 
 
 @triton.jit
