@@ -214,3 +214,17 @@ class MLP(torch.nn.Module):
 
     def forward(self, x):
         return self.down(torch.relu(self.up(x)))
+
+
+def count_calls(monkeypatch, module, names=("lora_linear", "multi_lora_linear")) -> dict:
+    """``{name: calls}``, counting every call of ``module.<name>`` (monkeypatched wrappers):
+    which fused op a patched layer reached."""
+    calls = {name: 0 for name in names}
+    for name in calls:
+        orig = getattr(module, name)
+
+        def wrap(*a, _orig=orig, _name=name, **k):
+            calls[_name] += 1
+            return _orig(*a, **k)
+        monkeypatch.setattr(module, name, wrap)
+    return calls

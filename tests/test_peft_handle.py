@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import rel_err, tiny_gpt2
+from helpers import count_calls, rel_err, tiny_gpt2
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -44,16 +44,6 @@ def ids(b=3, t=7):
     return torch.randint(0, VOCAB, (b, t), generator=torch.Generator().manual_seed(4))
 
 
-def spy(monkeypatch) -> dict:
-    calls = {"lora_linear": 0, "multi_lora_linear": 0}
-    for name in calls:
-        orig = getattr(integ, name)
-
-        def wrap(*a, _orig=orig, _name=name, **k):
-            calls[_name] += 1
-            return _orig(*a, **k)
-        monkeypatch.setattr(integ, name, wrap)
-    return calls
 
 
 def layer_of(model):
@@ -79,7 +69,7 @@ def test_copy_is_patched_and_independent(monkeypatch, how):
     with torch.no_grad():
         ref, ref_mixed = model(x).logits, model(x, adapter_names=names).logits
     twin = roundtrip(model, how)
-    calls = spy(monkeypatch)
+    calls = count_calls(monkeypatch, integ)
     with torch.no_grad():
         assert rel_err(twin(x).logits, ref) <= TOL
         assert calls["lora_linear"] == 4  # 2 blocks x (c_attn, c_fc): the copy runs our ops

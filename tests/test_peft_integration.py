@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import MLP, rel_err, tiny_gpt2
+from helpers import MLP, count_calls, rel_err, tiny_gpt2
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -56,16 +56,6 @@ def lora_grads(model):
             if "lora_" in n and p.grad is not None}
 
 
-def count_calls(monkeypatch):
-    calls = {"lora_linear": 0, "multi_lora_linear": 0}
-    for name in calls:
-        orig = getattr(integ, name)
-
-        def wrap(*a, _orig=orig, _name=name, **k):
-            calls[_name] += 1
-            return _orig(*a, **k)
-        monkeypatch.setattr(integ, name, wrap)
-    return calls
 
 
 # ------------------------------------------------------------------------------------------
@@ -76,7 +66,7 @@ def test_forward_matches_peft_single_and_switched_adapters(monkeypatch):
     for active in ("a1", "a2", ["a1", "a2"]):
         model.base_model.set_adapter(active)
         refs[str(active)] = model(x).logits
-    calls = count_calls(monkeypatch)
+    calls = count_calls(monkeypatch, integ)
     with patch_peft_model(model) as handle:
         assert len(handle.patched) == 8 and not handle.skipped
         for active in ("a1", "a2", ["a1", "a2"]):
@@ -173,7 +163,7 @@ def test_mixed_batch_matches_peft_adapter_names(monkeypatch):
     names = ["a1", "__base__", "a2", "a1", "__base__"]
     with torch.no_grad():
         ref = model(x, adapter_names=names).logits
-    calls = count_calls(monkeypatch)
+    calls = count_calls(monkeypatch, integ)
     handle = patch_peft_model(model)
     with torch.no_grad():
         out = model(x, adapter_names=names).logits
@@ -252,7 +242,7 @@ def test_embedding_falls_back_with_one_warning_and_dora_runs_fused(monkeypatch):
     assert any("wte" in m and "Embedding" in m for m in msgs), msgs
     assert not [m for m in msgs if "DoRA" in m]
     assert "base_model.model.transformer.wte" in handle.skipped
-    calls = count_calls(monkeypatch)
+    calls = count_calls(monkeypatch, integ)
     from lora_kernels.integrations import peft_dora
     dora_calls = []
     monkeypatch.setattr(peft_dora, "dora_linear",

@@ -133,14 +133,23 @@ def check_lora_linear_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     V.tensor("lora_b", lora_b, 2)
     dtype = V.compute_dtype(x, weight)
     N, K = weight.shape
-    r = lora_a.shape[0]
+    x2, lead, scaling, dropout_p = check_lora_terms(x, N, K, weight, bias, lora_a, lora_b,
+                                                    scaling, dropout_p, training)
+    return x2, lead, dtype, N, K, scaling, dropout_p
+
+
+def check_lora_terms(x: Tensor, N: int, K: int, weight_storage: Tensor, bias: Optional[Tensor],
+                     lora_a: Tensor, lora_b: Tensor, scaling, dropout_p, training):
+    """The checks of a ``[N, K]`` base weight's companions, whatever its storage (dense or
+    NF4 codes, ``weight_storage`` for the device check): x, the factors, bias and the scalars.
+    Returns ``(x2 [M, K], lead shape, scaling, dropout_p)``, ``dropout_p`` 0 outside training."""
     V.shape("x", x, (*x.shape[:-1], K), "[..., K]")
     V.shape("lora_a", lora_a, (None, K), "[r, K]")
-    V.shape("lora_b", lora_b, (N, r), "[N, r]")
+    V.shape("lora_b", lora_b, (N, lora_a.shape[0]), "[N, r]")
     if bias is not None:
         V.tensor("bias", bias, 1)
         V.shape("bias", bias, (N,), "[N]")
-    V.same_device("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    V.same_device("x", x, weight=weight_storage, bias=bias, lora_a=lora_a, lora_b=lora_b)
     scaling = V.scalar("scaling", scaling)
     dropout_p = V.scalar("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
     if not isinstance(training, bool):
@@ -151,7 +160,7 @@ def check_lora_linear_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     # not reshape(-1, K): ambiguous when K = 0. A 2-D x needs none (~2 µs a call at decode).
     x2 = x if x.dim() == 2 else x.reshape(math.prod(lead), K)
     V.check_index_math("x", x2.shape[0])
-    return x2, lead, dtype, N, K, scaling, dropout_p
+    return x2, lead, scaling, dropout_p
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,

@@ -16,7 +16,6 @@ storage absmax2 / code2) plus scalars, so ``torch.compile`` and ``opcheck`` see 
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -25,7 +24,8 @@ from torch import Tensor
 from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import nf4 as _nf4
 from lora_kernels.ops import validation as V
-from lora_kernels.ops.lora_linear import EMPTY_GRAD, check_seed, draw_seed, seed_int
+from lora_kernels.ops.lora_linear import (EMPTY_GRAD, check_lora_terms, check_seed, draw_seed,
+                                          seed_int)
 
 __all__ = ["lora_linear_nf4"]
 
@@ -157,22 +157,8 @@ def lora_linear_nf4(x: Tensor, weight, bias: Optional[Tensor], lora_a: Tensor, l
     V.tensor("lora_a", lora_a, 2)
     V.tensor("lora_b", lora_b, 2)
     N, K = w.shape
-    V.shape("x", x, (*x.shape[:-1], K), "[..., K]")
-    V.shape("lora_a", lora_a, (None, K), "[r, K]")
-    V.shape("lora_b", lora_b, (N, lora_a.shape[0]), "[N, r]")
-    if bias is not None:
-        V.tensor("bias", bias, 1)
-        V.shape("bias", bias, (N,), "[N]")
-    V.same_device("x", x, weight=w.codes, bias=bias, lora_a=lora_a, lora_b=lora_b)
-    scaling = V.scalar("scaling", scaling)
-    dropout_p = V.scalar("dropout_p", dropout_p, 0.0, 1.0, high_open=True)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if not training:
-        dropout_p = 0.0
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), K)
-    V.check_index_math("x", x2.shape[0])
+    x2, lead, scaling, dropout_p = check_lora_terms(x, N, K, w.codes, bias, lora_a, lora_b,
+                                                    scaling, dropout_p, training)
     name = _backend.resolve_for(backend, x2, "lora_linear")
     # The CUDA extension has no NF4 kernel: like every op missing there, its fallback (Triton).
     name = "triton" if name in ("triton", "cuda") else "torch"

@@ -42,12 +42,10 @@ def _block_scale(absmax_ptr, absmax2_ptr, lut_ptr, offset, blk, ok, WEIGHT: tl.c
 
 
 @triton.jit
-def nf4_tile(codes_ptr, wq, col0, k, col_ok, k_ok, WEIGHT: tl.constexpr, QBLOCK: tl.constexpr,
-             QBLOCK2: tl.constexpr, QROUND: tl.constexpr, EVEN_K: tl.constexpr,
-             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The ``[BLOCK_K, BLOCK_N]`` tile of the (logical) wᵀ at K offset ``k``, decoded; zero
-    outside the matrix. ``wq = (absmax, absmax2, lut, offset, stride_wn, stride_wk)``."""
-    absmax_ptr, absmax2_ptr, lut_ptr, offset, stride_wn, stride_wk = wq
+def _tile_elements(col0, k, col_ok, k_ok, stride_wn, stride_wk, EVEN_K: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Flat element indices (int64) and the in-bounds mask of the ``[BLOCK_K, BLOCK_N]`` tile
+    of wᵀ at K offset ``k``: what every packed format decodes from."""
     rk = (k + tl.arange(0, BLOCK_K)).to(tl.int64)
     rn = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     flat = rn[None, :] * stride_wn + rk[:, None] * stride_wk
@@ -55,6 +53,18 @@ def nf4_tile(codes_ptr, wq, col0, k, col_ok, k_ok, WEIGHT: tl.constexpr, QBLOCK:
         ok = col_ok[None, :] & (rk[:, None] >= 0)
     else:
         ok = col_ok[None, :] & k_ok[:, None]
+    return flat, ok
+
+
+@triton.jit
+def nf4_tile(codes_ptr, wq, col0, k, col_ok, k_ok, WEIGHT: tl.constexpr, QBLOCK: tl.constexpr,
+             QBLOCK2: tl.constexpr, QROUND: tl.constexpr, EVEN_K: tl.constexpr,
+             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ``[BLOCK_K, BLOCK_N]`` tile of the (logical) wᵀ at K offset ``k``, decoded; zero
+    outside the matrix. ``wq = (absmax, absmax2, lut, offset, stride_wn, stride_wk)``."""
+    absmax_ptr, absmax2_ptr, lut_ptr, offset, stride_wn, stride_wk = wq
+    flat, ok = _tile_elements(col0, k, col_ok, k_ok, stride_wn, stride_wk, EVEN_K, BLOCK_K,
+                              BLOCK_N)
     byte = tl.load(codes_ptr + (flat >> 1), mask=ok, other=0).to(tl.int32)
     nib = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
     q = tl.load(lut_ptr + nib)
@@ -63,6 +73,7 @@ def nf4_tile(codes_ptr, wq, col0, k, col_ok, k_ok, WEIGHT: tl.constexpr, QBLOCK:
     # per element. Otherwise (dX's Wᵀ view, ragged K0) each element's own block.
     col_blocks = (stride_wk == 1) & ((stride_wn % QBLOCK) == 0) & (QBLOCK % BLOCK_K == 0)
     if col_blocks:
+        rn = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         cblk = (rn * stride_wn + k) // QBLOCK
         scale = tl.broadcast_to(
             _block_scale(absmax_ptr, absmax2_ptr, lut_ptr, offset, cblk, col_ok, WEIGHT,
@@ -100,13 +111,8 @@ def fp8_tile(codes_ptr, wq, col0, k, col_ok, k_ok, EVEN_K: tl.constexpr, BLOCK_K
     (then the MMA dtype). The scale's row is ``flat // K0`` (K0 = the larger logical stride),
     which serves the forward's W and dX's Wᵀ view alike. ``wq[0]``: the scale vector."""
     scale_ptr, _unused2, _unused_lut, _unused_off, stride_wn, stride_wk = wq
-    rk = (k + tl.arange(0, BLOCK_K)).to(tl.int64)
-    rn = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-    flat = rn[None, :] * stride_wn + rk[:, None] * stride_wk
-    if EVEN_K:
-        ok = col_ok[None, :] & (rk[:, None] >= 0)
-    else:
-        ok = col_ok[None, :] & k_ok[:, None]
+    flat, ok = _tile_elements(col0, k, col_ok, k_ok, stride_wn, stride_wk, EVEN_K, BLOCK_K,
+                              BLOCK_N)
     byte = tl.load(codes_ptr + flat, mask=ok, other=0)
     k0 = tl.maximum(stride_wn, stride_wk)
     scale = tl.load(scale_ptr + flat // k0, mask=ok, other=0.0)
