@@ -181,16 +181,35 @@ def prune_packed(prune):
             w = c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] / threads
             # decode tiles (16 rows) keep num_stages byte tiles in flight: half the budget
             w_cap = 16 if tight or c.kwargs["BLOCK_M"] <= 16 else 32
-            return w <= w_cap and acc <= 64
+            # nested decode + the dX dropout epilogue: 128x128 (64 accumulators) spilled 8 B
+            # even at 3 stages
+            return w <= w_cap and acc <= (32 if both else 64)
+        nested = weight == int(WEIGHT_NF4_NESTED)
+        both = nested and kwargs.get("DROPOUT")
         keep = [c for c in configs if fits(c)]
-        if keep and kwargs.get("LORA") == 2:
-            # in-loop u accumulator + la tiles on 16-row decode tiles: 16x32x64 / 4 warps with 5
-            # stages spilled 4 B (255 registers), with 3 stages none.
-            keep = [triton.Config(dict(c.kwargs), num_warps=c.num_warps,
-                                  num_stages=min(c.num_stages, 3))
-                    if c.kwargs["BLOCK_M"] <= 16 else c for c in keep]
+
+        def shallow(c):
+            # Fewer stages where the in-flight byte tiles and the decode share the registers:
+            # in-loop u + la tiles on 16-row decode tiles (16x32x64 / 4 warps, 5 stages: 4 B
+            # spilled at 255 registers; 3 stages: none), the nested decode on 16-row tiles
+            # (16x32x64 / 4 warps, 5 stages: 4 B) and nested + the dX dropout epilogue
+            # (128x128x32 / 8 warps, 4 stages: 12 B).
+            small = c.kwargs["BLOCK_M"] <= 16
+            return both or (small and (kwargs.get("LORA") == 2 or nested))
+        keep = [triton.Config(dict(c.kwargs), num_warps=c.num_warps,
+                              num_stages=min(c.num_stages, 3)) if shallow(c) else c
+                for c in keep]
         if keep:
             return keep
-        return [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
-                    * c.kwargs["BLOCK_K"] / c.num_warps)]
+        # Nothing in the list fits: the smallest config, its row tile halved until the
+        # accumulator fits (what nested + dropout needs from the 128-row dX lists).
+        c = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+                * c.kwargs["BLOCK_K"] / c.num_warps)
+        kw = dict(c.kwargs)
+        while kw["BLOCK_M"] > 16 and kw["BLOCK_M"] * kw["BLOCK_N"] / (32 * c.num_warps) > \
+                (32 if both else 64):
+            kw["BLOCK_M"] //= 2
+        c = triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages)
+        return [triton.Config(kw, num_warps=c.num_warps, num_stages=min(c.num_stages, 3))
+                if shallow(c) else c]
     return pruned
