@@ -132,6 +132,25 @@ def _check_id_range(topk_ids: Tensor, E: int) -> None:
                              f"got values in [{lo}, {hi}]")
 
 
+def _check_routing(x, expert_weight, topk_ids, lora_a, lora_b, factor_ndim: int):
+    """The checks both MoE entries share: tensors, the expert ids and x's two layouts.
+    Returns ``(E, N, K, T, k, group)`` (``group``: pairs per row of x, k for ``[T, K]``)."""
+    V.tensor("x", x)
+    V.tensor("expert_weight", expert_weight, 3)
+    V.tensor("lora_a", lora_a, factor_ndim)  # [E, r, K], or [S, E, r, K] for a slot stack
+    V.tensor("lora_b", lora_b, factor_ndim)
+    E, N, K = expert_weight.shape
+    _check_ids(topk_ids, E)
+    T, k = topk_ids.shape
+    if x.dim() == 2:
+        V.shape("x", x, (T, K), "[T, K] (T = topk_ids.shape[0])")
+        return E, N, K, T, k, k
+    if x.dim() == 3:
+        V.shape("x", x, (T, k, K), "[T, k, K] (topk_ids is [T, k])")
+        return E, N, K, T, k, 1
+    raise ValueError(f"x must have shape [T, K] or [T, k, K], got {tuple(x.shape)}")
+
+
 def moe_lora_linear(x: Tensor, expert_weight: Tensor, topk_ids: Tensor, lora_a: Tensor,
                     lora_b: Tensor, *, scaling: float = 1.0,
                     topk_weights: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
@@ -146,22 +165,8 @@ def moe_lora_linear(x: Tensor, expert_weight: Tensor, topk_ids: Tensor, lora_a: 
     over the pairs, ``[T, N]`` (differentiable in the weights too). Differentiable in x,
     lora_a and lora_b.
     """
-    V.tensor("x", x)
-    V.tensor("expert_weight", expert_weight, 3)
-    V.tensor("lora_a", lora_a, 3)
-    V.tensor("lora_b", lora_b, 3)
-    E, N, K = expert_weight.shape
-    _check_ids(topk_ids, E)
-    T, k = topk_ids.shape
+    E, N, K, T, k, group = _check_routing(x, expert_weight, topk_ids, lora_a, lora_b, 3)
     r = lora_a.shape[1]
-    if x.dim() == 2:
-        V.shape("x", x, (T, K), "[T, K] (T = topk_ids.shape[0])")
-        group = k
-    elif x.dim() == 3:
-        V.shape("x", x, (T, k, K), "[T, k, K] (topk_ids is [T, k])")
-        group = 1
-    else:
-        raise ValueError(f"x must have shape [T, K] or [T, k, K], got {tuple(x.shape)}")
     V.shape("lora_a", lora_a, (E, None, K), "[E, r, K]")
     V.shape("lora_b", lora_b, (E, N, r), "[E, N, r]")
     if topk_weights is not None:
@@ -230,18 +235,8 @@ def moe_multi_lora_linear(x: Tensor, expert_weight: Tensor, topk_ids: Tensor, lo
     slot ``adapter_ids[t]`` of ``lora_a [S, E, r, K]`` / ``lora_b [S, E, N, r]`` with scaling
     ``scalings[slot]`` (a float for all, or ``[S]``); slot -1 runs the base experts only.
     A grouped GEMM over (expert, slot) segments, the low-rank term in the accumulator."""
-    V.tensor("x", x)
-    V.tensor("expert_weight", expert_weight, 3)
-    V.tensor("lora_a", lora_a, 4)
-    V.tensor("lora_b", lora_b, 4)
-    E, N, K = expert_weight.shape
-    _check_ids(topk_ids, E)
-    T, k = topk_ids.shape
+    E, N, K, T, k, _ = _check_routing(x, expert_weight, topk_ids, lora_a, lora_b, 4)
     S, r = lora_a.shape[0], lora_a.shape[2]
-    if x.dim() not in (2, 3):
-        raise ValueError(f"x must have shape [T, K] or [T, k, K], got {tuple(x.shape)}")
-    V.shape("x", x, (T, K) if x.dim() == 2 else (T, k, K),
-            "[T, K]" if x.dim() == 2 else "[T, k, K]")
     V.shape("lora_a", lora_a, (None, E, None, K), "[S, E, r, K]")
     V.shape("lora_b", lora_b, (S, E, N, r), "[S, E, N, r]")
     if not isinstance(adapter_ids, Tensor) or adapter_ids.dtype.is_floating_point or \
@@ -257,7 +252,7 @@ def moe_multi_lora_linear(x: Tensor, expert_weight: Tensor, topk_ids: Tensor, lo
         V.tensor("topk_weights", topk_weights, 2)
         V.shape("topk_weights", topk_weights, (T, k), "[T, k]")
     V.same_device("x", x, expert_weight=expert_weight, topk_ids=topk_ids, lora_a=lora_a,
-                  lora_b=lora_b, adapter_ids=adapter_ids)
+                  lora_b=lora_b, adapter_ids=adapter_ids, topk_weights=topk_weights)
     _check_id_range(topk_ids, E)
     if T and not torch.compiler.is_compiling():
         lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
