@@ -106,16 +106,16 @@ def test_patched_qlora_dropout_trains():
             assert rel_err(model(x), want) <= 1e-5
 
 
-def test_mixed_batches_over_nf4_fall_back_to_peft():
-    model = qlora_model(torch.float32, False)
+def test_mixed_batch_dropout_over_nf4_falls_back_to_peft():
+    """Mixed batches over NF4 are fused (tests/test_peft_qlora_mixed.py) except LoRA dropout
+    while training, which keeps PEFT's forward with a warning naming the reason."""
+    model = qlora_model(torch.float32, False, dropout=0.25)
     x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(3))
-    model.eval()
-    with torch.no_grad():
-        want = model(x, adapter_names=["default", "__base__"])
-        with patch_peft_model(model, backend="torch"):
-            with pytest.warns(UserWarning, match="mixed batches"):
-                got = model(x, adapter_names=["default", "__base__"])
-    assert torch.equal(got, want)
+    model.train()
+    with patch_peft_model(model, backend="torch"):
+        with pytest.warns(UserWarning, match="dropout"):
+            got = model(x, adapter_names=["default", "__base__"])
+    assert got.shape == (2, 3, K)
 
 
 class _Shapes(TorchDispatchMode):
