@@ -333,3 +333,23 @@ def test_gpu_cuda_graph_static_batch(kind):
         torch.cuda.synchronize()
         want = _want(x.cpu(), W64, torch.zeros(N), ab.cpu(), bb.cpu(), sc, ranks, ids)
         assert rel_err(out.cpu(), want) <= 2e-3
+
+
+def test_compiles_fullgraph_as_one_custom_op():
+    """Under torch.compile(fullgraph=True) the quantized multi-adapter forward and backward
+    trace as the custom ops (fake kernels, autograd), with the same result as eager."""
+    N, K, S, R, T = 24, 40, 3, 8, 11
+    qw, W64 = quantized("fp8", N, K, seed=10)
+    a, b, sc, ranks = _stack(S, R, N, K, [8, 3, 5])
+    a.requires_grad_(True)
+    ids = _ids(T, S)
+    batch = lk.LoRABatch.from_adapter_ids(ids, S)
+    x = torch.randn(T, K)
+
+    def f(x, a, b):
+        return lk.multi_lora_linear(x, qw, None, a, b, batch, scalings=sc, ranks=ranks,
+                                    backend="torch")
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, a, b)
+    y.sum().backward()
+    assert rel_err(y, _want(x, W64, torch.zeros(N), a, b, sc, ranks, ids)) <= 1e-5
+    assert a.grad is not None and torch.count_nonzero(a.grad) > 0

@@ -49,7 +49,10 @@ def _parts(w):
     """``(codes, q1, q2, q3, q4, qmeta, offset, storage dtype)`` of a quantized weight."""
     N, K = (int(s) for s in w.shape)
     if isinstance(w, FP8Weight):
-        return (w.codes, w.scale, None, None, None, [_FP8, N, K, 1, 1], 0.0, torch.float32)
+        # the e4m3 bytes as uint8 (the same memory): CPU kernels of opcheck / compile have no
+        # float8 arithmetic, and the decoders read bytes anyway
+        codes = w.codes.view(torch.uint8) if w.codes.dtype != torch.uint8 else w.codes
+        return (codes, w.scale, None, None, None, [_FP8, N, K, 1, 1], 0.0, torch.float32)
     return (w.codes, w.absmax, w.code, w.absmax2, w.code2,
             [_NF4, N, K, int(w.blocksize), int(w.blocksize2)], float(w.offset), w.dtype)
 

@@ -45,6 +45,12 @@ def _no_prune(configs, named_args, **kwargs):
     return configs
 
 
+def quant_configs(weight: int) -> list:
+    """The autotune list over a quantized W of format ``weight`` (gemm.modes.WEIGHT_*) after
+    the register budget (bench/sass_report.py compiles these)."""
+    return prune_packed(_no_prune)(C.MULTI_FUSED, None, WEIGHT=int(weight))
+
+
 # A quantized W decodes a [BLOCK_K, BLOCK_N] tile in registers next to the accumulator: the
 # single-adapter GEMM's register budget (prune_packed) applies here too (128x256x64 / 8 warps
 # spilled 112-248 B with NF4 there).
