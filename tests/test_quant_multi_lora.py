@@ -353,3 +353,28 @@ def test_compiles_fullgraph_as_one_custom_op():
     y.sum().backward()
     assert rel_err(y, _want(x, W64, torch.zeros(N), a, b, sc, ranks, ids)) <= 1e-5
     assert a.grad is not None and torch.count_nonzero(a.grad) > 0
+
+
+def test_pool_swaps_linear4bit_layers_in():
+    """AdapterPool(target_modules=...) over a model of bitsandbytes NF4 Linear4bit layers: the
+    matched layers become MultiLoRALinear over their 4-bit storage, each sample through its
+    adapter, against float64 of the dequantized base."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    K, N, L = 64, 20, 2
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(K, N, bias=True, compute_dtype=torch.float32,
+                                                  quant_type="nf4")).to("cpu")
+    W64 = nf4_mod.dequantize(nf4_mod.from_params4bit(model[0].weight), torch.float64)
+    bias = model[0].bias.detach().double()
+    pool = lk.AdapterPool(model, ["0"], num_slots=2, max_rank=4)
+    assert isinstance(model[0], lk.MultiLoRALinear) and model[0].qweight is not None
+    A, B = torch.randn(4, K) * 0.3, torch.randn(N, 4) * 0.3
+    pool.load("a", {"base_model.model.0.lora_A.weight": A,
+                    "base_model.model.0.lora_B.weight": B},
+              {"r": 4, "lora_alpha": 4, "target_modules": ["0"]})
+    x = torch.randn(2, L, K)
+    with pool.batch([None, "a"], tokens_per_sample=L):
+        y = model(x)
+    want = x.double() @ W64.t() + bias
+    want[1] += (x[1].double() @ A.double().t()) @ B.double().t()
+    assert rel_err(y, want) <= 1e-5

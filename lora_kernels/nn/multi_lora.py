@@ -18,7 +18,7 @@ from lora_kernels.ops.nf4 import NF4Weight, from_params4bit
 from lora_kernels.ops.validation import check_slices
 
 
-def _is_linear4bit(m) -> bool:
+def is_linear4bit(m) -> bool:
     """A bitsandbytes ``Linear4bit`` (by class, nothing here imports bitsandbytes)."""
     return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes")
                for c in type(m).__mro__)
@@ -33,7 +33,7 @@ def _quantized_base(base, bias, dtype):
                              f"{getattr(bias, 'shape', type(bias).__name__)}")
         default = base.dtype if isinstance(base, NF4Weight) else torch.bfloat16
         return base, bias, dtype or default
-    if _is_linear4bit(base):
+    if is_linear4bit(base):
         if bias is not None:
             raise ValueError("bias: a Linear4bit base brings its own bias; pass bias=None")
         qs = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
@@ -57,6 +57,13 @@ class MultiLoRALinear(nn.Module):
     Empty slots have rank 0 (no work). ``forward(x, batch)`` takes the batch explicitly or uses
     the one installed with :func:`use_lora_batch` / :meth:`set_lora_batch`. ``lora_A``/``lora_B``
     are Parameters: several adapters can be trained in one mixed batch.
+
+    A frozen quantized base: ``base_linear`` an ``FP8Weight`` (e4m3, one scale per output
+    channel; ``bias=`` optional) or ``NF4Weight``, or a bitsandbytes NF4 ``Linear4bit``. W is
+    then decoded tile by tile inside the GEMMs (``.qweight`` holds it, ``.weight`` is None);
+    ``dtype`` is the compute dtype (default: bf16 for FP8, the storage / ``compute_dtype`` for
+    NF4), x is cast to it and the output back to x's dtype. The quantized tensors are not
+    registered buffers: build the layer on the device it serves from.
     """
 
     def __init__(self, base_linear: nn.Module, num_slots: int, max_rank: int,
