@@ -106,18 +106,8 @@ def test_patched_qlora_dropout_trains():
             assert rel_err(model(x), want) <= 1e-5
 
 
-def test_mixed_batch_dropout_over_nf4_falls_back_to_peft():
-    """Mixed batches over NF4 are fused (tests/test_peft_qlora_mixed.py) except LoRA dropout
-    while training, which keeps PEFT's forward with a warning naming the reason. (PEFT's
-    mixed forward over Linear4bit cannot backward at all — it adds in place into
-    MatMul4Bit's output — so this runs without grad.)"""
-    model = qlora_model(torch.float32, False, dropout=0.25)
-    x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(3))
-    model.train()
-    with patch_peft_model(model, backend="torch"), torch.no_grad():
-        with pytest.warns(UserWarning, match="dropout"):
-            got = model(x, adapter_names=["default", "__base__"])
-    assert got.shape == (2, 3, K)
+# Mixed batches (adapter_names=) over NF4, with and without dropout, are fused now:
+# tests/test_peft_qlora_mixed.py.
 
 
 class _Shapes(TorchDispatchMode):

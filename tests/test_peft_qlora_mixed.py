@@ -119,6 +119,39 @@ def test_mixed_joint_training_matches_peft(backend, nested, compute_dtype, tol):
         assert rel_err(got[n], want_g[n]) <= tol, n
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dropout_trains(backend):
+    """With LoRA dropout the mask is ours (PEFT's nn.Dropout draws its own, and PEFT cannot
+    backward a mixed batch over Linear4bit at all): eval outputs equal PEFT's, the same seed
+    gives the same gradients, every adapter's factors get gradients, no fallback."""
+    model = qlora_model(torch.float32, True, dropout=0.25)
+    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q", "o"],
+                                               lora_dropout=0.5, init_lora_weights=False))
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+    x = _x(torch.float32, seed=6)
+    model.eval()
+    with torch.no_grad():
+        want = model(x, adapter_names=NAMES)
+    with patch_peft_model(model, backend=backend), warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAKernelsFallbackWarning)
+        model.train()
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(5)
+            model.zero_grad(set_to_none=True)
+            y = model(x, adapter_names=NAMES)
+            (y.float() ** 2).mean().backward()
+            runs.append(_grads(model))
+        assert sorted(runs[0]) == sorted(runs[1]) and len(runs[0]) == 8
+        assert all(torch.equal(runs[0][n], runs[1][n]) and runs[0][n].abs().sum() > 0
+                   for n in runs[0])
+        model.eval()
+        with torch.no_grad():
+            assert rel_err(model(x, adapter_names=NAMES), want) <= 1e-5
+
+
 @pytest.mark.skipif(not interpreting(), reason="the interpreter runs the Triton kernels on CPU")
 def test_patched_mixed_training_step_on_triton_makes_no_whole_weight():
     """W of q is 37×65 = 2405 elements, more than any other tensor of the step: PEFT's mixed

@@ -126,6 +126,38 @@ def test_grads_against_float64(backend, path, kind):
 
 
 @pytest.mark.parametrize("backend,path", CASES)
+@pytest.mark.parametrize("kind", ["fp8", "nf4"])
+def test_dropout_against_float64(backend, path, kind):
+    """Per-slot LoRA dropout (the project's per-token mask, regenerated in the backward from
+    the seed): outputs and gradients equal the float64 reference with the same seed, over the
+    dequantized base; p = 0 for one slot, -1 tokens untouched."""
+    from lora_kernels import reference
+    N, K, S, R, T = 33, 65, 3, 8, 23
+    qw, W64 = quantized(kind, N, K, seed=7)
+    a, b, sc, ranks = _stack(S, R, N, K, [8, 2, 5])
+    ids = _ids(T, S, seed=8)
+    g = torch.Generator().manual_seed(9)
+    x, bias, dy = torch.randn(T, K, generator=g), torch.randn(N, generator=g), \
+        torch.randn(T, N, generator=g)
+    p = [0.25, 0.0, 0.5]
+    leaves = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
+    y = _run(backend, path, leaves[0], qw, leaves[1], leaves[2], leaves[3],
+             lk.LoRABatch.from_adapter_ids(ids, S), scalings=sc, ranks=ranks, dropout_p=p,
+             dropout_seed=1234)
+    y.backward(dy)
+    ref = [t.double().requires_grad_(True) for t in (x, bias, a, b)]
+    want = reference.multi_lora_linear(ref[0], W64, ref[1], ref[2], ref[3], ids,
+                                       sc.double(), ranks, dropout_p=p, seed=1234)
+    want.backward(dy.double())
+    assert rel_err(y, want) <= 1e-5
+    for got, w in zip(leaves, ref):
+        assert rel_err(got.grad, w.grad) <= 1e-5
+    no_drop = _run(backend, path, x, qw, bias, a, b, lk.LoRABatch.from_adapter_ids(ids, S),
+                   scalings=sc, ranks=ranks)
+    assert rel_err(y.detach(), no_drop) > 1e-3  # the mask did something
+
+
+@pytest.mark.parametrize("backend,path", CASES)
 def test_packed_slices(backend, path):
     """A packed projection (out_slices): each slice's LoRA reads its own columns."""
     N, K, S, R, T = 48, 40, 2, 4, 21
@@ -212,8 +244,8 @@ def test_bad_inputs_name_the_argument():
         call(a=a[:, :, :-1])
     with pytest.raises(ValueError, match="batch describes"):
         call(batch=lk.LoRABatch.from_adapter_ids(torch.tensor([0, 1]), S))
-    with pytest.raises(ValueError, match="dropout_p"):
-        call(p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p\[0\] must be in \[0, 1\)"):
+        call(p=1.5)
     with pytest.raises(TypeError, match="weight.codes"):
         call(w=FP8Weight(codes=torch.zeros(N, K), scale=qw.scale))
     with pytest.raises(ValueError, match="weight.scale"):
@@ -240,8 +272,8 @@ class _Biggest(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend,path", CASES)
-@pytest.mark.parametrize("kind", ["fp8", "nf4"])
-def test_training_step_makes_no_whole_weight(backend, path, kind):
+@pytest.mark.parametrize("kind,p", [("fp8", None), ("nf4", None), ("fp8", 0.25)])
+def test_training_step_makes_no_whole_weight(backend, path, kind, p):
     """A forward + backward makes no tensor as large as W (N×K = 300·70 = 21,000 elements;
     x 9×70, y 9×300, the stacks 2×8×300): the dequantize-to-dense detector would catch one
     (checked on fp8.dequantize itself)."""
@@ -260,7 +292,7 @@ def test_training_step_makes_no_whole_weight(backend, path, kind):
         assert probe.biggest >= N * K
     with override(path=path if backend == "triton" else "auto"), _Biggest() as probe:
         y = lk.multi_lora_linear(x, qw, None, a, b, batch, scalings=sc, ranks=ranks,
-                                 backend=backend)
+                                 backend=backend, dropout_p=p)
         y.square().sum().backward()
     assert probe.biggest < N * K
     assert x.grad is not None and a.grad is not None

@@ -343,7 +343,7 @@ def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> T
             return _fallback(self, st, reason, x, (), kwargs)
     if peft_qlora.is_nf4_base(self.base_layer):
         # NF4 base + each token's adapter in one multi_lora_linear over the 4-bit storage
-        reason = peft_qlora.mixed_reason(self, used, _dropout_p)
+        reason = peft_qlora.mixed_reason(self, used)
         weight, bias, x_c = (reason, None, None) if reason else \
             peft_qlora.base_operands(self, x)
         if isinstance(weight, str):

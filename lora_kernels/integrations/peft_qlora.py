@@ -12,11 +12,14 @@ through ``weight.quant_state``.
 
 Mixed batches (``adapter_names=``, inference, and training under the joint-training hook of
 peft_joint.py) run as one :func:`lora_kernels.multi_lora_linear` over the same storage (an
-``NF4Weight`` base: ops/multi_lora_quant.py), in the compute dtype, cast back to x's dtype.
+``NF4Weight`` base: ops/multi_lora_quant.py), in the compute dtype, cast back to x's dtype,
+each adapter with its own dropout (the per-token mask of ops/multi_lora_dropout.py; PEFT's own
+mixed forward over Linear4bit cannot backward at all: it adds in place into MatMul4Bit's
+output).
 
 Not fused (PEFT's forward, with the reason): FP4, an unquantized weight, a weight repacked for
 bitsandbytes' CPU inference kernel (``packing_format_for_cpu``, after an eval-mode CPU forward
-on AVX512-BF16 machines); in mixed batches DoRA adapters and LoRA dropout while training.
+on AVX512-BF16 machines); DoRA adapters in mixed batches.
 """
 
 from __future__ import annotations
@@ -79,14 +82,11 @@ def base_operands(layer: nn.Module, x: Tensor):
     return from_params4bit(base.weight), base.bias, x.to(dtype)
 
 
-def mixed_reason(layer: nn.Module, used, dropout_p) -> Optional[str]:
+def mixed_reason(layer: nn.Module, used) -> Optional[str]:
     """None if a mixed batch over this NF4 layer can run fused, else why not. ``used``: the
-    adapters of the batch this layer has; ``dropout_p(layer, name)``: the live dropout."""
+    adapters of the batch this layer has."""
     for name in sorted(used):
         if name in getattr(layer, "lora_variant", {}):
             return (f"adapter '{name}' is a LoRA variant (DoRA...) over a bitsandbytes 4-bit "
                     f"base, which is not fused in mixed batches")
-        if dropout_p(layer, name) > 0.0:
-            return (f"adapter '{name}' has LoRA dropout in training mode: mixed batches over an "
-                    f"NF4 base are fused without dropout only (eval, or lora_dropout=0)")
     return base_reason(layer.base_layer)

@@ -148,7 +148,8 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     if _quant.is_quantized(weight):  # a frozen FP8 / NF4 base (ops/multi_lora_quant.py)
         return _quant.quant_multi_lora_linear(
             x, weight, bias, lora_a, lora_b, batch, scalings=scalings, ranks=ranks,
-            out_slices=out_slices, backend=backend, dropout_p=dropout_p, training=training)
+            out_slices=out_slices, backend=backend, dropout_p=dropout_p, training=training,
+            dropout_seed=dropout_seed)
     V.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have shape [T, K], got a 0-D tensor")

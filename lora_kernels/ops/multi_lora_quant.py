@@ -31,7 +31,8 @@ from lora_kernels.ops import nf4 as _nf4
 from lora_kernels.ops import validation as V
 from lora_kernels.ops.batch import LoRABatch
 from lora_kernels.ops.fp8 import FP8Weight
-from lora_kernels.ops.multi_lora_dropout import check_dropout_p
+from lora_kernels.ops import multi_lora_dropout as _drop
+from lora_kernels.ops.lora_linear import check_seed, draw_seed, seed_int
 
 __all__ = ["is_quantized", "quant_multi_lora_linear", "dequantize_rows", "ROWS_PER_TILE"]
 
@@ -48,11 +49,8 @@ def is_quantized(weight) -> bool:
 def _parts(w):
     """``(codes, q1, q2, q3, q4, qmeta, offset, storage dtype)`` of a quantized weight."""
     N, K = (int(s) for s in w.shape)
-    if isinstance(w, FP8Weight):
-        # the e4m3 bytes as uint8 (the same memory): CPU kernels of opcheck / compile have no
-        # float8 arithmetic, and the decoders read bytes anyway
-        codes = w.codes.view(torch.uint8) if w.codes.dtype != torch.uint8 else w.codes
-        return (codes, w.scale, None, None, None, [_FP8, N, K, 1, 1], 0.0, torch.float32)
+    if isinstance(w, FP8Weight):  # codes: float8_e4m3fn or its uint8 bytes, as given
+        return (w.codes, w.scale, None, None, None, [_FP8, N, K, 1, 1], 0.0, torch.float32)
     return (w.codes, w.absmax, w.code, w.absmax2, w.code2,
             [_NF4, N, K, int(w.blocksize), int(w.blocksize2)], float(w.offset), w.dtype)
 
@@ -99,7 +97,8 @@ def _bounds(out_slices, N: int):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def torch_fwd(x, w, bias, lora_a, lora_b, scalings, ranks, batch, out_slices, need_xa):
+def torch_base(x, w, bias):
+    """``x·Wᵀ + b`` with W dequantized ``ROWS_PER_TILE`` rows at a time."""
     N = w.shape[0]
     y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
     for n0, n1 in _tiles(N):
@@ -108,6 +107,21 @@ def torch_fwd(x, w, bias, lora_a, lora_b, scalings, ranks, batch, out_slices, ne
             torch.addmm(bias[n0:n1], x, wt.t(), out=y[:, n0:n1])
         else:
             torch.mm(x, wt.t(), out=y[:, n0:n1])
+    return y
+
+
+def torch_base_dx(dy, w, dx=None):
+    """``dx (+)= dY·W`` by the same row tiles (a fresh zero dx when None)."""
+    N, K = w.shape
+    if dx is None:
+        dx = torch.zeros(dy.shape[0], K, dtype=dy.dtype, device=dy.device)
+    for n0, n1 in _tiles(N):
+        dx.addmm_(dy[:, n0:n1], dequantize_rows(w, n0, n1, dy.dtype))
+    return dx
+
+
+def torch_fwd(x, w, bias, lora_a, lora_b, scalings, ranks, batch, out_slices, need_xa):
+    y = torch_base(x, w, bias)
     n_slices = 1 if out_slices is None else len(out_slices)
     xa = reference.lora_shrink(x, lora_a, batch.adapter_ids, scalings, ranks, n_slices)
     reference.lora_expand(y, xa, lora_b, batch.adapter_ids, ranks, out_slices)
@@ -139,17 +153,67 @@ def torch_bwd(dy, x, w, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, 
                     continue
                 u = (dy[rows, c0:c1].to(acc) @ lora_b[slot, c0:c1, :r].to(acc)) * float(sc[slot])
                 low.index_add_(0, rows, u @ lora_a[slot, j * R:j * R + r].to(acc))
-        dx = low.to(dy.dtype)
-        for n0, n1 in _tiles(N):
-            dx.addmm_(dy[:, n0:n1], dequantize_rows(w, n0, n1, dy.dtype))
+        dx = torch_base_dx(dy, w, low.to(dy.dtype))
     return dx, None, db, da, dbb
 
 
+def _kernels(backend: str) -> str:
+    """The backend whose kernels run: the extension has no quantized kernel (its fallback)."""
+    return "triton" if backend in ("triton", "cuda") else "torch"
+
+
 def _impl(backend: str, fn: str):
-    if backend in ("triton", "cuda"):
+    if _kernels(backend) == "triton":
         from lora_kernels.triton import multi_lora as _tm
-        return {"fwd": _tm.multi_lora_fwd, "bwd": _tm.multi_lora_bwd}[fn]
-    return {"fwd": torch_fwd, "bwd": torch_bwd}[fn]
+        return {"fwd": _tm.multi_lora_fwd, "bwd": _tm.multi_lora_bwd, "base": _tm.base_gemm,
+                "base_dx": _tm.base_dx}[fn]
+    return {"fwd": torch_fwd, "bwd": torch_bwd, "base": torch_base, "base_dx": torch_base_dx}[fn]
+
+
+# ------------------------------------------------------------------------------------------
+# LoRA dropout (per-slot p, the per-token mask of ops/multi_lora_dropout.py, regenerated from
+# the seed in the backward): that module's composed path around the quantized base GEMM
+# ------------------------------------------------------------------------------------------
+def _keep(backend, x, batch, dropout_p, seed):
+    if dropout_p is None:
+        return None
+    return _drop.token_keep_mask(_kernels(backend), seed_int(seed), batch.adapter_ids,
+                                 x.shape[1], tuple(float(p) for p in dropout_p))
+
+
+def _dropout_fwd(backend, x, w, bias, lora_a, lora_b, scalings, ranks, batch, slices, keep,
+                 dropout_p):
+    name = _kernels(backend)
+    n_slices = 1 if slices is None else len(slices)
+    xd = _drop.apply_keep(x, keep, _drop.row_scale(batch.adapter_ids, dropout_p, x.dtype))
+    y = _impl(backend, "base")(x, w, bias)
+    xa = _backend.kernel(name, "lora_shrink")(xd, lora_a, batch, scalings, ranks, n_slices)
+    y = _backend.kernel(name, "lora_expand")(y, xa, lora_b, batch, ranks, slices)
+    return y, xa
+
+
+def _dropout_bwd(backend, dy, x, w, lora_a, lora_b, xa, scalings, ranks, batch, slices,
+                 needs, keep, dropout_p):
+    need_x, need_b, need_a, need_bb = needs
+    name = _kernels(backend)
+    n_slices = 1 if slices is None else len(slices)
+    N = int(w.shape[0])
+    scale = _drop.row_scale(batch.adapter_ids, dropout_p, x.dtype)
+    db = da = dbb = dx = None
+    if need_a or need_bb or need_b:
+        xd = _drop.apply_keep(x, keep, scale)
+        # without dx / dW the backends read only weight.shape[0]: an empty [N, 0] stand-in
+        _, _, db, da, dbb = _backend.kernel(name, "multi_lora_bwd")(
+            dy, xd, dy.new_empty(N, 0), lora_a, lora_b, xa, scalings, ranks, batch, slices,
+            (False, False, need_b, need_a, need_bb))
+    if need_x:
+        u = _backend.kernel(name, "lora_shrink")(dy, _drop.transposed_b(lora_b, slices), batch,
+                                                 scalings, ranks, n_slices)
+        low = _backend.kernel(name, "lora_expand")(
+            torch.zeros_like(x), u, _drop.transposed_a(lora_a, ranks, n_slices), batch, None,
+            None)
+        dx = _drop.apply_keep(low, keep, scale) + _impl(backend, "base_dx")(dy, w)
+    return dx, db, da, dbb
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,18 +226,25 @@ def _q_op(x: Tensor, codes: Tensor, q1: Optional[Tensor], q2: Optional[Tensor],
           scalings: Tensor, ranks: Optional[Tensor], adapter_ids: Tensor,
           sorted_token_ids: Tensor, seg_offsets: Tensor, active_slots: Tensor,
           tile_map: Tensor, batch_ints: Sequence[int], out_slices: Optional[Sequence[int]],
-          need_xa: bool, backend: str) -> tuple[Tensor, Tensor]:
+          need_xa: bool, dropout_p: Optional[Sequence[float]], seed: Optional[Tensor],
+          backend: str) -> tuple[Tensor, Tensor]:
     w = _weight(codes, q1, q2, q3, q4, qmeta, offset, wdtype)
     batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots,
                                  tile_map, batch_ints)
     return _forward(x, w, bias, lora_a, lora_b, scalings, ranks, batch, out_slices, need_xa,
-                    backend)
+                    backend, dropout_p, seed)
 
 
-def _forward(x, w, bias, lora_a, lora_b, scalings, ranks, batch, out_slices, need_xa, backend):
+def _forward(x, w, bias, lora_a, lora_b, scalings, ranks, batch, out_slices, need_xa, backend,
+             dropout_p=None, seed=None):
     slices = None if out_slices is None else tuple(out_slices)
-    y, xa = _impl(backend, "fwd")(x, w, bias, lora_a, lora_b, scalings, ranks, batch, slices,
-                                  need_xa)
+    keep = _keep(backend, x, batch, dropout_p, seed)
+    if keep is not None:
+        y, xa = _dropout_fwd(backend, x, w, bias, lora_a, lora_b, scalings, ranks, batch,
+                             slices, keep, tuple(float(p) for p in dropout_p))
+    else:
+        y, xa = _impl(backend, "fwd")(x, w, bias, lora_a, lora_b, scalings, ranks, batch,
+                                      slices, need_xa)
     if not need_xa or xa is None:
         xa = x.new_empty(_EMPTY, dtype=torch.float32)
     return y, xa
@@ -182,7 +253,7 @@ def _forward(x, w, bias, lora_a, lora_b, scalings, ranks, batch, out_slices, nee
 @_q_op.register_fake
 def _(x, codes, q1, q2, q3, q4, qmeta, offset, wdtype, bias, lora_a, lora_b, scalings, ranks,
       adapter_ids, sorted_token_ids, seg_offsets, active_slots, tile_map, batch_ints,
-      out_slices, need_xa, backend):
+      out_slices, need_xa, dropout_p, seed, backend):
     xa_shape = (x.shape[0], lora_a.shape[1]) if need_xa else _EMPTY
     return (x.new_empty(x.shape[0], int(qmeta[1])),
             x.new_empty(xa_shape, dtype=torch.promote_types(x.dtype, torch.float32)))
@@ -196,6 +267,7 @@ def _q_backward_op(dy: Tensor, x: Tensor, codes: Tensor, q1: Optional[Tensor],
                    adapter_ids: Tensor, sorted_token_ids: Tensor, seg_offsets: Tensor,
                    active_slots: Tensor, tile_map: Tensor, batch_ints: Sequence[int],
                    out_slices: Optional[Sequence[int]], needs: Sequence[bool],
+                   dropout_p: Optional[Sequence[float]], seed: Optional[Tensor],
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     w = _weight(codes, q1, q2, q3, q4, qmeta, offset, wdtype)
     batch = LoRABatch.from_parts(adapter_ids, sorted_token_ids, seg_offsets, active_slots,
@@ -203,10 +275,16 @@ def _q_backward_op(dy: Tensor, x: Tensor, codes: Tensor, q1: Optional[Tensor],
     need_x, need_b, need_a, need_bb = (bool(n) for n in needs)
     slices = None if out_slices is None else tuple(out_slices)
     xa_in = xa if xa.numel() else None
-    dx, _, db, da, dbb = _impl(backend, "bwd")(dy, x, w, lora_a, lora_b, xa_in, scalings,
-                                               ranks, batch, slices,
-                                               (need_x, False, need_b, need_a, need_bb))
-    grads = (dx, db, da, dbb)
+    keep = _keep(backend, x, batch, dropout_p, seed)  # the forward's mask, from its seed
+    if keep is not None:
+        grads = _dropout_bwd(backend, dy, x, w, lora_a, lora_b, xa_in, scalings, ranks, batch,
+                             slices, (need_x, need_b, need_a, need_bb), keep,
+                             tuple(float(p) for p in dropout_p))
+    else:
+        dx, _, db, da, dbb = _impl(backend, "bwd")(dy, x, w, lora_a, lora_b, xa_in, scalings,
+                                                   ranks, batch, slices,
+                                                   (need_x, False, need_b, need_a, need_bb))
+        grads = (dx, db, da, dbb)
     return tuple(g if n else x.new_empty(_EMPTY) for g, n in zip(grads, (need_x, need_b,
                                                                         need_a, need_bb)))
 
@@ -214,33 +292,36 @@ def _q_backward_op(dy: Tensor, x: Tensor, codes: Tensor, q1: Optional[Tensor],
 @_q_backward_op.register_fake
 def _(dy, x, codes, q1, q2, q3, q4, qmeta, offset, wdtype, lora_a, lora_b, xa, scalings, ranks,
       adapter_ids, sorted_token_ids, seg_offsets, active_slots, tile_map, batch_ints,
-      out_slices, needs, backend):
+      out_slices, needs, dropout_p, seed, backend):
     shapes = (x.shape, (int(qmeta[1]),), lora_a.shape, lora_b.shape)
     return tuple(x.new_empty(s if n else _EMPTY) for s, n in zip(shapes, needs))
 
 
 # Positions of the differentiable inputs of the forward op: x, bias, lora_a, lora_b.
 _GRAD_INPUTS = (0, 9, 10, 11)
-_N_INPUTS = 23
+_N_INPUTS = 25
 
 
 def _setup_context(ctx, inputs, output):
     (x, codes, q1, q2, q3, q4, qmeta, offset, wdtype, bias, lora_a, lora_b, scalings, ranks,
-     ids, order, offsets, active, tiles, ints, out_slices, need_xa, backend) = inputs
+     ids, order, offsets, active, tiles, ints, out_slices, need_xa, dropout_p, seed,
+     backend) = inputs
     ctx.save_for_backward(x, codes, q1, q2, q3, q4, lora_a, lora_b, output[1], scalings, ranks,
-                          ids, order, offsets, active, tiles)
-    ctx.meta = (list(qmeta), offset, wdtype, list(ints), out_slices, backend)
+                          ids, order, offsets, active, tiles, seed)
+    ctx.meta = (list(qmeta), offset, wdtype, list(ints), out_slices,
+                None if dropout_p is None else list(dropout_p), backend)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dy, _dxa):
     (x, codes, q1, q2, q3, q4, lora_a, lora_b, xa, scalings, ranks, ids, order, offsets, active,
-     tiles) = ctx.saved_tensors
-    qmeta, offset, wdtype, ints, out_slices, backend = ctx.meta
+     tiles, seed) = ctx.saved_tensors
+    qmeta, offset, wdtype, ints, out_slices, dropout_p, backend = ctx.meta
     needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
     grads = torch.ops.lora_kernels.multi_lora_linear_quant_backward(
         dy.contiguous(), x, codes, q1, q2, q3, q4, qmeta, offset, wdtype, lora_a, lora_b, xa,
-        scalings, ranks, ids, order, offsets, active, tiles, ints, out_slices, needs, backend)
+        scalings, ranks, ids, order, offsets, active, tiles, ints, out_slices, needs,
+        dropout_p, seed, backend)
     out = [None] * _N_INPUTS
     for i, g, n in zip(_GRAD_INPUTS, grads, needs):
         out[i] = g if n else None
@@ -294,9 +375,10 @@ def _check_stack(x2, N: int, K: int, bias, lora_a, lora_b, out_slices):
 def quant_multi_lora_linear(x: Tensor, weight, bias: Optional[Tensor], lora_a: Tensor,
                             lora_b: Tensor, batch: LoRABatch, *, scalings, ranks=None,
                             out_slices=None, backend: str = "auto", dropout_p=None,
-                            training: bool = True) -> Tensor:
+                            training: bool = True, dropout_seed=None) -> Tensor:
     """:func:`lora_kernels.multi_lora_linear` with ``weight`` an ``FP8Weight`` / ``NF4Weight``
-    (``x`` in fp32/fp16/bf16: the compute dtype; the adapters are cast to it)."""
+    (``x`` in fp32/fp16/bf16: the compute dtype; the adapters are cast to it). ``dropout_p``
+    (per slot, only when ``training``) and ``dropout_seed`` as there."""
     V.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have shape [T, K], got a 0-D tensor")
@@ -313,9 +395,14 @@ def quant_multi_lora_linear(x: Tensor, weight, bias: Optional[Tensor], lora_a: T
     V.check_index_math("x", x2.shape[0])
     sc = V.check_scalings(scalings, S, x.device)
     rk = V.check_ranks(ranks, S, R, n_slices, x.device)
-    if check_dropout_p(dropout_p, S, training) is not None:
-        raise ValueError("dropout_p: LoRA dropout over a quantized base weight is not built "
-                         "yet (pass None or 0, or training=False)")
+    drop = _drop.check_dropout_p(dropout_p, S, training)
+    seed = None
+    if drop is not None:
+        seed = (draw_seed() if dropout_seed is None
+                else torch.tensor(check_seed(dropout_seed), dtype=torch.int64))
+    elif dropout_seed is not None:
+        check_seed(dropout_seed)
+    drop = None if drop is None else list(drop)
     name = _backend.resolve_for(backend, x2, "multi_lora_linear")
     bias_c = V.dense(bias, dtype)
     a, b = V.dense(lora_a, dtype), V.dense(lora_b, dtype)
@@ -325,9 +412,9 @@ def quant_multi_lora_linear(x: Tensor, weight, bias: Optional[Tensor], lora_a: T
     need_xa = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     parts = _parts(weight)
     if _backend.plain_eager(x, bias, lora_a, lora_b):
-        y, _ = _forward(x2, weight, bias_c, a, b, sc, rk, batch, slices, False, name)
+        y, _ = _forward(x2, weight, bias_c, a, b, sc, rk, batch, slices, False, name, drop, seed)
     else:
         y, _ = torch.ops.lora_kernels.multi_lora_linear_quant(
             x2, *parts, bias_c, a, b, sc, rk, *batch.tensors(), batch.host_ints(), slices,
-            need_xa, name)
+            need_xa, drop, seed, name)
     return y.reshape(*lead, N)
