@@ -4,7 +4,9 @@ scale per output channel (:class:`~lora_kernels.ops.fp8.FP8Weight`) or bitsandby
 
 ``y[t] = x[t]·W0ᵀ + b + s_i·(x[t]·A_iᵀ)·B_iᵀ`` with ``i = adapter_ids[t]`` (``-1``: base only),
 exactly :func:`lora_kernels.multi_lora_linear`'s contract with ``weight`` quantized and frozen
-(gradients flow to x, bias, lora_a, lora_b).
+(gradients flow to x, bias, lora_a, lora_b). LoRA dropout per slot uses the per-token mask of
+:mod:`~lora_kernels.ops.multi_lora_dropout`, composed around the quantized base GEMM (the
+base reads plain x, the shrink ``drop(x)``, the dX low-rank part is masked alike).
 
 Backends: ``triton`` (and ``cuda``, whose extension has no quantized kernel: its Triton
 fallback, as for the NF4 single-adapter op) decodes W in the GEMM core's K loop — prefill on
