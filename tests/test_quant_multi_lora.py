@@ -410,3 +410,21 @@ def test_pool_swaps_linear4bit_layers_in():
     want = x.double() @ W64.t() + bias
     want[1] += (x[1].double() @ A.double().t()) @ B.double().t()
     assert rel_err(y, want) <= 1e-5
+
+
+def test_module_to_moves_the_quantized_base_without_casting_it():
+    """``.to(dtype)`` casts the adapters (the compute dtype follows) but never the FP8 codes or
+    their fp32 scales; ``.to(device)`` moves them (meta here: no second device on CPU)."""
+    N, K = 16, 24
+    qw, W64 = quantized("fp8", N, K)
+    layer = lk.MultiLoRALinear(qw, 2, 4, dtype=torch.float32, bias=torch.randn(N))
+    layer.to(torch.float16)
+    assert layer.lora_A.dtype == torch.float16 and layer.compute_dtype == torch.float16
+    assert layer.qweight.codes.dtype == torch.float8_e4m3fn
+    assert layer.qweight.scale.dtype == torch.float32 and layer.bias.dtype == torch.float16
+    x = torch.randn(3, K)
+    y = layer(x)  # x cast to fp16 for the op, y back to fp32
+    assert y.dtype == torch.float32
+    assert rel_err(y, x.half().double() @ W64.t() + layer.bias.double()) <= 2e-3
+    layer.to("meta")
+    assert layer.qweight.codes.device.type == "meta" and layer.qweight.scale.is_meta

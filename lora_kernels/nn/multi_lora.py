@@ -63,7 +63,8 @@ class MultiLoRALinear(nn.Module):
     then decoded tile by tile inside the GEMMs (``.qweight`` holds it, ``.weight`` is None);
     ``dtype`` is the compute dtype (default: bf16 for FP8, the storage / ``compute_dtype`` for
     NF4), x is cast to it and the output back to x's dtype. The quantized tensors are not
-    registered buffers: build the layer on the device it serves from.
+    registered buffers (not in ``state_dict``); ``.to(device)`` moves them, a dtype cast
+    never touches them.
     """
 
     def __init__(self, base_linear: nn.Module, num_slots: int, max_rank: int,
@@ -105,6 +106,27 @@ class MultiLoRALinear(nn.Module):
         self.lora_batch: Optional[LoRABatch] = None
         # last: a rejected call leaves the wrapped layer as it was
         freeze(self.weight, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()`` / ``.cuda()`` / ``.half()`` also move the quantized base's tensors (not
+        registered buffers: a dtype cast must never touch FP8 codes or the fp32 scales), to the
+        device only; a plain-tensor bias follows ``fn`` fully; the compute dtype follows the
+        adapters."""
+        out = super()._apply(fn, recurse)
+        w = self.qweight
+        if w is not None:
+            import dataclasses
+            moved = {}
+            for f in dataclasses.fields(w):
+                t = getattr(w, f.name)
+                if isinstance(t, Tensor):
+                    # a 0-element probe tells where fn sends tensors, without copying t
+                    moved[f.name] = t.to(fn(t.new_empty(0)).device)
+            self.qweight = dataclasses.replace(w, **moved)
+            if isinstance(self.bias, Tensor) and not isinstance(self.bias, nn.Parameter):
+                self.bias = fn(self.bias)
+            self.compute_dtype = self.lora_A.dtype
+        return out
 
     def base_weight(self):
         """The base W ``[out, in]`` as the ops take it (a quantized base: its FP8Weight /
