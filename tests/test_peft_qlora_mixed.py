@@ -95,14 +95,14 @@ def test_mixed_inference_matches_peft(backend, peft_bnb_class, nested, compute_d
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("nested,peft_bnb_class", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("compute_dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_mixed_joint_training_matches_peft(backend, nested, compute_dtype, tol):
+def test_mixed_joint_training_matches_peft(backend, nested, peft_bnb_class, compute_dtype, tol):
     """``adapter_names=`` in training mode (joint training): each adapter's gradient equals
     PEFT's for the same mixed batch, the NF4 base stays frozen."""
     if backend == "triton" and compute_dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter gets bf16 wrong (GPU test covers it)")
-    model = two_adapter_model(compute_dtype, nested)
+    model = two_adapter_model(compute_dtype, nested, peft_bnb_class)
     x = _x(torch.float32, seed=2)
     want_y, want_g = _peft_step(model, x)
     assert {n.split(".")[-2] for n in want_g} == {"default", "other"}
