@@ -22,13 +22,14 @@ KINDS = ["fp8", "nf4", "nf4_nested"]
 
 
 def quantized(kind, n, k, seed=0, device="cpu"):
-    """``(qweight, W64)``: a quantized [n, k] weight and float64 of its dequantized values."""
+    """``(qweight, W64)``: a quantized [n, k] weight on ``device`` and float64 of its
+    dequantized values (on the CPU, where the references run)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.2
     if kind == "fp8":
         fw = quantize_fp8(w)
         fw = FP8Weight(codes=fw.codes.to(device), scale=fw.scale.to(device))
-        return fw, fp8_dequantize(fw, torch.float64)
+        return fw, fp8_dequantize(fw, torch.float64).cpu()
     bnb = pytest.importorskip("bitsandbytes")
     layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float32, quant_type="nf4",
                               compress_statistics=kind == "nf4_nested")
@@ -36,14 +37,15 @@ def quantized(kind, n, k, seed=0, device="cpu"):
                                      compress_statistics=kind == "nf4_nested")
     layer = layer.to(device)  # quantizes
     qw = nf4_mod.from_params4bit(layer.weight)
-    return qw, nf4_mod.dequantize(qw, torch.float64)
+    return qw, nf4_mod.dequantize(qw, torch.float64).cpu()
 
 
 def _stack(S, R, n, k, ranks, seed=1):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(S, R, k, generator=g) * 0.3
     b = torch.randn(S, n, R, generator=g) * 0.3
-    return a, b, torch.tensor([0.5, 2.0, 1.0, 1.5][:S]), torch.tensor(ranks, dtype=torch.int32)
+    return (a, b, torch.tensor([0.5, 2.0, 1.0, 1.5] * (S // 4 + 1))[:S],
+            torch.tensor(ranks, dtype=torch.int32))
 
 
 def _ids(T, S, seed=2):
