@@ -213,6 +213,36 @@ def ours_layer(path):
     return fn
 
 
+def _fp8_weights(inp: Inputs) -> list:
+    """FP8 e4m3 (per-output-channel scale) copies of the rotated base weights, made once."""
+    from lora_kernels.ops.fp8 import quantize_fp8
+    cached = getattr(inp, "_fp8", None)
+    if cached is None:
+        cached = inp._fp8 = [quantize_fp8(w) for w in inp.Ws]
+    return cached
+
+
+def ours_fp8_layer(path):
+    """The whole layer over an FP8 base (multi_lora_linear with an FP8Weight, notes/qserve.md)."""
+    def fn(inp: Inputs, j: int):
+        sl = inp.case.slices if len(inp.case.slices) > 1 else None
+        w8 = _fp8_weights(inp)
+        with tml.override(path=path):
+            inp.ys[j] = lk.multi_lora_linear(inp.xs[j], w8[j % len(w8)], None, inp.A, inp.B,
+                                             inp.batches[j], scalings=inp.scal,
+                                             ranks=inp.ranks_arg, out_slices=sl,
+                                             backend="triton")
+    return fn
+
+
+def fp8_reference(inp: Inputs, j: int):
+    """Reference of the FP8 columns: the dequantized base (an N×K tensor: checking only)."""
+    from lora_kernels.ops.fp8 import dequantize
+    w8 = _fp8_weights(inp)
+    torch.mm(inp.xs[j], dequantize(w8[j % len(w8)], inp.xs[j].dtype).t(), out=inp.ys[j])
+    ours_delta(inp, j)
+
+
 # ------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------
@@ -345,6 +375,9 @@ def run_case(case: Case, dtype, sgl, l2_bytes, copy_bw, smoke, reps) -> dict:
                 contenders[f"layer:{k}"] = full(v) if k != "ours" else ours_layer("auto")
         contenders["layer:ours_fused"] = ours_layer("fused")
         contenders["layer:ours_unfused"] = ours_layer("unfused")
+        contenders["layer:ours_fp8_fused"] = ours_fp8_layer("fused")
+        contenders["layer:ours_fp8_unfused"] = ours_fp8_layer("unfused")
+    contenders["layer:ours_fp8"] = ours_fp8_layer("auto")
     cuda = cuda_layer(inp, n_rot)
     if cuda is not None:
         contenders["layer:cuda"] = cuda  # same timer and reference check as layer:ours
@@ -353,6 +386,8 @@ def run_case(case: Case, dtype, sgl, l2_bytes, copy_bw, smoke, reps) -> dict:
         try:  # one failing contender (a peer wheel that cannot run here) must not stop the run
             if name != "layer:base":
                 ref = ours_delta if name.startswith("lora:") else full(ours_delta)
+                if name.startswith("layer:ours_fp8"):
+                    ref = fp8_reference
                 if name not in ("lora:ours",) and not check(name, fn, ref, inp, res, tol):
                     res["mode"][name] = "WRONG"
             timer = time_eager if name in eager else time_graph

@@ -269,6 +269,22 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                     R=R_T, n_slices=1, prec="tf32", lora_prec="tf32", interpret=False,
                     config={**cfg0.kwargs, "num_warps": cfg0.num_warps,
                             "num_stages": cfg0.num_stages})
+    # The same over quantized bases (FP8 / NF4 decoded in the K loop), first config the
+    # register budget (formats.prune_packed) keeps.
+    from lora_kernels.triton.quant_lora import packed_fp8
+    for fmt, spec in MF.QUANT_SPECS.items():
+        w = packed_fp8(types.SimpleNamespace(codes=torch.empty(N_T, K_T, dtype=torch.uint8),
+                                             scale=torch.empty(N_T))) if fmt == "fp8_e4m3" \
+            else _packed_nf4(fmt == "nf4_nested", N_T, K_T)
+        configs = MF.quant_configs(w.weight)
+        for cfgq in configs[:1] if fast else configs:
+            comp.form = f"{spec.name} fwd"
+            MF.launch_fused(e(T, K_T), w, None, e(T, N_T), torch.empty(T, R_T),
+                            e(S, N_T, R_T), None, torch.tensor([0, N_T], dtype=torch.int32),
+                            batch, R=R_T, n_slices=1, prec="tf32", lora_prec="tf32",
+                            interpret=False,
+                            config={**cfgq.kwargs, "num_warps": cfgq.num_warps,
+                                    "num_stages": cfgq.num_stages})
     _dropout_cost(comp.rows)
     return comp.rows
 

@@ -214,6 +214,7 @@ def _samples():
              ranks2, *bt, ints, [5, 6], [0.25, 0.25, 0.25], seed,
              [True, False, False, True, True], "torch"),
         ],
+        **_quant_multi_samples(r, x, A, B, A2, B2, sc, ranks, ranks2, bt, ints, seed),
         "lora_linear_nf4": _nf4_samples(r, x, b1, seed)[0],
         "lora_linear_nf4_backward": _nf4_samples(r, x, b1, seed)[1],
         "lora_shrink": [
@@ -255,6 +256,45 @@ def _nf4_samples(r, x, b1, seed):
         return (dy, xd, *head[1:11], a1.detach(), bb.detach(), xa, 0.5, p, sd, needs, "torch")
     return fwd, [bwd(plain, 0.0, None, [True, True, True, True]),
                  bwd(nested, 0.3, seed, [True, False, True, False])]
+
+
+def _quant_multi_samples(r, x, A, B, A2, B2, sc, ranks, ranks2, bt, ints, seed):
+    """The multi-adapter ops over a quantized base: an FP8 W [11, 13] and a hand-made nested
+    NF4 one (tests/test_quant_multi_lora.py checks the numbers)."""
+    from lora_kernels.ops.fp8 import quantize_fp8
+    from lora_kernels.ops.multi_lora_quant import _parts
+    from lora_kernels.ops.nf4 import NF4Weight
+    g = torch.Generator().manual_seed(5)
+    N, K = 11, 13
+    q = quantize_fp8(torch.randn(N, K, generator=g))
+    # the e4m3 bytes as uint8 (the op takes either): opcheck's CPU checks have no float8 math
+    fp8 = _parts(type(q)(codes=q.codes.view(torch.uint8), scale=q.scale))
+    nf4 = _parts(NF4Weight(
+        codes=torch.randint(0, 256, ((N * K + 1) // 2,), dtype=torch.uint8, generator=g),
+        absmax=torch.randint(0, 256, (3,), dtype=torch.uint8, generator=g),
+        code=torch.linspace(-1, 1, 16), shape=(N, K), dtype=torch.float32, blocksize=64,
+        absmax2=torch.rand(1, generator=g) + 0.5, code2=torch.linspace(-1, 1, 256),
+        offset=0.3, blocksize2=256))
+    T, R = x.shape[0], B.shape[2]
+    xd = x.detach()
+    return {
+        "multi_lora_linear_quant": [
+            (x, *fp8, r(N, grad=True), A, B, sc, ranks, *bt, ints, None, True, None, None,
+             "torch"),
+            (xd, *nf4, None, A2, B2, sc, ranks2, *bt, ints, [5, 6], False, None, None, "torch"),
+            (x, *nf4, None, A, B, sc, ranks, *bt, ints, None, True, [0.3, 0.0, 0.5], seed,
+             "torch"),  # dropout
+        ],
+        "multi_lora_linear_quant_backward": [
+            (r(T, N), xd, *fp8, A.detach(), B.detach(), torch.randn(T, R, generator=g), sc,
+             ranks, *bt, ints, None, [True, True, True, True], None, None, "torch"),
+            (r(T, N), xd, *nf4, A2, B2, torch.randn(T, 2 * R, generator=g), sc, ranks2, *bt,
+             ints, [5, 6], [True, False, False, True], None, None, "torch"),
+            (r(T, N), xd, *fp8, A.detach(), B.detach(), torch.randn(T, R, generator=g), sc,
+             ranks, *bt, ints, None, [True, True, True, True], [0.3, 0.0, 0.5], seed,
+             "torch"),
+        ],
+    }
 
 
 def _registered_ops():

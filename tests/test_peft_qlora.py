@@ -106,16 +106,8 @@ def test_patched_qlora_dropout_trains():
             assert rel_err(model(x), want) <= 1e-5
 
 
-def test_mixed_batches_over_nf4_fall_back_to_peft():
-    model = qlora_model(torch.float32, False)
-    x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(3))
-    model.eval()
-    with torch.no_grad():
-        want = model(x, adapter_names=["default", "__base__"])
-        with patch_peft_model(model, backend="torch"):
-            with pytest.warns(UserWarning, match="mixed batches"):
-                got = model(x, adapter_names=["default", "__base__"])
-    assert torch.equal(got, want)
+# Mixed batches (adapter_names=) over NF4, with and without dropout, are fused now:
+# tests/test_peft_qlora_mixed.py.
 
 
 class _Shapes(TorchDispatchMode):

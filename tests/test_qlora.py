@@ -141,9 +141,11 @@ def test_nf4_specs_and_register_budget():
     specs = SP.legal_specs()
     assert {s.weight for s in specs} == set(SP.WEIGHT)
     for bad in (dict(schedule="persistent"), dict(schedule="persistent", store="tma"),
-                dict(col_scale="vector"), dict(rows="gathered", lowrank="per_slot")):
+                dict(col_scale="vector")):
         with pytest.raises(ValueError, match="4-bit"):
             SP.GemmSpec(weight="nf4", **bad)
+    # the multi-adapter GEMM over a quantized W (tests/test_quant_multi_lora.py)
+    assert SP.GemmSpec(weight="nf4", rows="gathered", lowrank="per_slot") in specs
     assert SP.GemmSpec(weight="nf4_nested", lowrank="seeded").constexprs()["WEIGHT"] == 2
     prune = prune_packed(C.prune_dropout)
     assert prune(C.GEMM_LARGE, {}, WEIGHT=0) == C.GEMM_LARGE

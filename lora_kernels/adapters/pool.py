@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lora_kernels.adapters.peft_format import (AdapterConfig, AdapterMismatchError, PathLike,
                                                config_problems, load_peft_adapter, split_modules)
 from lora_kernels.nn.inject import is_linear, set_child, matches_targets
-from lora_kernels.nn.multi_lora import MultiLoRALinear
+from lora_kernels.nn.multi_lora import MultiLoRALinear, is_linear4bit
 from lora_kernels.ops import LoRABatch
 
 BASE_NAMES = (None, "__base__")
@@ -138,9 +138,11 @@ class PoolBatch:
 class AdapterPool:
     """``num_slots`` device slots of rank up to ``max_rank`` in every adapted layer of ``model``.
 
-    ``target_modules`` (names or regex, PEFT's rule) picks the ``nn.Linear``/``Conv1D`` layers to
-    swap for :class:`MultiLoRALinear` (in place, sharing the frozen weights); with
-    ``target_modules=None`` the model's existing ``MultiLoRALinear`` layers are used.
+    ``target_modules`` (names or regex, PEFT's rule) picks the ``nn.Linear``/``Conv1D`` layers
+    (and bitsandbytes NF4 ``Linear4bit`` ones: served from their 4-bit storage) to swap for
+    :class:`MultiLoRALinear` (in place, sharing the frozen weights); with
+    ``target_modules=None`` the model's existing ``MultiLoRALinear`` layers are used (built
+    over any base it takes, an FP8 ``FP8Weight`` included).
     Thread-safe. Typical use::
 
         pool = AdapterPool(model, ["c_attn", "c_proj"], num_slots=8, max_rank=16)
@@ -174,10 +176,11 @@ class AdapterPool:
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise ValueError(f"{nm} must be a positive int, got {v!r}")
             matched = [(n, m) for n, m in model.named_modules()
-                       if n and matches_targets(n, target_modules) and is_linear(m)]
+                       if n and matches_targets(n, target_modules)
+                       and (is_linear(m) or is_linear4bit(m))]
             if not matched:
                 raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D "
-                                 f"in the model")
+                                 f"(or bitsandbytes Linear4bit) in the model")
             # Build every layer before swapping any in: a rejected argument leaves the model as
             # it was.
             self.layers = {n: MultiLoRALinear(m, num_slots, max_rank, backend=backend, dtype=dtype)

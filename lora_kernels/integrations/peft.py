@@ -336,14 +336,24 @@ def concat_adapters(layer: nn.Module, adapters, dtype: torch.dtype, device: torc
 
 
 def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> Tensor:
-    if peft_qlora.is_nf4_base(self.base_layer):
-        return _fallback(self, st, "mixed batches (adapter_names=) over an NF4 base are not "
-                         "fused", x, (), kwargs)
     used = {n for n in adapter_names if n in self.lora_A}
     for a in sorted(used):
         reason = _adapter_reason(self, a)
         if reason is not None:
             return _fallback(self, st, reason, x, (), kwargs)
+    if peft_qlora.is_nf4_base(self.base_layer):
+        # NF4 base + each token's adapter in one multi_lora_linear over the 4-bit storage
+        reason = peft_qlora.mixed_reason(self, used)
+        weight, bias, x_c = (reason, None, None) if reason else \
+            peft_qlora.base_operands(self, x)
+        if isinstance(weight, str):
+            return _fallback(self, st, weight, x, (), kwargs)
+        if x_c.dim() < 2:
+            return _fallback(self, st, "a mixed batch needs a [batch, ..., features] input", x,
+                             (), kwargs)
+        if x_c.shape[0] == 0 or all(n not in self.lora_A for n in adapter_names):
+            return self.base_layer(x)  # no adapter work: Linear4bit's own forward
+        return _mixed_plain(self, st, x_c, weight, bias, adapter_names).to(x.dtype)
     weight, bias, x_c = _base_operands(self, st, x)
     if weight is None:
         return _fallback(self, st, f"input dtype {x.dtype} differs from the base weight's "

@@ -10,9 +10,16 @@ the same math in the compute dtype from the 4-bit storage (the LoRA factors cast
 cast back. bitsandbytes is never imported here: the base is recognised by its class and read
 through ``weight.quant_state``.
 
+Mixed batches (``adapter_names=``, inference, and training under the joint-training hook of
+peft_joint.py) run as one :func:`lora_kernels.multi_lora_linear` over the same storage (an
+``NF4Weight`` base: ops/multi_lora_quant.py), in the compute dtype, cast back to x's dtype,
+each adapter with its own dropout (the per-token mask of ops/multi_lora_dropout.py; PEFT's own
+mixed forward over Linear4bit cannot backward at all: it adds in place into MatMul4Bit's
+output).
+
 Not fused (PEFT's forward, with the reason): FP4, an unquantized weight, a weight repacked for
 bitsandbytes' CPU inference kernel (``packing_format_for_cpu``, after an eval-mode CPU forward
-on AVX512-BF16 machines), mixed batches (``adapter_names=``) over NF4.
+on AVX512-BF16 machines); DoRA adapters in mixed batches.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from torch import Tensor, nn
 
 from lora_kernels.ops.nf4 import NF4Weight, from_params4bit
 
-__all__ = ["is_nf4_base", "is_peft_bnb_4bit", "base_reason", "base_operands", "NF4Weight"]
+__all__ = ["is_nf4_base", "is_peft_bnb_4bit", "base_reason", "base_operands", "mixed_reason",
+           "NF4Weight"]
 
 
 def is_nf4_base(base: nn.Module) -> bool:
@@ -72,3 +80,13 @@ def base_operands(layer: nn.Module, x: Tensor):
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
     return from_params4bit(base.weight), base.bias, x.to(dtype)
+
+
+def mixed_reason(layer: nn.Module, used) -> Optional[str]:
+    """None if a mixed batch over this NF4 layer can run fused, else why not. ``used``: the
+    adapters of the batch this layer has."""
+    for name in sorted(used):
+        if name in getattr(layer, "lora_variant", {}):
+            return (f"adapter '{name}' is a LoRA variant (DoRA...) over a bitsandbytes 4-bit "
+                    f"base, which is not fused in mixed batches")
+    return base_reason(layer.base_layer)

@@ -18,6 +18,7 @@ from torch import Tensor
 from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import validation as V
 from lora_kernels.ops import multi_lora_dropout as _dropout
+from lora_kernels.ops import multi_lora_quant as _quant
 from lora_kernels.ops.batch import LoRABatch
 from lora_kernels.ops.lora_linear import check_seed, draw_seed
 
@@ -137,10 +138,18 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a:
     ``[S, n_slices]`` (slot i uses its first ``ranks[i]`` ranks; 0 = no LoRA), ``out_slices``:
     output widths of a packed projection (qkv, gate_up) whose slices carry separate LoRAs.
     Differentiable in x, lora_a, lora_b (and weight/bias when they require grad).
+    ``weight`` may also be a frozen quantized base, an ``FP8Weight`` (e4m3, one scale per
+    output channel) or an ``NF4Weight`` (bitsandbytes storage): decoded tile by tile in the
+    GEMM, never a whole dequantized N×K tensor (:mod:`lora_kernels.ops.multi_lora_quant`).
     ``dropout_p``: LoRA-branch dropout per slot (a float for all, S floats or a CPU tensor
     [S]; only when ``training``), a per-token mask regenerated in the backward
     (:mod:`lora_kernels.ops.multi_lora_dropout`); ``dropout_seed`` fixes it.
     """
+    if _quant.is_quantized(weight):  # a frozen FP8 / NF4 base (ops/multi_lora_quant.py)
+        return _quant.quant_multi_lora_linear(
+            x, weight, bias, lora_a, lora_b, batch, scalings=scalings, ranks=ranks,
+            out_slices=out_slices, backend=backend, dropout_p=dropout_p, training=training,
+            dropout_seed=dropout_seed)
     V.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have shape [T, K], got a 0-D tensor")

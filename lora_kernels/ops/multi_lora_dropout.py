@@ -148,6 +148,11 @@ def composed_backward(name, dy, x, weight, lora_a, lora_b, xa, scalings, ranks, 
     return dx, dw, db, da, dbb
 
 
+# Public names of the composed path's pieces (ops/multi_lora_quant.py composes them around a
+# quantized base GEMM).
+row_scale, apply_keep, transposed_a, transposed_b = _row_scale, _apply, _transposed_a, _transposed_b
+
+
 def _fwd(name, *args):
     impl = _backend.native(name, "multi_lora_dropout_fwd")
     return impl(*args) if impl is not None else composed_forward(name, *args)

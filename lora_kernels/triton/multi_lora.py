@@ -23,6 +23,9 @@ from lora_kernels.triton.multi_plan import (TUNING, SegConfig, fold_planes, grad
                                             override, plan, use_fused, use_pdl)
 from lora_kernels.triton.seg_grads import launch_seg_outer
 from lora_kernels.triton.shrink_expand import launch_expand, launch_shrink
+from lora_kernels.triton import quant_lora as _quant
+from lora_kernels.triton.fused_gemm import fused_gemm
+from lora_kernels.triton.lora_linear import SMALL_M_MAX
 
 __all__ = ["lora_shrink", "lora_expand", "multi_lora_fwd", "multi_lora_bwd"]
 # Also public here (not re-exported by the backend package): add_lora_, and from multi_plan
@@ -121,10 +124,42 @@ def lora_expand(y, xa, lora_b, batch, ranks, out_slices):
     return y
 
 
+def _quantized(weight) -> bool:
+    """A frozen quantized W (FP8Weight / NF4Weight attributes, or a PackedWeight): the base
+    GEMMs decode it in their K loop (gemm/formats.py), never a dense copy."""
+    return not isinstance(weight, torch.Tensor)
+
+
+def base_gemm(x, weight, bias):
+    """``x·Wᵀ + b`` for a dense or quantized W (the quantized one on the GEMM core, split-K
+    on decode shapes like the single-adapter op)."""
+    if not _quantized(weight):
+        return torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    pw = _quant.packed(weight)
+    y = torch.empty(x.shape[0], pw.shape[0], dtype=x.dtype, device=x.device)
+    if x.shape[0]:
+        fused_gemm(x, pw, y, bias=bias, small_m_max=SMALL_M_MAX)
+    return y
+
+
+def base_dx(dy, weight):
+    """``dY·W`` for a dense or quantized W (the quantized one from the packed storage's Wᵀ
+    view: the same bytes, no transposed copy)."""
+    if not _quantized(weight):
+        return dy @ weight
+    pw = _quant.packed(weight)
+    dx = torch.empty(dy.shape[0], pw.shape[1], dtype=dy.dtype, device=dy.device)
+    if dy.shape[0]:
+        fused_gemm(dy, pw.t(), dx, small_m_max=SMALL_M_MAX)
+    return dx
+
+
 @_on_input_device
 def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_slices,
                    need_xa=True):
     T, K = x.shape
+    if _quantized(weight):
+        weight = _quant.packed(weight)
     N, R = weight.shape[0], lora_b.shape[2]
     n_slices, max_w = _slices(out_slices, N)
     if batch.has_lora and T and use_fused(batch, x.dtype, x.device):
@@ -139,7 +174,7 @@ def multi_lora_fwd(x, weight, bias, lora_a, lora_b, scalings, ranks, batch, out_
                      n_slices=n_slices, prec="tf32x3", lora_prec=C.dot_precision(x.dtype),
                      interpret=x.device.type != "cuda")
         return y, (xa if need_xa else None)
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y = base_gemm(x, weight, bias)
     xa = torch.zeros(T, n_slices * R, dtype=torch.float32, device=x.device) if need_xa else None
     add_lora_(y, x, lora_a, lora_b, scalings, ranks, batch, out_slices, xa)
     return y, xa
@@ -178,9 +213,12 @@ def add_lora_(y, x, lora_a, lora_b, scalings, ranks, batch, out_slices=None, xa_
 def multi_lora_bwd(dy, x, weight, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, needs):
     need_x, need_w, need_b, need_a, need_bb = needs
     T, K = x.shape
+    if _quantized(weight):
+        assert not need_w, "a quantized base weight is frozen"
+        weight = _quant.packed(weight)
     N, R = weight.shape[0], lora_b.shape[2]
     n_slices, max_w = _slices(out_slices, N)
-    dx = dy @ weight if need_x else None
+    dx = base_dx(dy, weight) if need_x else None
     dw = dy.t() @ x if need_w else None
     db = dy.sum(0) if need_b else None
     da = torch.zeros_like(lora_a) if need_a else None

@@ -177,9 +177,14 @@ def multi_gemm_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_RANKS: tl.constexpr, PREC: tl.constexpr,
-        LORA_PREC: tl.constexpr):
+        LORA_PREC: tl.constexpr,
+        wq_absmax=None, wq_absmax2=None, wq_lut=None, wq_offset=0.0,
+        WEIGHT: tl.constexpr = 0, QBLOCK: tl.constexpr = 64, QBLOCK2: tl.constexpr = 256,
+        QROUND: tl.constexpr = 0):
     """``y[t] = x[t]·Wᵀ + xa[t]·B_{slot(t)}ᵀ + b`` over sorted token positions (multi_fused.py
-    explains the layout). ``t_bucket`` only keys the autotuner."""
+    explains the layout). ``t_bucket`` only keys the autotuner. ``wq_*``/``WEIGHT``/``Q*``: a
+    quantized W, as in :func:`gemm_kernel` (``W`` is then its packed storage)."""
+    wq = (wq_absmax, wq_absmax2, wq_lut, wq_offset, stride_wn, stride_wk)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_M), tl.cdiv(N, BLOCK_N),
                                 GROUP_M)
     row0 = pid_m * BLOCK_M
@@ -194,7 +199,7 @@ def multi_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc, _ = mainloop(acc, acc, x_ptrs, w_ptrs, x_ptrs, X, W, row0, col0, 0, K, row_ok, col_ok,
                       col_ok, stride_xk, stride_wk, 0, STORE_POINTER, False, False, False,
-                      EVEN_K, False, PREC, BLOCK_K)
+                      EVEN_K, False, PREC, BLOCK_K, wq, WEIGHT, QBLOCK, QBLOCK2, QROUND, BLOCK_N)
     slots = tl.load(adapter_ids + tok, mask=row_ok, other=-1)
     acc = per_slot_term(acc, XA, B, RANKS, BOUNDS, slots, tok, cols, col0, S, R, n_slices,
                         stride_xat, stride_bs, stride_bn, stride_rs, stride_rj, HAS_RANKS,

@@ -31,10 +31,11 @@ def illegal_reason(weight, rows, lowrank, col_scale, schedule, store) -> str:
         return "gathered rows go with (only) the per-slot low-rank term (multi-adapter)"
     if gathered and (schedule != "tiles" or store != "pointer" or col_scale != "none"):
         return "the multi-adapter GEMM runs on pointer tiles without a column scale"
-    if weight != "dense" and (gathered or store != "pointer" or col_scale != "none"
+    if weight != "dense" and (store != "pointer" or col_scale != "none"
                               or schedule == "persistent"):
-        return ("a quantized (4-bit / fp8) weight is gathered by pointer on dense rows, tiles "
-                "or split-K, no column scale (no TMA box of nibbles; DoRA over it not built)")
+        return ("a quantized (4-bit / fp8) weight is gathered by pointer, tiles or split-K "
+                "(dense rows) or the multi-adapter tiles (gathered rows), no column scale "
+                "(no TMA box of nibbles; DoRA over it not built)")
     if store == "tma" and schedule != "persistent":
         return "tensor descriptors are built once per program: persistent schedule only"
     return ""
