@@ -29,7 +29,8 @@ def _cuda_nf4(n, k, dtype, nested):
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,N,K,p", [(1, 4096, 4096, 0.0), (16, 4096, 4096, 0.0),
-                                     (300, 1003, 1000, 0.1), (2048, 1024, 1024, 0.1)])
+                                     (300, 1003, 1000, 0.1), (2048, 1024, 1024, 0.1),
+                                     (33, 257, 1001, 0.1)])
 def test_gpu_nf4_op_matches_dequantized_float64(nested, dtype, M, N, K, p):
     from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
     layer = _cuda_nf4(N, K, dtype, nested)

@@ -156,3 +156,60 @@ def test_nf4_specs_and_register_budget():
             threads = 32 * c.num_warps
             assert c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] <= cap * threads
             assert c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * threads
+
+
+# The pair decode (formats._nf4_rows): K0 even and unaligned (one scale gather per byte), K0 a
+# multiple of 64 (one scale per row and 64-chunk), tiles whose contiguous axis is shorter than
+# a block (SUB = C) and longer (C = 128: two chunks, NB = 2), ragged K slabs (c_lim from k_ok).
+BIG_TILES = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, SPLIT_K=1, WARP_SPEC=False)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the interpreter runs the Triton kernels on CPU")
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", triton_dtypes("cpu"))
+@pytest.mark.parametrize("shape", [(21, 66), (19, 256), (130, 192)])
+@pytest.mark.parametrize("config", [None, BIG_TILES])
+def test_triton_nf4_pair_decode(nested, dtype, shape, config):
+    """Forward (both low-rank modes) and dX (dropout) against float64 of bitsandbytes'
+    dequantized W, in the storage dtype (fp32 / fp16): bit-exact decodes give errors at the
+    accumulation level only."""
+    from lora_kernels.triton import quant_lora as T
+    from lora_kernels.triton.gemm.formats import QFLAG_ALIGNED, QFLAG_PAIRS
+    n, k = shape
+    layer = linear4bit(n, k, dtype, nested, seed=k)
+    w = nf4.from_params4bit(layer.weight)
+    flags = T.packed(w).layout_flags()
+    assert flags == int(QFLAG_PAIRS) | (int(QFLAG_ALIGNED) if k % 64 == 0 else 0)
+    W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for m in (3, 37):  # the split-K decode path and the tiles path
+        x, b, a, bb, dy = _inputs(m, n, k, 5, dtype, seed=m)
+        for mode in (1, 2):
+            y, xa = T.quant_lora_fwd(x, w, b, a, bb, 0.5, 0.0, 0, mode=mode, config=config)
+            low = 0.5 * (x.double() @ a.double().t()) @ bb.double().t()
+            assert rel_err(y, x.double() @ W.t() + b.double() + low) <= tol
+        dx, _, _, _ = T.quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.3, 5,
+                                       (True, False, False, False), config=config)
+        want_dx = dy.double() @ W + reference.apply_dropout(
+            0.5 * (dy.double() @ bb.double()) @ a.double(), 5, 0.3)
+        assert rel_err(dx, want_dx) <= tol
+
+
+@pytest.mark.skipif(not interpreting(), reason="the interpreter runs the Triton kernels on CPU")
+@pytest.mark.parametrize("nested", [False, True])
+def test_triton_nf4_pair_tile_is_dequantize(nested):
+    """The decoded tiles themselves, read back through an identity GEMM (x = I, no LoRA),
+    equal ``dequantize_4bit`` bit for bit, fp32 storage (the identity makes the GEMM exact)."""
+    from lora_kernels.triton import quant_lora as T
+    from lora_kernels.triton.fused_gemm import fused_gemm
+    n, k = 70, 192
+    layer = linear4bit(n, k, torch.float32, nested, seed=3)
+    W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    pw = T.packed(nf4.from_params4bit(layer.weight))
+    for config in (None, BIG_TILES):
+        y = torch.empty(k, n)
+        fused_gemm(torch.eye(k), pw, y, config=config, small_m_max=0)
+        assert torch.equal(y, W.t())
+        dx = torch.empty(n, k)
+        fused_gemm(torch.eye(n), pw.t(), dx, config=config, small_m_max=0)
+        assert torch.equal(dx, W)
