@@ -22,7 +22,11 @@
   bench/cuda_columns.py, when it is built;
 * ``peft_dora`` / ``dora_torch`` / ``dora_triton`` — DoRA (``use_dora=True``, magnitudes away
   from the row norms): PEFT's layer against ``lora_kernels.dora_linear`` (‖W0‖² cached, as the
-  modules do); compare with the plain-LoRA ``torch`` / ``triton`` columns for DoRA's overhead.
+  modules do); compare with the plain-LoRA ``torch`` / ``triton`` columns for DoRA's overhead;
+* ``nf4_ours`` / ``nf4_peft_bnb`` / ``fp8_ours`` / ``fp8_unfused`` — quantized bases
+  (bench/quant_columns.py): ours on NF4 / FP8 e4m3 storage of the same W against PEFT over
+  bitsandbytes ``Linear4bit`` and the unfused fp8 dequantize + matmul; ``bare`` and ours on
+  bf16 are the other columns of the same row.
 
 Timing: ``common.bench`` = ``triton.testing.do_bench`` median, L2 flushed before each repetition.
 Decode rows (M ≤ 16, forward) also report CUDA-graph replays (``graph_ms``), i.e. without
@@ -187,6 +191,12 @@ def contenders(M, K, N, r, dtype, device, *, p, bias, quick):
                 both["cuda"] = fwd_bwd(lambda: op("cuda", xg, ag, bg), [xg, ag, bg])
         except Exception as exc:  # noqa: BLE001 - the CUDA column is optional
             print(f"cuda columns unavailable: {exc}", file=sys.stderr)
+    # Quantized bases (#16): NF4 / FP8 ours, PEFT + bitsandbytes, the unfused fp8 dequantize.
+    from quant_columns import quant_columns
+    qf, qb = quant_columns(x, w, b, a, bb, s, p, "torch" if quick else "triton", _no_grad,
+                           fwd_bwd)
+    fwd.update(qf)
+    both.update(qb)
     return {"fwd": fwd, "fwd+bwd": both}
 
 
