@@ -78,3 +78,30 @@ def test_fused_quantize_and_shrink(dtype, shape):
     assert rel_err(deq, x.double()) <= 0.04
     c2, s2, none = quantize_rows_e4m3(x)
     assert none is None and torch.equal(c2, codes) and torch.equal(s2, scale)
+
+
+_SM90_SCRIPT = r'''
+from triton.runtime.jit import JITFunction
+from sass_report import _ptxas_usage
+_run = JITFunction.run
+compiled = []
+def _compile_only(self, *args, grid, warmup, **kw):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kw)
+    regs, spills = _ptxas_usage(kernel)
+    compiled.append((self.fn.__name__, regs, spills))
+JITFunction.run = _compile_only
+from lora_kernels.triton.fp8_act_quant import quantize_rows_e4m3
+bf = torch.bfloat16
+x, a = torch.empty(8192, 4096, dtype=bf), torch.empty(16, 4096, dtype=bf)
+quantize_rows_e4m3(x, a)
+quantize_rows_e4m3(x)
+for name, regs, spills in compiled:
+    assert spills == 0, (name, regs, spills)
+print("compiled", len(compiled), "kernels", compiled)
+'''
+
+
+def test_quantizer_compiles_for_sm90_without_spills():
+    from helpers import SM90_FAKE_DRIVER, run_sm90_compile
+    out = run_sm90_compile(SM90_FAKE_DRIVER + _SM90_SCRIPT)
+    assert "_quant_shrink_kernel" in out
