@@ -190,3 +190,17 @@ def test_quantize_model_then_lora_trains_only_lora():
         inject_lora_fp8(model, ["nothing"], r=2)
     with pytest.raises(TypeError, match="skip"):
         quantize_linears_fp8(model, skip=3)
+
+
+def test_from_torchao_per_row_float8_weight():
+    torchao = pytest.importorskip("torchao")
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+    lin = nn.Linear(64, 24)
+    model = nn.Sequential(lin)
+    quantize_(model, Float8WeightOnlyConfig())
+    q = FP8Linear.from_torchao(model[0], backend="torch")
+    x = torch.randn(5, 64)
+    want = x.double() @ model[0].weight.dequantize().double().t() + model[0].bias.double()
+    assert rel_err(q(x), want) <= 1e-5, torchao.__version__
+    with pytest.raises(TypeError, match="weight"):
+        fp8.from_torchao(torch.randn(3, 3))

@@ -5,7 +5,8 @@
   term (rank 0). Built from an ``nn.Linear`` (:meth:`FP8Linear.from_linear`, per-row absmax /
   448) or from a checkpoint's tensors as serving stacks ship them
   (:meth:`FP8Linear.from_compressed_tensors`: compressed-tensors' ``weight`` float8_e4m3fn
-  ``[N, K]`` + ``weight_scale`` ``[N]`` or ``[N, 1]``, channel strategy).
+  ``[N, K]`` + ``weight_scale`` ``[N]`` or ``[N, 1]``, channel strategy) or a torchao per-row
+  ``Float8Tensor`` weight (:meth:`FP8Linear.from_torchao`).
 * :class:`FP8LoRALinear` = an FP8Linear base + trainable ``lora_A`` / ``lora_B`` (PEFT key
   names ``….lora_A.weight``), forward and backward through :func:`lora_linear_fp8`.
 * :func:`quantize_linears_fp8` swaps a model's ``nn.Linear`` s for FP8Linear (in place);
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from lora_kernels.nn.inject import matches_targets, set_child
 from lora_kernels.nn.lora_linear import check_alpha, check_backend, lora_scaling
-from lora_kernels.ops.fp8 import FP8Weight, check_fp8, quantize_fp8
+from lora_kernels.ops.fp8 import FP8Weight, check_fp8, from_torchao, quantize_fp8
 from lora_kernels.ops.lora_linear_fp8 import lora_linear_fp8
 
 __all__ = ["FP8Linear", "FP8LoRALinear", "quantize_linears_fp8", "inject_lora_fp8"]
@@ -83,6 +84,14 @@ class FP8Linear(nn.Module):
             weight_scale = weight_scale.reshape(1).expand(weight.shape[0])
         return cls(FP8Weight(codes=weight, scale=weight_scale.float().reshape(-1).contiguous()
                              if weight_scale.dim() <= 2 else weight_scale), bias, backend)
+
+    @classmethod
+    def from_torchao(cls, linear: nn.Module, backend: str = "auto") -> "FP8Linear":
+        """A linear whose weight torchao quantized to a per-row ``Float8Tensor``
+        (``quantize_(model, Float8WeightOnlyConfig())``), read without importing torchao."""
+        if not isinstance(linear, nn.Module) or not hasattr(linear, "weight"):
+            raise TypeError(f"linear must be a module with a weight, got {type(linear).__name__}")
+        return cls(from_torchao(linear.weight), getattr(linear, "bias", None), backend)
 
     @property
     def fp8_weight(self) -> FP8Weight:

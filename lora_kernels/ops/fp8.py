@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FP8Weight", "quantize_fp8", "dequantize", "dequantize_rows", "check_fp8", "codes_u8",
+__all__ = ["FP8Weight", "quantize_fp8", "dequantize", "dequantize_rows", "check_fp8", "from_torchao", "codes_u8",
            "torch_fwd", "torch_bwd", "ROWS_PER_TILE"]
 
 E4M3_MAX = 448.0
@@ -80,6 +80,29 @@ def check_fp8(name: str, w) -> FP8Weight:
     if scale.dtype != torch.float32 or scale.dim() != 1:
         w = FP8Weight(codes=codes, scale=scale.reshape(N).float())
     return w
+
+
+def from_torchao(weight) -> FP8Weight:
+    """The FP8Weight of a torchao ``Float8Tensor`` (``Float8WeightOnlyConfig`` /
+    ``Float8DynamicActivationFloat8WeightConfig`` with per-row granularity; read by attribute,
+    torchao is not imported): ``qdata`` float8_e4m3fn ``[N, K]``, ``scale`` fp32 ``[N, 1]``,
+    ``block_size [1, K]``. Tested with torchao 0.18.0. Other granularities (per-tensor
+    ``block_size [N, K]`` is broadcast; 2-D blocks) and e5m2 raise ValueError."""
+    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    if not isinstance(qdata, Tensor) or not isinstance(scale, Tensor):
+        raise TypeError(f"weight must be a torchao Float8Tensor (qdata + scale), got "
+                        f"{type(weight).__name__}")
+    if qdata.dtype != torch.float8_e4m3fn or qdata.dim() != 2:
+        raise ValueError(f"weight.qdata must be float8_e4m3fn [N, K], got {qdata.dtype} "
+                         f"{tuple(qdata.shape)}")
+    N, K = qdata.shape
+    block = list(getattr(weight, "block_size", [1, K]))
+    if block == [N, K] and scale.numel() == 1:
+        scale = scale.reshape(1).expand(N)
+    elif block != [1, K]:
+        raise ValueError(f"weight.block_size must be [1, {K}] (per row) or [{N}, {K}] (per "
+                         f"tensor), got {block}")
+    return FP8Weight(codes=qdata, scale=scale.float().reshape(N).contiguous())
 
 
 def dequantize_rows(w: FP8Weight, n0: int, n1: int, dtype: torch.dtype) -> Tensor:
