@@ -204,3 +204,14 @@ def test_from_torchao_per_row_float8_weight():
     assert rel_err(q(x), want) <= 1e-5, torchao.__version__
     with pytest.raises(TypeError, match="weight"):
         fp8.from_torchao(torch.randn(3, 3))
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_fp8_linear_passes_dx_through_a_frozen_base(backend):
+    """An FP8Linear inside a trained network (rank 0: no LoRA term) still gives x its grad."""
+    q = FP8Linear.from_linear(nn.Linear(33, 19), backend=backend)
+    x = torch.randn(6, 33).requires_grad_(True)
+    dy = torch.randn(6, 19)
+    q(x).backward(dy)
+    W = fp8.dequantize(q.fp8_weight, torch.float64)
+    assert rel_err(x.grad, dy.double() @ W) <= 1e-5

@@ -82,8 +82,7 @@ class FP8Linear(nn.Module):
             raise TypeError("weight_scale must be a tensor [N] or [N, 1]")
         if isinstance(weight, Tensor) and weight.dim() == 2 and weight_scale.numel() == 1:
             weight_scale = weight_scale.reshape(1).expand(weight.shape[0])
-        return cls(FP8Weight(codes=weight, scale=weight_scale.float().reshape(-1).contiguous()
-                             if weight_scale.dim() <= 2 else weight_scale), bias, backend)
+        return cls(FP8Weight(codes=weight, scale=weight_scale), bias, backend)
 
     @classmethod
     def from_torchao(cls, linear: nn.Module, backend: str = "auto") -> "FP8Linear":
