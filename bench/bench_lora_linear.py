@@ -355,6 +355,15 @@ def targets(rows):
         if r and r["ms"].get("peft") and r["ms"].get("triton"):
             sp = r["ms"]["peft"] / r["ms"]["triton"]
         check(f"speed-up over PEFT ({d}), {shape}", sp, 1.25, "≥")
+    # Quantized bases (#16; bench/quant_columns.py): ratios to the bare bf16 GEMM and to PEFT.
+    check(f"FP8 fused forward / bare bf16 GEMM, {shape}", f and f["ratio_to_bare"].get("fp8_ours"),
+          0.65)
+    check(f"NF4 fused forward / bare bf16 GEMM, {shape}", f and f["ratio_to_bare"].get("nf4_ours"),
+          1.15)
+    nf = None
+    if fb and fb["ms"].get("nf4_peft_bnb") and fb["ms"].get("nf4_ours"):
+        nf = fb["ms"]["nf4_peft_bnb"] / fb["ms"]["nf4_ours"]
+    check(f"NF4 fwd+bwd speed-up over PEFT + bitsandbytes, {shape}", nf, 1.5, "≥")
     for r_ in (16, 8, 64):
         dec = _find(rows, "fwd", M=1, K=4096, N=4096, r=r_, dropout=0.0)
         if dec:
@@ -362,6 +371,10 @@ def targets(rows):
             g = dec.get("graph_ms", {})
             if g.get("triton") and g.get("bare"):
                 check(f"M=1 decode, CUDA-graph replay, / bare GEMV (r={r_})", g["triton"] / g["bare"], 1.2)
+            nf4_dec = dec["ms"].get("nf4_ours")
+            check(f"NF4 M=1 decode speed-up over the bf16 GEMV (r={r_})",
+                  dec["ms"]["bare"] / nf4_dec if nf4_dec and dec["ms"].get("bare") else None,
+                  2.5, "≥")
     return lines
 
 
