@@ -22,7 +22,11 @@
   bench/cuda_columns.py, when it is built;
 * ``peft_dora`` / ``dora_torch`` / ``dora_triton`` — DoRA (``use_dora=True``, magnitudes away
   from the row norms): PEFT's layer against ``lora_kernels.dora_linear`` (‖W0‖² cached, as the
-  modules do); compare with the plain-LoRA ``torch`` / ``triton`` columns for DoRA's overhead.
+  modules do); compare with the plain-LoRA ``torch`` / ``triton`` columns for DoRA's overhead;
+* ``nf4_ours`` / ``nf4_peft_bnb`` / ``fp8_ours`` / ``fp8_unfused`` — quantized bases
+  (bench/quant_columns.py): ours on NF4 / FP8 e4m3 storage of the same W against PEFT over
+  bitsandbytes ``Linear4bit`` and the unfused fp8 dequantize + matmul; ``bare`` and ours on
+  bf16 are the other columns of the same row.
 
 Timing: ``common.bench`` = ``triton.testing.do_bench`` median, L2 flushed before each repetition.
 Decode rows (M ≤ 16, forward) also report CUDA-graph replays (``graph_ms``), i.e. without
@@ -187,6 +191,12 @@ def contenders(M, K, N, r, dtype, device, *, p, bias, quick):
                 both["cuda"] = fwd_bwd(lambda: op("cuda", xg, ag, bg), [xg, ag, bg])
         except Exception as exc:  # noqa: BLE001 - the CUDA column is optional
             print(f"cuda columns unavailable: {exc}", file=sys.stderr)
+    # Quantized bases (#16): NF4 / FP8 ours, PEFT + bitsandbytes, the unfused fp8 dequantize.
+    from quant_columns import quant_columns
+    qf, qb = quant_columns(x, w, b, a, bb, s, p, "torch" if quick else "triton", _no_grad,
+                           fwd_bwd)
+    fwd.update(qf)
+    both.update(qb)
     return {"fwd": fwd, "fwd+bwd": both}
 
 
@@ -345,6 +355,15 @@ def targets(rows):
         if r and r["ms"].get("peft") and r["ms"].get("triton"):
             sp = r["ms"]["peft"] / r["ms"]["triton"]
         check(f"speed-up over PEFT ({d}), {shape}", sp, 1.25, "≥")
+    # Quantized bases (#16; bench/quant_columns.py): ratios to the bare bf16 GEMM and to PEFT.
+    check(f"FP8 fused forward / bare bf16 GEMM, {shape}", f and f["ratio_to_bare"].get("fp8_ours"),
+          0.65)
+    check(f"NF4 fused forward / bare bf16 GEMM, {shape}", f and f["ratio_to_bare"].get("nf4_ours"),
+          1.15)
+    nf = None
+    if fb and fb["ms"].get("nf4_peft_bnb") and fb["ms"].get("nf4_ours"):
+        nf = fb["ms"]["nf4_peft_bnb"] / fb["ms"]["nf4_ours"]
+    check(f"NF4 fwd+bwd speed-up over PEFT + bitsandbytes, {shape}", nf, 1.5, "≥")
     for r_ in (16, 8, 64):
         dec = _find(rows, "fwd", M=1, K=4096, N=4096, r=r_, dropout=0.0)
         if dec:
@@ -352,6 +371,10 @@ def targets(rows):
             g = dec.get("graph_ms", {})
             if g.get("triton") and g.get("bare"):
                 check(f"M=1 decode, CUDA-graph replay, / bare GEMV (r={r_})", g["triton"] / g["bare"], 1.2)
+            nf4_dec = dec["ms"].get("nf4_ours")
+            check(f"NF4 M=1 decode speed-up over the bf16 GEMV (r={r_})",
+                  dec["ms"]["bare"] / nf4_dec if nf4_dec and dec["ms"].get("bare") else None,
+                  2.5, "≥")
     return lines
 
 

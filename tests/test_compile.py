@@ -217,6 +217,8 @@ def _samples():
         **_quant_multi_samples(r, x, A, B, A2, B2, sc, ranks, ranks2, bt, ints, seed),
         "lora_linear_nf4": _nf4_samples(r, x, b1, seed)[0],
         "lora_linear_nf4_backward": _nf4_samples(r, x, b1, seed)[1],
+        "lora_linear_fp8": _fp8_samples(r, x, b1, seed)[0],
+        "lora_linear_fp8_backward": _fp8_samples(r, x, b1, seed)[1],
         "lora_shrink": [
             (x.detach(), A.detach(), sc, ranks, *bt, ints, 1, "torch"),
             (x.detach(), A2, None, ranks2, *bt, ints, 2, "torch"),
@@ -295,6 +297,25 @@ def _quant_multi_samples(r, x, A, B, A2, B2, sc, ranks, ranks2, bt, ints, seed):
              "torch"),
         ],
     }
+
+
+def _fp8_samples(r, x, b1, seed):
+    """An e4m3 W [11, 13] with per-row scales (codes as their uint8 bytes, as the op takes them)."""
+    from lora_kernels.ops.fp8 import quantize_fp8
+    from lora_kernels.ops.lora_linear_fp8 import op_args
+    g = torch.Generator().manual_seed(4)
+    w = quantize_fp8(torch.randn(11, 13, generator=g))
+    xd, a1, dy = x.detach(), r(3, 13, grad=True), r(7, 11)
+    fwd = [op_args(x, w, r(11, grad=True), a1, b1, 0.5, 0.0, None, "torch"),
+           op_args(x, w, None, a1, b1, 2.0, 0.3, seed, "torch")]
+    xa = xd @ a1.detach().t()
+
+    def bwd(p, sd, needs):
+        head = op_args(xd, w, None, a1.detach(), b1.detach(), 0.5, p, sd, "torch")
+        return (dy, xd, head[1], head[2], a1.detach(), b1.detach(), xa, 0.5, p, sd, needs,
+                "torch")
+    return fwd, [bwd(0.0, None, [True, True, True, True]),
+                 bwd(0.3, seed, [True, False, True, False])]
 
 
 def _registered_ops():

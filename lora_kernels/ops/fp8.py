@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FP8Weight", "quantize_fp8", "dequantize"]
+__all__ = ["FP8Weight", "quantize_fp8", "dequantize", "dequantize_rows", "check_fp8", "from_torchao", "codes_u8",
+           "torch_fwd", "torch_bwd", "ROWS_PER_TILE"]
 
 E4M3_MAX = 448.0
 
@@ -45,3 +46,105 @@ def dequantize(w: FP8Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     """``codes · scale`` computed in fp32, then ``dtype`` (tests and references: an N×K tensor)."""
     codes = w.codes if w.codes.dtype == torch.float8_e4m3fn else w.codes.view(torch.float8_e4m3fn)
     return (codes.float() * w.scale.float()[:, None]).to(dtype)
+
+
+# Rows of W dequantized at once on the torch path (as nf4.ROWS_PER_TILE): a 256 × K slab.
+ROWS_PER_TILE = 256
+
+
+def codes_u8(w: FP8Weight) -> Tensor:
+    """The e4m3 codes as their uint8 bytes ``[N, K]`` (a view, no copy)."""
+    return w.codes if w.codes.dtype == torch.uint8 else w.codes.view(torch.uint8)
+
+
+def check_fp8(name: str, w) -> FP8Weight:
+    """``w`` as an :class:`FP8Weight` with float8_e4m3fn (or uint8) codes ``[N, K]`` and a
+    float32 ``scale [N]`` (``[N, 1]`` accepted, as compressed-tensors ships it) on the codes'
+    device; TypeError / ValueError naming ``name`` otherwise."""
+    if not isinstance(w, FP8Weight):
+        raise TypeError(f"{name} must be an FP8Weight (lora_kernels.ops.fp8), got "
+                        f"{type(w).__name__}")
+    codes, scale = w.codes, w.scale
+    if not isinstance(codes, Tensor) or codes.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise TypeError(f"{name}.codes must be a float8_e4m3fn (or uint8) tensor, got "
+                        f"{getattr(codes, 'dtype', type(codes).__name__)}")
+    if codes.dim() != 2:
+        raise ValueError(f"{name}.codes must be [N, K], got shape {tuple(codes.shape)}")
+    if not isinstance(scale, Tensor) or not scale.is_floating_point():
+        raise TypeError(f"{name}.scale must be a floating-point tensor [N]")
+    N = codes.shape[0]
+    if scale.shape not in ((N,), (N, 1)):
+        raise ValueError(f"{name}.scale must be [{N}] (or [{N}, 1]), got {tuple(scale.shape)}")
+    if scale.device != codes.device:
+        raise ValueError(f"{name}.scale is on {scale.device}, its codes on {codes.device}")
+    if scale.dtype != torch.float32 or scale.dim() != 1:
+        w = FP8Weight(codes=codes, scale=scale.reshape(N).float())
+    return w
+
+
+def from_torchao(weight) -> FP8Weight:
+    """The FP8Weight of a torchao ``Float8Tensor`` (``Float8WeightOnlyConfig`` /
+    ``Float8DynamicActivationFloat8WeightConfig`` with per-row granularity; read by attribute,
+    torchao is not imported): ``qdata`` float8_e4m3fn ``[N, K]``, ``scale`` fp32 ``[N, 1]``,
+    ``block_size [1, K]``. Tested with torchao 0.18.0. Other granularities (per-tensor
+    ``block_size [N, K]`` is broadcast; 2-D blocks) and e5m2 raise ValueError."""
+    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    if not isinstance(qdata, Tensor) or not isinstance(scale, Tensor):
+        raise TypeError(f"weight must be a torchao Float8Tensor (qdata + scale), got "
+                        f"{type(weight).__name__}")
+    if qdata.dtype != torch.float8_e4m3fn or qdata.dim() != 2:
+        raise ValueError(f"weight.qdata must be float8_e4m3fn [N, K], got {qdata.dtype} "
+                         f"{tuple(qdata.shape)}")
+    N, K = qdata.shape
+    block = list(getattr(weight, "block_size", [1, K]))
+    if block == [N, K] and scale.numel() == 1:
+        scale = scale.reshape(1).expand(N)
+    elif block != [1, K]:
+        raise ValueError(f"weight.block_size must be [1, {K}] (per row) or [{N}, {K}] (per "
+                         f"tensor), got {block}")
+    return FP8Weight(codes=qdata, scale=scale.float().reshape(N).contiguous())
+
+
+def dequantize_rows(w: FP8Weight, n0: int, n1: int, dtype: torch.dtype) -> Tensor:
+    """Rows ``[n0, n1)`` of W: ``code·scale`` in fp32, then ``dtype`` (what the Triton decode
+    feeds the MMA)."""
+    codes = codes_u8(w)[n0:n1].view(torch.float8_e4m3fn)
+    return (codes.float() * w.scale[n0:n1].float()[:, None]).to(dtype)
+
+
+def _tiles(N: int):
+    for n0 in range(0, N, ROWS_PER_TILE):
+        yield n0, min(N, n0 + ROWS_PER_TILE)
+
+
+def torch_fwd(x: Tensor, w: FP8Weight, bias, lora_a: Tensor, lora_b: Tensor, scaling: float,
+              dropout_p: float, seed: int):
+    """``(y, xa)`` with W dequantized ``ROWS_PER_TILE`` rows at a time (never N×K)."""
+    from lora_kernels import reference
+    from lora_kernels.ops.cpu_dropout import dropout_keep_mask
+    xd = reference.apply_dropout(x, seed, dropout_p, dropout_keep_mask)
+    xa = torch.nn.functional.linear(xd, lora_a)
+    y = torch.nn.functional.linear(xa * scaling, lora_b, bias)
+    for n0, n1 in _tiles(w.codes.shape[0]):
+        y[:, n0:n1].addmm_(x, dequantize_rows(w, n0, n1, x.dtype).t())
+    return y, xa
+
+
+def torch_bwd(dy: Tensor, x: Tensor, w: FP8Weight, lora_a: Tensor, lora_b: Tensor, xa: Tensor,
+              scaling: float, dropout_p: float, seed: int, needs):
+    """``(dx, dbias, dlora_a, dlora_b)`` (None where ``needs`` is False); W is frozen."""
+    from lora_kernels import reference
+    from lora_kernels.ops.cpu_dropout import dropout_keep_mask
+    need_x, need_b, need_a, need_bb = (bool(n) for n in needs)
+    N, K = w.codes.shape
+    no_w = x.new_zeros(()).expand(N, K)  # never read without dx/dW
+    _, _, db, da, dbb = reference.lora_linear_backward(
+        dy, x, no_w, lora_a, lora_b, xa, scaling, dropout_p, seed,
+        (False, False, need_b, need_a, need_bb), keep_mask=dropout_keep_mask)
+    dx = None
+    if need_x:
+        dx = reference.apply_dropout((dy @ lora_b) @ lora_a * scaling, seed, dropout_p,
+                                     dropout_keep_mask)
+        for n0, n1 in _tiles(N):
+            dx.addmm_(dy[:, n0:n1], dequantize_rows(w, n0, n1, dy.dtype))
+    return dx, db, da, dbb
