@@ -221,7 +221,7 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
         a, bb, u = e(R_T, K_T), e(N_T, R_T), e(M, R_T)
         cs = torch.empty(N_T, dtype=torch.float32) if spec.col_scale == "vector" else None
         lora = {"none": LoraMode.NONE, "seeded": LoraMode.SEEDED,
-                "in_loop": LoraMode.IN_LOOP}[spec.lowrank]
+                "in_loop": LoraMode.IN_LOOP, "panel": LoraMode.PANEL}[spec.lowrank]
         common = dict(lora=lora, u=u, la=a, lb=bb, scaling=2.0, col_scale=cs, small_m_max=path_max,
                       schedule=spec.schedule, store=spec.store)
         if spec.weight == "fp8_e4m3":  # e4m3 bytes + per-row scale of the same weight

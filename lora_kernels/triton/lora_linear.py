@@ -1,8 +1,9 @@
 """Triton backend of the fused single-adapter LoRA linear (docs/BACKENDS.md, "Single adapter").
 
 Forward ``y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``: one fused GEMM writes y once (fused_gemm.py);
-the rank-sized ``xa = drop(x)·Aᵀ`` comes either from the GEMM's own K loop (``IN_LOOP``) or from
-a shrink kernel that reads x once before it (``SEEDED``), see :func:`lora_mode`.
+the rank-sized ``xa = drop(x)·Aᵀ`` comes from the GEMM's own K loop (``IN_LOOP``), from K-slice
+shares the persistent programs make one wave ahead (``PANEL``), or from a shrink kernel that
+reads x once before it (``SEEDED``, dropout), see :func:`lora_mode`.
 
 Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
 
@@ -27,7 +28,7 @@ from lora_kernels.triton.fused_gemm import fused_gemm
 from lora_kernels.triton.gemm.modes import LoraMode
 from lora_kernels.triton.lowrank import reduce_rows, shrink
 
-__all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask"]
+__all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask", "forward_mode"]
 
 # M at or below which the GEMM takes the decode path (16-row tiles, split-K); a module global
 # so tests can move it.
@@ -47,15 +48,35 @@ def lora_mode(m: int, r: int, dropout_p: float) -> LoraMode:
     """``LoraMode.SEEDED`` (1) = precomputed shrink + seeded accumulator, ``LoraMode.IN_LOOP``
     (2) = shrink fused in the GEMM's K loop.
 
+    :func:`forward_mode` replaces the large-M SEEDED case without dropout by
+    ``LoraMode.PANEL`` (4): on the persistent schedule x·Aᵀ is made as K-slice shares one
+    wave ahead (gemm/panel.py: no extra pass over x, ≈ 0.4% + the first wave's in-loop
+    work); elsewhere (tiles schedule, CPU) it runs as IN_LOOP.
+
     Dropout always takes mode 1: mode 2 would redraw the Philox mask of every x tile in every
     N-tile program (N/BLOCK_N times), ~60 integer ops per element on the CUDA cores — far
-    more than the one draw per element the shrink kernel makes.
+    more than the one draw per element the shrink kernel makes. The panel mode is kept off
+    for p > 0 as well: its shares would draw each mask element once (like the shrink), but a
+    tile that falls back (every first-wave tile) would draw the mask on every x tile of its
+    K loop and keep a masked copy of the tile next to the unmasked one the main GEMM needs
+    (registers are already at the in-loop cap), and the shrink is where the forward's
+    dropout mask is made for the backward (the packed-mask work of helper ``mask``).
     """
     if dropout_p > 0.0 or r > FUSED_SHRINK_MAX_R:
         return LoraMode.SEEDED
     if m <= SMALL_M_MAX or m * r <= FUSED_SHRINK_MAX_MR:
         return LoraMode.IN_LOOP
     return LoraMode.SEEDED
+
+
+def forward_mode(m: int, r: int, dropout_p: float) -> LoraMode:
+    """:func:`lora_mode`, with the large-M no-dropout SEEDED case taken by ``LoraMode.PANEL``
+    (the single-adapter forward; dora.py / quant_lora.py keep lora_mode until they are
+    measured with it)."""
+    mode = lora_mode(m, r, dropout_p)
+    if mode == LoraMode.SEEDED and dropout_p == 0.0 and r <= FUSED_SHRINK_MAX_R:
+        return LoraMode.PANEL
+    return mode
 
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -75,15 +96,15 @@ def _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, c
     if K == 0 or N == 0:  # degenerate: nothing for a kernel to do
         y.copy_(bias.expand(M, N) if bias is not None else torch.zeros((), dtype=x.dtype))
         return y, xa.zero_()
-    mode = lora_mode(M, r, dropout_p) if mode is None else mode
+    mode = forward_mode(M, r, dropout_p) if mode is None else mode
     if r == 0:
         fused_gemm(x, weight, y, bias=bias, small_m_max=SMALL_M_MAX, config=config)
     elif mode == LoraMode.SEEDED:
         shrink(x, lora_a, xa, dropout_p, seed)
         fused_gemm(x, weight, y, bias=bias, lora=LoraMode.SEEDED, u=xa, lb=lora_b, scaling=scaling,
                    small_m_max=SMALL_M_MAX, config=config)
-    else:
-        fused_gemm(x, weight, y, bias=bias, lora=LoraMode.IN_LOOP, u=xa, la=lora_a, lb=lora_b,
+    else:  # IN_LOOP or PANEL: u (= xa) is made in the GEMM and written out
+        fused_gemm(x, weight, y, bias=bias, lora=LoraMode(mode), u=xa, la=lora_a, lb=lora_b,
                    scaling=scaling, small_m_max=SMALL_M_MAX, config=config)
     return y, xa
 
