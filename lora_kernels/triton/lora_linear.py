@@ -7,8 +7,11 @@ reads x once before it (``SEEDED``, dropout), see :func:`lora_mode`.
 
 Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
 
-* ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the same fused GEMM on ``Wᵀ``/``Aᵀ`` views, the masked
-  low-rank term seeding its accumulator — no M×K temporary besides dX;
+* ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the same fused GEMM on ``Wᵀ``/``Aᵀ`` views — no M×K
+  temporary besides dX. Without dropout dyb is made by that GEMM (in its K loop, or as
+  panel shares at large M: :func:`forward_mode`) and written out for dA, so dY is read by the
+  dX GEMM and the dB reduction only; with dropout a shrink makes dyb and the masked term
+  seeds the accumulator;
 * ``dA = s·dybᵀ·drop(x)`` and ``dB = s·dYᵀ·xa``: reductions over M into rank-sized outputs
   (lowrank.py), deterministic;
 * ``dW = dYᵀ·x`` (only when W requires grad): the fused GEMM on transposed views, no LoRA;
@@ -138,15 +141,28 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
     if K == 0 or N == 0 or r == 0:
         return _degenerate_bwd(dy, x, weight, lora_a, lora_b, needs)
     dyb = None
-    if need_x or need_a:
+    # Without dropout dyb = dY·B is a reduction over the dX GEMM's own K loop (N): the GEMM
+    # makes it (in-loop, or panel-shared at large M) and writes it out, so dY is not read by a
+    # separate shrink. With dropout the mask applies to the low-rank term of dX only, which
+    # the seeded epilogue draws on a precomputed dyb (the shrink below).
+    dx_mode = forward_mode(M, r, dropout_p) if need_x else LoraMode.SEEDED
+    if need_a or need_x:
+        dyb = torch.empty(M, r, dtype=dy.dtype, device=dy.device)
+    if dx_mode == LoraMode.SEEDED and (need_x or need_a):
         # dyb = dY·B: the shrink kernel with Bᵀ (a [r, N] view) as its "A".
-        dyb = shrink(dy, lora_b.t(), torch.empty(M, r, dtype=dy.dtype, device=dy.device))
+        shrink(dy, lora_b.t(), dyb)
     if need_x:
         dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
         # dX[M, K] = dY[M, N]·W[N, K]: the kernel's "w" is Wᵀ (a [K, N] view), its low-rank
-        # "lb" is Aᵀ (a [K, r] view); the dropout mask is drawn on dX's own (m, k) grid.
-        fused_gemm(dy, weight.t(), dx, lora=LoraMode.SEEDED, u=dyb, lb=lora_a.t(), scaling=scaling,
-                   dropout_p=dropout_p, seed=seed, small_m_max=SMALL_M_MAX, config=config)
+        # "lb" is Aᵀ (a [K, r] view), its "la" Bᵀ ([r, N]); the dropout mask is drawn on dX's
+        # own (m, k) grid.
+        if dx_mode == LoraMode.SEEDED:
+            fused_gemm(dy, weight.t(), dx, lora=LoraMode.SEEDED, u=dyb, lb=lora_a.t(),
+                       scaling=scaling, dropout_p=dropout_p, seed=seed,
+                       small_m_max=SMALL_M_MAX, config=config)
+        else:
+            fused_gemm(dy, weight.t(), dx, lora=dx_mode, u=dyb, la=lora_b.t(), lb=lora_a.t(),
+                       scaling=scaling, small_m_max=SMALL_M_MAX, config=config)
     if need_a:
         da = torch.empty_like(lora_a)
         # dAᵀ [K, r] = s·drop(x)ᵀ·dyb: K on the big (MMA-row) side, written through a view.
