@@ -230,3 +230,37 @@ def test_gpu_panel_offsets_past_2_31(store):
     want = xr @ t["w"].double().t() + t["bias"].double() + 0.75 * u_want @ t["lb"].double().t()
     assert rel_err(y[rows], want) <= tol(torch.bfloat16, "cuda")
     assert rel_err(u[rows], u_want) <= tol(torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("store", ["pointer", "tma"])
+def test_panel_dx_form_makes_dyb_and_db(monkeypatch, store, dtype):
+    """The dX form (a = dY [M, N], w = Wᵀ view, la = Bᵀ, lb = Aᵀ): the GEMM writes dyb = dY·B
+    and dB = s·dYᵀ·xa from the dY tiles its shares load; same bits on every path."""
+    M, N, K, r, s = 200, 104, 136, 6, 0.75  # dY [200, 104] → dX [200, 136]: 7 x 5 tiles
+    g = torch.Generator().manual_seed(21)
+    rnd = lambda *sh: torch.randn(*sh, generator=g, dtype=torch.float64)
+    dy, w, a, b, xa = rnd(M, N), rnd(N, K) / N ** 0.5, rnd(r, K), rnd(N, r) / N ** 0.5, rnd(M, r)
+    dy, w, a, b, xa = (t.to(dtype=dtype, device=DEVICE) for t in (dy, w, a, b, xa))
+    outs = []
+    for grid, ahead in (("normal", 10**6), ("normal", 0), ("one", 0)):
+        with monkeypatch.context() as mp:
+            if grid == "one":
+                _one_program(mp)
+            dx = torch.empty(M, K, dtype=dtype, device=DEVICE)
+            dyb = torch.full((M, r), float("nan"), dtype=dtype, device=DEVICE)
+            db = torch.full((N, r), float("nan"), dtype=dtype, device=DEVICE)
+            h0 = _hits(DEVICE)
+            FG.fused_gemm(dy, w.t(), dx, lora=LoraMode.PANEL, u=dyb, la=b.t(), lb=a.t(),
+                          scaling=s, schedule="persistent", store=store, panel_ahead=ahead,
+                          db_out=db, db_u=xa)
+            if grid == "one":
+                assert _hits(DEVICE) - h0 > 0
+            outs.append((dx, dyb, db))
+    for o in outs[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(o, outs[0]))
+    d = lambda t: t.double().cpu()
+    dyb_want = d(dy) @ d(b)
+    assert rel_err(outs[0][1], dyb_want) <= tol(dtype, DEVICE)
+    assert rel_err(outs[0][0], d(dy) @ d(w) + s * dyb_want @ d(a)) <= tol(dtype, DEVICE)
+    assert rel_err(outs[0][2], s * d(dy).t() @ d(xa)) <= tol(dtype, DEVICE)

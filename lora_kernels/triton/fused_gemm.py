@@ -45,6 +45,7 @@ from lora_kernels.triton.gemm.formats import PackedWeight, prune_packed
 from lora_kernels.triton.gemm.kernel import gemm_kernel
 from lora_kernels.triton.gemm.modes import LoraMode
 from lora_kernels.triton.gemm.spec import GemmSpec
+from lora_kernels.triton.lowrank import reduce_rows
 
 __all__ = ["fused_gemm", "select_spec", "tma_compatible"]
 
@@ -124,6 +125,7 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 _PANEL_WS: dict = {}
 _PANEL_FINAL: dict = {}
 _PANEL_CNT: dict = {}
+_PANEL_DB: dict = {}
 _PANEL_EPOCH = [0]
 
 
@@ -196,7 +198,8 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                dropout_p: float = 0.0, seed: int = 0, small_m_max: int = C.DECODE_MAX_ROWS,
                config: Optional[dict] = None, col_scale: Optional[torch.Tensor] = None,
                schedule: Optional[str] = None, store: Optional[str] = None,
-               panel_ahead: int = 0) -> torch.Tensor:
+               panel_ahead: int = 0, db_out: Optional[torch.Tensor] = None,
+               db_u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (see the module doc); ``a [M, K]``,
     ``w [N, K]``, ``out [M, N]``, ``lb [N, r]``; ``lora=SEEDED``: ``u [M, r]`` input;
     ``lora=IN_LOOP``: ``la [r, K]`` and ``u [M, r]`` is *written* (xa). ``col_scale``: fp32
@@ -205,7 +208,11 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     always uses one); ``schedule``/``store`` force a spec (tests, benchmarks). ``w`` may be a
     ``gemm.formats.PackedWeight`` (NF4 storage, or its ``.t()`` view for dX): decoded in the
     K loop, pointer loads only. ``panel_ahead`` > 0 forces the panel mode's producer distance
-    D in tiles (tests: ≥ the tile count means no tile ever finds its panel ready)."""
+    D in tiles (tests: ≥ the tile count means no tile ever finds its panel ready).
+    ``db_out [N', r]`` with ``db_u [M, r]`` (the dX form, a = dY: dB = s·dYᵀ·xa): written as
+    ``scaling·aᵀ·db_u``. The panel spec makes it from the a tiles its shares load (fp32
+    partials ``[npm, K, BLOCK_R]`` — 16 MiB at M = 8192, K = 4096, BLOCK_R = 16 — summed over
+    panels in order by torch.sum: deterministic); any other spec runs lowrank.reduce_rows."""
     M, K = a.shape
     N = w.shape[0]
     assert w.shape[1] == K and out.shape == (M, N) and M > 0 and N > 0
@@ -268,6 +275,13 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         float(scaling), seed_arg(seed), drop_threshold(dropout_p), drop_scale(dropout_p),
     )
     panel_kw = dict(panel_epoch=epoch, panel_ahead=int(panel_ahead))
+    fused_db = db_out is not None and spec.lowrank == "panel"
+    if fused_db:
+        bms = [c["BLOCK_M"] for c in cands]
+        db_ws = _scratch(_PANEL_DB, dev, max(triton.cdiv(M, b) for b in bms) * K * block_r,
+                         torch.float32)
+        panel_kw.update(db_ptr=db_ws, xa_ptr=db_u, stride_xam=db_u.stride(0),
+                        stride_xar=db_u.stride(1), PANEL_DB=True)
     modes = spec.constexprs()
     flags = dict(HAS_BIAS=bias is not None, LORA=modes["LORA"],
                  DROPOUT=lora == LoraMode.SEEDED and dropout_p > 0.0,
@@ -295,7 +309,20 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
         heuristic_kernel[grid](*args, **flags, **cfg, **panel_kw, num_warps=warps,
                                num_stages=stages)
+        block_m = cfg["BLOCK_M"]
     else:
         shape_class = "persistent" if persistent else path
-        autotuned(shape_class, tuned.device_name(dev))[grid](*args, **flags, **panel_kw)
+        kernel = autotuned(shape_class, tuned.device_name(dev))
+        kernel[grid](*args, **flags, **panel_kw)
+        # the autotuner's pick fixes the partials' panel count (bench/sass_report.py's
+        # compile-only stand-in has no best_config: its outputs are never read)
+        best = getattr(kernel, "best_config", None)
+        block_m = (best.kwargs["BLOCK_M"] if best is not None else cands[0]["BLOCK_M"]) \
+            if fused_db else 0
+    if fused_db:
+        npm = triton.cdiv(M, block_m)
+        parts = db_ws[:npm * K * block_r].view(npm, K, block_r)[:, :, :r]
+        db_out.copy_(parts.sum(0).mul_(scaling))
+    elif db_out is not None:
+        reduce_rows(a, db_u, db_out, scaling)
     return out

@@ -160,14 +160,16 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
             fused_gemm(dy, weight.t(), dx, lora=LoraMode.SEEDED, u=dyb, lb=lora_a.t(),
                        scaling=scaling, dropout_p=dropout_p, seed=seed,
                        small_m_max=SMALL_M_MAX, config=config)
-        else:
+        else:  # + dB = s·dYᵀ·xa from the dY tiles the panel shares load (fused_gemm doc)
+            dbb = torch.empty_like(lora_b) if need_bb else None
             fused_gemm(dy, weight.t(), dx, lora=dx_mode, u=dyb, la=lora_b.t(), lb=lora_a.t(),
-                       scaling=scaling, small_m_max=SMALL_M_MAX, config=config)
+                       scaling=scaling, small_m_max=SMALL_M_MAX, config=config,
+                       db_out=dbb, db_u=xa if need_bb else None)
     if need_a:
         da = torch.empty_like(lora_a)
         # dAᵀ [K, r] = s·drop(x)ᵀ·dyb: K on the big (MMA-row) side, written through a view.
         reduce_rows(x, dyb, da.t(), scaling, dropout_p, seed)
-    if need_bb:
+    if need_bb and dbb is None:
         dbb = torch.empty_like(lora_b)
         reduce_rows(dy, xa, dbb, scaling)
     if need_w:

@@ -63,9 +63,10 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, wq,
                 WEIGHT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-                QROUND: tl.constexpr, panel):
+                QROUND: tl.constexpr, panel, PANEL_DB: tl.constexpr):
     """One output tile (one K slab of it under split-K) of :func:`gemm_kernel`. ``panel``:
-    ``(num_tiles, slice_len, n_slices, D, epoch)`` of the panel mode (gemm/panel.py)."""
+    ``(num_tiles, slice_len, n_slices, D, epoch, db, xa, xa strides)`` of the panel mode
+    (gemm/panel.py); ``PANEL_DB``: its shares also make dB partials (the dX form)."""
     pid_m, pid_n = grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
@@ -90,13 +91,14 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if LORA == LORA_PANEL:
-        num_tiles, slice_len, n_slices, d, epoch = panel
+        num_tiles, slice_len, n_slices, d, epoch, db_ptr, xa_ptr, stride_xam, stride_xar = panel
         # This tile's share for a panel D tiles ahead, then its own panel: published (plain
         # K loop) or not yet (the sliced in-loop K loop; same bits, gemm/panel.py).
-        produce_share(tile, d, num_tiles, a_ptr, a_desc, la_ptr, u_ptr, ws_ptr, wsu_ptr,
-                      cnt_ptr, M, N, K, R, stride_am, stride_ak, stride_lar, stride_lak,
-                      stride_um, stride_ur, slice_len, n_slices, epoch, STORE, PRECISION,
-                      GROUP_M, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+        produce_share(tile, pid_m, pid_n, d, num_tiles, a_ptr, a_desc, la_ptr, u_ptr, ws_ptr,
+                      wsu_ptr, cnt_ptr, db_ptr, xa_ptr, M, N, K, R, stride_am, stride_ak,
+                      stride_lar, stride_lak, stride_um, stride_ur, stride_xam, stride_xar,
+                      slice_len, n_slices, epoch, STORE, PRECISION, PANEL_DB, GROUP_M, BLOCK_M,
+                      BLOCK_N, BLOCK_K, BLOCK_R)
         if panel_ready(cnt_ptr, pid_m, epoch):
             acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0,
                                   col0, k_lo, k_hi, m_ok, n_ok, r_ok, stride_ak, stride_wk,
@@ -171,12 +173,14 @@ def gemm_kernel(
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, WARP_SPEC: tl.constexpr,
     wq_absmax=None, wq_absmax2=None, wq_lut=None, wq_offset=0.0,
     WEIGHT: tl.constexpr = 0, QBLOCK: tl.constexpr = 64, QBLOCK2: tl.constexpr = 256,
-    QROUND: tl.constexpr = 0, panel_epoch=0, panel_ahead=0,
+    QROUND: tl.constexpr = 0, panel_epoch=0, panel_ahead=0, db_ptr=None, xa_ptr=None,
+    stride_xam=0, stride_xar=0, PANEL_DB: tl.constexpr = False,
 ):
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (fused_gemm.py documents the operands).
     ``M_BUCKET`` only keys the autotuner; ``wq_*``/``WEIGHT``/``Q*``: a quantized w
     (formats.py; ``w_ptr`` is then its packed storage, stride_wn/wk its logical strides).
-    ``panel_epoch``/``panel_ahead``: the panel mode's launch number and forced D (0 = auto)."""
+    ``panel_epoch``/``panel_ahead``: the panel mode's launch number and forced D (0 = auto);
+    ``PANEL_DB``: the dX form also writes dB partials ``aᵀ·xa`` per panel to ``db_ptr``."""
     wq = (wq_absmax, wq_absmax2, wq_lut, wq_offset, stride_wn, stride_wk)
     if STORE == STORE_TMA:
         a_desc, w_desc, o_desc = descriptors(a_ptr, w_ptr, out_ptr, M, N, K, stride_am,
@@ -188,7 +192,8 @@ def gemm_kernel(
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         slice_len, n_slices, d = panel_geometry(M, N, K, tl.num_programs(0), panel_ahead,
                                                 GROUP_M, BLOCK_M, BLOCK_N, BLOCK_K)
-        panel = (num_tiles, slice_len, n_slices, d, panel_epoch)
+        panel = (num_tiles, slice_len, n_slices, d, panel_epoch, db_ptr, xa_ptr, stride_xam,
+                 stride_xar)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0),
                              warp_specialize=WARP_SPEC, flatten=WARP_SPEC):
             _dense_tile(tile, 0, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_ptr, lb_ptr,
@@ -198,7 +203,7 @@ def gemm_kernel(
                         stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
                         HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
                         PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1, wq, WEIGHT,
-                        QBLOCK, QBLOCK2, QROUND, panel)
+                        QBLOCK, QBLOCK2, QROUND, panel, PANEL_DB)
     else:
         _dense_tile(tl.program_id(0), tl.program_id(1), a_ptr, w_ptr, out_ptr, bias_ptr,
                     cs_ptr, u_ptr, la_ptr, lb_ptr, ws_ptr, wsu_ptr, cnt_ptr, a_desc, w_desc,
@@ -207,7 +212,7 @@ def gemm_kernel(
                     stride_lbr, stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
                     HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
                     PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, wq, WEIGHT,
-                    QBLOCK, QBLOCK2, QROUND, (0, 0, 0, 0, 0))
+                    QBLOCK, QBLOCK2, QROUND, (0, 0, 0, 0, 0, 0, 0, 0, 0), False)
 
 
 @triton.jit

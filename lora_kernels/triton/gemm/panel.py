@@ -60,43 +60,79 @@ def _first_tile(pm, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def produce_share(tile, d, num_tiles, a_ptr, a_desc, la_ptr, u_ptr, ws_ptr, final_ptr, cnt_ptr,
-                  M, N, K, R, stride_am, stride_ak, stride_lar, stride_lak, stride_um,
-                  stride_ur, slice_len, n_slices, epoch, STORE: tl.constexpr,
-                  PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+def _slice_pass(pm, j, a_ptr, a_desc, la_ptr, db_ptr, xa_ptr, M, K, R, stride_am, stride_ak,
+                stride_lar, stride_lak, stride_xam, stride_xar, slice_len,
+                STORE: tl.constexpr, PRECISION: tl.constexpr, DO_U: tl.constexpr,
+                DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+    """One pass over K slice ``j`` of panel ``pm``'s rows of a: the u share ``a·laᵀ`` (DO_U,
+    returned) and/or (DB, the dX form: a = dY) the dB partial ``aᵀ·xa`` of those rows,
+    stored as rows ``k`` of the panel's ``[K, BLOCK_R]`` fp32 slab of ``db_ptr``."""
+    row0 = pm * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    m_ok = rows < M
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    rk = tl.arange(0, BLOCK_K)
+    k_lo = j * slice_len
+    k_hi = tl.minimum(K, k_lo + slice_len)
+    a_ptrs = (a_ptr + rows.to(tl.int64)[:, None] * stride_am
+              + (k_lo + rk).to(tl.int64)[None, :] * stride_ak)
+    la_ptrs = (la_ptr + rr[None, :].to(tl.int64) * stride_lar
+               + (k_lo + rk).to(tl.int64)[:, None] * stride_lak)
+    share = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DB:
+        xa = tl.load(xa_ptr + rows.to(tl.int64)[:, None] * stride_xam + rr[None, :] * stride_xar,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        db_rows = db_ptr + pm.to(tl.int64) * K * BLOCK_R + rr[None, :]
+    for k in range(k_lo, k_hi, BLOCK_K):
+        k_ok = (k + rk) < k_hi
+        if STORE == STORE_TMA:
+            a = a_desc.load([row0, k])  # zero past K: the slice end is a K multiple
+        else:
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if DO_U:
+            la = tl.load(la_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            share = tl.dot(a, la, share, input_precision=PRECISION)
+        if DB:
+            part = tl.dot(tl.trans(a), xa.to(a.dtype), input_precision=PRECISION)
+            tl.store(db_rows + (k + rk).to(tl.int64)[:, None] * BLOCK_R, part,
+                     mask=k_ok[:, None])
+        a_ptrs += BLOCK_K * stride_ak
+        la_ptrs += BLOCK_K * stride_lak
+    return share
+
+
+@triton.jit
+def produce_share(tile, pid_m, pid_n, d, num_tiles, a_ptr, a_desc, la_ptr, u_ptr, ws_ptr,
+                  final_ptr, cnt_ptr, db_ptr, xa_ptr, M, N, K, R, stride_am, stride_ak,
+                  stride_lar, stride_lak, stride_um, stride_ur, stride_xam, stride_xar,
+                  slice_len, n_slices, epoch, STORE: tl.constexpr, PRECISION: tl.constexpr,
+                  DB: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Tile ``tile``'s share: slice ``pid_n(tile + d)`` of ``x·Aᵀ`` for the panel of tile
     ``tile + d`` (nothing when that tile does not exist or its panel has no full set of
-    producers). The last producer of a panel finishes it (module doc)."""
+    producers). The last producer of a panel finishes it (module doc). With ``DB`` the same
+    pass also makes that slice's dB partial; a tile whose own panel has no producers makes
+    its own slice's dB partial instead, so every (panel, slice) partial is made once."""
     target = tile + d
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
+    if DB:
+        if (_first_tile(pid_m, num_m, num_n, GROUP_M) < d) & (pid_n < n_slices):
+            _slice_pass(pid_m, pid_n, a_ptr, a_desc, la_ptr, db_ptr, xa_ptr, M, K, R, stride_am,
+                        stride_ak, stride_lar, stride_lak, stride_xam, stride_xar, slice_len,
+                        STORE, PRECISION, False, True, BLOCK_M, BLOCK_K, BLOCK_R)
     if target < num_tiles:
         pm, j = grouped_tile(target, num_m, num_n, GROUP_M)
         if (_first_tile(pm, num_m, num_n, GROUP_M) >= d) & (j < n_slices):
-            row0 = pm * BLOCK_M
-            rows = row0 + tl.arange(0, BLOCK_M)
-            m_ok = rows < M
+            share = _slice_pass(pm, j, a_ptr, a_desc, la_ptr, db_ptr, xa_ptr, M, K, R,
+                                stride_am, stride_ak, stride_lar, stride_lak, stride_xam,
+                                stride_xar, slice_len, STORE, PRECISION, True, DB, BLOCK_M,
+                                BLOCK_K, BLOCK_R)
             rr = tl.arange(0, BLOCK_R)
-            r_ok = rr < R
-            rk = tl.arange(0, BLOCK_K)
-            k_lo = j * slice_len
-            k_hi = tl.minimum(K, k_lo + slice_len)
-            a_ptrs = (a_ptr + rows.to(tl.int64)[:, None] * stride_am
-                      + (k_lo + rk).to(tl.int64)[None, :] * stride_ak)
-            la_ptrs = (la_ptr + rr[None, :].to(tl.int64) * stride_lar
-                       + (k_lo + rk).to(tl.int64)[:, None] * stride_lak)
-            share = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k in range(k_lo, k_hi, BLOCK_K):
-                k_ok = (k + rk) < k_hi
-                if STORE == STORE_TMA:
-                    a = a_desc.load([row0, k])  # zero past K: the slice end is a K multiple
-                else:
-                    a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                la = tl.load(la_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-                share = tl.dot(a, la, share, input_precision=PRECISION)
-                a_ptrs += BLOCK_K * stride_ak
-                la_ptrs += BLOCK_K * stride_lak
+            rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = rows < M
             tile_rb = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R
             ws_panel = ws_ptr + (pm * num_n).to(tl.int64) * (BLOCK_M * BLOCK_R)
             tl.store(ws_panel + j * (BLOCK_M * BLOCK_R) + tile_rb + rr[None, :], share)
@@ -110,7 +146,7 @@ def produce_share(tile, d, num_tiles, a_ptr, a_desc, la_ptr, u_ptr, ws_ptr, fina
                 tl.store(final_ptr + pm.to(tl.int64) * (BLOCK_M * BLOCK_R) + tile_rb
                          + rr[None, :], u)
                 tl.store(u_ptr + rows.to(tl.int64)[:, None] * stride_um + rr[None, :] * stride_ur,
-                         u.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+                         u.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & (rr < R)[None, :])
                 tl.debug_barrier()  # final u stored before the flag is released
                 tl.atomic_xchg(cnt_ptr + 2 + 2 * pm, 0)  # every producer has taken its ticket
                 tl.atomic_xchg(cnt_ptr + 3 + 2 * pm, epoch, sem="release", scope="gpu")
