@@ -132,7 +132,7 @@ def panel_tile() -> tuple[int, int, int]:
     return k["BLOCK_M"], k["BLOCK_N"], k["GROUP_M"]
 
 
-def triton_panel_gemm(M, N, K, r, name) -> Launch:
+def triton_panel_gemm(M, N, K, r, name, db=False) -> Launch:
     """fused_gemm LORA=4 (gemm/panel.py): x·Aᵀ as one K-slice share per tile, made one wave
     ahead; the D = P + GROUP_M·(NT − 1) first tiles (panels without producers) run the in-loop
     u instead (assumed: every later tile finds its panel ready — the GPU run counts hits)."""
@@ -149,6 +149,10 @@ def triton_panel_gemm(M, N, K, r, name) -> Launch:
     read = (M * K + N * K + r * K + N * r) * E + scratch  # ... and read once (L2 mostly)
     write = M * N * E + M * r * E + scratch
     l2 = (nt - 1) * Mp * br * 4                           # final u re-read by each column tile
+    if db:  # the dX form: dB partials aᵀ·xa [npm, K, BLOCK_R] fp32 from the shares' a tiles
+        flops += 2 * Mp * K * br
+        read += M * r * E
+        write += (Mp // bm) * K * br * 4
     return Launch(name + f" [{bm}x{bn}, fallback {100 * fallback:.0f}% of tiles]", flops, read,
                   write, 0.0, l2)
 
@@ -336,14 +340,16 @@ def single_adapter(M, K, N, r, p, bwd):
         minimal.flops += 2 * M * N * K + 2 * M * r * (2 * N + 2 * K)
         minimal.read += (M * N + N * K + M * K + M * r) * E
         minimal.write += (M * K + r * K + N * r) * E
-        if mode == 4:  # p = 0: the dX GEMM makes dyb = dY·B itself (panel shares on Bᵀ)
-            ours += [triton_panel_gemm(M, K, N, r, "dX fused GEMM, panel-shared dY·B (LORA=4)")]
+        if mode == 4:  # p = 0: the dX GEMM makes dyb = dY·B and dB = dYᵀ·xa itself
+            npm = pad(M, panel_tile()[0]) // panel_tile()[0]
+            ours += [triton_panel_gemm(M, K, N, r, "dX fused GEMM, panel-shared dY·B + dB partials (LORA=4)", db=True),
+                     Launch("sum of the dB partials (torch)", 0, npm * N * rank_block(r) * 4, N * r * E)]
         else:
             ours += [triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"),
                      triton_fused_gemm(M, K, N, r, 1, p, "dX fused GEMM, seeded" + (" + mask" if p else ""))]
-        ours += [
-                 *triton_reduce(M, K, r, p, "dA = drop(x)ᵀ·dyb" + (" (mask redrawn)" if p else "")),
-                 *triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
+        ours += [*triton_reduce(M, K, r, p, "dA = drop(x)ᵀ·dyb" + (" (mask redrawn)" if p else ""))]
+        if mode != 4:
+            ours += [*triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
         floor += [cublas_gemm(M, r, N, "cuBLAS dY·B"), elementwise(M * r, E, E, "·s")]
         if p > 0:
             floor += [triton_mask(M, K)]
