@@ -8,10 +8,9 @@ reads x once before it (``SEEDED``, dropout), see :func:`lora_mode`.
 Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
 
 * ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the same fused GEMM on ``Wᵀ``/``Aᵀ`` views — no M×K
-  temporary besides dX. Without dropout dyb is made by that GEMM (in its K loop, or as
-  panel shares at large M: :func:`forward_mode`) and written out for dA, so dY is read by the
-  dX GEMM and the dB reduction only; with dropout a shrink makes dyb and the masked term
-  seeds the accumulator;
+  temporary besides dX. At large M without dropout (:func:`forward_mode` = PANEL) dyb and
+  dB are made by that GEMM from its panel shares and written out, so dY is read once;
+  otherwise a shrink makes dyb and the (masked) term seeds the accumulator;
 * ``dA = s·dybᵀ·drop(x)`` and ``dB = s·dYᵀ·xa``: reductions over M into rank-sized outputs
   (lowrank.py), deterministic;
 * ``dW = dYᵀ·x`` (only when W requires grad): the fused GEMM on transposed views, no LoRA;
@@ -145,7 +144,12 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
     # makes it (in-loop, or panel-shared at large M) and writes it out, so dY is not read by a
     # separate shrink. With dropout the mask applies to the low-rank term of dX only, which
     # the seeded epilogue draws on a precomputed dyb (the shrink below).
+    # Only the panel mode: the small-M in-loop dX runs split-K, whose slabs each add their
+    # share of s·dyb·A — with an inf in A, ±inf shares of one element meet as NaN where the
+    # reference (dyb complete first) has ±inf (tests/test_numerics_edges.py).
     dx_mode = forward_mode(M, r, dropout_p) if need_x else LoraMode.SEEDED
+    if dx_mode != LoraMode.PANEL:
+        dx_mode = LoraMode.SEEDED
     if need_a or need_x:
         dyb = torch.empty(M, r, dtype=dy.dtype, device=dy.device)
     if dx_mode == LoraMode.SEEDED and (need_x or need_a):
