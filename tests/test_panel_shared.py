@@ -264,3 +264,32 @@ def test_panel_dx_form_makes_dyb_and_db(monkeypatch, store, dtype):
     assert rel_err(outs[0][1], dyb_want) <= tol(dtype, DEVICE)
     assert rel_err(outs[0][0], d(dy) @ d(w) + s * dyb_want @ d(a)) <= tol(dtype, DEVICE)
     assert rel_err(outs[0][2], s * d(dy).t() @ d(xa)) <= tol(dtype, DEVICE)
+
+
+@pytest.mark.parametrize("where", ["a", "b", "x"])
+def test_panel_single_inf_lands_where_the_reference_puts_it(monkeypatch, where):
+    """One inf in A, B or x on the panel forward + dX (1-program grid: shared and fallback
+    panels both): y and dX are non-finite exactly where the float64 reference is."""
+    _force_panel(monkeypatch, "pointer")
+    _one_program(monkeypatch)
+    M, K, N, r = 100, 72, 104, 5
+    g = torch.Generator().manual_seed(12)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    t = dict(x=rnd(M, K), w=rnd(N, K) / K ** 0.5, a=rnd(r, K) / K ** 0.5, b=rnd(N, r) / r ** 0.5)
+    t[where][(3, 20) if where != "b" else (20, 3)] = float("inf")
+    leaves = {k: v.float().requires_grad_(k == "x") for k, v in t.items()}
+    y = lora_kernels.lora_linear(leaves["x"], leaves["w"], None, leaves["a"], leaves["b"],
+                                 scaling=0.5, backend="triton")
+    ref_x = t["x"].clone().requires_grad_()
+    ref = reference.lora_linear(ref_x, t["w"], None, t["a"], t["b"], 0.5, 0.0, 0)
+    dy = rnd(M, N)
+    (dx,) = torch.autograd.grad(y, [leaves["x"]], dy.float())
+    (dx_ref,) = torch.autograd.grad(ref, [ref_x], dy)
+    for got, want in ((y, ref), (dx, dx_ref)):
+        got, want = got.detach().double(), want.detach()
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+        if where != "x":
+            assert torch.equal(torch.isnan(got), torch.isnan(want))
+        # (an inf in x: its row of u is ±inf, and the rank columns padded to BLOCK_R are
+        # inf·0 = NaN, so that row of y is NaN where the reference may have ±inf — the
+        # in-loop mode's long-standing behaviour, same row either way)
