@@ -112,6 +112,51 @@ def lora_mode(m: int, r: int, p: float) -> int:
     return CH.TL.lora_mode(m, r, p) if CH else (1 if p > 0 or m * r > 16384 and m > 16 else 2)
 
 
+def forward_mode(m: int, r: int, p: float) -> int:
+    """The single-adapter forward's (and the p = 0 dX's) mode: 4 = panel-shared x·Aᵀ."""
+    if CH:
+        return int(CH.TL.forward_mode(m, r, p))
+    mode = lora_mode(m, r, p)
+    return 4 if mode == 1 and p == 0 and r <= 64 else mode
+
+
+def panel_tile() -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, GROUP_M) of the panel mode: the first persistent config that the
+    pruning keeps for it (bf16, descriptors; the in-loop fallback caps the accumulator)."""
+    if not CH:
+        return 128, 128, 8
+    import torch
+    kept = CH.C.prune_persistent(CH.C.GEMM_PERSISTENT, {"a_ptr": torch.empty(1, dtype=torch.bfloat16)},
+                                 LORA=4, STORE=1)
+    k = kept[0].kwargs
+    return k["BLOCK_M"], k["BLOCK_N"], k["GROUP_M"]
+
+
+def triton_panel_gemm(M, N, K, r, name, db=False) -> Launch:
+    """fused_gemm LORA=4 (gemm/panel.py): x·Aᵀ as one K-slice share per tile, made one wave
+    ahead; the D = P + GROUP_M·(NT − 1) first tiles (panels without producers) run the in-loop
+    u instead (assumed: every later tile finds its panel ready — the GPU run counts hits)."""
+    bm, bn, group = panel_tile()
+    Mp, Np = pad(M, bm), pad(N, bn)
+    br = rank_block(r)
+    nt, tiles = Np // bn, (Mp // bm) * (Np // bn)
+    d = min(tiles, SMS + group * (nt - 1))
+    fallback = d / tiles
+    flops = (2 * Mp * Np * K + 2 * Mp * Np * br          # main loop + the expand dot
+             + 2 * Mp * K * br                           # the shares: x·Aᵀ once
+             + fallback * nt * 2 * Mp * K * br)           # fallback tiles' in-loop u
+    scratch = Mp * nt * br * 4 + Mp * br * 4              # fp32 shares + final u, written once
+    read = (M * K + N * K + r * K + N * r) * E + scratch  # ... and read once (L2 mostly)
+    write = M * N * E + M * r * E + scratch
+    l2 = (nt - 1) * Mp * br * 4                           # final u re-read by each column tile
+    if db:  # the dX form: dB partials aᵀ·xa [npm, K, BLOCK_R] fp32 from the shares' a tiles
+        flops += 2 * Mp * K * br
+        read += M * r * E
+        write += (Mp // bm) * K * br * 4
+    return Launch(name + f" [{bm}x{bn}, fallback {100 * fallback:.0f}% of tiles]", flops, read,
+                  write, 0.0, l2)
+
+
 def gemm_tile(m: int, dropout: bool) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) assumed for the fused GEMM: the first config of its autotune list
     (the Hopper-sized one) that the dropout pruning keeps. The autotuner may pick another; at
@@ -271,7 +316,7 @@ def multi_fused(T, N, K, A, R) -> Launch:
 # Ops: minimal traffic and the three plans
 # ---------------------------------------------------------------------------------------------
 def single_adapter(M, K, N, r, p, bwd):
-    mode = lora_mode(M, r, p)
+    mode = forward_mode(M, r, p)
     minimal = Launch("minimal", 2 * M * K * N + 2 * M * r * (K + N),
                      (M * K + N * K + r * K + N * r) * E, (M * N + M * r) * E,
                      mask_ops(M * K) if p > 0 else 0.0)
@@ -279,6 +324,8 @@ def single_adapter(M, K, N, r, p, bwd):
         ours = [triton_decode_gemm(M, N, K, r)]
     elif mode == 1:
         ours = [triton_shrink(M, K, r, p), triton_fused_gemm(M, N, K, r, 1, 0.0, "fused GEMM, seeded (LORA=1)")]
+    elif mode == 4:
+        ours = [triton_panel_gemm(M, N, K, r, "fused GEMM, panel-shared x·Aᵀ (LORA=4)")]
     else:
         ours = [triton_fused_gemm(M, N, K, r, 2, 0.0, "fused GEMM, in-loop shrink (LORA=2)")]
     floor = []
@@ -293,10 +340,16 @@ def single_adapter(M, K, N, r, p, bwd):
         minimal.flops += 2 * M * N * K + 2 * M * r * (2 * N + 2 * K)
         minimal.read += (M * N + N * K + M * K + M * r) * E
         minimal.write += (M * K + r * K + N * r) * E
-        ours += [triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"),
-                 triton_fused_gemm(M, K, N, r, 1, p, "dX fused GEMM, seeded" + (" + mask" if p else "")),
-                 *triton_reduce(M, K, r, p, "dA = drop(x)ᵀ·dyb" + (" (mask redrawn)" if p else "")),
-                 *triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
+        if mode == 4:  # p = 0: the dX GEMM makes dyb = dY·B and dB = dYᵀ·xa itself
+            npm = pad(M, panel_tile()[0]) // panel_tile()[0]
+            ours += [triton_panel_gemm(M, K, N, r, "dX fused GEMM, panel-shared dY·B + dB partials (LORA=4)", db=True),
+                     Launch("sum of the dB partials (torch)", 0, npm * N * rank_block(r) * 4, N * r * E)]
+        else:
+            ours += [triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"),
+                     triton_fused_gemm(M, K, N, r, 1, p, "dX fused GEMM, seeded" + (" + mask" if p else ""))]
+        ours += [*triton_reduce(M, K, r, p, "dA = drop(x)ᵀ·dyb" + (" (mask redrawn)" if p else ""))]
+        if mode != 4:
+            ours += [*triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
         floor += [cublas_gemm(M, r, N, "cuBLAS dY·B"), elementwise(M * r, E, E, "·s")]
         if p > 0:
             floor += [triton_mask(M, K)]

@@ -221,7 +221,7 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
         a, bb, u = e(R_T, K_T), e(N_T, R_T), e(M, R_T)
         cs = torch.empty(N_T, dtype=torch.float32) if spec.col_scale == "vector" else None
         lora = {"none": LoraMode.NONE, "seeded": LoraMode.SEEDED,
-                "in_loop": LoraMode.IN_LOOP}[spec.lowrank]
+                "in_loop": LoraMode.IN_LOOP, "panel": LoraMode.PANEL}[spec.lowrank]
         common = dict(lora=lora, u=u, la=a, lb=bb, scaling=2.0, col_scale=cs, small_m_max=path_max,
                       schedule=spec.schedule, store=spec.store)
         if spec.weight == "fp8_e4m3":  # e4m3 bytes + per-row scale of the same weight
@@ -240,6 +240,11 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                 FG.fused_gemm(dy, w.t(), dx, **{**common, "la": None, "lb": a.t(), "u": e(M, R_T)},
                               dropout_p=p, seed=7)
             comp.prune_as_dropout = False
+        if spec.lowrank == "panel":  # the p = 0 dX form: dyb shares on Bᵀ + the dB partials
+            dy, dx = e(M, N_T), e(M, K_T)
+            comp.form = f"{spec.name} dX+dB"
+            FG.fused_gemm(dy, w.t(), dx, **{**common, "la": bb.t(), "lb": a.t(), "u": e(M, R_T)},
+                          db_out=e(N_T, R_T), db_u=e(M, R_T))
         if (spec.lowrank == "none" and spec.schedule == "tiles" and spec.col_scale == "none"
                 and spec.weight == "dense"):
             comp.form = f"{spec.name} dW"

@@ -36,7 +36,8 @@ def test_roofline_plans_are_consistent_with_the_minimum():
             assert ours["read"] + ours["write"] <= fl["read"] + fl["write"], name
     # dropout costs integer work (the mask) and nothing else in bytes for the fused plan
     a, b = rep["ops"]["fwd"]["plans"]["ours"]["total"], rep["ops"]["fwd p=0.05"]["plans"]["ours"]["total"]
-    assert b["int_ops"] > 0 == a["int_ops"] and a["read"] + a["write"] == b["read"] + b["write"]
+    # (without dropout the panel-shared forward also skips the shrink's pass over x)
+    assert b["int_ops"] > 0 == a["int_ops"] and a["read"] + a["write"] <= b["read"] + b["write"]
 
 
 def test_roofline_script_prints_the_table():

@@ -143,12 +143,13 @@ def prune_persistent(configs, named_args, **kwargs):
     # sm_90a, Triton 3.8); 128x128 / 4 warps (also 128 per thread) spilled 8 B, and the
     # pointer path at 128 per thread 88 B.
     tma = kwargs.get("STORE") == 1
-    small = bool(kwargs.get("DROPOUT")) or kwargs.get("LORA") == 2
+    in_loop = kwargs.get("LORA") in (2, 4)  # in-loop u, or the panel mode's fallback K loop
+    small = bool(kwargs.get("DROPOUT")) or in_loop
 
     def fits(c):
         acc = acc_per_thread(c)
         if small:
-            return acc <= 64 or (tma and not kwargs.get("LORA") == 2 and c.num_warps == 8
+            return acc <= 64 or (tma and not in_loop and c.num_warps == 8
                                  and acc <= 128)
         return acc <= 128
 

@@ -18,6 +18,11 @@ The low-rank term (``lora``, names in ``gemm.modes.LoraMode``):
 * ``IN_LOOP`` (2): ``u`` accumulates in the main K loop from the same ``a`` tiles (r/BLOCK_N
   more MMA work, no extra read of x, one launch). Programs with ``pid_n == 0`` write ``u``
   (= xa) for the backward.
+* ``PANEL`` (4, persistent schedule only; other schedules run it as ``IN_LOOP``): the same
+  operands and result as ``IN_LOOP``, but each tile makes one K-slice share of ``u`` for a row
+  panel one wave ahead and a tile whose panel is complete reads u instead of computing it:
+  x crosses HBM once and the extra MMA work is ≈ r/(BLOCK_N·NT) (gemm/panel.py). No dropout
+  (the mask would have to be drawn on the x tiles of the fallback K loop: lora_linear.py).
 
 Schedules: ``tiles`` (medium M), ``split_k`` (the decode path: K slabs reduced by the last
 program to take the tile's ticket, deterministic, tickets reset by the kernel itself) and
@@ -40,6 +45,7 @@ from lora_kernels.triton.gemm.formats import PackedWeight, prune_packed
 from lora_kernels.triton.gemm.kernel import gemm_kernel
 from lora_kernels.triton.gemm.modes import LoraMode
 from lora_kernels.triton.gemm.spec import GemmSpec
+from lora_kernels.triton.lowrank import reduce_rows
 
 __all__ = ["fused_gemm", "select_spec", "tma_compatible"]
 
@@ -69,7 +75,10 @@ def autotuned(shape_class: str, device_name: str):
     worst builds the same autotuner twice."""
     fallback, prune = _LISTS[shape_class]
     configs = tuned.lookup("gemm", shape_class, device_name, fallback)
-    return triton.autotune(configs, key=_AUTOTUNE_KEY,
+    # Benchmark runs of the panel mode repeat one launch (one epoch): its flags are cleared
+    # before each (for other specs cnt_ptr is a ticket buffer or a dummy that is overwritten).
+    reset = ["cnt_ptr"] if shape_class == "persistent" else None
+    return triton.autotune(configs, key=_AUTOTUNE_KEY, reset_to_zero=reset,
                            prune_configs_by={"early_config_prune": prune})(heuristic_kernel)
 
 
@@ -108,6 +117,37 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     return _scratch(_TICKETS, device, n, torch.int32, zero=True)
 
 
+# Panel-mode scratch (gemm/panel.py): shares [npm, NT, BM, BR] and final u [npm, BM, BR] fp32,
+# tickets/flags int32 (zeroed once; tickets go back to 0 within each launch, flags hold the
+# launch's epoch). Epochs are one process-wide sequence, so a flag is never mistaken for one of
+# an earlier launch; at 2³¹ the flag buffers are dropped and re-zeroed. Under CUDA-graph capture
+# the buffers are per call (a captured memset zeroes them on every replay).
+_PANEL_WS: dict = {}
+_PANEL_FINAL: dict = {}
+_PANEL_CNT: dict = {}
+_PANEL_DB: dict = {}
+_PANEL_EPOCH = [0]
+
+
+def _panel_scratch(dev, M: int, N: int, block_r: int, configs):
+    npm = max(triton.cdiv(M, c["BLOCK_M"]) for c in configs)
+    shares = max(triton.cdiv(M, c["BLOCK_M"]) * c["BLOCK_M"] * triton.cdiv(N, c["BLOCK_N"])
+                 for c in configs) * block_r
+    final = max(triton.cdiv(M, c["BLOCK_M"]) * c["BLOCK_M"] for c in configs) * block_r
+    with _SCRATCH_LOCK:
+        _PANEL_EPOCH[0] += 1
+        if _PANEL_EPOCH[0] >= 2**31 - 1:
+            _PANEL_CNT.clear()
+            _PANEL_EPOCH[0] = 1
+        epoch = _PANEL_EPOCH[0]
+    ws = _scratch(_PANEL_WS, dev, shares, torch.float32)
+    fin = _scratch(_PANEL_FINAL, dev, final, torch.float32)
+    cnt = _scratch(_PANEL_CNT, dev, 2 + 2 * npm, torch.int32, zero=True)
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        epoch = 1  # fresh zeroed flags on every replay
+    return ws, fin, cnt, epoch
+
+
 def _descriptor_alloc(device, size: int, alignment: int, stream):
     # Global scratch for the tensor descriptors the kernel builds (triton.set_allocator; the
     # allocator is a ContextVar, so setting it per launch is thread-safe).
@@ -129,12 +169,14 @@ def select_spec(M: int, lora: int, col_scale: bool, path: str, tma_ok: bool,
                 weight: str = "dense") -> GemmSpec:
     """The spec a call runs: split-K on the decode path, persistent + TMA for large M on a GPU
     when the operands allow descriptors, tiles otherwise (``schedule``/``store`` force one)."""
-    lowrank = {LoraMode.NONE: "none", LoraMode.SEEDED: "seeded",
-               LoraMode.IN_LOOP: "in_loop"}[LoraMode(lora)]
+    lowrank = {LoraMode.NONE: "none", LoraMode.SEEDED: "seeded", LoraMode.IN_LOOP: "in_loop",
+               LoraMode.PANEL: "panel"}[LoraMode(lora)]
     if schedule is None:
         schedule = {"small": "split_k", "medium": "tiles", "large": "tiles"}[path]
         if path == "large" and tma_ok:
             schedule = "persistent"
+    if lowrank == "panel" and schedule != "persistent":
+        lowrank = "in_loop"  # the same u and result, computed by every N tile
     if store is None:
         store = "tma" if schedule == "persistent" and tma_ok else "pointer"
     return GemmSpec(weight=weight, lowrank=lowrank, col_scale="vector" if col_scale else "none",
@@ -155,7 +197,9 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                lb: Optional[torch.Tensor] = None, scaling: float = 1.0,
                dropout_p: float = 0.0, seed: int = 0, small_m_max: int = C.DECODE_MAX_ROWS,
                config: Optional[dict] = None, col_scale: Optional[torch.Tensor] = None,
-               schedule: Optional[str] = None, store: Optional[str] = None) -> torch.Tensor:
+               schedule: Optional[str] = None, store: Optional[str] = None,
+               panel_ahead: int = 0, db_out: Optional[torch.Tensor] = None,
+               db_u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (see the module doc); ``a [M, K]``,
     ``w [N, K]``, ``out [M, N]``, ``lb [N, r]``; ``lora=SEEDED``: ``u [M, r]`` input;
     ``lora=IN_LOOP``: ``la [r, K]`` and ``u [M, r]`` is *written* (xa). ``col_scale``: fp32
@@ -163,7 +207,12 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     inner stride not required). ``config`` forces one launch config (tests; the interpreter
     always uses one); ``schedule``/``store`` force a spec (tests, benchmarks). ``w`` may be a
     ``gemm.formats.PackedWeight`` (NF4 storage, or its ``.t()`` view for dX): decoded in the
-    K loop, pointer loads only."""
+    K loop, pointer loads only. ``panel_ahead`` > 0 forces the panel mode's producer distance
+    D in tiles (tests: ≥ the tile count means no tile ever finds its panel ready).
+    ``db_out [N', r]`` with ``db_u [M, r]`` (the dX form, a = dY: dB = s·dYᵀ·xa): written as
+    ``scaling·aᵀ·db_u``. The panel spec makes it from the a tiles its shares load (fp32
+    partials ``[npm, K, BLOCK_R]`` — 16 MiB at M = 8192, K = 4096, BLOCK_R = 16 — summed over
+    panels in order by torch.sum: deterministic); any other spec runs lowrank.reduce_rows."""
     M, K = a.shape
     N = w.shape[0]
     assert w.shape[1] == K and out.shape == (M, N) and M > 0 and N > 0
@@ -175,7 +224,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     dev = a.device
     dummy = out  # never dereferenced when the matching constexpr flag is off
     block_r = C.rank_block(r)
-    if lora == LoraMode.IN_LOOP:
+    if lora in (LoraMode.IN_LOOP, LoraMode.PANEL):
         assert r <= 64 and dropout_p == 0.0, "fused shrink: r ≤ 64 and no dropout"
         assert la is not None and u is not None
     path = C.gemm_path(M, small_m_max)
@@ -201,6 +250,12 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         if lora == LoraMode.IN_LOOP:
             wsu = _scratch(_WORKSPACE_U, dev, max_split * M * block_r, torch.float32)
         tickets = _tickets(dev, triton.cdiv(M, 16) * triton.cdiv(N, 16))
+    epoch = 0
+    if spec.lowrank == "panel":
+        cands = [config] if config is not None else [
+            c.kwargs for c in tuned.lookup("gemm", "persistent", tuned.device_name(dev),
+                                           C.GEMM_PERSISTENT)]
+        ws, wsu, tickets, epoch = _panel_scratch(dev, M, N, block_r, cands)
 
     u_t = u if u is not None else dummy
     la_t = la if la is not None else dummy
@@ -219,6 +274,14 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
         col_scale.stride(0) if col_scale is not None else 0,
         float(scaling), seed_arg(seed), drop_threshold(dropout_p), drop_scale(dropout_p),
     )
+    panel_kw = dict(panel_epoch=epoch, panel_ahead=int(panel_ahead))
+    fused_db = db_out is not None and spec.lowrank == "panel"
+    if fused_db:
+        bms = [c["BLOCK_M"] for c in cands]
+        db_ws = _scratch(_PANEL_DB, dev, max(triton.cdiv(M, b) for b in bms) * K * block_r,
+                         torch.float32)
+        panel_kw.update(db_ptr=db_ws, xa_ptr=db_u, stride_xam=db_u.stride(0),
+                        stride_xar=db_u.stride(1), PANEL_DB=True)
     modes = spec.constexprs()
     flags = dict(HAS_BIAS=bias is not None, LORA=modes["LORA"],
                  DROPOUT=lora == LoraMode.SEEDED and dropout_p > 0.0,
@@ -244,8 +307,22 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     if config is not None:
         cfg = {"WARP_SPEC": False, **config}
         warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
-        heuristic_kernel[grid](*args, **flags, **cfg, num_warps=warps, num_stages=stages)
+        heuristic_kernel[grid](*args, **flags, **cfg, **panel_kw, num_warps=warps,
+                               num_stages=stages)
+        block_m = cfg["BLOCK_M"]
     else:
         shape_class = "persistent" if persistent else path
-        autotuned(shape_class, tuned.device_name(dev))[grid](*args, **flags)
+        kernel = autotuned(shape_class, tuned.device_name(dev))
+        kernel[grid](*args, **flags, **panel_kw)
+        # the autotuner's pick fixes the partials' panel count (bench/sass_report.py's
+        # compile-only stand-in has no best_config: its outputs are never read)
+        best = getattr(kernel, "best_config", None)
+        block_m = (best.kwargs["BLOCK_M"] if best is not None else cands[0]["BLOCK_M"]) \
+            if fused_db else 0
+    if fused_db:
+        npm = triton.cdiv(M, block_m)
+        parts = db_ws[:npm * K * block_r].view(npm, K, block_r)[:, :, :r]
+        db_out.copy_(parts.sum(0).mul_(scaling))
+    elif db_out is not None:
+        reduce_rows(a, db_u, db_out, scaling)
     return out

@@ -1,13 +1,16 @@
 """Triton backend of the fused single-adapter LoRA linear (docs/BACKENDS.md, "Single adapter").
 
 Forward ``y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``: one fused GEMM writes y once (fused_gemm.py);
-the rank-sized ``xa = drop(x)·Aᵀ`` comes either from the GEMM's own K loop (``IN_LOOP``) or from
-a shrink kernel that reads x once before it (``SEEDED``), see :func:`lora_mode`.
+the rank-sized ``xa = drop(x)·Aᵀ`` comes from the GEMM's own K loop (``IN_LOOP``), from K-slice
+shares the persistent programs make one wave ahead (``PANEL``), or from a shrink kernel that
+reads x once before it (``SEEDED``, dropout), see :func:`lora_mode`.
 
 Backward, with ``dyb = dY·B`` ``[M, r]`` the only new intermediate:
 
-* ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the same fused GEMM on ``Wᵀ``/``Aᵀ`` views, the masked
-  low-rank term seeding its accumulator — no M×K temporary besides dX;
+* ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the same fused GEMM on ``Wᵀ``/``Aᵀ`` views — no M×K
+  temporary besides dX. At large M without dropout (:func:`forward_mode` = PANEL) dyb and
+  dB are made by that GEMM from its panel shares and written out, so dY is read once;
+  otherwise a shrink makes dyb and the (masked) term seeds the accumulator;
 * ``dA = s·dybᵀ·drop(x)`` and ``dB = s·dYᵀ·xa``: reductions over M into rank-sized outputs
   (lowrank.py), deterministic;
 * ``dW = dYᵀ·x`` (only when W requires grad): the fused GEMM on transposed views, no LoRA;
@@ -27,7 +30,7 @@ from lora_kernels.triton.fused_gemm import fused_gemm
 from lora_kernels.triton.gemm.modes import LoraMode
 from lora_kernels.triton.lowrank import reduce_rows, shrink
 
-__all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask"]
+__all__ = ["lora_linear_fwd", "lora_linear_bwd", "dropout_keep_mask", "forward_mode"]
 
 # M at or below which the GEMM takes the decode path (16-row tiles, split-K); a module global
 # so tests can move it.
@@ -47,15 +50,35 @@ def lora_mode(m: int, r: int, dropout_p: float) -> LoraMode:
     """``LoraMode.SEEDED`` (1) = precomputed shrink + seeded accumulator, ``LoraMode.IN_LOOP``
     (2) = shrink fused in the GEMM's K loop.
 
+    :func:`forward_mode` replaces the large-M SEEDED case without dropout by
+    ``LoraMode.PANEL`` (4): on the persistent schedule x·Aᵀ is made as K-slice shares one
+    wave ahead (gemm/panel.py: no extra pass over x, ≈ 0.4% + the first wave's in-loop
+    work); elsewhere (tiles schedule, CPU) it runs as IN_LOOP.
+
     Dropout always takes mode 1: mode 2 would redraw the Philox mask of every x tile in every
     N-tile program (N/BLOCK_N times), ~60 integer ops per element on the CUDA cores — far
-    more than the one draw per element the shrink kernel makes.
+    more than the one draw per element the shrink kernel makes. The panel mode is kept off
+    for p > 0 as well: its shares would draw each mask element once (like the shrink), but a
+    tile that falls back (every first-wave tile) would draw the mask on every x tile of its
+    K loop and keep a masked copy of the tile next to the unmasked one the main GEMM needs
+    (registers are already at the in-loop cap), and the shrink is where the forward's
+    dropout mask is made for the backward (the packed-mask work of helper ``mask``).
     """
     if dropout_p > 0.0 or r > FUSED_SHRINK_MAX_R:
         return LoraMode.SEEDED
     if m <= SMALL_M_MAX or m * r <= FUSED_SHRINK_MAX_MR:
         return LoraMode.IN_LOOP
     return LoraMode.SEEDED
+
+
+def forward_mode(m: int, r: int, dropout_p: float) -> LoraMode:
+    """:func:`lora_mode`, with the large-M no-dropout SEEDED case taken by ``LoraMode.PANEL``
+    (the single-adapter forward; dora.py / quant_lora.py keep lora_mode until they are
+    measured with it)."""
+    mode = lora_mode(m, r, dropout_p)
+    if mode == LoraMode.SEEDED and dropout_p == 0.0 and r <= FUSED_SHRINK_MAX_R:
+        return LoraMode.PANEL
+    return mode
 
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -75,15 +98,15 @@ def _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, c
     if K == 0 or N == 0:  # degenerate: nothing for a kernel to do
         y.copy_(bias.expand(M, N) if bias is not None else torch.zeros((), dtype=x.dtype))
         return y, xa.zero_()
-    mode = lora_mode(M, r, dropout_p) if mode is None else mode
+    mode = forward_mode(M, r, dropout_p) if mode is None else mode
     if r == 0:
         fused_gemm(x, weight, y, bias=bias, small_m_max=SMALL_M_MAX, config=config)
     elif mode == LoraMode.SEEDED:
         shrink(x, lora_a, xa, dropout_p, seed)
         fused_gemm(x, weight, y, bias=bias, lora=LoraMode.SEEDED, u=xa, lb=lora_b, scaling=scaling,
                    small_m_max=SMALL_M_MAX, config=config)
-    else:
-        fused_gemm(x, weight, y, bias=bias, lora=LoraMode.IN_LOOP, u=xa, la=lora_a, lb=lora_b,
+    else:  # IN_LOOP or PANEL: u (= xa) is made in the GEMM and written out
+        fused_gemm(x, weight, y, bias=bias, lora=LoraMode(mode), u=xa, la=lora_a, lb=lora_b,
                    scaling=scaling, small_m_max=SMALL_M_MAX, config=config)
     return y, xa
 
@@ -117,20 +140,40 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
     if K == 0 or N == 0 or r == 0:
         return _degenerate_bwd(dy, x, weight, lora_a, lora_b, needs)
     dyb = None
-    if need_x or need_a:
+    # Without dropout dyb = dY·B is a reduction over the dX GEMM's own K loop (N): the GEMM
+    # makes it (in-loop, or panel-shared at large M) and writes it out, so dY is not read by a
+    # separate shrink. With dropout the mask applies to the low-rank term of dX only, which
+    # the seeded epilogue draws on a precomputed dyb (the shrink below).
+    # Only the panel mode: the small-M in-loop dX runs split-K, whose slabs each add their
+    # share of s·dyb·A — with an inf in A, ±inf shares of one element meet as NaN where the
+    # reference (dyb complete first) has ±inf (tests/test_numerics_edges.py).
+    dx_mode = forward_mode(M, r, dropout_p) if need_x else LoraMode.SEEDED
+    if dx_mode != LoraMode.PANEL:
+        dx_mode = LoraMode.SEEDED
+    if need_a or need_x:
+        dyb = torch.empty(M, r, dtype=dy.dtype, device=dy.device)
+    if dx_mode == LoraMode.SEEDED and (need_x or need_a):
         # dyb = dY·B: the shrink kernel with Bᵀ (a [r, N] view) as its "A".
-        dyb = shrink(dy, lora_b.t(), torch.empty(M, r, dtype=dy.dtype, device=dy.device))
+        shrink(dy, lora_b.t(), dyb)
     if need_x:
         dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
         # dX[M, K] = dY[M, N]·W[N, K]: the kernel's "w" is Wᵀ (a [K, N] view), its low-rank
-        # "lb" is Aᵀ (a [K, r] view); the dropout mask is drawn on dX's own (m, k) grid.
-        fused_gemm(dy, weight.t(), dx, lora=LoraMode.SEEDED, u=dyb, lb=lora_a.t(), scaling=scaling,
-                   dropout_p=dropout_p, seed=seed, small_m_max=SMALL_M_MAX, config=config)
+        # "lb" is Aᵀ (a [K, r] view), its "la" Bᵀ ([r, N]); the dropout mask is drawn on dX's
+        # own (m, k) grid.
+        if dx_mode == LoraMode.SEEDED:
+            fused_gemm(dy, weight.t(), dx, lora=LoraMode.SEEDED, u=dyb, lb=lora_a.t(),
+                       scaling=scaling, dropout_p=dropout_p, seed=seed,
+                       small_m_max=SMALL_M_MAX, config=config)
+        else:  # + dB = s·dYᵀ·xa from the dY tiles the panel shares load (fused_gemm doc)
+            dbb = torch.empty_like(lora_b) if need_bb else None
+            fused_gemm(dy, weight.t(), dx, lora=dx_mode, u=dyb, la=lora_b.t(), lb=lora_a.t(),
+                       scaling=scaling, small_m_max=SMALL_M_MAX, config=config,
+                       db_out=dbb, db_u=xa if need_bb else None)
     if need_a:
         da = torch.empty_like(lora_a)
         # dAᵀ [K, r] = s·drop(x)ᵀ·dyb: K on the big (MMA-row) side, written through a view.
         reduce_rows(x, dyb, da.t(), scaling, dropout_p, seed)
-    if need_bb:
+    if need_bb and dbb is None:
         dbb = torch.empty_like(lora_b)
         reduce_rows(dy, xa, dbb, scaling)
     if need_w:

@@ -22,6 +22,17 @@ mode (xa precomputed by the shrink): minimum = x + W + y = 64 + 32 + 64 MiB and
 GROUP_M row tiles (both mostly from L2), reads xa [M, r] (0.25 MiB) and writes y once: HBM
 traffic ≈ the minimum + 0.25 MiB, MMA work = minimum + 2·M·N·r (+0.4%). The shrink that
 makes xa reads x once more (+64 MiB), which the in-loop mode avoids at +r/BLOCK_N MMA work.
+
+Panel mode (``LORA_PANEL``, gemm/panel.py; 128x128x64 tiles, NT = 32 tiles per row panel,
+2048 tiles over P = 132 programs, D = P + GROUP_M·(NT − 1) = 380 tiles): HBM traffic = the
+minimum + xa written once (0.25 MiB) + the fp32 scratch (shares M·NT·BLOCK_R·4 = 16 MiB
+written and read once, mostly in L2; final u 0.5 MiB written, read by every tile of its panel
+from L2): x crosses HBM once (the producers read each panel's slices one wave before its own
+tiles stream it from L2). MMA work = minimum + 2·M·N·r (the expand, +0.4%) + 2·M·K·r once in
+the shares (+0.4%) + the fallback tiles' in-loop u, 2·BLOCK_M·K·r each (r/BLOCK_N = 12.5% of
+a tile): the D first tiles (panels without producers, 19% at this shape) and any tile whose
+panel's producers lag, ≈ +2.3% in all. PREDICTION, not measured: the hit rate is counted in
+the scratch (``cnt[0]``) for the first GPU run.
 """
 
 import triton
@@ -30,10 +41,11 @@ import triton.language as tl
 from lora_kernels.triton.gemm.epilogue import (in_loop_term, lowrank_seed, per_slot_term,
                                                scale_bias, store_rank_rows, store_tile)
 from lora_kernels.triton.gemm.mainloop import mainloop
-from lora_kernels.triton.gemm.modes import (LORA_IN_LOOP, LORA_SEEDED, ROWS_DENSE,
+from lora_kernels.triton.gemm.modes import (LORA_IN_LOOP, LORA_PANEL, LORA_SEEDED, ROWS_DENSE,
                                             ROWS_GATHERED, SCHED_PERSISTENT, SCHED_SPLIT_K,
                                             STORE_POINTER, STORE_TMA)
 from lora_kernels.triton.gemm.operands import a_rows, descriptors
+from lora_kernels.triton.gemm.panel import panel_geometry, panel_ready, panel_u, produce_share
 from lora_kernels.triton.gemm.schedule import (grouped_tile, k_slab, moe_segment_tile,
                                                split_k_publish, split_k_publish_rows,
                                                split_k_sum, split_k_sum_rows)
@@ -51,8 +63,10 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, wq,
                 WEIGHT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-                QROUND: tl.constexpr):
-    """One output tile (one K slab of it under split-K) of :func:`gemm_kernel`."""
+                QROUND: tl.constexpr, panel, PANEL_DB: tl.constexpr):
+    """One output tile (one K slab of it under split-K) of :func:`gemm_kernel`. ``panel``:
+    ``(num_tiles, slice_len, n_slices, D, epoch, db, xa, xa strides)`` of the panel mode
+    (gemm/panel.py); ``PANEL_DB``: its shares also make dB partials (the dX form)."""
     pid_m, pid_n = grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
@@ -76,11 +90,37 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0, col0,
-                          k_lo, k_hi, m_ok, n_ok, r_ok, stride_ak, stride_wk, stride_lak,
-                          STORE, LORA == LORA_IN_LOOP, True, True, EVEN_K, W_KMAJOR, PRECISION,
-                          BLOCK_K, wq, WEIGHT, QBLOCK, QBLOCK2, QROUND, BLOCK_N)
-    if LORA == LORA_IN_LOOP:
+    if LORA == LORA_PANEL:
+        num_tiles, slice_len, n_slices, d, epoch, db_ptr, xa_ptr, stride_xam, stride_xar = panel
+        # This tile's share for a panel D tiles ahead, then its own panel: published (plain
+        # K loop) or not yet (the sliced in-loop K loop; same bits, gemm/panel.py).
+        produce_share(tile, pid_m, pid_n, d, num_tiles, a_ptr, a_desc, la_ptr, u_ptr, ws_ptr,
+                      wsu_ptr, cnt_ptr, db_ptr, xa_ptr, M, N, K, R, stride_am, stride_ak,
+                      stride_lar, stride_lak, stride_um, stride_ur, stride_xam, stride_xar,
+                      slice_len, n_slices, epoch, STORE, PRECISION, PANEL_DB, GROUP_M, BLOCK_M,
+                      BLOCK_N, BLOCK_K, BLOCK_R)
+        if panel_ready(cnt_ptr, pid_m, epoch):
+            acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0,
+                                  col0, k_lo, k_hi, m_ok, n_ok, r_ok, stride_ak, stride_wk,
+                                  stride_lak, STORE, False, True, True, EVEN_K, W_KMAJOR,
+                                  PRECISION, BLOCK_K, wq, WEIGHT, QBLOCK, QBLOCK2, QROUND,
+                                  BLOCK_N)
+            u_acc = panel_u(wsu_ptr, cnt_ptr, pid_m, BLOCK_M, BLOCK_R)
+        else:
+            acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0,
+                                  col0, k_lo, k_hi, m_ok, n_ok, r_ok, stride_ak, stride_wk,
+                                  stride_lak, STORE, True, True, True, EVEN_K, W_KMAJOR,
+                                  PRECISION, BLOCK_K, wq, WEIGHT, QBLOCK, QBLOCK2, QROUND,
+                                  BLOCK_N, slice_len, True)
+            if pid_n == 0:  # xa for the backward (a producer that finishes later rewrites
+                #             the same bits)
+                store_rank_rows(u_ptr, u_acc, rm64, m_ok, r_ok, stride_um, stride_ur, BLOCK_R)
+    else:
+        acc, u_acc = mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0, col0,
+                              k_lo, k_hi, m_ok, n_ok, r_ok, stride_ak, stride_wk, stride_lak,
+                              STORE, LORA == LORA_IN_LOOP, True, True, EVEN_K, W_KMAJOR,
+                              PRECISION, BLOCK_K, wq, WEIGHT, QBLOCK, QBLOCK2, QROUND, BLOCK_N)
+    if LORA == LORA_IN_LOOP or LORA == LORA_PANEL:
         acc = in_loop_term(acc, u_acc, lb_ptr, rn64, n_ok, r_ok, stride_lbn, stride_lbr,
                            scaling, BLOCK_R, PRECISION)
 
@@ -119,7 +159,7 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
         store_tile(acc, out_ptr, o_desc, row0, col0, o_rows, rn64, m_ok, n_ok, stride_on, STORE)
 
 
-@triton.jit(do_not_specialize=["seed", "drop_threshold"])
+@triton.jit(do_not_specialize=["seed", "drop_threshold", "panel_epoch", "panel_ahead"])
 def gemm_kernel(
     a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_ptr, lb_ptr, ws_ptr, wsu_ptr, cnt_ptr,
     M, N, K, R, M_BUCKET,
@@ -133,11 +173,14 @@ def gemm_kernel(
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, WARP_SPEC: tl.constexpr,
     wq_absmax=None, wq_absmax2=None, wq_lut=None, wq_offset=0.0,
     WEIGHT: tl.constexpr = 0, QBLOCK: tl.constexpr = 64, QBLOCK2: tl.constexpr = 256,
-    QROUND: tl.constexpr = 0,
+    QROUND: tl.constexpr = 0, panel_epoch=0, panel_ahead=0, db_ptr=None, xa_ptr=None,
+    stride_xam=0, stride_xar=0, PANEL_DB: tl.constexpr = False,
 ):
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (fused_gemm.py documents the operands).
     ``M_BUCKET`` only keys the autotuner; ``wq_*``/``WEIGHT``/``Q*``: a quantized w
-    (formats.py; ``w_ptr`` is then its packed storage, stride_wn/wk its logical strides)."""
+    (formats.py; ``w_ptr`` is then its packed storage, stride_wn/wk its logical strides).
+    ``panel_epoch``/``panel_ahead``: the panel mode's launch number and forced D (0 = auto);
+    ``PANEL_DB``: the dX form also writes dB partials ``aᵀ·xa`` per panel to ``db_ptr``."""
     wq = (wq_absmax, wq_absmax2, wq_lut, wq_offset, stride_wn, stride_wk)
     if STORE == STORE_TMA:
         a_desc, w_desc, o_desc = descriptors(a_ptr, w_ptr, out_ptr, M, N, K, stride_am,
@@ -147,6 +190,10 @@ def gemm_kernel(
         a_desc, w_desc, o_desc = a_ptr, w_ptr, out_ptr  # unused placeholders
     if SCHEDULE == SCHED_PERSISTENT:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        slice_len, n_slices, d = panel_geometry(M, N, K, tl.num_programs(0), panel_ahead,
+                                                GROUP_M, BLOCK_M, BLOCK_N, BLOCK_K)
+        panel = (num_tiles, slice_len, n_slices, d, panel_epoch, db_ptr, xa_ptr, stride_xam,
+                 stride_xar)
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0),
                              warp_specialize=WARP_SPEC, flatten=WARP_SPEC):
             _dense_tile(tile, 0, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_ptr, lb_ptr,
@@ -156,7 +203,7 @@ def gemm_kernel(
                         stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
                         HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
                         PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1, wq, WEIGHT,
-                        QBLOCK, QBLOCK2, QROUND)
+                        QBLOCK, QBLOCK2, QROUND, panel, PANEL_DB)
     else:
         _dense_tile(tl.program_id(0), tl.program_id(1), a_ptr, w_ptr, out_ptr, bias_ptr,
                     cs_ptr, u_ptr, la_ptr, lb_ptr, ws_ptr, wsu_ptr, cnt_ptr, a_desc, w_desc,
@@ -165,7 +212,7 @@ def gemm_kernel(
                     stride_lbr, stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
                     HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
                     PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, wq, WEIGHT,
-                    QBLOCK, QBLOCK2, QROUND)
+                    QBLOCK, QBLOCK2, QROUND, (0, 0, 0, 0, 0, 0, 0, 0, 0), False)
 
 
 @triton.jit

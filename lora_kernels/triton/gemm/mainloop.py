@@ -20,11 +20,18 @@ def mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0, col0, k_
              MASK_COLS: tl.constexpr, EVEN_K: tl.constexpr, W_KMAJOR: tl.constexpr,
              PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, wq=None,
              WEIGHT: tl.constexpr = 0, QBLOCK: tl.constexpr = 64, QBLOCK2: tl.constexpr = 256,
-             QROUND: tl.constexpr = 0, BLOCK_N: tl.constexpr = 16):
+             QROUND: tl.constexpr = 0, BLOCK_N: tl.constexpr = 16, slice_len=0,
+             SLICED: tl.constexpr = False):
     """Returns ``(acc, u_acc)``. Pointers start at ``k_lo`` and advance by BLOCK_K (64-bit
     adds, no per-step offset products); descriptors are indexed by ``k``. ``wq``/``WEIGHT``/
-    ``Q*``: a quantized w (formats.py), cast to a's dtype for the MMA."""
+    ``Q*``: a quantized w (formats.py), cast to a's dtype for the MMA.
+
+    ``SLICED`` (the panel mode's fallback, gemm/panel.py): u accumulates per K slice of
+    ``slice_len`` (a multiple of BLOCK_K) from zero, and each finished slice is added to
+    ``u_acc`` in slice order — the same fp32 operations, in the same order, as the shares the
+    persistent programs make and sum, so both ways to u give the same bits."""
     rk = tl.arange(0, BLOCK_K)
+    s_acc = tl.zeros_like(u_acc)
     for k in range(k_lo, k_hi, BLOCK_K):
         k_ok = (k + rk) < k_hi
         a = load_a(a_ptrs, a_desc, row0, k, row_ok, k_ok, STORE, MASK_ROWS, EVEN_K)
@@ -38,7 +45,14 @@ def mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0, col0, k_
                 la = tl.load(la_ptrs, mask=r_ok[None, :], other=0.0)
             else:
                 la = tl.load(la_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            u_acc = tl.dot(a, la, u_acc, input_precision=PRECISION)
+            if SLICED:
+                s_acc = tl.dot(a, la, s_acc, input_precision=PRECISION)
+                # a select, not a branch: the loop body stays one block for the pipeliner
+                flush = (((k + BLOCK_K) % slice_len) == 0) | (k + BLOCK_K >= k_hi)
+                u_acc = tl.where(flush, u_acc + s_acc, u_acc)
+                s_acc = tl.where(flush, 0.0, s_acc)
+            else:
+                u_acc = tl.dot(a, la, u_acc, input_precision=PRECISION)
             la_ptrs += BLOCK_K * stride_lak
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk

@@ -16,6 +16,7 @@ class LoraMode(IntEnum):
     SEEDED = 1
     IN_LOOP = 2
     PER_SLOT = 3
+    PANEL = 4
 
 
 # Low-rank term of ``out = col_scale·(a·wᵀ + low-rank) + bias``.
@@ -24,6 +25,9 @@ LORA_SEEDED: tl.constexpr = tl.constexpr(int(LoraMode.SEEDED))      # s·u·lb�
 #                                                                     seeds the accumulator
 LORA_IN_LOOP: tl.constexpr = tl.constexpr(int(LoraMode.IN_LOOP))    # u = a·laᵀ in the K loop
 LORA_PER_SLOT: tl.constexpr = tl.constexpr(int(LoraMode.PER_SLOT))  # xa[row]·B_{slot(row)}ᵀ
+# u = a·laᵀ as K-slice shares made one wave ahead by the persistent programs (gemm/panel.py);
+# a tile whose panel is not complete yet computes u in its K loop (same slices, same bits).
+LORA_PANEL: tl.constexpr = tl.constexpr(int(LoraMode.PANEL))
 
 # Tile schedule.
 SCHED_TILES: tl.constexpr = tl.constexpr(0)       # one program per output tile, grouped raster

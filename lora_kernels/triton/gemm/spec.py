@@ -17,7 +17,7 @@ WEIGHT = {"dense": MD.WEIGHT_DENSE, "nf4": MD.WEIGHT_NF4, "nf4_nested": MD.WEIGH
           "fp8_e4m3": MD.WEIGHT_FP8_E4M3}
 ROWS = {"dense": MD.ROWS_DENSE, "gathered": MD.ROWS_GATHERED}
 LOWRANK = {"none": MD.LORA_NONE, "seeded": MD.LORA_SEEDED, "in_loop": MD.LORA_IN_LOOP,
-           "per_slot": MD.LORA_PER_SLOT}
+           "per_slot": MD.LORA_PER_SLOT, "panel": MD.LORA_PANEL}
 COL_SCALE = {"none": MD.COL_SCALE_NONE, "vector": MD.COL_SCALE_VECTOR}
 SCHEDULE = {"tiles": MD.SCHED_TILES, "split_k": MD.SCHED_SPLIT_K,
             "persistent": MD.SCHED_PERSISTENT}
@@ -36,6 +36,8 @@ def illegal_reason(weight, rows, lowrank, col_scale, schedule, store) -> str:
         return ("a quantized (4-bit / fp8) weight is gathered by pointer, tiles or split-K "
                 "(dense rows) or the multi-adapter tiles (gathered rows), no column scale "
                 "(no TMA box of nibbles; DoRA over it not built)")
+    if lowrank == "panel" and schedule != "persistent":
+        return "the panel-shared x·Aᵀ is made one wave ahead: persistent schedule only"
     if store == "tma" and schedule != "persistent":
         return "tensor descriptors are built once per program: persistent schedule only"
     return ""
