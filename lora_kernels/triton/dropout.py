@@ -26,8 +26,9 @@ import triton.language as tl
 
 from lora_kernels.runtime import seed_int64
 
-__all__ = ["keep_tile", "drop_threshold", "drop_scale", "seed_arg", "dropout_keep_mask",
-           "KEEP_GROUP"]
+__all__ = ["keep_tile", "keep_bits_tile", "keep_and_bits_tile", "keep_from_bits",
+           "store_bits_tile", "drop_threshold", "drop_scale", "seed_arg", "dropout_keep_mask",
+           "dropout_keep_packed", "KEEP_GROUP"]
 
 # Elements per Philox call: 4 words × 2 16-bit halves. Tiles passed to keep_tile are a
 # multiple of this wide and start at a multiple of it.
@@ -63,14 +64,9 @@ def _halves_keep(word, threshold, hi_threshold):
 
 
 @triton.jit
-def keep_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Keep-mask ``[ROWS, COLS]`` (int1) of the grid rows ``row0 + i``, columns ``col0 + j``
-    of a ``[*, cols]`` mask. ``col0`` and ``COLS`` must be multiples of 8; ``row0`` may be any
-    int (int64 offsets: rows·ceil(cols/8) may pass 2³¹). Columns past ``cols`` come out as
-    whatever their counter gives: callers mask them on load/store.
-
-    One ``tl.randint4x`` per 8 elements on a ``[ROWS, COLS/8]`` grid; the eight 16-bit halves
-    are compared there and spread back to lanes with ``tl.join`` (j = 2·word + half)."""
+def _draw_halves(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The eight keep compares of each Philox call of the tile, on its ``[ROWS, COLS/8]``
+    counter grid: (low, high) half of words 0..3, lane ``j = 2·word + half``."""
     groups = (cols + 7) // 8
     g_rows = (row0 + tl.arange(0, ROWS)).to(tl.int64)
     g_cols = (col0 // 8 + tl.arange(0, COLS // 8)).to(tl.int64)
@@ -82,12 +78,78 @@ def keep_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.co
     l1, h1 = _halves_keep(w1, threshold, hi)
     l2, h2 = _halves_keep(w2, threshold, hi)
     l3, h3 = _halves_keep(w3, threshold, hi)
+    return l0, h0, l1, h1, l2, h2, l3, h3
+
+
+@triton.jit
+def keep_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Keep-mask ``[ROWS, COLS]`` (int1) of the grid rows ``row0 + i``, columns ``col0 + j``
+    of a ``[*, cols]`` mask. ``col0`` and ``COLS`` must be multiples of 8; ``row0`` may be any
+    int (int64 offsets: rows·ceil(cols/8) may pass 2³¹). Columns past ``cols`` come out as
+    whatever their counter gives: callers mask them on load/store.
+
+    One ``tl.randint4x`` per 8 elements on a ``[ROWS, COLS/8]`` grid; the eight 16-bit halves
+    are compared there and spread back to lanes with ``tl.join`` (j = 2·word + half)."""
+    l0, h0, l1, h1, l2, h2, l3, h3 = _draw_halves(seed, row0, col0, cols, threshold, ROWS, COLS)
+    return _spread(l0, h0, l1, h1, l2, h2, l3, h3, ROWS, COLS)
+
+
+@triton.jit
+def _spread(l0, h0, l1, h1, l2, h2, l3, h3, ROWS: tl.constexpr, COLS: tl.constexpr):
     # join appends a minor axis: join(join(w0, w2), join(w1, w3)) orders words 0,1,2,3 along
     # [.., 2, 2] (index 2·a + b), and the last join puts the half innermost.
     lows = tl.join(tl.join(l0, l2), tl.join(l1, l3))
     highs = tl.join(tl.join(h0, h2), tl.join(h1, h3))
     lanes = tl.join(lows, highs)  # [ROWS, COLS/8, 2, 2, 2] = (word pair, word, half)
     return tl.reshape(lanes, (ROWS, COLS))
+
+
+@triton.jit
+def _pack(l0, h0, l1, h1, l2, h2, l3, h3, col0, cols, COLS: tl.constexpr):
+    """The packed bytes ``[ROWS, COLS/8]`` of one draw: bit ``j`` = lane ``j`` of the group,
+    straight from the compares (no spread to lanes); bits at or past ``cols`` cleared."""
+    b = (l0.to(tl.int32) | (h0.to(tl.int32) << 1) | (l1.to(tl.int32) << 2)
+         | (h1.to(tl.int32) << 3) | (l2.to(tl.int32) << 4) | (h2.to(tl.int32) << 5)
+         | (l3.to(tl.int32) << 6) | (h3.to(tl.int32) << 7))
+    # valid lanes of group g: min(8, cols − 8g) (≤ 0: none); only the last group is partial.
+    left = cols - (col0 + tl.arange(0, COLS // 8) * 8)
+    valid = (1 << tl.minimum(tl.maximum(left, 0), 8)) - 1
+    return (b & valid[None, :]).to(tl.uint8)
+
+
+@triton.jit
+def keep_bits_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Packed keep bits ``[ROWS, COLS/8]`` (uint8) of the same tile as :func:`keep_tile`
+    (docs/BACKENDS.md: byte g bit j = column 8g + j, LSB first, bits past ``cols`` 0)."""
+    l0, h0, l1, h1, l2, h2, l3, h3 = _draw_halves(seed, row0, col0, cols, threshold, ROWS, COLS)
+    return _pack(l0, h0, l1, h1, l2, h2, l3, h3, col0, cols, COLS)
+
+
+@triton.jit
+def keep_and_bits_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr,
+                       COLS: tl.constexpr):
+    """``(keep_tile, keep_bits_tile)`` of one draw (the forward shrink needs both)."""
+    l0, h0, l1, h1, l2, h2, l3, h3 = _draw_halves(seed, row0, col0, cols, threshold, ROWS, COLS)
+    return (_spread(l0, h0, l1, h1, l2, h2, l3, h3, ROWS, COLS),
+            _pack(l0, h0, l1, h1, l2, h2, l3, h3, col0, cols, COLS))
+
+
+@triton.jit
+def keep_from_bits(row_ptrs, col, mask):
+    """Keep (int1) of the elements at columns ``col`` of the packed rows ``row_ptrs`` (uint8
+    pointers to each row's first byte; broadcast together): one byte load (8 neighbouring
+    lanes share it, L1-served), a shift and a bit test per element, no Philox."""
+    byte = tl.load(row_ptrs + (col >> 3), mask=mask, other=0)
+    return ((byte.to(tl.int32) >> (col & 7).to(tl.int32)) & 1) != 0
+
+
+@triton.jit
+def store_bits_tile(bits_ptr, stride_row, rows64, row_ok, col0, bits, groups,
+                    COLS: tl.constexpr):
+    """Store a ``[ROWS, COLS/8]`` byte tile at packed rows ``rows64``, groups ``col0/8 ..``."""
+    gg = col0 // 8 + tl.arange(0, COLS // 8)
+    tl.store(bits_ptr + rows64[:, None] * stride_row + gg[None, :], bits,
+             mask=row_ok[:, None] & (gg < groups)[None, :])
 
 
 @triton.jit(do_not_specialize=["seed", "threshold", "row_offset"])
@@ -118,4 +180,37 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
         _keep_mask_kernel[grid](out.view(torch.int8), rows, cols, int(row_offset),
                                 seed_arg(seed), drop_threshold(p),
                                 BLOCK_R=block_r, BLOCK_C=block_c)
+    return out
+
+
+@triton.jit(do_not_specialize=["seed", "threshold", "row_offset"])
+def _keep_bits_kernel(out_ptr, rows, cols, row_offset, seed, threshold,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    bits = keep_bits_tile(seed, row_offset + pid_r * BLOCK_R, pid_c * BLOCK_C, cols, threshold,
+                          BLOCK_R, BLOCK_C)
+    store_bits_tile(out_ptr, (cols + 7) // 8, rr.to(tl.int64), rr < rows, pid_c * BLOCK_C, bits,
+                    (cols + 7) // 8, BLOCK_C)
+
+
+def dropout_keep_packed(seed: int, rows: int, cols: int, p: float, device=None,
+                        row_offset: int = 0) -> torch.Tensor:
+    """The mask of :func:`dropout_keep_mask` packed: uint8 ``[rows, ceil(cols/8)]``
+    (``reference.pack_keep_bits``), drawn straight into bytes (no spread to lanes)."""
+    groups = (cols + KEEP_GROUP - 1) // KEEP_GROUP
+    out = torch.empty(rows, groups, dtype=torch.uint8, device=device)
+    if rows * groups == 0:
+        return out
+    if p <= 0.0:
+        out.fill_(0xFF)
+        if cols % KEEP_GROUP:
+            out[:, -1] = (1 << (cols % KEEP_GROUP)) - 1
+        return out
+    block_r, block_c = 16, 128
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _keep_bits_kernel[grid](out, rows, cols, int(row_offset), seed_arg(seed),
+                                drop_threshold(p), BLOCK_R=block_r, BLOCK_C=block_c)
     return out

@@ -155,7 +155,8 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                lb: Optional[torch.Tensor] = None, scaling: float = 1.0,
                dropout_p: float = 0.0, seed: int = 0, small_m_max: int = C.DECODE_MAX_ROWS,
                config: Optional[dict] = None, col_scale: Optional[torch.Tensor] = None,
-               schedule: Optional[str] = None, store: Optional[str] = None) -> torch.Tensor:
+               schedule: Optional[str] = None, store: Optional[str] = None,
+               keep_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (see the module doc); ``a [M, K]``,
     ``w [N, K]``, ``out [M, N]``, ``lb [N, r]``; ``lora=SEEDED``: ``u [M, r]`` input;
     ``lora=IN_LOOP``: ``la [r, K]`` and ``u [M, r]`` is *written* (xa). ``col_scale``: fp32
@@ -163,7 +164,8 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     inner stride not required). ``config`` forces one launch config (tests; the interpreter
     always uses one); ``schedule``/``store`` force a spec (tests, benchmarks). ``w`` may be a
     ``gemm.formats.PackedWeight`` (NF4 storage, or its ``.t()`` view for dX): decoded in the
-    K loop, pointer loads only."""
+    K loop, pointer loads only. ``keep_bits``: the dX's dropout mask packed (uint8
+    ``[M, ceil(N/8)]``, the forward's bits), read instead of redrawn."""
     M, K = a.shape
     N = w.shape[0]
     assert w.shape[1] == K and out.shape == (M, N) and M > 0 and N > 0
@@ -224,6 +226,8 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                  DROPOUT=lora == LoraMode.SEEDED and dropout_p > 0.0,
                  COL_SCALE=modes["COL_SCALE"], SCHEDULE=modes["SCHEDULE"], STORE=modes["STORE"],
                  W_KMAJOR=w_strides[1] == 1, BLOCK_R=block_r, PRECISION=C.dot_precision(a.dtype))
+    if keep_bits is not None and flags["DROPOUT"]:  # mask (#13 item 4): read, not redrawn
+        flags.update(keep_bits=keep_bits, KEEP_BITS=True)
     if packed:
         flags.update(w.launch_args())
         flags["wq_absmax2"] = w.absmax2 if w.absmax2 is not None else w.absmax
