@@ -144,6 +144,30 @@ def keep_from_bits(row_ptrs, col, mask):
 
 
 @triton.jit
+def load_bits_tile(bits_ptr, stride_row, rows64, row_ok, col0, groups, COLS: tl.constexpr):
+    """The packed bytes ``[ROWS, COLS/8]`` of rows ``rows64``, groups ``col0/8 ..`` (0 outside)."""
+    gg = col0 // 8 + tl.arange(0, COLS // 8)
+    return tl.load(bits_ptr + rows64[:, None] * stride_row + gg[None, :],
+                   mask=row_ok[:, None] & (gg < groups)[None, :], other=0)
+
+
+@triton.jit
+def spread_bits(bits, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Keep ``[ROWS, COLS]`` (int1) of a byte tile ``[ROWS, COLS/8]``: lane j of group g is bit
+    j of byte g (the same spread to lanes as :func:`keep_tile`, without the draw)."""
+    lanes = (bits.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(lanes, (ROWS, COLS)) != 0
+
+
+@triton.jit
+def spread_bits_t(bits_t, COLS: tl.constexpr, ROWS: tl.constexpr):
+    """Transposed :func:`spread_bits`: keep ``[COLS, ROWS]`` of a ``[COLS/8, ROWS]`` byte tile
+    (dA's x tile is [K-side, M]: no transpose of the mask afterwards)."""
+    lanes = (bits_t.to(tl.int32)[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1
+    return tl.reshape(lanes, (COLS, ROWS)) != 0
+
+
+@triton.jit
 def store_bits_tile(bits_ptr, stride_row, rows64, row_ok, col0, bits, groups,
                     COLS: tl.constexpr):
     """Store a ``[ROWS, COLS/8]`` byte tile at packed rows ``rows64``, groups ``col0/8 ..``."""

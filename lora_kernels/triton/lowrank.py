@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 from lora_kernels.triton import configs as C
-from lora_kernels.triton.dropout import (drop_threshold, keep_and_bits_tile, keep_from_bits,
-                                         keep_tile, seed_arg, store_bits_tile)
+from lora_kernels.triton.dropout import (drop_threshold, keep_and_bits_tile, keep_tile,
+                                         seed_arg, spread_bits_t,
+                                         store_bits_tile)
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
@@ -116,9 +117,11 @@ def _reduce_rows_kernel(l_ptr, r_ptr, out_ptr, bits_ptr, M, P, Q, rows_per_split
         lt = tl.load(l_ptr + rows[None, :] * stride_lm + rp64[:, None] * stride_lp,
                      mask=p_ok[:, None] & row_ok[None, :], other=0.0)
         if DROPOUT:
-            if READ_BITS:  # the forward's packed mask, read in lt's own [P, M] layout
-                keep_t = keep_from_bits(bits_ptr + rows[None, :] * ((P + 7) // 8), rp[:, None],
-                                        p_ok[:, None] & row_ok[None, :])
+            if READ_BITS:  # the forward's packed mask: one byte per 8 elements, spread
+                gg = pid_p * (BLOCK_P // 8) + tl.arange(0, BLOCK_P // 8)
+                bits_t = tl.load(bits_ptr + rows[None, :] * ((P + 7) // 8) + gg[:, None],
+                                 mask=(gg < (P + 7) // 8)[:, None] & row_ok[None, :], other=0)
+                keep_t = spread_bits_t(bits_t, BLOCK_P, BLOCK_M)
             else:
                 keep_t = tl.trans(keep_tile(seed, m, pid_p * BLOCK_P, P, threshold, BLOCK_M,
                                             BLOCK_P))

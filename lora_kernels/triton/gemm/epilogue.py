@@ -12,7 +12,7 @@ A new fusion is one more step here and one spec value, not a new main loop.
 import triton
 import triton.language as tl
 
-from lora_kernels.triton.dropout import keep_from_bits, keep_tile
+from lora_kernels.triton.dropout import keep_tile, load_bits_tile, spread_bits
 from lora_kernels.triton.gemm.modes import COL_SCALE_VECTOR, STORE_TMA
 from lora_kernels.triton.slots import slot_rank
 
@@ -49,8 +49,8 @@ def lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride
         # is inf/NaN (as in the reference).
         # READ_BITS: the forward's packed mask (uint8 [M, ceil(N/8)]) instead of a redraw.
         if READ_BITS:
-            keep = keep_from_bits(bits_ptr + rm64[:, None] * ((N + 7) // 8), rn64[None, :],
-                                  m_ok[:, None] & n_ok[None, :])
+            keep = spread_bits(load_bits_tile(bits_ptr, (N + 7) // 8, rm64, m_ok, col0,
+                                              (N + 7) // 8, BLOCK_N), BLOCK_M, BLOCK_N)
         else:
             keep = keep_tile(seed, row0, col0, N, drop_threshold, BLOCK_M, BLOCK_N)
         low = tl.where(keep, low * (drop_scale * scaling), 0.0)
