@@ -8,8 +8,14 @@ the seed at counter ``g = m·G + k // 8`` gives four 32-bit words; lane ``j = k 
 
 A kernel holding a tile whose first column is a multiple of 8 draws ONE ``tl.randint4x`` per 8
 elements (:func:`keep_tile`): ~60 integer instructions of Philox shared by 8 elements plus a
-shift/mask/compare each, instead of a whole Philox call per element (v1). The mask is
-regenerated wherever it is needed (forward shrink, dX epilogue, dA) and never stored.
+shift/mask/compare each, instead of a whole Philox call per element (v1).
+
+Packed mask (#13 item 4): one byte per Philox call, bit j = lane j (:func:`keep_bits_tile`,
+packed straight from the compares). The forward shrink writes it (``keep_and_bits_tile``) and
+the backward's dX epilogue and dA load the byte tile and spread it to lanes in registers
+(:func:`spread_bits`, :func:`spread_bits_t`) instead of redrawing: static sm_90a counts 19.2 →
+3.5 (dX) and 14.5 → 6.5 (dA) SASS per element; writing costs the shrink 13.5 → 18.6
+(notes/mask.md). Without bits (CUDA backend, DoRA, NF4) the mask is redrawn, same bits.
 
 This module is the runtime's own copy of the definition: it does not import the oracle
 (``lora_kernels.reference``), which tests compare it against bit for bit.
@@ -26,8 +32,8 @@ import triton.language as tl
 
 from lora_kernels.runtime import seed_int64
 
-__all__ = ["keep_tile", "keep_bits_tile", "keep_and_bits_tile", "keep_from_bits",
-           "store_bits_tile", "drop_threshold", "drop_scale", "seed_arg", "dropout_keep_mask",
+__all__ = ["keep_tile", "keep_bits_tile", "keep_and_bits_tile", "load_bits_tile", "spread_bits",
+           "spread_bits_t", "store_bits_tile", "drop_threshold", "drop_scale", "seed_arg", "dropout_keep_mask",
            "dropout_keep_packed", "KEEP_GROUP"]
 
 # Elements per Philox call: 4 words × 2 16-bit halves. Tiles passed to keep_tile are a
@@ -132,15 +138,6 @@ def keep_and_bits_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr,
     l0, h0, l1, h1, l2, h2, l3, h3 = _draw_halves(seed, row0, col0, cols, threshold, ROWS, COLS)
     return (_spread(l0, h0, l1, h1, l2, h2, l3, h3, ROWS, COLS),
             _pack(l0, h0, l1, h1, l2, h2, l3, h3, col0, cols, COLS))
-
-
-@triton.jit
-def keep_from_bits(row_ptrs, col, mask):
-    """Keep (int1) of the elements at columns ``col`` of the packed rows ``row_ptrs`` (uint8
-    pointers to each row's first byte; broadcast together): one byte load (8 neighbouring
-    lanes share it, L1-served), a shift and a bit test per element, no Philox."""
-    byte = tl.load(row_ptrs + (col >> 3), mask=mask, other=0)
-    return ((byte.to(tl.int32) >> (col & 7).to(tl.int32)) & 1) != 0
 
 
 @triton.jit

@@ -47,7 +47,9 @@ def lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride
         # [M, K] mask grid, and K is this GEMM's N. Drawn after the rank dot, so no mask tile
         # is live across it; where, not a product: a dropped element is 0 even when the term
         # is inf/NaN (as in the reference).
-        # READ_BITS: the forward's packed mask (uint8 [M, ceil(N/8)]) instead of a redraw.
+        # READ_BITS: the forward's packed mask (uint8 [M, ceil(N/8)]): the byte tile spread
+        # to the accumulator layout costs 3.5 SASS/element against 19.2 for the Philox redraw
+        # (a per-element byte load was 11.4; static sm_90a, 128x128 tiles, notes/mask.md).
         if READ_BITS:
             keep = spread_bits(load_bits_tile(bits_ptr, (N + 7) // 8, rm64, m_ok, col0,
                                               (N + 7) // 8, BLOCK_N), BLOCK_M, BLOCK_N)
