@@ -150,18 +150,22 @@ def pack_keep_bits(keep: Tensor) -> Tensor:
     column 8g + j, LSB first; padding bits 0)."""
     rows, cols = keep.shape
     groups = keep_groups(cols)
-    padded = torch.zeros(rows, groups * KEEP_GROUP, dtype=torch.int64, device=keep.device)
-    padded[:, :cols] = keep.to(torch.int64)
-    weights = torch.tensor([1 << j for j in range(KEEP_GROUP)], dtype=torch.int64,
-                           device=keep.device)
-    return (padded.view(rows, groups, KEEP_GROUP) * weights).sum(-1).to(torch.uint8)
+    padded = torch.zeros(rows, groups * KEEP_GROUP, dtype=torch.uint8, device=keep.device)
+    padded[:, :cols] = keep
+    lanes = padded.view(rows, groups, KEEP_GROUP)
+    # uint8 shifts and ors, 8 passes over M·K/8 bytes: 29 -> 2 ms against int64 weights·sum
+    # at 2048x1024 (1 thread, this box); the compiled CPU redraw is ~20 ms.
+    out = lanes[..., 0].clone()
+    for j in range(1, KEEP_GROUP):
+        out |= lanes[..., j] << j
+    return out
 
 
 def unpack_keep_bits(bits: Tensor, cols: int) -> Tensor:
     """The bool keep-mask ``[rows, cols]`` of packed ``bits`` (:func:`pack_keep_bits`)."""
     rows = bits.shape[0]
-    shifts = torch.arange(KEEP_GROUP, dtype=torch.int64, device=bits.device)
-    lanes = (bits.to(torch.int64)[:, :, None] >> shifts) & 1               # [rows, G, 8]
+    shifts = torch.arange(KEEP_GROUP, dtype=torch.uint8, device=bits.device)
+    lanes = (bits[:, :, None] >> shifts) & 1                                # [rows, G, 8]
     return lanes.reshape(rows, -1)[:, :cols].bool()
 
 
