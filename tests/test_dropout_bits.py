@@ -194,3 +194,33 @@ def test_bad_keep_bits_rejected():
     with pytest.raises(TypeError, match="keep_bits"):
         ref.check_keep_bits([1, 2], 3, 9, "cpu")
     ref.check_keep_bits(torch.zeros(3, 2, dtype=torch.uint8), 3, 9, "cpu")
+
+
+# ---- GPU only (skipped here): bf16/fp16 at benchmark-like sizes, every path of the op ----------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N,r,p", [(17, 1000, 1003, 13, 0.1), (2048, 4096, 4096, 16, 0.1),
+                                       (4099, 1032, 2056, 64, 0.5)])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_bits_saved_and_gradients_match_redraw(M, K, N, r, p, dtype, backend, monkeypatch):
+    """On a GPU: Triton's forward writes the reference's bits; gradients read from them equal
+    the redrawn ones bit for bit (persistent/TMA dX, split dA); CUDA saves none and redraws."""
+    from lora_kernels.ops import backend as B
+    if not B.available(backend, "cuda"):
+        pytest.skip(B._why_unavailable(backend, "cuda"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda *s: (torch.randn(*s, generator=g, device="cuda") * 0.3).to(dtype).requires_grad_()
+    leaves = mk(M, K), mk(N, K), mk(N), mk(r, K), mk(N, r)
+    dy = torch.randn(M, N, generator=g, device="cuda").to(dtype)
+    y = lk.lora_linear(*leaves, scaling=2.0, dropout_p=p, dropout_seed=321, backend=backend)
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None and t.dtype == torch.uint8]
+    if backend == "triton":
+        assert len(saved) == 1
+        assert torch.equal(saved[0].cpu(), ref.dropout_keep_packed(321, M, K, p))
+    else:
+        assert not saved
+    got = _grads(y, dy, leaves)
+    monkeypatch.setattr(op_mod, "_bits_shape", lambda x, dp, b: (0,))
+    y2 = lk.lora_linear(*leaves, scaling=2.0, dropout_p=p, dropout_seed=321, backend=backend)
+    for a, b in zip(got, _grads(y2, dy, leaves)):
+        assert torch.equal(a, b)
