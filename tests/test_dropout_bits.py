@@ -61,10 +61,11 @@ def test_packed_without_dropout_keeps_all():
     assert torch.equal(got, ref.pack_keep_bits(torch.ones(2, 11, dtype=torch.bool)))
 
 
-def test_shrink_writes_the_bits_and_reduce_reads_them():
+@pytest.mark.parametrize("M,K,r", [(37, 45, 5), (19, 300, 80)])  # r = 80: several rank blocks
+def test_shrink_writes_the_bits_and_reduce_reads_them(M, K, r):
     from lora_kernels.triton.lowrank import reduce_rows, shrink
     torch.manual_seed(0)
-    M, K, r, p, seed = 37, 45, 5, 0.3, 2**63 + 9
+    p, seed = 0.3, 2**63 + 9
     x = torch.randn(M, K)
     a = torch.randn(r, K)
     bits = torch.full((M, (K + 7) // 8), 0xAA, dtype=torch.uint8)
