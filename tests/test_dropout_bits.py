@@ -83,15 +83,20 @@ def test_shrink_writes_the_bits_and_reduce_reads_them(M, K, r):
     assert torch.equal(from_bits, from_wrong_seed) and torch.equal(from_bits, redrawn)
 
 
-def test_dx_epilogue_reads_the_bits():
+@pytest.mark.parametrize("schedule,store,M", [(None, None, 29), ("split_k", "pointer", 5),
+                                               ("persistent", "pointer", 29),
+                                               ("persistent", "tma", 32)])
+def test_dx_epilogue_reads_the_bits(schedule, store, M):
     from lora_kernels.triton.fused_gemm import fused_gemm
     from lora_kernels.triton.gemm.modes import LoraMode
     torch.manual_seed(1)
-    M, N, K, r, p, seed, s = 29, 23, 43, 3, 0.5, 77, 1.3
+    N, K, r, p, seed, s = 24, 40 if store == "tma" else 43, 3, 0.5, 77, 1.3
     dy, w, dyb, a = torch.randn(M, N), torch.randn(N, K), torch.randn(M, r), torch.randn(r, K)
     bits = ref.dropout_keep_packed(seed, M, K, p)
+    small = 16 if schedule == "split_k" else 0
     run = lambda sd, kb: fused_gemm(dy, w.t(), torch.empty(M, K), lora=LoraMode.SEEDED, u=dyb,
-                                    lb=a.t(), scaling=s, dropout_p=p, seed=sd, keep_bits=kb)
+                                    lb=a.t(), scaling=s, dropout_p=p, seed=sd, keep_bits=kb,
+                                    schedule=schedule, store=store, small_m_max=small)
     got = run(seed + 1, bits)  # wrong seed: only the bits can give the right mask
     want = dy.double() @ w.double() + ref.apply_keep(s * dyb.double() @ a.double(),
                                                      ref.unpack_keep_bits(bits, K), p)
