@@ -185,6 +185,11 @@ def _packed_nf4(nested: bool, n: int, k: int):
                         int(QROUND_BF16), (n, k))
 
 
+def _bits(rows: int, cols: int) -> torch.Tensor:
+    """A packed keep mask (uint8 [rows, ceil(cols/8)]) for the bit-reading/writing forms."""
+    return torch.empty(rows, (cols + 7) // 8, dtype=torch.uint8)
+
+
 def run(fast: bool, only: str | None = None) -> list[Row]:
     install_fake_sm90_driver()
     import lora_kernels as lk
@@ -239,6 +244,11 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                 comp.prune_as_dropout = True
                 FG.fused_gemm(dy, w.t(), dx, **{**common, "la": None, "lb": a.t(), "u": e(M, R_T)},
                               dropout_p=p, seed=7)
+            # the dX epilogue reading the forward's packed mask (#13 item 4) instead of Philox
+            comp.form = f"{spec.name} dX bits p=0.1"
+            comp.prune_as_dropout = True
+            FG.fused_gemm(dy, w.t(), dx, **{**common, "la": None, "lb": a.t(), "u": e(M, R_T)},
+                          dropout_p=0.1, seed=7, keep_bits=_bits(M, K_T))
             comp.prune_as_dropout = False
         if spec.lowrank == "panel":  # the p = 0 dX form: dyb shares on Bᵀ + the dB partials
             dy, dx = e(M, N_T), e(M, K_T)
@@ -258,9 +268,18 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
         LR.shrink(x, e(R_T, K_T), e(M_T, R_T), p, 7)
         comp.form = f"dA reduce p={p}"
         LR.reduce_rows(x, e(M_T, R_T), e(R_T, K_T).t(), 2.0, p, 7)
+    # packed mask (#13 item 4): the forward shrink also writes the bits, dA reads them
+    comp.form = "shrink bits p=0.1"
+    LR.shrink(x, e(R_T, K_T), e(M_T, R_T), 0.1, 7, keep_bits=_bits(M_T, K_T))
+    comp.form = "dA reduce bits p=0.1"
+    LR.reduce_rows(x, e(M_T, R_T), e(R_T, K_T).t(), 2.0, 0.1, 7, keep_bits=_bits(M_T, K_T))
     C.reduce_config = reduce_config
     comp.form = "keep mask"
     DR.dropout_keep_mask(7, M_T, K_T, 0.1)
+    DR._keep_bits_kernel = comp.wrap(DR._keep_bits_kernel, "keep_bits",
+                                     elems=lambda m: m["BLOCK_R"] * m["BLOCK_C"])
+    comp.form = "keep bits"
+    DR.dropout_keep_packed(7, M_T, K_T, 0.1)
 
     # The multi-adapter fused forward (gathered rows, per-slot epilogue), first GPU config.
     S, T = 64, 8192
@@ -299,8 +318,9 @@ def _dropout_cost(rows: list[Row]) -> None:
     base = {(r.kernel, r.form.replace("p=0.1", "p=0.0"), r.config): r for r in rows
             if "p=0.0" in r.form}
     for r in rows:
-        if "p=0.1" in r.form:
-            b = base.get((r.kernel, r.form.replace("p=0.1", "p=0.0"), r.config))
+        if "p=0.1" in r.form:  # a " bits" variant is costed against the same p = 0 kernel
+            b = base.get((r.kernel, r.form.replace(" bits", "").replace("p=0.1", "p=0.0"),
+                          r.config))
             if b is not None and r.elems_per_thread:
                 r.drop_per_elem = (r.sass - b.sass) / r.elems_per_thread
 

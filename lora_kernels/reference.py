@@ -138,6 +138,56 @@ def dropout_keep_bits(seed: int, rows: int, cols: int, device=None, row_offset: 
     return halves.reshape(rows, groups * KEEP_GROUP)[:, :cols]
 
 
+# Packed keep-mask (issue #13 item 4): the forward, which draws the mask anyway, writes one bit
+# per element of x, and the backward reads the bits instead of redrawing Philox (~7.5 integer
+# instructions per element on sm_90 for the draw alone). Layout: uint8 ``[rows, ceil(cols/8)]``,
+# byte ``(m, g)`` bit ``j`` (LSB first) = keep of element ``(m, 8g + j)``, bits past ``cols`` 0.
+# One byte is exactly one Philox call's 8 elements (word ``j // 2``, half ``j % 2``), so a
+# kernel packs a call's 8 compares into its byte with no data movement; M·K/8 bytes = 1/16 of
+# a bf16 x.
+def pack_keep_bits(keep: Tensor) -> Tensor:
+    """uint8 ``[rows, ceil(cols/8)]`` of a bool keep-mask ``[rows, cols]`` (bit j of byte g =
+    column 8g + j, LSB first; padding bits 0)."""
+    rows, cols = keep.shape
+    groups = keep_groups(cols)
+    padded = torch.zeros(rows, groups * KEEP_GROUP, dtype=torch.uint8, device=keep.device)
+    padded[:, :cols] = keep
+    lanes = padded.view(rows, groups, KEEP_GROUP)
+    # uint8 shifts and ors, 8 passes over M·K/8 bytes: 29 -> 2 ms against int64 weights·sum
+    # at 2048x1024 (1 thread, this box); the compiled CPU redraw is ~20 ms.
+    out = lanes[..., 0].clone()
+    for j in range(1, KEEP_GROUP):
+        out |= lanes[..., j] << j
+    return out
+
+
+def unpack_keep_bits(bits: Tensor, cols: int) -> Tensor:
+    """The bool keep-mask ``[rows, cols]`` of packed ``bits`` (:func:`pack_keep_bits`)."""
+    rows = bits.shape[0]
+    shifts = torch.arange(KEEP_GROUP, dtype=torch.uint8, device=bits.device)
+    lanes = (bits[:, :, None] >> shifts) & 1                                # [rows, G, 8]
+    return lanes.reshape(rows, -1)[:, :cols].bool()
+
+
+def dropout_keep_packed(seed: int, rows: int, cols: int, p: float, device=None,
+                        row_offset: int = 0) -> Tensor:
+    """:func:`dropout_keep_mask` packed by :func:`pack_keep_bits` (uint8 ``[rows, ceil(cols/8)]``)."""
+    return pack_keep_bits(dropout_keep_mask(seed, rows, cols, p, device, row_offset))
+
+
+def check_keep_bits(keep_bits: Tensor, rows: int, cols: int, device) -> None:
+    """A packed mask handed to a kernel: uint8, contiguous ``[rows, ceil(cols/8)]`` on ``device``."""
+    if not isinstance(keep_bits, Tensor):
+        raise TypeError(f"keep_bits must be a Tensor, got {type(keep_bits).__name__}")
+    want = (rows, keep_groups(cols))
+    if keep_bits.dtype != torch.uint8 or tuple(keep_bits.shape) != want:
+        raise ValueError(f"keep_bits must be uint8 {list(want)}, got {keep_bits.dtype} "
+                         f"{list(keep_bits.shape)}")
+    if not keep_bits.is_contiguous() or keep_bits.device != torch.device(device):
+        raise ValueError(f"keep_bits must be contiguous on {device}, got "
+                         f"{'non-contiguous' if not keep_bits.is_contiguous() else keep_bits.device}")
+
+
 def token_keep_mask(seed: int, adapter_ids: Tensor, cols: int, dropout_p: Sequence[float]) -> Tensor:
     """Keep-mask ``[T, cols]`` of a heterogeneous batch: one draw over the ``[T, cols]`` grid
     (:func:`dropout_keep_bits`), row ``t`` thresholded with the ``p`` of its slot
@@ -336,8 +386,11 @@ SEED_MIN_ROWS = 1024  # below this many rows lora_linear_forward runs base-first
 
 def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                         lora_b: Tensor, scaling: float, dropout_p: float = 0.0, seed: int = 0,
-                        out: Optional[Tensor] = None, keep_mask=None) -> tuple[Tensor, Tensor]:
+                        out: Optional[Tensor] = None, keep_mask=None, *,
+                        keep_bits: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Forward for 2-D ``x [M, K]``: returns ``(y, xa)`` with ``xa = drop(x)·Aᵀ`` (saved for backward).
+    ``keep_bits`` (uint8 ``[M, ceil(K/8)]``, with dropout): receives the packed mask
+    (:func:`pack_keep_bits`) for the backward to read.
 
     The rank-r term seeds ``y`` (``bias + (s·xa)·Bᵀ``, a GEMM with inner size r) and the base
     GEMM then accumulates into it (``beta = 1``): LoRAFusion's "seed the accumulator" on CPU. y
@@ -346,7 +399,10 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     (M=2048, K=N=1024, r=16) ``x @ A.t()`` takes 0.79 ms, ``F.linear(x, A)`` 0.58 ms, and the
     whole forward lands within ~2% of the bare ``F.linear`` (was 1.11x with addmm_ after).
     """
-    xd = apply_dropout(x, seed, dropout_p, keep_mask)
+    keep = keep_like(x, seed, dropout_p, keep_mask)
+    if keep_bits is not None and keep is not None:
+        keep_bits.copy_(pack_keep_bits(keep))
+    xd = apply_keep(x, keep, dropout_p)
     xa = F.linear(xd, lora_a)
     if out is None and x.shape[0] < SEED_MIN_ROWS:
         # Few rows: the seeding saves one pass over a small y, nothing measurable (base first
@@ -369,13 +425,15 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
 
 def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                          xa: Tensor, scaling: float, dropout_p: float, seed: int,
-                         needs: Sequence[bool], keep_mask=None) -> tuple[Optional[Tensor], ...]:
+                         needs: Sequence[bool], keep_mask=None, *,
+                         keep_bits: Optional[Tensor] = None) -> tuple[Optional[Tensor], ...]:
     """Gradients ``(dx, dweight, dbias, dlora_a, dlora_b)`` for ``needs`` in that order.
 
     ``dx = dy·W + drop'(s·(dy·B)·A)``; ``dA = s·(dy·B)ᵀ·drop(x)``; ``dB = s·dyᵀ·xa``. The only
     new intermediates are rank-sized (``s·dy·B`` and ``s·xa``, ``[M, r]``); the scaling is
     applied there, never to an M×K or M×N tensor, and the low-rank part of dx seeds the big
-    GEMM's output as in the forward.
+    GEMM's output as in the forward. ``keep_bits``: the forward's packed mask, read instead
+    of redrawing it (same bits either way).
     """
     need_x, need_w, need_b, need_a, need_bb = needs
     dx = dw = db = da = dbb = None
@@ -383,7 +441,10 @@ def lora_linear_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, 
     if need_x or need_a:
         dybs = (dy @ lora_b).mul_(scaling)  # s·dy·B, [M, r]
         # dx and dA drop on the same [M, K] grid: one mask for both (None without dropout).
-        keep = keep_like(x, seed, dropout_p, keep_mask)
+        if keep_bits is not None and dropout_p > 0.0:
+            keep = unpack_keep_bits(keep_bits, x.shape[1])
+        else:
+            keep = keep_like(x, seed, dropout_p, keep_mask)
     if need_x:
         dx = apply_keep(dybs @ lora_a, keep, dropout_p)
         dx.addmm_(dy, weight)

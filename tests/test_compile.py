@@ -9,6 +9,7 @@ import torch
 
 from helpers import TOL, rel_err, tiny_gpt2
 from lora_kernels import LoRABatch, LoRALinear, MultiLoRALinear, PackedLoRALinear
+from lora_kernels import reference as ref
 
 
 @pytest.fixture(autouse=True)
@@ -188,6 +189,10 @@ def _samples():
              [True, False, False, True, False], "torch"),
             (r(T, N), x.detach(), w.detach(), a1.detach(), b1.detach(), xa1, 0.5, 0.25, seed,
              [True, False, False, True, True], "torch"),
+            # the forward's packed keep mask (#13 item 4) read instead of a redraw
+            (r(T, N), x.detach(), w.detach(), a1.detach(), b1.detach(), xa1, 0.5, 0.25, seed,
+             [True, False, False, True, True], "torch",
+             ref.dropout_keep_packed(int(seed), T, x.shape[1], 0.25)),
         ],
         "multi_lora_linear": [
             (x, w, b, A, B, sc, ranks, *bt, ints, None, True, "torch"),

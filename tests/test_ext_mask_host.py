@@ -34,7 +34,7 @@ def mask_check(tmp_path_factory):
         out = subprocess.run([str(exe), mode, str(seed & (2**64 - 1)), str(rows), str(cols),
                               repr(float(p)), str(row_offset)],
                              check=True, capture_output=True, text=True).stdout.split("\n")
-        if mode == "words":
+        if mode in ("words", "bits"):
             return torch.tensor([[int(w) for w in line.split()] for line in out if line])
         threshold = int(out[0].split()[1])
         rows_txt = [line for line in out[1:] if line]
@@ -74,3 +74,19 @@ def test_host_kernel_mask_equals_reference(mask_check, mode, seed, rows, cols, p
 def test_host_mask_p_one_drops_everything(mask_check):
     _, got = mask_check("vec8", 5, 4, 12, 1.0)
     assert not got.any()
+
+
+@pytest.mark.parametrize("seed,rows,cols,p,row_offset", CASES)
+def test_host_mask_packed_equals_triton_and_reference_bits(mask_check, seed, rows, cols, p,
+                                                           row_offset):
+    """The packed mask (#13 item 4) is one definition: the CUDA header's mask packed by the
+    reference == the reference's bits == the bytes Triton's forward writes. (The CUDA kernels
+    still redraw from the seed; they read the same bits the Triton forward saves.)"""
+    triton_dropout = pytest.importorskip("lora_kernels.triton.dropout")
+    _, host = mask_check("quad", seed, rows, cols, p, row_offset)
+    want = ref.dropout_keep_packed(seed, rows, cols, p, row_offset=row_offset)
+    assert torch.equal(ref.pack_keep_bits(host), want)
+    host_bytes = mask_check("bits", seed, rows, cols, p, row_offset)  # philox.h's keep_byte
+    assert torch.equal(host_bytes.to(torch.uint8), want)
+    assert torch.equal(triton_dropout.dropout_keep_packed(seed, rows, cols, p,
+                                                          row_offset=row_offset), want)

@@ -108,6 +108,19 @@ LK_HD void keep_vec(uint64_t seed, uint32_t threshold, int64_t m, int64_t cols, 
   for (int i = 0; i < V; ++i) keep[i] = keep_lane(r, j0 + i, threshold);
 }
 
+// The packed keep mask (docs/BACKENDS.md, #13 item 4): byte g of row m holds the 8 elements of
+// group g, bit j (LSB first) = column 8g + j, bits at or past `cols` 0 — one Philox call per
+// byte. The Triton forward writes these bytes for the backward; the CUDA kernels still redraw
+// the same bits from the seed (tests/test_ext_mask_host.py checks both against the reference).
+LK_HD uint8_t keep_byte(uint64_t seed, uint32_t threshold, int64_t m, int64_t cols, int64_t g) {
+  bool keep[kKeepGroup];
+  keep_vec<kKeepGroup>(seed, threshold, m, cols, g * kKeepGroup, keep);
+  uint32_t byte = 0;
+  for (int j = 0; j < kKeepGroup; ++j)
+    byte |= (keep[j] && g * kKeepGroup + j < cols ? 1u : 0u) << j;
+  return static_cast<uint8_t>(byte);
+}
+
 // The mma.sync m16n8k16 accumulator layout: lane 4·rq + q of a warp holds, of the 16×8 tile at
 // (row0, col0), rows row0 + rq and row0 + rq + 8 and columns col0 + 2q, col0 + 2q + 1 (elements
 // e = 0..3: row + 8·(e >> 1), column + (e & 1)). With col0 % 8 == 0 the 4 lanes of a quad hold one

@@ -1,11 +1,16 @@
 """Fused single-adapter LoRA linear: contract, custom-op registration, autograd, dispatch.
 
 ``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ``. The op saves ``x`` and the rank-sized ``xa = drop(x)·Aᵀ``
-for the backward; the dropout mask is regenerated from a seed (never stored).
+for the backward and, with dropout, the mask packed to 1 bit per element of x (uint8
+``[M, ceil(K/8)]``, 1/16 of a bf16 x; docs/BACKENDS.md) when the backend's forward writes it
+(``keep_bits`` argument): the backward then reads bits instead of redrawing Philox. A backend
+without it (CUDA) saves an empty tensor and its backward regenerates the same mask from the seed.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import operator
 from typing import Optional, Sequence
@@ -24,63 +29,96 @@ def seed_int(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed.item())
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_keep_bits(fn) -> bool:
+    """Whether a kernel-level lora_linear_fwd/bwd has the optional ``keep_bits`` argument."""
+    try:
+        return "keep_bits" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _bits_shape(x: Tensor, dropout_p: float, backend: str) -> tuple[int, ...]:
+    """Shape of the saved packed mask: ``[M, ceil(K/8)]`` when dropout is on and the backend's
+    forward writes it, else ``[0]`` (nothing saved; the backward redraws)."""
+    if dropout_p > 0.0 and x.shape[0] > 0 and _takes_keep_bits(
+            _backend.kernel(backend, "lora_linear_fwd")):
+        return (x.shape[0], (x.shape[1] + 7) // 8)
+    return (0,)
+
+
 @torch.library.custom_op("lora_kernels::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor,
                     lora_b: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-                    backend: str) -> tuple[Tensor, Tensor]:
-    return _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend)
+                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    bits = x.new_empty(_bits_shape(x, dropout_p, backend), dtype=torch.uint8)
+    y, xa = _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend,
+                     bits if bits.dim() == 2 else None)
+    return y, xa, bits
 
 
-def _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
+def _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend, keep_bits=None):
     if x.shape[0] == 0:
         return x.new_empty(0, weight.shape[0]), x.new_empty(0, lora_a.shape[0])
     fwd = _backend.kernel(backend, "lora_linear_fwd")
+    if keep_bits is not None:
+        return fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed_int(seed), None,
+                   keep_bits=keep_bits)
     return fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed_int(seed), None)
 
 
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+    return (x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0]),
+            x.new_empty(_bits_shape(x, dropout_p, backend), dtype=torch.uint8))
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor,
                              lora_b: Tensor, xa: Tensor, scaling: float, dropout_p: float,
                              seed: Optional[Tensor], needs: Sequence[bool],
-                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                             backend: str, keep_bits: Optional[Tensor] = None
+                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     needs = tuple(bool(n) for n in needs)
-    grads = _grads(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend)
+    grads = _grads(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend,
+                   keep_bits)
     # custom ops cannot return None: an unneeded gradient travels as an empty tensor.
     return tuple(g if n else x.new_empty(EMPTY_GRAD) for g, n in zip(grads, needs))
 
 
-def _grads(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend):
+def _grads(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend,
+           keep_bits=None):
     if x.shape[0] == 0:
         return (torch.zeros_like(x), torch.zeros_like(weight), weight.new_zeros(weight.shape[0]),
                 torch.zeros_like(lora_a), torch.zeros_like(lora_b))
     bwd = _backend.kernel(backend, "lora_linear_bwd")
+    if keep_bits is not None and keep_bits.dim() == 2 and _takes_keep_bits(bwd):
+        # the forward's packed mask: the same bits the seed would redraw
+        return bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed_int(seed), needs,
+                   keep_bits=keep_bits)
     return bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed_int(seed), needs)
 
 
 @_lora_linear_backward_op.register_fake
-def _(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend):
+def _(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, backend,
+      keep_bits=None):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape)
     return tuple(x.new_empty(s if n else EMPTY_GRAD) for s, n in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed, output[2])
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward(ctx, dy, _dxa):
-    x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
+def _backward(ctx, dy, _dxa, _dbits):
+    x, weight, lora_a, lora_b, xa, seed, keep_bits = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     grads = torch.ops.lora_kernels.lora_linear_backward(
         dy.contiguous(), x, weight, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed, needs,
-        ctx.backend)
+        ctx.backend, keep_bits)
     out = [g if n else None for g, n in zip(grads, needs)]
     return (*out, None, None, None, None)
 
@@ -99,18 +137,20 @@ class _EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
-        y, xa = _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        shape = _bits_shape(x, dropout_p, backend)
+        bits = x.new_empty(shape, dtype=torch.uint8) if len(shape) == 2 else None
+        y, xa = _forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend, bits)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, bits)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the custom op: no double backward
     def backward(ctx, dy):
-        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        x, weight, lora_a, lora_b, xa, bits = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:5])
         grads = _grads(dy.contiguous(), x, weight, lora_a, lora_b, xa, ctx.scaling,
-                       ctx.dropout_p, ctx.seed, needs, ctx.backend)
+                       ctx.dropout_p, ctx.seed, needs, ctx.backend, bits)
         return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
 
 
@@ -188,11 +228,11 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
             V.dense(lora_b, dtype), scaling, dropout_p, seed, name)
     mode = _backend.eager_mode(x, weight, bias, lora_a, lora_b)
     if mode == _backend.EAGER_NO_GRAD:
-        y, _ = _forward(*args)  # inference: skip the custom-op dispatch, same kernels
+        y, _ = _forward(*args)  # inference: skip the custom-op dispatch, same kernels, no bits
     elif mode == _backend.EAGER_GRAD:
         y = _EagerLoRALinear.apply(*args)
     else:
-        y, _ = torch.ops.lora_kernels.lora_linear(*args)
+        y, _, _ = torch.ops.lora_kernels.lora_linear(*args)
     return y if x.dim() == 2 else y.reshape(*lead, N)
 
 

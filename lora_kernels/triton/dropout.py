@@ -8,8 +8,14 @@ the seed at counter ``g = m·G + k // 8`` gives four 32-bit words; lane ``j = k 
 
 A kernel holding a tile whose first column is a multiple of 8 draws ONE ``tl.randint4x`` per 8
 elements (:func:`keep_tile`): ~60 integer instructions of Philox shared by 8 elements plus a
-shift/mask/compare each, instead of a whole Philox call per element (v1). The mask is
-regenerated wherever it is needed (forward shrink, dX epilogue, dA) and never stored.
+shift/mask/compare each, instead of a whole Philox call per element (v1).
+
+Packed mask (#13 item 4): one byte per Philox call, bit j = lane j (:func:`keep_bits_tile`,
+packed straight from the compares). The forward shrink writes it (``keep_and_bits_tile``) and
+the backward's dX epilogue and dA load the byte tile and spread it to lanes in registers
+(:func:`spread_bits`, :func:`spread_bits_t`) instead of redrawing: static sm_90a counts 19.2 →
+3.5 (dX) and 14.5 → 6.5 (dA) SASS per element; writing costs the shrink 13.5 → 15.9
+(notes/mask.md). Without bits (CUDA backend, DoRA, NF4) the mask is redrawn, same bits.
 
 This module is the runtime's own copy of the definition: it does not import the oracle
 (``lora_kernels.reference``), which tests compare it against bit for bit.
@@ -26,8 +32,9 @@ import triton.language as tl
 
 from lora_kernels.runtime import seed_int64
 
-__all__ = ["keep_tile", "drop_threshold", "drop_scale", "seed_arg", "dropout_keep_mask",
-           "KEEP_GROUP"]
+__all__ = ["keep_tile", "keep_bits_tile", "keep_and_bits_tile", "load_bits_tile", "spread_bits",
+           "spread_bits_t", "store_bits_tile", "drop_threshold", "drop_scale", "seed_arg", "dropout_keep_mask",
+           "dropout_keep_packed", "KEEP_GROUP"]
 
 # Elements per Philox call: 4 words × 2 16-bit halves. Tiles passed to keep_tile are a
 # multiple of this wide and start at a multiple of it.
@@ -63,14 +70,9 @@ def _halves_keep(word, threshold, hi_threshold):
 
 
 @triton.jit
-def keep_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Keep-mask ``[ROWS, COLS]`` (int1) of the grid rows ``row0 + i``, columns ``col0 + j``
-    of a ``[*, cols]`` mask. ``col0`` and ``COLS`` must be multiples of 8; ``row0`` may be any
-    int (int64 offsets: rows·ceil(cols/8) may pass 2³¹). Columns past ``cols`` come out as
-    whatever their counter gives: callers mask them on load/store.
-
-    One ``tl.randint4x`` per 8 elements on a ``[ROWS, COLS/8]`` grid; the eight 16-bit halves
-    are compared there and spread back to lanes with ``tl.join`` (j = 2·word + half)."""
+def _draw_halves(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The eight keep compares of each Philox call of the tile, on its ``[ROWS, COLS/8]``
+    counter grid: (low, high) half of words 0..3, lane ``j = 2·word + half``."""
     groups = (cols + 7) // 8
     g_rows = (row0 + tl.arange(0, ROWS)).to(tl.int64)
     g_cols = (col0 // 8 + tl.arange(0, COLS // 8)).to(tl.int64)
@@ -82,12 +84,95 @@ def keep_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.co
     l1, h1 = _halves_keep(w1, threshold, hi)
     l2, h2 = _halves_keep(w2, threshold, hi)
     l3, h3 = _halves_keep(w3, threshold, hi)
+    return l0, h0, l1, h1, l2, h2, l3, h3
+
+
+@triton.jit
+def keep_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Keep-mask ``[ROWS, COLS]`` (int1) of the grid rows ``row0 + i``, columns ``col0 + j``
+    of a ``[*, cols]`` mask. ``col0`` and ``COLS`` must be multiples of 8; ``row0`` may be any
+    int (int64 offsets: rows·ceil(cols/8) may pass 2³¹). Columns past ``cols`` come out as
+    whatever their counter gives: callers mask them on load/store.
+
+    One ``tl.randint4x`` per 8 elements on a ``[ROWS, COLS/8]`` grid; the eight 16-bit halves
+    are compared there and spread back to lanes with ``tl.join`` (j = 2·word + half)."""
+    l0, h0, l1, h1, l2, h2, l3, h3 = _draw_halves(seed, row0, col0, cols, threshold, ROWS, COLS)
+    return _spread(l0, h0, l1, h1, l2, h2, l3, h3, ROWS, COLS)
+
+
+@triton.jit
+def _spread(l0, h0, l1, h1, l2, h2, l3, h3, ROWS: tl.constexpr, COLS: tl.constexpr):
     # join appends a minor axis: join(join(w0, w2), join(w1, w3)) orders words 0,1,2,3 along
     # [.., 2, 2] (index 2·a + b), and the last join puts the half innermost.
     lows = tl.join(tl.join(l0, l2), tl.join(l1, l3))
     highs = tl.join(tl.join(h0, h2), tl.join(h1, h3))
     lanes = tl.join(lows, highs)  # [ROWS, COLS/8, 2, 2, 2] = (word pair, word, half)
     return tl.reshape(lanes, (ROWS, COLS))
+
+
+@triton.jit
+def _pack(l0, h0, l1, h1, l2, h2, l3, h3, col0, cols, COLS: tl.constexpr):
+    """The packed bytes ``[ROWS, COLS/8]`` of one draw: bit ``j`` = lane ``j`` of the group,
+    straight from the compares (no spread to lanes); bits at or past ``cols`` cleared."""
+    b = (l0.to(tl.int32) | (h0.to(tl.int32) << 1) | (l1.to(tl.int32) << 2)
+         | (h1.to(tl.int32) << 3) | (l2.to(tl.int32) << 4) | (h2.to(tl.int32) << 5)
+         | (l3.to(tl.int32) << 6) | (h3.to(tl.int32) << 7))
+    # valid lanes of group g: min(8, cols − 8g) (≤ 0: none); only the last group is partial.
+    left = cols - (col0 + tl.arange(0, COLS // 8) * 8)
+    valid = (1 << tl.minimum(tl.maximum(left, 0), 8)) - 1
+    return (b & valid[None, :]).to(tl.uint8)
+
+
+@triton.jit
+def keep_bits_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Packed keep bits ``[ROWS, COLS/8]`` (uint8) of the same tile as :func:`keep_tile`
+    (docs/BACKENDS.md: byte g bit j = column 8g + j, LSB first, bits past ``cols`` 0)."""
+    l0, h0, l1, h1, l2, h2, l3, h3 = _draw_halves(seed, row0, col0, cols, threshold, ROWS, COLS)
+    return _pack(l0, h0, l1, h1, l2, h2, l3, h3, col0, cols, COLS)
+
+
+@triton.jit
+def keep_and_bits_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr,
+                       COLS: tl.constexpr):
+    """``(keep_tile, keep_bits_tile)`` of one draw (the forward shrink needs both). The lanes
+    are spread from the packed bytes, not joined from the 8 compares: static sm_90a, the
+    writing shrink costs 15.9 SASS/element this way and 18.6 with both the join and the pack
+    (the plain keep_tile stays a join: 13.5, against 15.5 via bytes)."""
+    bits = keep_bits_tile(seed, row0, col0, cols, threshold, ROWS, COLS)
+    return spread_bits(bits, ROWS, COLS), bits
+
+
+@triton.jit
+def load_bits_tile(bits_ptr, stride_row, rows64, row_ok, col0, groups, COLS: tl.constexpr):
+    """The packed bytes ``[ROWS, COLS/8]`` of rows ``rows64``, groups ``col0/8 ..`` (0 outside)."""
+    gg = col0 // 8 + tl.arange(0, COLS // 8)
+    return tl.load(bits_ptr + rows64[:, None] * stride_row + gg[None, :],
+                   mask=row_ok[:, None] & (gg < groups)[None, :], other=0)
+
+
+@triton.jit
+def spread_bits(bits, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Keep ``[ROWS, COLS]`` (int1) of a byte tile ``[ROWS, COLS/8]``: lane j of group g is bit
+    j of byte g (the same spread to lanes as :func:`keep_tile`, without the draw)."""
+    lanes = (bits.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(lanes, (ROWS, COLS)) != 0
+
+
+@triton.jit
+def spread_bits_t(bits_t, COLS: tl.constexpr, ROWS: tl.constexpr):
+    """Transposed :func:`spread_bits`: keep ``[COLS, ROWS]`` of a ``[COLS/8, ROWS]`` byte tile
+    (dA's x tile is [K-side, M]: no transpose of the mask afterwards)."""
+    lanes = (bits_t.to(tl.int32)[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1
+    return tl.reshape(lanes, (COLS, ROWS)) != 0
+
+
+@triton.jit
+def store_bits_tile(bits_ptr, stride_row, rows64, row_ok, col0, bits, groups,
+                    COLS: tl.constexpr):
+    """Store a ``[ROWS, COLS/8]`` byte tile at packed rows ``rows64``, groups ``col0/8 ..``."""
+    gg = col0 // 8 + tl.arange(0, COLS // 8)
+    tl.store(bits_ptr + rows64[:, None] * stride_row + gg[None, :], bits,
+             mask=row_ok[:, None] & (gg < groups)[None, :])
 
 
 @triton.jit(do_not_specialize=["seed", "threshold", "row_offset"])
@@ -118,4 +203,37 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None,
         _keep_mask_kernel[grid](out.view(torch.int8), rows, cols, int(row_offset),
                                 seed_arg(seed), drop_threshold(p),
                                 BLOCK_R=block_r, BLOCK_C=block_c)
+    return out
+
+
+@triton.jit(do_not_specialize=["seed", "threshold", "row_offset"])
+def _keep_bits_kernel(out_ptr, rows, cols, row_offset, seed, threshold,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    bits = keep_bits_tile(seed, row_offset + pid_r * BLOCK_R, pid_c * BLOCK_C, cols, threshold,
+                          BLOCK_R, BLOCK_C)
+    store_bits_tile(out_ptr, (cols + 7) // 8, rr.to(tl.int64), rr < rows, pid_c * BLOCK_C, bits,
+                    (cols + 7) // 8, BLOCK_C)
+
+
+def dropout_keep_packed(seed: int, rows: int, cols: int, p: float, device=None,
+                        row_offset: int = 0) -> torch.Tensor:
+    """The mask of :func:`dropout_keep_mask` packed: uint8 ``[rows, ceil(cols/8)]``
+    (``reference.pack_keep_bits``), drawn straight into bytes (no spread to lanes)."""
+    groups = (cols + KEEP_GROUP - 1) // KEEP_GROUP
+    out = torch.empty(rows, groups, dtype=torch.uint8, device=device)
+    if rows * groups == 0:
+        return out
+    if p <= 0.0:
+        out.fill_(0xFF)
+        if cols % KEEP_GROUP:
+            out[:, -1] = (1 << (cols % KEEP_GROUP)) - 1
+        return out
+    block_r, block_c = 16, 128
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _keep_bits_kernel[grid](out, rows, cols, int(row_offset), seed_arg(seed),
+                                drop_threshold(p), BLOCK_R=block_r, BLOCK_C=block_c)
     return out

@@ -199,7 +199,8 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                config: Optional[dict] = None, col_scale: Optional[torch.Tensor] = None,
                schedule: Optional[str] = None, store: Optional[str] = None,
                panel_ahead: int = 0, db_out: Optional[torch.Tensor] = None,
-               db_u: Optional[torch.Tensor] = None) -> torch.Tensor:
+               db_u: Optional[torch.Tensor] = None,
+               keep_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (see the module doc); ``a [M, K]``,
     ``w [N, K]``, ``out [M, N]``, ``lb [N, r]``; ``lora=SEEDED``: ``u [M, r]`` input;
     ``lora=IN_LOOP``: ``la [r, K]`` and ``u [M, r]`` is *written* (xa). ``col_scale``: fp32
@@ -212,7 +213,9 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     ``db_out [N', r]`` with ``db_u [M, r]`` (the dX form, a = dY: dB = s·dYᵀ·xa): written as
     ``scaling·aᵀ·db_u``. The panel spec makes it from the a tiles its shares load (fp32
     partials ``[npm, K, BLOCK_R]`` — 16 MiB at M = 8192, K = 4096, BLOCK_R = 16 — summed over
-    panels in order by torch.sum: deterministic); any other spec runs lowrank.reduce_rows."""
+    panels in order by torch.sum: deterministic); any other spec runs lowrank.reduce_rows.
+    ``keep_bits``: the dX's dropout mask packed (uint8 ``[M, ceil(N/8)]``, the forward's
+    bits), read instead of redrawn."""
     M, K = a.shape
     N = w.shape[0]
     assert w.shape[1] == K and out.shape == (M, N) and M > 0 and N > 0
@@ -287,6 +290,8 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                  DROPOUT=lora == LoraMode.SEEDED and dropout_p > 0.0,
                  COL_SCALE=modes["COL_SCALE"], SCHEDULE=modes["SCHEDULE"], STORE=modes["STORE"],
                  W_KMAJOR=w_strides[1] == 1, BLOCK_R=block_r, PRECISION=C.dot_precision(a.dtype))
+    if keep_bits is not None and flags["DROPOUT"]:  # mask (#13 item 4): read, not redrawn
+        flags.update(keep_bits=keep_bits, KEEP_BITS=True)
     if packed:
         flags.update(w.launch_args())
         flags["wq_absmax2"] = w.absmax2 if w.absmax2 is not None else w.absmax

@@ -25,7 +25,7 @@ import torch
 
 from lora_kernels.triton import configs as C
 from lora_kernels.triton.device import on_device
-from lora_kernels.triton.dropout import dropout_keep_mask
+from lora_kernels.triton.dropout import dropout_keep_mask, dropout_keep_packed
 from lora_kernels.triton.fused_gemm import fused_gemm
 from lora_kernels.triton.gemm.modes import LoraMode
 from lora_kernels.triton.lowrank import reduce_rows, shrink
@@ -84,31 +84,45 @@ def forward_mode(m: int, r: int, dropout_p: float) -> LoraMode:
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                     dropout_p: float, seed: int, out: Optional[torch.Tensor] = None,
-                    *, mode: Optional[int] = None, config: Optional[dict] = None):
-    """``(y [M, N], xa [M, r])``; ``mode``/``config`` force a path (tests, benchmarks)."""
+                    *, mode: Optional[int] = None, config: Optional[dict] = None,
+                    keep_bits: Optional[torch.Tensor] = None):
+    """``(y [M, N], xa [M, r])``; ``mode``/``config`` force a path (tests, benchmarks).
+    ``keep_bits`` (uint8 ``[M, ceil(K/8)]``, with dropout) receives the packed mask."""
     with on_device(x):
-        return _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, config)
+        return _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, config,
+                    keep_bits)
 
 
-def _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, config):
+def _fwd(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, out, mode, config,
+         keep_bits=None):
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=x.device)
     xa = torch.empty(M, r, dtype=x.dtype, device=x.device)
     if K == 0 or N == 0:  # degenerate: nothing for a kernel to do
         y.copy_(bias.expand(M, N) if bias is not None else torch.zeros((), dtype=x.dtype))
+        _write_bits_apart(keep_bits, seed, dropout_p, K)
         return y, xa.zero_()
     mode = forward_mode(M, r, dropout_p) if mode is None else mode
     if r == 0:
         fused_gemm(x, weight, y, bias=bias, small_m_max=SMALL_M_MAX, config=config)
+        _write_bits_apart(keep_bits, seed, dropout_p, K)
     elif mode == LoraMode.SEEDED:
-        shrink(x, lora_a, xa, dropout_p, seed)
+        shrink(x, lora_a, xa, dropout_p, seed, keep_bits)
         fused_gemm(x, weight, y, bias=bias, lora=LoraMode.SEEDED, u=xa, lb=lora_b, scaling=scaling,
                    small_m_max=SMALL_M_MAX, config=config)
     else:  # IN_LOOP or PANEL: u (= xa) is made in the GEMM and written out
         fused_gemm(x, weight, y, bias=bias, lora=LoraMode(mode), u=xa, la=lora_a, lb=lora_b,
                    scaling=scaling, small_m_max=SMALL_M_MAX, config=config)
+        _write_bits_apart(keep_bits, seed, dropout_p, K)  # only a forced mode reaches this
     return y, xa
+
+
+def _write_bits_apart(keep_bits, seed, dropout_p, cols):
+    """The packed mask where no shrink draws it (degenerate shapes, a forced in-loop mode)."""
+    if keep_bits is not None and dropout_p > 0.0 and keep_bits.numel():
+        keep_bits.copy_(dropout_keep_packed(seed, keep_bits.shape[0], cols,
+                                            dropout_p, keep_bits.device))
 
 
 def _degenerate_bwd(dy, x, weight, lora_a, lora_b, needs):
@@ -126,13 +140,16 @@ def _degenerate_bwd(dy, x, weight, lora_a, lora_b, needs):
 def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     lora_a: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor,
                     scaling: float, dropout_p: float, seed: int, needs: Sequence[bool],
-                    *, config: Optional[dict] = None):
-    """``(dx, dweight, dbias, dlora_a, dlora_b)``, ``None`` where ``needs`` is False."""
+                    *, config: Optional[dict] = None, keep_bits: Optional[torch.Tensor] = None):
+    """``(dx, dweight, dbias, dlora_a, dlora_b)``, ``None`` where ``needs`` is False.
+    ``keep_bits``: the forward's packed mask, read by the dX epilogue and dA (else redrawn)."""
     with on_device(x):
-        return _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, config)
+        return _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, config,
+                    keep_bits)
 
 
-def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, config):
+def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, config,
+         keep_bits=None):
     need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
     M, K = x.shape
     N, r = weight.shape[0], lora_a.shape[0]
@@ -163,7 +180,7 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
         if dx_mode == LoraMode.SEEDED:
             fused_gemm(dy, weight.t(), dx, lora=LoraMode.SEEDED, u=dyb, lb=lora_a.t(),
                        scaling=scaling, dropout_p=dropout_p, seed=seed,
-                       small_m_max=SMALL_M_MAX, config=config)
+                       small_m_max=SMALL_M_MAX, config=config, keep_bits=keep_bits)
         else:  # + dB = s·dYᵀ·xa from the dY tiles the panel shares load (fused_gemm doc)
             dbb = torch.empty_like(lora_b) if need_bb else None
             fused_gemm(dy, weight.t(), dx, lora=dx_mode, u=dyb, la=lora_b.t(), lb=lora_a.t(),
@@ -172,7 +189,7 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
     if need_a:
         da = torch.empty_like(lora_a)
         # dAᵀ [K, r] = s·drop(x)ᵀ·dyb: K on the big (MMA-row) side, written through a view.
-        reduce_rows(x, dyb, da.t(), scaling, dropout_p, seed)
+        reduce_rows(x, dyb, da.t(), scaling, dropout_p, seed, keep_bits)
     if need_bb and dbb is None:
         dbb = torch.empty_like(lora_b)
         reduce_rows(dy, xa, dbb, scaling)

@@ -2,25 +2,31 @@
 reductions over rows behind ``dA`` and ``dB``.
 
 Both read their big operand ([M, K] or [M, N]) exactly once and produce only rank-sized
-results ([M, r] or [K|N, r]); the dropout mask is regenerated from the seed on the tile being
-read (``keep_tile``), never loaded.
+results ([M, r] or [K|N, r]). The forward shrink draws the dropout mask (``keep_tile``) and,
+given ``keep_bits``, also writes it packed (1 bit per element of x, ``keep_and_bits_tile``);
+the dA reduction reads those bits (a byte tile spread in registers, ``spread_bits_t``) or,
+without them, redraws the mask.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from lora_kernels.triton import configs as C
-from lora_kernels.triton.dropout import drop_threshold, keep_tile, seed_arg
+from lora_kernels.triton.dropout import (drop_threshold, keep_and_bits_tile, keep_tile,
+                                         seed_arg, spread_bits_t,
+                                         store_bits_tile)
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
-def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
+def _shrink_kernel(x_ptr, a_ptr, u_ptr, bits_ptr, M, K, R,
                    stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
                    seed, threshold, scale,
-                   DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   DROPOUT: tl.constexpr, WRITE_BITS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """u[M, R] = scale · (keep ∘ x)[M, K] · a[R, K]ᵀ, one program per (BLOCK_M rows, BLOCK_R ranks)."""
     pid_m = tl.program_id(0)
@@ -38,7 +44,15 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
         k_ok = (k + rk) < K
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
-            keep = keep_tile(seed, pid_m * BLOCK_M, k, K, threshold, BLOCK_M, BLOCK_K)
+            if WRITE_BITS:
+                # the rank-block-0 programs write the packed mask: one writer per byte.
+                keep, bits = keep_and_bits_tile(seed, pid_m * BLOCK_M, k, K, threshold,
+                                                BLOCK_M, BLOCK_K)
+                if pid_r == 0:
+                    store_bits_tile(bits_ptr, (K + 7) // 8, rm64, m_ok, k, bits, (K + 7) // 8,
+                                    BLOCK_K)
+            else:
+                keep = keep_tile(seed, pid_m * BLOCK_M, k, K, threshold, BLOCK_M, BLOCK_K)
             x = tl.where(keep, x, 0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
@@ -51,31 +65,33 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, M, K, R,
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float = 0.0,
-           seed: int = 0) -> torch.Tensor:
+           seed: int = 0, keep_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out[M, r] = drop(x)·aᵀ`` for ``x [M, K]``, ``a [r, K]`` (any strides). With dropout the
-    mask is the v2 keep-mask of x's [M, K] grid."""
+    mask is the v2 keep-mask of x's [M, K] grid; ``keep_bits`` (contiguous uint8
+    ``[M, ceil(K/8)]``) then receives it packed."""
     M, K = x.shape
     R = a.shape[0]
     cfg = C.shrink_config(M)
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     br = C.rank_block(R)
     grid = (triton.cdiv(M, bm), triton.cdiv(R, br))
+    write_bits = keep_bits is not None and dropout_p > 0.0
     _shrink_kernel[grid](
-        x, a, out, M, K, R,
+        x, a, out, keep_bits if write_bits else out, M, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         seed_arg(seed), drop_threshold(dropout_p),
         1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
-        DROPOUT=dropout_p > 0.0, PRECISION=C.dot_precision(x.dtype),
+        DROPOUT=dropout_p > 0.0, WRITE_BITS=write_bits, PRECISION=C.dot_precision(x.dtype),
         BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
 @triton.jit(do_not_specialize=["seed", "threshold"])
-def _reduce_rows_kernel(l_ptr, r_ptr, out_ptr, M, P, Q, rows_per_split,
+def _reduce_rows_kernel(l_ptr, r_ptr, out_ptr, bits_ptr, M, P, Q, rows_per_split,
                         stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_op, stride_oq,
                         seed, threshold, scale,
-                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                        DROPOUT: tl.constexpr, READ_BITS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     """out[s, P, Q] = scale · Σ_{m in split s} (keep ∘ l)[m, P]ᵀ · r[m, Q].
 
@@ -102,8 +118,15 @@ def _reduce_rows_kernel(l_ptr, r_ptr, out_ptr, M, P, Q, rows_per_split,
         lt = tl.load(l_ptr + rows[None, :] * stride_lm + rp64[:, None] * stride_lp,
                      mask=p_ok[:, None] & row_ok[None, :], other=0.0)
         if DROPOUT:
-            keep = keep_tile(seed, m, pid_p * BLOCK_P, P, threshold, BLOCK_M, BLOCK_P)
-            lt = tl.where(tl.trans(keep), lt, 0.0)
+            if READ_BITS:  # the forward's packed mask: one byte per 8 elements, spread
+                gg = pid_p * (BLOCK_P // 8) + tl.arange(0, BLOCK_P // 8)
+                bits_t = tl.load(bits_ptr + rows[None, :] * ((P + 7) // 8) + gg[:, None],
+                                 mask=(gg < (P + 7) // 8)[:, None] & row_ok[None, :], other=0)
+                keep_t = spread_bits_t(bits_t, BLOCK_P, BLOCK_M)
+            else:
+                keep_t = tl.trans(keep_tile(seed, m, pid_p * BLOCK_P, P, threshold, BLOCK_M,
+                                            BLOCK_P))
+            lt = tl.where(keep_t, lt, 0.0)
         rt = tl.load(r_ptr + rows[:, None] * stride_rm + rq[None, :] * stride_rq,
                      mask=row_ok[:, None] & q_ok[None, :], other=0.0)
         acc = tl.dot(lt, rt, acc, input_precision=PRECISION)
@@ -114,9 +137,12 @@ def _reduce_rows_kernel(l_ptr, r_ptr, out_ptr, M, P, Q, rows_per_split,
 
 
 def reduce_rows(l: torch.Tensor, r: torch.Tensor, out: torch.Tensor, scale: float,
-                dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+                dropout_p: float = 0.0, seed: int = 0,
+                keep_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out[P, Q] = scale · drop(l)ᵀ·r`` for ``l [M, P]``, ``r [M, Q]`` (Q rank-sized), any
     strides; ``out`` may be a transposed view (dA is written as ``[K, r]`` through ``.t()``).
+    With dropout, ``keep_bits`` (contiguous uint8 ``[M, ceil(P/8)]``, the forward's packed
+    mask) is read instead of redrawing the mask.
 
     When the P tiles alone leave SMs idle, M is split and the fp32 partials ``[S, P, Q]``
     (rank-sized) are summed by ``torch.sum`` in a fixed order: deterministic, no atomics.
@@ -135,11 +161,12 @@ def reduce_rows(l: torch.Tensor, r: torch.Tensor, out: torch.Tensor, scale: floa
         scale = scale / (1.0 - dropout_p)
     target = out if split == 1 else torch.empty(split, P, Q, dtype=torch.float32, device=l.device)
     so, sp, sq = (0, out.stride(0), out.stride(1)) if split == 1 else target.stride()
+    read_bits = keep_bits is not None and dropout_p > 0.0
     _reduce_rows_kernel[(triton.cdiv(P, bp), triton.cdiv(Q, bq), split)](
-        l, r, target, M, P, Q, rows_per_split,
+        l, r, target, keep_bits if read_bits else target, M, P, Q, rows_per_split,
         l.stride(0), l.stride(1), r.stride(0), r.stride(1), so, sp, sq,
         seed_arg(seed), drop_threshold(dropout_p), float(scale),
-        DROPOUT=dropout_p > 0.0, PRECISION=C.dot_precision(l.dtype),
+        DROPOUT=dropout_p > 0.0, READ_BITS=read_bits, PRECISION=C.dot_precision(l.dtype),
         BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1:

@@ -5,6 +5,7 @@
 //   mask_check MODE SEED ROWS COLS P ROW_OFFSET
 //     MODE words : the 4 Philox words of counters 0..ROWS-1 (SEED as key), one line each
 //     MODE one   : keep_one per element (the unaligned leftovers of the shrink kernels)
+//     MODE bits  : keep_byte per group: the packed mask, ceil(COLS/8) bytes per row
 //     MODE vec8  : keep_vec<8> per 8 columns (dropout_mask_kernel; fp16/bf16 shrink vectors)
 //     MODE vec4  : keep_vec<4> per 4 columns (fp32 shrink vectors)
 //     MODE quad  : mma_pair_keep in the fused GEMM's accumulator layout, the 4 lanes of each quad
@@ -53,7 +54,7 @@ void print_mask(const std::vector<char>& mask, int64_t rows, int64_t cols) {
 
 int main(int argc, char** argv) {
   if (argc != 7) {
-    fprintf(stderr, "usage: %s words|one|vec8|vec4|quad SEED ROWS COLS P ROW_OFFSET\n", argv[0]);
+    fprintf(stderr, "usage: %s words|bits|one|vec8|vec4|quad SEED ROWS COLS P ROW_OFFSET\n", argv[0]);
     return 2;
   }
   const std::string mode = argv[1];
@@ -71,6 +72,14 @@ int main(int argc, char** argv) {
     for (int64_t c = 0; c < rows; ++c) {
       const lk::Philox4 r = lk::philox4x32_10(seed, static_cast<uint64_t>(c));
       printf("%" PRIu32 " %" PRIu32 " %" PRIu32 " %" PRIu32 "\n", r.x, r.y, r.z, r.w);
+    }
+    return 0;
+  }
+  if (mode == "bits") {  // packed mask: one line of ceil(cols/8) bytes per row
+    for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t g = 0; g < lk::keep_groups(cols); ++g)
+        printf("%u ", static_cast<unsigned>(lk::keep_byte(seed, thr, m + off, cols, g)));
+      printf("\n");
     }
     return 0;
   }

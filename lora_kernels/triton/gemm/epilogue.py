@@ -12,7 +12,7 @@ A new fusion is one more step here and one spec value, not a new main loop.
 import triton
 import triton.language as tl
 
-from lora_kernels.triton.dropout import keep_tile
+from lora_kernels.triton.dropout import keep_tile, load_bits_tile, spread_bits
 from lora_kernels.triton.gemm.modes import COL_SCALE_VECTOR, STORE_TMA
 from lora_kernels.triton.slots import slot_rank
 
@@ -21,7 +21,8 @@ from lora_kernels.triton.slots import slot_rank
 def lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride_ur,
                  stride_lbn, stride_lbr, scaling, seed, drop_threshold, drop_scale,
                  DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, bits_ptr=None,
+                 READ_BITS: tl.constexpr = False):
     """The seeded term ``s·u[rows, :R]·lb[cols, :R]ᵀ`` (masked for the dX backward) as the
     accumulator's initial value (LoRAFusion), so the output is stored once.
 
@@ -46,7 +47,14 @@ def lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride
         # [M, K] mask grid, and K is this GEMM's N. Drawn after the rank dot, so no mask tile
         # is live across it; where, not a product: a dropped element is 0 even when the term
         # is inf/NaN (as in the reference).
-        keep = keep_tile(seed, row0, col0, N, drop_threshold, BLOCK_M, BLOCK_N)
+        # READ_BITS: the forward's packed mask (uint8 [M, ceil(N/8)]): the byte tile spread
+        # to the accumulator layout costs 3.5 SASS/element against 19.2 for the Philox redraw
+        # (a per-element byte load was 11.4; static sm_90a, 128x128 tiles, notes/mask.md).
+        if READ_BITS:
+            keep = spread_bits(load_bits_tile(bits_ptr, (N + 7) // 8, rm64, m_ok, col0,
+                                              (N + 7) // 8, BLOCK_N), BLOCK_M, BLOCK_N)
+        else:
+            keep = keep_tile(seed, row0, col0, N, drop_threshold, BLOCK_M, BLOCK_N)
         low = tl.where(keep, low * (drop_scale * scaling), 0.0)
     else:
         low = low * scaling

@@ -63,10 +63,12 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, wq,
                 WEIGHT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-                QROUND: tl.constexpr, panel, PANEL_DB: tl.constexpr):
+                QROUND: tl.constexpr, panel, PANEL_DB: tl.constexpr, keep_bits,
+                KEEP_BITS: tl.constexpr):
     """One output tile (one K slab of it under split-K) of :func:`gemm_kernel`. ``panel``:
     ``(num_tiles, slice_len, n_slices, D, epoch, db, xa, xa strides)`` of the panel mode
-    (gemm/panel.py); ``PANEL_DB``: its shares also make dB partials (the dX form)."""
+    (gemm/panel.py); ``PANEL_DB``: its shares also make dB partials (the dX form);
+    ``keep_bits``/``KEEP_BITS``: the dX dropout mask read from the forward's packed bits."""
     pid_m, pid_n = grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = pid_m * BLOCK_M
     col0 = pid_n * BLOCK_N
@@ -86,7 +88,8 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
     if LORA == LORA_SEEDED and not SPLIT:
         acc = lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride_um,
                            stride_ur, stride_lbn, stride_lbr, scaling, seed, drop_threshold,
-                           drop_scale, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION)
+                           drop_scale, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION,
+                           keep_bits, KEEP_BITS)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -136,7 +139,7 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
                 acc = lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R,
                                    stride_um, stride_ur, stride_lbn, stride_lbr, scaling, seed,
                                    drop_threshold, drop_scale, DROPOUT, BLOCK_M, BLOCK_N,
-                                   BLOCK_R, PRECISION)
+                                   BLOCK_R, PRECISION, keep_bits, KEEP_BITS)
             else:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc = split_k_sum(acc, ws_ptr, rm64, rn64, m_ok, n_ok, M, N, SPLIT_K)
@@ -175,6 +178,7 @@ def gemm_kernel(
     WEIGHT: tl.constexpr = 0, QBLOCK: tl.constexpr = 64, QBLOCK2: tl.constexpr = 256,
     QROUND: tl.constexpr = 0, panel_epoch=0, panel_ahead=0, db_ptr=None, xa_ptr=None,
     stride_xam=0, stride_xar=0, PANEL_DB: tl.constexpr = False,
+    keep_bits=None, KEEP_BITS: tl.constexpr = False,
 ):
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (fused_gemm.py documents the operands).
     ``M_BUCKET`` only keys the autotuner; ``wq_*``/``WEIGHT``/``Q*``: a quantized w
@@ -203,7 +207,7 @@ def gemm_kernel(
                         stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
                         HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
                         PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, 1, wq, WEIGHT,
-                        QBLOCK, QBLOCK2, QROUND, panel, PANEL_DB)
+                        QBLOCK, QBLOCK2, QROUND, panel, PANEL_DB, keep_bits, KEEP_BITS)
     else:
         _dense_tile(tl.program_id(0), tl.program_id(1), a_ptr, w_ptr, out_ptr, bias_ptr,
                     cs_ptr, u_ptr, la_ptr, lb_ptr, ws_ptr, wsu_ptr, cnt_ptr, a_desc, w_desc,
@@ -212,7 +216,8 @@ def gemm_kernel(
                     stride_lbr, stride_b, stride_cs, scaling, seed, drop_threshold, drop_scale,
                     HAS_BIAS, LORA, DROPOUT, COL_SCALE, SCHEDULE, STORE, W_KMAJOR, BLOCK_R,
                     PRECISION, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K, wq, WEIGHT,
-                    QBLOCK, QBLOCK2, QROUND, (0, 0, 0, 0, 0, 0, 0, 0, 0), False)
+                    QBLOCK, QBLOCK2, QROUND, (0, 0, 0, 0, 0, 0, 0, 0, 0), False, keep_bits,
+                    KEEP_BITS)
 
 
 @triton.jit
