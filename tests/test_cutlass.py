@@ -145,7 +145,7 @@ def test_setup_finds_cutlass_or_says_why_not(monkeypatch, tmp_path):
     srcs, inc, why = ns["_cutlass_sources"]("8.0;9.0a")
     assert inc == str(tmp_path) and why is None
     assert sorted(Path(s).name for s in srcs) == [f"lora_gemm_{d}_{k}.cu" for d in ("bf16", "f16")
-                                                  for k in ("dx", "fwd")]
+                                                  for k in ("dx", "dx_dropout", "fwd")]
     monkeypatch.setenv("LORA_KERNELS_SKIP_CUTLASS", "1")
     assert ns["_cutlass_sources"]("9.0a")[1] is None
 
