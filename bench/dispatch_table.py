@@ -62,7 +62,8 @@ OP_TESTS = {
     "lora_linear": ("test_gpu_fused_gemm", "test_gpu_fused_gemm_strided_views",
                     "test_gpu_lora_linear_backend", "test_gpu_public_lora_linear_cuda_backend",
                     "test_gpu_dropout_mask", "test_gpu_cutlass_lora_gemm",
-                    "test_gpu_cutlass_lora_gemm_strided_views", "test_gpu_cutlass_lora_linear"),
+                    "test_gpu_cutlass_lora_gemm_strided_views", "test_gpu_cutlass_lora_linear",
+                    "test_gpu_cutlass_dx_dropout", "test_gpu_cutlass_dx_dropout_refuses_with_its_rule"),
 }
 COMMON_TESTS = ("test_gpu_empty_batches", "test_gpu_bad_input_raises_instead_of_faulting")
 # GPU tests (tests/test_cublas_backend.py) that must pass before the floor may serve an op.

@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "kernels/cutlass/lora_gemm_sm90.h"
+#include "kernels/philox.h"
 
 namespace {
 
@@ -31,8 +32,8 @@ int64_t row_stride(const Tensor& t, const char* name) {
 }
 
 // out = a·op(w) + u·op(v) + bias, op = transpose unless trans_b (lora_gemm_sm90.h). The LoRA
-// scaling is already in u; dropout, where it applies, already in u (forward) or not supported
-// (dX with dropout stays on cuda_fused_lora_gemm, which masks in registers).
+// scaling is already in u; dropout, where it applies, already in u (forward); dX with dropout
+// is cuda_cutlass_lora_dx_dropout below.
 void cutlass_lora_gemm(const Tensor& a, const Tensor& w, const std::optional<Tensor>& bias,
                        const Tensor& u, const Tensor& v, bool trans_b, Tensor& out) {
   TORCH_CHECK(a.is_cuda(), "a must be a CUDA tensor, got a tensor on ", a.device());
@@ -86,6 +87,49 @@ void cutlass_lora_gemm(const Tensor& a, const Tensor& w, const std::optional<Ten
   }
   TORCH_CHECK(err == cudaSuccess, "cuda_cutlass_lora_gemm: CUDA error: ", cudaGetErrorString(err));
 }
+
+// dx = dy·w + keep∘(u·v)/(1-p) (lora_gemm_dx_dropout.cuh): dy [M, K_red], w = W0 [K_red, N],
+// u = s·(dy·B) [M, r], v = A [r, N], keep = mask v2 on out's [M, N] grid with `seed`.
+void cutlass_lora_dx_dropout(const Tensor& dy, const Tensor& w, const Tensor& u, const Tensor& v,
+                             double dropout_p, int64_t seed, Tensor& out) {
+  TORCH_CHECK(dy.is_cuda(), "dy must be a CUDA tensor, got a tensor on ", dy.device());
+  const auto dev = dy.device();
+  const auto dt = dy.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "cuda_cutlass_lora_dx_dropout takes float16/bfloat16, got ", dt);
+  TORCH_CHECK(dropout_p > 0.0 && dropout_p < 1.0, "dropout_p must be in (0, 1) (p = 0 is cuda_cutlass_lora_gemm), got ",
+              dropout_p);
+  lk::LowRankDropoutParams d;
+  lk::LowRankGemmParams& p = d.gemm;
+  p.lda = row_stride(dy, "dy"); p.ldw = row_stride(w, "w"); p.ldu = row_stride(u, "u");
+  p.ldv = row_stride(v, "v"); p.ldo = row_stride(out, "out");
+  p.M = dy.size(0); p.K = dy.size(1); p.N = w.size(1);
+  const int64_t r = u.size(1);
+  TORCH_CHECK(w.size(0) == p.K, "w must be [K, N] with K = dy.size(1) = ", p.K, ", got ", w.sizes());
+  TORCH_CHECK(u.size(0) == p.M && r >= 1, "u must be [M, r] with M = ", p.M, " and r >= 1, got ", u.sizes());
+  TORCH_CHECK(v.size(0) == r && v.size(1) == p.N, "v must be [r, N] with r = ", r, ", N = ", p.N, ", got ", v.sizes());
+  TORCH_CHECK(out.sizes() == c10::IntArrayRef({p.M, p.N}), "out must have shape [", p.M, ", ", p.N, "], got ",
+              out.sizes());
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&w, "w"}, {&u, "u"}, {&v, "v"}, {&out, "out"}}) {
+    TORCH_CHECK(t->device() == dev, name, " is on ", t->device(), " but dy is on ", dev);
+    TORCH_CHECK(t->scalar_type() == dt, name, " must be ", dt, " like dy, got ", t->scalar_type());
+  }
+  p.r = static_cast<int>(r);
+  p.a = dy.data_ptr(); p.w = w.data_ptr(); p.out = out.data_ptr(); p.u = u.data_ptr(); p.v = v.data_ptr();
+  d.seed = static_cast<uint64_t>(seed);
+  d.threshold = lk::keep_threshold(dropout_p);
+  d.inv_keep = static_cast<float>(1.0 / (1.0 - dropout_p));
+  TORCH_CHECK(lk::lowrank_dx_dropout_sm90_supported(d),
+              "cuda_cutlass_lora_dx_dropout needs TMA-compatible dy, w and out (lowrank_dx_dropout_sm90_supported): "
+              "16-byte aligned data pointers, K, N and their row strides multiples of 8 elements, K >= 1, "
+              "1 <= r <= 4096, dropout_p < 1 - 2^-16; got M = ", p.M, ", N = ", p.N, ", K = ", p.K, ", r = ", r,
+              " (lora_kernels._ext routes other shapes to cuda_fused_lora_gemm)");
+  if (p.M == 0 || p.N == 0) return;
+  const c10::cuda::CUDAGuard guard(dev);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t err = dt == at::kHalf ? lk::launch_lowrank_dx_dropout_sm90<__half>(d, stream)
+                                          : lk::launch_lowrank_dx_dropout_sm90<__nv_bfloat16>(d, stream);
+  TORCH_CHECK(err == cudaSuccess, "cuda_cutlass_lora_dx_dropout: CUDA error: ", cudaGetErrorString(err));
+}
 #endif  // LK_WITH_CUTLASS
 
 }  // namespace
@@ -94,10 +138,13 @@ TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.set_python_module("lora_kernels._ext.fakes");  // home of the fake kernel
   m.def("cuda_cutlass_lora_gemm(Tensor a, Tensor w, Tensor? bias, Tensor u, Tensor v, bool trans_b, "
         "Tensor(a!) out) -> ()");
+  m.def("cuda_cutlass_lora_dx_dropout(Tensor dy, Tensor w, Tensor u, Tensor v, float dropout_p, int seed, "
+        "Tensor(a!) out) -> ()");
 }
 
 #ifdef LK_WITH_CUTLASS
 TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) {
   m.impl("cuda_cutlass_lora_gemm", &cutlass_lora_gemm);
+  m.impl("cuda_cutlass_lora_dx_dropout", &cutlass_lora_dx_dropout);
 }
 #endif

@@ -34,6 +34,8 @@ HALF = [torch.float16, torch.bfloat16]
 _DT_ID = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 KERNEL_TAG = "LowRankMainloop"  # in the mangled name of every CUTLASS fused-GEMM kernel
 N_KERNELS = 4  # (fp16, bf16) x (forward, dX)
+DROPOUT_TAG = "Sm90LowRankDropoutAdd"  # the dX-with-dropout kernels' epilogue node
+N_DROPOUT_KERNELS = 2  # fp16, bf16
 
 
 def _headers_installed() -> bool:
@@ -90,21 +92,27 @@ def test_kernels_built_where_headers_are_installed(built):
     assert torch._C._dispatch_has_kernel_for_dispatch_key("lora_kernels::cuda_cutlass_lora_gemm", "CUDA")
 
 
-def test_sass_has_wgmma_and_tma_and_no_spills(built):
+# (tag, kernels, TMA load sites): the fused GEMMs have two descriptor pairs, (x, W0) and (u, v),
+# each an A and a B load; the dX-with-dropout kernel one pair (dy, W0): u and A are read by the
+# epilogue with plain loads.
+SASS_CASES = [(KERNEL_TAG, N_KERNELS, 4), (DROPOUT_TAG, N_DROPOUT_KERNELS, 2)]
+
+
+@pytest.mark.parametrize("tag,count,min_tma_loads", SASS_CASES, ids=["fused", "dx-dropout"])
+def test_sass_has_wgmma_and_tma_and_no_spills(built, tag, count, min_tma_loads):
     tool = _cuobjdump()
     sass = subprocess.run([tool, "-sass", built], capture_output=True, text=True, check=True).stdout
-    funcs = {k: v for k, v in _per_function(sass, r"Function : (\S+)").items() if KERNEL_TAG in k}
-    assert len(funcs) == N_KERNELS, sorted(funcs)
+    funcs = {k: v for k, v in _per_function(sass, r"Function : (\S+)").items() if tag in k}
+    assert len(funcs) == count, sorted(funcs)
     for name, code in funcs.items():
         assert len(re.findall(r"\bHGMMA\.", code)) > 0, f"no wgmma in {name}"
-        # two TMA descriptor pairs: (x, W0) and (u, v), each an A and a B load
-        assert len(re.findall(r"\bUTMALDG\b", code)) >= 4, f"fewer than 4 TMA load sites in {name}"
+        assert len(re.findall(r"\bUTMALDG\b", code)) >= min_tma_loads, f"too few TMA load sites in {name}"
         assert len(re.findall(r"\bUTMASTG\b", code)) > 0, f"no TMA store in the epilogue of {name}"
         assert not re.search(r"\b(LDL|STL)(\.\S+)?\s", code), f"local-memory traffic (spills) in {name}"
     # ptxas's resource record, stored in the cubin: stack frame and local memory per thread
     res = subprocess.run([tool, "-res-usage", built], capture_output=True, text=True, check=True).stdout
-    usage = {k: v for k, v in _per_function(res, r"Function (\S+):").items() if KERNEL_TAG in k}
-    assert len(usage) == N_KERNELS
+    usage = {k: v for k, v in _per_function(res, r"Function (\S+):").items() if tag in k}
+    assert len(usage) == count
     for name, line in usage.items():
         fields = dict(re.findall(r"(\w+):(\d+)", line))
         assert fields.get("STACK") == "0" and fields.get("LOCAL") == "0", f"{name}: {line.strip()}"
@@ -137,7 +145,7 @@ def test_setup_finds_cutlass_or_says_why_not(monkeypatch, tmp_path):
     srcs, inc, why = ns["_cutlass_sources"]("8.0;9.0a")
     assert inc == str(tmp_path) and why is None
     assert sorted(Path(s).name for s in srcs) == [f"lora_gemm_{d}_{k}.cu" for d in ("bf16", "f16")
-                                                  for k in ("dx", "fwd")]
+                                                  for k in ("dx", "dx_dropout", "fwd")]
     monkeypatch.setenv("LORA_KERNELS_SKIP_CUTLASS", "1")
     assert ns["_cutlass_sources"]("9.0a")[1] is None
 
@@ -175,6 +183,72 @@ def test_op_rule_matches_cutlass_can_implement(built, tmp_path):
         if k > 0:  # K = 0 passes can_implement but no TMA descriptor has a 0 extent: ours refuses
             assert f["can_implement"] == f["supported"], line
         assert f["workspace"] == "0" and 0 < int(f["smem"]) <= 227 * 1024, line
+
+
+def _compile_host_check(tmp_path, source: str):
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    if not os.access(nvcc, os.X_OK):
+        pytest.skip("no nvcc")
+    spec = importlib.util.find_spec("cutlass_library")
+    inc = os.environ.get("CUTLASS_INCLUDE_DIR") or os.path.join(spec.submodule_search_locations[0],
+                                                                 "source", "include")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / Path(source).stem
+    subprocess.run([nvcc, "-std=c++17", "-O0", "-arch=sm_90a", "--expt-relaxed-constexpr",
+                    "-DNDEBUG", "-w", "-I", str(root / "csrc"), "-I", inc,
+                    str(root / "tests" / "cuda" / source), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=900)
+    return exe
+
+
+def test_dx_dropout_mask_and_rule_on_the_host(built, tmp_path):
+    """The CUTLASS dX-with-dropout epilogue's per-element term (dx_dropout_term: the kernel's
+    own __host__ __device__ function, run on the CPU) keeps exactly
+    lora_kernels.reference.dropout_keep_mask's elements, scaled by 1/(1-p); its rule
+    (lowrank_dx_dropout_sm90_supported) agrees with CUTLASS's can_implement wherever r >= 1, and
+    the kernel needs no workspace and fits in shared memory (~40 s of nvcc)."""
+    exe = _compile_host_check(tmp_path, "cutlass_dx_dropout_check.cu")
+    grids = [(5, 37, 0, 0.05), (9, 64, 2**40 + 17, 0.1), (3, 136, 2**63 + 5, 0.1), (4, 8, 123, 0.5)]
+    lines = "".join(f"mask {r} {c} {s} {p!r}\n" for r, c, s, p in grids)
+    out = subprocess.run([str(exe)], input=lines, capture_output=True, text=True, check=True,
+                         timeout=60).stdout.split()
+    at = 0
+    for rows, cols, seed, p in grids:
+        got = torch.tensor([[ch == "1" for ch in out[at + i]] for i in range(rows)])
+        at += rows
+        assert torch.equal(got, ref.dropout_keep_mask(seed, rows, cols, p)), (rows, cols, seed, p)
+    assert at == len(out)
+    shapes = [(8192, 4096, 4096, 16), (129, 264, 136, 13), (1, 264, 136, 1), (333, 1032, 520, 72),
+              (129, 260, 136, 16), (129, 264, 132, 16),   # N, K off 8
+              (129, 264, 136, 0), (64, 64, 0, 8)]          # r = 0 (the plain kernel's), K = 0
+    lines = "".join(f"impl {m} {n} {k} {r}\n" for m, n, k, r in shapes)
+    res = subprocess.run([str(exe)], input=lines, capture_output=True, text=True, check=True,
+                         timeout=60).stdout.splitlines()
+    assert len(res) == len(shapes)
+    for line in res:
+        f = dict(kv.split("=") for kv in line.split()[4:])
+        m, n, k, r = map(int, line.split()[:4])
+        want = k > 0 and k % 8 == 0 and n % 8 == 0 and r >= 1
+        assert f["supported"] == str(int(want)), line
+        if k > 0 and r >= 1:
+            assert f["can_implement"] == f["supported"], line
+        assert f["workspace"] == "0" and 0 < int(f["smem"]) <= 227 * 1024, line
+
+
+def test_dx_dropout_routing_rule():
+    t = lambda *s: torch.empty(*s, dtype=torch.bfloat16)  # noqa: E731
+    dy, w, dx, a = t(256, 64), t(64, 48), t(256, 48), t(5, 48)
+    ok = cutlass_gemm.usable_dx_dropout
+    if _ext.why_no_cutlass() is not None:
+        assert not ok(dy, w, dx, 0.1, a)
+        return
+    assert ok(dy, w, dx, 0.1, a) and ok(dy, w, dx, 0.05, a)
+    assert not ok(dy, w, dx, 0.0, a)                      # p = 0: the fused kernel's
+    assert not ok(dy, w, dx, 1.0, a)
+    assert not ok(dy, w, dx, 0.1, t(0, 48))               # r = 0
+    assert not ok(dy, w, dx, 0.1, t(48, 5).t())           # A not unit inner stride
+    assert not ok(t(100, 64), w, t(100, 48), 0.1, a)      # below one 128-row tile
+    assert not ok(dy, t(64, 44), t(256, 44), 0.1, a)      # N off 8
 
 
 def test_operand_helpers_scale_pad_and_round_once():
@@ -219,6 +293,11 @@ def test_fake_kernel_checks_shapes(so_path):
             C.cuda_cutlass_lora_gemm(t(8, 16), t(32, 16), None, t(8, 8), t(32, 8), False, t(8, 31))
         with pytest.raises(RuntimeError, match="v must be"):
             C.cuda_cutlass_lora_gemm(t(8, 16), t(32, 16), None, t(8, 8), t(32, 16), False, t(8, 32))
+        C.cuda_cutlass_lora_dx_dropout(t(8, 32), t(32, 16), t(8, 5), t(5, 16), 0.1, 3, t(8, 16))
+        with pytest.raises(RuntimeError, match="v must be"):
+            C.cuda_cutlass_lora_dx_dropout(t(8, 32), t(32, 16), t(8, 5), t(4, 16), 0.1, 3, t(8, 16))
+        with pytest.raises(RuntimeError, match="dropout_p"):
+            C.cuda_cutlass_lora_dx_dropout(t(8, 32), t(32, 16), t(8, 5), t(5, 16), 0.0, 3, t(8, 16))
 
 
 def test_backend_traces_the_cutlass_route(built, monkeypatch):
@@ -237,6 +316,12 @@ def test_backend_traces_the_cutlass_route(built, monkeypatch):
         dx = _ext.lora_linear_bwd(t(M, N), t(M, K), t(N, K), t(r, K), t(N, r), xa, 2.0, 0.0, 7,
                                   (True, False, False, False, False))[0]
         assert dx.shape == (M, K)
+        dxd = []
+        real_dxd = cutlass_gemm.dx_dropout  # the real op on fake tensors: its fake runs
+        monkeypatch.setattr(cutlass_gemm, "dx_dropout", lambda *a: dxd.append(a[4]) or real_dxd(*a))
+        dx = _ext.lora_linear_bwd(t(M, N), t(M, K), t(N, K), t(r, K), t(N, r), xa, 2.0, 0.1, 7,
+                                  (True, False, False, False, False))[0]
+        assert dx.shape == (M, K) and dxd == [0.1], "dX with dropout takes the CUTLASS route"
     assert calls == [False, True]
 
 
@@ -305,17 +390,65 @@ def test_gpu_cutlass_lora_gemm_strided_views(built, dtype):
         C.cuda_cutlass_lora_gemm(a, w_big[:, 1:1 + K], None, u, v, False, out)
 
 
+# (M, N, K, r) of dX with dropout: out [M, N] = dy [M, K]·W0 [K, N] + keep∘(u·A)/(1-p); M, N, K
+# off the 128x128x64 tile grid (N, K multiples of 8: TMA), r = 1, odd r, r > 64, many tiles.
+DX_DROPOUT_CASES = [(129, 136, 264, 13), (1, 264, 136, 1), (333, 1032, 520, 16), (1000, 776, 200, 72),
+                    (2051, 1544, 4104, 64)]
+
+
 @gpu
-@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("p", [0.05, 0.1])
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: _DT_ID[d])
+@pytest.mark.parametrize("case", DX_DROPOUT_CASES)
+def test_gpu_cutlass_dx_dropout(built, case, dtype, p):
+    M, N, K, r = case
+    C = torch.ops.lora_kernels
+    seed = 2**40 + 17
+    dy = randn(M, K, dtype=dtype, device=DEV)
+    w = randn(K, N, dtype=dtype, device=DEV, scale=K ** -0.5)
+    u = randn(M, r, dtype=dtype, device=DEV)
+    v = randn(r, N, dtype=dtype, device=DEV, scale=0.3)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=DEV)
+    C.cuda_cutlass_lora_dx_dropout(dy, w, u, v, p, seed, out)
+    keep = ref.dropout_keep_mask(seed, M, N, p, DEV)
+    d = lambda t: f64(t, grad=False)  # noqa: E731
+    want = d(dy) @ d(w) + keep * (d(u) @ d(v)) / (1 - p)
+    assert not out.isnan().any(), "every output element must be written"
+    assert rel_err(out, want) <= tol(dtype, DEV)
+    # the mask is where it should be: the low-rank part alone, measured on the dropped elements
+    base = d(dy) @ d(w)
+    assert rel_err(out.double()[~keep], base[~keep]) <= tol(dtype, DEV)
+    # the hand-written mma.sync kernel computes the same thing (scaling 1)
+    hand = torch.empty_like(out)
+    C.cuda_fused_lora_gemm(dy, w, None, u, v, 1.0, p, seed, True, hand)
+    assert rel_err(out, hand.double()) <= 2 * tol(dtype, DEV)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: _DT_ID[d])
+def test_gpu_cutlass_dx_dropout_refuses_with_its_rule(built, dtype):
+    C = torch.ops.lora_kernels
+    dy = randn(256, 72, dtype=dtype, device=DEV)
+    big = randn(72, 80, dtype=dtype, device=DEV)
+    u, v = randn(256, 4, dtype=dtype, device=DEV), randn(4, 64, dtype=dtype, device=DEV)
+    out = torch.zeros(256, 64, dtype=dtype, device=DEV)
+    with pytest.raises(RuntimeError, match="lowrank_dx_dropout_sm90_supported"):  # 2-byte offset start
+        C.cuda_cutlass_lora_dx_dropout(dy, big[:, 1:65], u, v, 0.1, 3, out)
+    assert not out.any(), "a refused call writes nothing"
+
+
+@gpu
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.1, 0.2])
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: _DT_ID[d])
 @pytest.mark.parametrize("shape", [(129, 136, 264, 13), (520, 1032, 776, 16), (300, 64, 128, 1)])
 def test_gpu_cutlass_lora_linear(built, monkeypatch, shape, dtype, p):
-    """The cuda backend's lora_linear on the CUTLASS kernel (forward always; dX without dropout),
-    against float64 and Triton."""
+    """The cuda backend's lora_linear on the CUTLASS kernels (forward; dX on the fused kernel
+    without dropout, on the dX-with-dropout kernel with it), against float64 and Triton."""
     M, K, N, r = shape
     calls = []
-    real = cutlass_gemm.gemm
+    real, real_dxd = cutlass_gemm.gemm, cutlass_gemm.dx_dropout
     monkeypatch.setattr(cutlass_gemm, "gemm", lambda *a: calls.append(a[5]) or real(*a))
+    monkeypatch.setattr(cutlass_gemm, "dx_dropout", lambda *a: calls.append("dx_dropout") or real_dxd(*a))
     x = randn(M, K, dtype=dtype, device=DEV)
     W = randn(N, K, dtype=dtype, device=DEV, scale=K ** -0.5)
     b = randn(N, dtype=dtype, device=DEV)
@@ -331,7 +464,10 @@ def test_gpu_cutlass_lora_linear(built, monkeypatch, shape, dtype, p):
     want = ref.lora_linear_backward(d(dy), d(x), d(W), d(A), d(Bm), xa64, 0.5, p, seed, (True,) * 5)
     for g, w_ in zip(got, want):
         assert rel_err(g, w_) <= 2 * tol(dtype, DEV)
-    assert calls == ([False, True] if p == 0.0 else [False]), "routed through the CUTLASS kernel"
+    assert calls == [False, True if p == 0.0 else "dx_dropout"], "routed through the CUTLASS kernels"
     if os.environ.get("LORA_KERNELS_TEST_NO_TRITON") != "1":
         tri_y, _ = B.kernel("triton", "lora_linear_fwd")(x, W, b, A, Bm, 0.5, p, seed, None)
         assert rel_err(y, tri_y) <= 2 * tol(dtype, DEV)
+        tri_dx = B.kernel("triton", "lora_linear_bwd")(dy, x, W, A, Bm, xa, 0.5, p, seed,
+                                                       (True, False, False, False, False))[0]
+        assert rel_err(got[0], tri_dx.double()) <= 2 * tol(dtype, DEV)

@@ -155,6 +155,10 @@ def lora_linear_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
                 # [dy | s·dyb]·[W0 | A] on the transposed views: one TMA/wgmma K loop
                 u = cutlass_gemm.lowrank_rows(dyb, scaling, x.dtype)
                 cutlass_gemm.gemm(dy, weight, None, u, cutlass_gemm.pad_rank_rows(lora_a), True, dx)
+            elif cutlass_gemm.usable_dx_dropout(dy, weight, dx, dropout_p, lora_a):
+                # dy·W0 on TMA/wgmma, keep∘(s·(dy·B)·A)/(1-p) added in the epilogue
+                cutlass_gemm.dx_dropout(dy, weight, torch.mul(dyb, scaling), lora_a, dropout_p,
+                                        _i64(seed), dx)
             else:
                 # dx = dy·W + drop(s·(dy·B)·A) in one tensor-core pass (mask applied in
                 # registers: the low-rank term needs its own accumulator for that)

@@ -6,6 +6,10 @@ It takes what TMA takes: fp16/bf16, 16-byte aligned data, row strides that are m
 elements. This module decides per call whether a call qualifies and builds the M×r operand ``u``
 (scaling folded in, ranks zero-padded to a multiple of 8); everything else stays on the
 hand-written ``cuda_fused_lora_gemm``.
+
+``cuda_cutlass_lora_dx_dropout`` is dX with dropout: the base GEMM on the same TMA/wgmma
+collectives, the masked low-rank term added per element in the epilogue (the mask applies to
+it alone, so it cannot share the accumulator); :func:`usable_dx_dropout` routes to it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,21 @@ def usable(a: Tensor, w: Tensor, out: Tensor, bias: Optional[Tensor] = None,
     return all(_row_ok(t) for t in (a, w, out, v))
 
 
+# Largest p the dX-with-dropout kernel takes: its 16-bit threshold ceil(p·2^16) must stay below
+# 2^16 (the op's rule, lowrank_dx_dropout_sm90_supported); p this close to 1 keeps nothing.
+MAX_DROPOUT_P = 1.0 - 2.0 ** -16
+
+
+def usable_dx_dropout(dy: Tensor, w: Tensor, dx: Tensor, dropout_p: float, lora_a: Tensor) -> bool:
+    """Whether dX with dropout runs on the CUTLASS kernel (``cuda_cutlass_lora_dx_dropout``):
+    the base pair's TMA rule (:func:`usable`), 0 < p <= MAX_DROPOUT_P and 1 <= r <= 4096 (u and
+    A are read with plain loads in the epilogue: no padding, any row stride)."""
+    r = lora_a.shape[0]
+    if lora_a.dim() != 2 or (lora_a.shape[1] > 1 and lora_a.stride(1) != 1):
+        return False
+    return 0.0 < dropout_p <= MAX_DROPOUT_P and 1 <= r <= 4096 and usable(dy, w, dx)
+
+
 def rank_padded(r: int) -> int:
     return -(-r // RANK_ALIGN) * RANK_ALIGN
 
@@ -91,4 +110,12 @@ def pad_rank_rows(t: Tensor) -> Tensor:
 def gemm(a: Tensor, w: Tensor, bias: Optional[Tensor], u: Tensor, v: Tensor, trans_b: bool,
          out: Tensor) -> Tensor:
     ops().cuda_cutlass_lora_gemm(a, w, bias, u, v, bool(trans_b), out)
+    return out
+
+
+def dx_dropout(dy: Tensor, w: Tensor, u: Tensor, v: Tensor, dropout_p: float, seed: int,
+               out: Tensor) -> Tensor:
+    """``out = dy·w + keep∘(u·v)/(1-p)``, keep = mask v2 of ``seed`` on out's grid (seed as the
+    signed int64 carrying its 64 bits)."""
+    ops().cuda_cutlass_lora_dx_dropout(dy, w, u, v, float(dropout_p), int(seed), out)
     return out

@@ -59,9 +59,14 @@ def cuda_cutlass_lora_gemm(a, w, bias, u, v, trans_b, out):
     _gemm_shapes(a, w, u, v, trans_b, out)
 
 
+def cuda_cutlass_lora_dx_dropout(dy, w, u, v, dropout_p, seed, out):
+    _gemm_shapes(dy, w, u, v, True, out)
+    _expect(0.0 < dropout_p < 1.0, "dropout_p must be in (0, 1)")
+
+
 FAKES = {fn.__name__: fn for fn in (cuda_dropout_keep_mask, cuda_lora_shrink, cuda_lora_expand,
                                     cuda_lora_shrink_expand, cuda_fused_lora_gemm,
-                                    cuda_cutlass_lora_gemm)}
+                                    cuda_cutlass_lora_gemm, cuda_cutlass_lora_dx_dropout)}
 
 
 def register() -> None:

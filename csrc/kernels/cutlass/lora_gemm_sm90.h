@@ -51,4 +51,29 @@ inline bool lowrank_gemm_sm90_supported(const LowRankGemmParams& p, bool trans_b
 template <typename T, bool TRANS_B>
 cudaError_t launch_lowrank_gemm_sm90(const LowRankGemmParams& p, cudaStream_t stream);
 
+// dX with dropout (lora_gemm_dx_dropout.cuh): out = a·w + keep∘(u·v)·inv_keep, trans_b layout
+// (a = dy [M, N_red], w = W0 [N_red, N], u = s·(dy·B) [M, r8], v = A [r8, N]); keep = mask v2
+// on out's [M, N] grid with `seed`, threshold = ceil(p·2^16), inv_keep = 1/(1-p). K is the
+// base reduction length (no concatenated k-tiles: the product is added in the epilogue).
+struct LowRankDropoutParams {
+  LowRankGemmParams gemm;
+  uint64_t seed = 0;
+  uint32_t threshold = 0;
+  float inv_keep = 1.f;
+};
+
+// The fused kernel's TMA rule for the base pair, plus the epilogue's reads of u and v (plain
+// loads: any strides, r <= 4096) and no bias. A mask needs r > 0 (r = 0 is the plain kernel).
+inline bool lowrank_dx_dropout_sm90_supported(const LowRankDropoutParams& d) {
+  LowRankGemmParams base = d.gemm;
+  base.r = 0;
+  if (!lowrank_gemm_sm90_supported(base, true) || d.gemm.bias != nullptr) return false;
+  const LowRankGemmParams& p = d.gemm;
+  if (p.r < 1 || p.r > 4096 || p.u == nullptr || p.v == nullptr || p.ldu < p.r || p.ldv < p.N) return false;
+  return d.threshold < (1u << 16) && d.inv_keep > 0.f;
+}
+
+template <typename T>
+cudaError_t launch_lowrank_dx_dropout_sm90(const LowRankDropoutParams& d, cudaStream_t stream);
+
 }  // namespace lk
