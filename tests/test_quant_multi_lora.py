@@ -430,3 +430,29 @@ def test_module_to_moves_the_quantized_base_without_casting_it():
     assert rel_err(y, x.half().double() @ W64.t() + layer.bias.double()) <= 2e-3
     layer.to("meta")
     assert layer.qweight.codes.device.type == "meta" and layer.qweight.scale.is_meta
+
+
+def test_pool_swaps_fp8linear_layers_in():
+    """quantize_linears_fp8 then AdapterPool(target_modules=): the FP8Linear's own e4m3 buffers,
+    scale and bias become the MultiLoRALinear's base (no copy, no dequantized weight)."""
+    torch.manual_seed(3)
+    N, K, L, r = 20, 36, 4, 5
+    model = torch.nn.Sequential(torch.nn.Linear(K, N), torch.nn.ReLU(), torch.nn.Linear(N, N))
+    lk.nn.quantize_linears_fp8(model)
+    first = model[0]
+    W64 = fp8_dequantize(FP8Weight(codes=first.weight, scale=first.weight_scale)).double()
+    pool = lk.AdapterPool(model, target_modules=["0"], num_slots=2, max_rank=8,
+                          dtype=torch.float32)
+    assert isinstance(model[0], lk.MultiLoRALinear) and model[0].qweight.codes is first.weight
+    assert isinstance(model[2], lk.nn.FP8Linear)  # not targeted: untouched
+    A, B = torch.randn(r, K) * 0.3, torch.randn(N, r) * 0.3
+    pool.load("a", {"base_model.model.0.lora_A.weight": A, "base_model.model.0.lora_B.weight": B},
+              {"r": r, "lora_alpha": r, "target_modules": ["0"]})
+    x = torch.randn(2, L, K)
+    with pool.batch(["a", None], tokens_per_sample=L):
+        h = model[0](x)
+    want = x.double() @ W64.t() + first.bias.double()
+    want[0] += (x[0].double() @ A.double().t()) @ B.double().t()
+    assert rel_err(h, want) <= 1e-5
+    with pytest.raises(ValueError, match="bias"):
+        lk.MultiLoRALinear(first, 2, 4, bias=torch.zeros(N))

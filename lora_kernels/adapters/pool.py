@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lora_kernels.adapters.peft_format import (AdapterConfig, AdapterMismatchError, PathLike,
                                                config_problems, load_peft_adapter, split_modules)
 from lora_kernels.nn.inject import is_linear, set_child, matches_targets
+from lora_kernels.nn.fp8_linear import FP8Linear
 from lora_kernels.nn.multi_lora import MultiLoRALinear, is_linear4bit
 from lora_kernels.ops import LoRABatch
 
@@ -177,10 +178,10 @@ class AdapterPool:
                     raise ValueError(f"{nm} must be a positive int, got {v!r}")
             matched = [(n, m) for n, m in model.named_modules()
                        if n and matches_targets(n, target_modules)
-                       and (is_linear(m) or is_linear4bit(m))]
+                       and (is_linear(m) or is_linear4bit(m) or isinstance(m, FP8Linear))]
             if not matched:
                 raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear/Conv1D "
-                                 f"(or bitsandbytes Linear4bit) in the model")
+                                 f"(or bitsandbytes Linear4bit, or FP8Linear) in the model")
             # Build every layer before swapping any in: a rejected argument leaves the model as
             # it was.
             self.layers = {n: MultiLoRALinear(m, num_slots, max_rank, backend=backend, dtype=dtype)

@@ -33,6 +33,13 @@ def _quantized_base(base, bias, dtype):
                              f"{getattr(bias, 'shape', type(bias).__name__)}")
         default = base.dtype if isinstance(base, NF4Weight) else torch.bfloat16
         return base, bias, dtype or default
+    # imported here: nn.fp8_linear -> nn.inject -> this module would otherwise be a cycle
+    from lora_kernels.nn.fp8_linear import FP8Linear
+    if isinstance(base, FP8Linear):  # its e4m3 buffers and scale are the FP8Weight, unchanged
+        if bias is not None:
+            raise ValueError("bias: an FP8Linear base brings its own bias; pass bias=None")
+        w = FP8Weight(codes=base.weight, scale=base.weight_scale)
+        return w, base.bias, dtype or torch.bfloat16
     if is_linear4bit(base):
         if bias is not None:
             raise ValueError("bias: a Linear4bit base brings its own bias; pass bias=None")
