@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import interpreting, rel_err, triton_dtypes
 from lora_kernels.nn import (FP8Linear, FP8LoRALinear, inject_lora_fp8,
                              quantize_linears_fp8)
-from lora_kernels.ops import fp8, lora_linear_fp8
+from lora_kernels.ops import fp8, lora_linear_fp8, quant_tiles
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -89,11 +89,11 @@ class _Largest(TorchDispatchMode):
 
 
 def test_torch_path_never_makes_the_whole_weight(monkeypatch):
-    monkeypatch.setattr(fp8, "ROWS_PER_TILE", 8)
+    monkeypatch.setattr(quant_tiles, "ROWS_PER_TILE", 8)
     w, x, b, a, bb = _case(torch.float32, m=3, n=40, k=64)
     with _Largest() as mode:  # the backend functions (the custom op hides its body from a mode)
-        y, xa = fp8.torch_fwd(x, w, b, a, bb, 1.0, 0.0, 0)
-        fp8.torch_bwd(torch.ones_like(y), x, w, a, bb, xa, 1.0, 0.0, 0, (True,) * 4)
+        y, xa = quant_tiles.lora_fwd(x, w, b, a, bb, 1.0, 0.0, 0)
+        quant_tiles.lora_bwd(torch.ones_like(y), x, w, a, bb, xa, 1.0, 0.0, 0, (True,) * 4)
     assert 8 * 64 <= mode.largest < 40 * 64
     assert rel_err(y, _want(w, x, b, a, bb, 1.0)) <= 1e-5
 

@@ -7,7 +7,7 @@ import torch
 
 from helpers import interpreting, rel_err, triton_dtypes
 from lora_kernels import reference
-from lora_kernels.ops import nf4
+from lora_kernels.ops import nf4, quant_tiles
 from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -73,7 +73,7 @@ def _check(backend, nested, dtype, shape, p, tol, monkeypatch=None):
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_path_against_float64(nested, dtype, monkeypatch):
-    monkeypatch.setattr(nf4, "ROWS_PER_TILE", 8)  # several tiles on the small shapes
+    monkeypatch.setattr(quant_tiles, "ROWS_PER_TILE", 8)  # several tiles on the small shapes
     # bf16: dx is summed over the row tiles in bf16 (one rounding per tile of 8 rows here).
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for shape, p in ((SHAPES[0], 0.0), (SHAPES[1], 0.25)):

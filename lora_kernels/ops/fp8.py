@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FP8Weight", "quantize_fp8", "dequantize", "dequantize_rows", "check_fp8", "from_torchao", "codes_u8",
-           "torch_fwd", "torch_bwd", "ROWS_PER_TILE"]
+__all__ = ["FP8Weight", "quantize_fp8", "dequantize", "dequantize_rows", "check_fp8", "from_torchao",
+           "codes_u8"]
 
 E4M3_MAX = 448.0
 
@@ -48,8 +48,6 @@ def dequantize(w: FP8Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     return (codes.float() * w.scale.float()[:, None]).to(dtype)
 
 
-# Rows of W dequantized at once on the torch path (as nf4.ROWS_PER_TILE): a 256 × K slab.
-ROWS_PER_TILE = 256
 
 
 def codes_u8(w: FP8Weight) -> Tensor:
@@ -110,41 +108,3 @@ def dequantize_rows(w: FP8Weight, n0: int, n1: int, dtype: torch.dtype) -> Tenso
     feeds the MMA)."""
     codes = codes_u8(w)[n0:n1].view(torch.float8_e4m3fn)
     return (codes.float() * w.scale[n0:n1].float()[:, None]).to(dtype)
-
-
-def _tiles(N: int):
-    for n0 in range(0, N, ROWS_PER_TILE):
-        yield n0, min(N, n0 + ROWS_PER_TILE)
-
-
-def torch_fwd(x: Tensor, w: FP8Weight, bias, lora_a: Tensor, lora_b: Tensor, scaling: float,
-              dropout_p: float, seed: int):
-    """``(y, xa)`` with W dequantized ``ROWS_PER_TILE`` rows at a time (never N×K)."""
-    from lora_kernels import reference
-    from lora_kernels.ops.cpu_dropout import dropout_keep_mask
-    xd = reference.apply_dropout(x, seed, dropout_p, dropout_keep_mask)
-    xa = torch.nn.functional.linear(xd, lora_a)
-    y = torch.nn.functional.linear(xa * scaling, lora_b, bias)
-    for n0, n1 in _tiles(w.codes.shape[0]):
-        y[:, n0:n1].addmm_(x, dequantize_rows(w, n0, n1, x.dtype).t())
-    return y, xa
-
-
-def torch_bwd(dy: Tensor, x: Tensor, w: FP8Weight, lora_a: Tensor, lora_b: Tensor, xa: Tensor,
-              scaling: float, dropout_p: float, seed: int, needs):
-    """``(dx, dbias, dlora_a, dlora_b)`` (None where ``needs`` is False); W is frozen."""
-    from lora_kernels import reference
-    from lora_kernels.ops.cpu_dropout import dropout_keep_mask
-    need_x, need_b, need_a, need_bb = (bool(n) for n in needs)
-    N, K = w.codes.shape
-    no_w = x.new_zeros(()).expand(N, K)  # never read without dx/dW
-    _, _, db, da, dbb = reference.lora_linear_backward(
-        dy, x, no_w, lora_a, lora_b, xa, scaling, dropout_p, seed,
-        (False, False, need_b, need_a, need_bb), keep_mask=dropout_keep_mask)
-    dx = None
-    if need_x:
-        dx = reference.apply_dropout((dy @ lora_b) @ lora_a * scaling, seed, dropout_p,
-                                     dropout_keep_mask)
-        for n0, n1 in _tiles(N):
-            dx.addmm_(dy[:, n0:n1], dequantize_rows(w, n0, n1, dy.dtype))
-    return dx, db, da, dbb

@@ -6,7 +6,7 @@ frozen: gradients flow to x, lora_a, lora_b and bias.
 
 Backends: ``triton`` (and ``cuda``, whose extension has no FP8 kernel: its Triton fallback)
 decodes the e4m3 bytes inside the GEMM core's K loop (forward and dX on the ``Wᵀ`` view of the
-same bytes, no N×K tensor); ``torch`` dequantizes ``fp8.ROWS_PER_TILE`` rows at a time.
+same bytes, no N×K tensor); ``torch`` dequantizes ``quant_tiles.ROWS_PER_TILE`` rows at a time.
 The activations stay in x's dtype (weight-only FP8).
 
 The storage travels through the custom op as plain tensors: the codes as their uint8 bytes
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import fp8 as _fp8
+from lora_kernels.ops import quant_tiles as _quant_tiles
 from lora_kernels.ops import validation as V
 from lora_kernels.ops.lora_linear import (EMPTY_GRAD, check_lora_terms, check_seed, draw_seed,
                                           seed_int)
@@ -35,7 +36,7 @@ def _impl(backend: str, fn: str):
     if backend == "triton":
         from lora_kernels.triton import quant_lora
         return getattr(quant_lora, {"fwd": "quant_lora_fwd", "bwd": "quant_lora_bwd"}[fn])
-    return {"fwd": _fp8.torch_fwd, "bwd": _fp8.torch_bwd}[fn]
+    return {"fwd": _quant_tiles.lora_fwd, "bwd": _quant_tiles.lora_bwd}[fn]
 
 
 def _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):

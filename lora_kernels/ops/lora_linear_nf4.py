@@ -7,7 +7,7 @@ autograd, dispatch.
 
 Backends: ``triton`` (and ``cuda``, whose extension has no NF4 kernel: its fallback, as for
 every op missing there) decodes the 4-bit tiles inside the GEMM (forward and dX, no N×K
-tensor); ``torch`` dequantizes by tiles of ``nf4.ROWS_PER_TILE`` rows, exact against
+tensor); ``torch`` dequantizes by tiles of ``quant_tiles.ROWS_PER_TILE`` rows, exact against
 ``bitsandbytes.functional.dequantize_4bit``.
 
 The storage travels through the custom op as its tensors (codes, absmax, code, and for nested
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import nf4 as _nf4
+from lora_kernels.ops import quant_tiles as _quant_tiles
 from lora_kernels.ops import validation as V
 from lora_kernels.ops.lora_linear import (EMPTY_GRAD, check_lora_terms, check_seed, draw_seed,
                                           seed_int)
@@ -42,7 +43,7 @@ def _impl(backend: str, fn: str):
     if backend == "triton":
         from lora_kernels.triton import quant_lora
         return getattr(quant_lora, {"fwd": "quant_lora_fwd", "bwd": "quant_lora_bwd"}[fn])
-    return {"fwd": _nf4.torch_fwd, "bwd": _nf4.torch_bwd}[fn]
+    return {"fwd": _quant_tiles.lora_fwd, "bwd": _quant_tiles.lora_bwd}[fn]
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_nf4", mutates_args=())

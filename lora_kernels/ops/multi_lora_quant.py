@@ -35,10 +35,10 @@ from lora_kernels.ops.batch import LoRABatch
 from lora_kernels.ops.fp8 import FP8Weight
 from lora_kernels.ops import multi_lora_dropout as _drop
 from lora_kernels.ops.lora_linear import check_seed, draw_seed, seed_int
+from lora_kernels.ops.quant_tiles import ROWS_PER_TILE, dequantize_rows, row_tiles
 
 __all__ = ["is_quantized", "quant_multi_lora_linear", "dequantize_rows", "ROWS_PER_TILE"]
 
-ROWS_PER_TILE = _nf4.ROWS_PER_TILE
 _EMPTY = (0,)
 _FP8, _NF4 = 0, 1
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -65,22 +65,6 @@ def _weight(codes, q1, q2, q3, q4, qmeta, offset, wdtype):
                           blocksize=bs, absmax2=q3, code2=q4, offset=offset, blocksize2=bs2)
 
 
-def dequantize_rows(w, n0: int, n1: int, dtype: torch.dtype) -> Tensor:
-    """Rows ``[n0, n1)`` of the quantized W in ``dtype`` (FP8: ``code·scale`` in fp32, then
-    ``dtype``, as ``fp8.dequantize``; NF4: bitsandbytes' rounding, ``nf4.dequantize_rows``)."""
-    if isinstance(w, FP8Weight):
-        codes = w.codes[n0:n1]
-        if codes.dtype != torch.float8_e4m3fn:
-            codes = codes.view(torch.float8_e4m3fn)
-        return (codes.float() * w.scale[n0:n1].float()[:, None]).to(dtype)
-    return _nf4.dequantize_rows(w, n0, n1, dtype)
-
-
-def _tiles(N: int):
-    for n0 in range(0, N, ROWS_PER_TILE):
-        yield n0, min(N, n0 + ROWS_PER_TILE)
-
-
 # ------------------------------------------------------------------------------------------
 # The torch path (any device): W by row tiles, the low-rank terms from the reference
 # ------------------------------------------------------------------------------------------
@@ -103,7 +87,7 @@ def torch_base(x, w, bias):
     """``x·Wᵀ + b`` with W dequantized ``ROWS_PER_TILE`` rows at a time."""
     N = w.shape[0]
     y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
-    for n0, n1 in _tiles(N):
+    for n0, n1 in row_tiles(N):
         wt = dequantize_rows(w, n0, n1, x.dtype)
         if bias is not None:
             torch.addmm(bias[n0:n1], x, wt.t(), out=y[:, n0:n1])
@@ -117,7 +101,7 @@ def torch_base_dx(dy, w, dx=None):
     N, K = w.shape
     if dx is None:
         dx = torch.zeros(dy.shape[0], K, dtype=dy.dtype, device=dy.device)
-    for n0, n1 in _tiles(N):
+    for n0, n1 in row_tiles(N):
         dx.addmm_(dy[:, n0:n1], dequantize_rows(w, n0, n1, dy.dtype))
     return dx
 

@@ -14,26 +14,20 @@ storage dtype (``quant_state.dtype``), exactly as ``bitsandbytes.functional.dequ
 Blocks may straddle rows (K need not be a multiple of 64): every index here is a flat one.
 
 This module never imports bitsandbytes: :func:`from_params4bit` reads ``weight.quant_state``
-by attribute. The torch path dequantizes by tiles of ``ROWS_PER_TILE`` rows of W, so no N×K
-tensor exists at once (one ``tile × K`` slab in the storage dtype at a time).
+by attribute. The torch path (``ops/quant_tiles.py``) dequantizes ``ROWS_PER_TILE`` rows of W
+at a time, so no N×K tensor exists at once (one ``tile × K`` slab at a time).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from lora_kernels import reference
-from lora_kernels.ops.cpu_dropout import dropout_keep_mask
 
-__all__ = ["NF4Weight", "from_params4bit", "dequantize_rows", "dequantize", "torch_fwd",
-           "torch_bwd", "ROWS_PER_TILE"]
-
-# Rows of W dequantized at once on the torch path: a 256 × K slab (K = 4096, fp32: 4 MiB).
-ROWS_PER_TILE = 256
+__all__ = ["NF4Weight", "from_params4bit", "dequantize_rows", "dequantize"]
 
 
 @dataclass(frozen=True)
@@ -110,38 +104,3 @@ def dequantize_rows(w: NF4Weight, n0: int, n1: int, dtype: Optional[torch.dtype]
 def dequantize(w: NF4Weight, dtype: Optional[torch.dtype] = None) -> Tensor:
     """The whole W (tests and the reference only: an N×K tensor)."""
     return dequantize_rows(w, 0, w.shape[0], dtype)
-
-
-def _tiles(N: int):
-    for n0 in range(0, N, ROWS_PER_TILE):
-        yield n0, min(N, n0 + ROWS_PER_TILE)
-
-
-def torch_fwd(x: Tensor, w: NF4Weight, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-              scaling: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """``(y, xa)``: ``y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with W dequantized tile by tile."""
-    xd = reference.apply_dropout(x, seed, dropout_p, dropout_keep_mask)
-    xa = torch.nn.functional.linear(xd, lora_a)
-    y = torch.nn.functional.linear(xa * scaling, lora_b, bias)
-    for n0, n1 in _tiles(w.shape[0]):
-        y[:, n0:n1].addmm_(x, dequantize_rows(w, n0, n1, x.dtype).t())
-    return y, xa
-
-
-def torch_bwd(dy: Tensor, x: Tensor, w: NF4Weight, lora_a: Tensor, lora_b: Tensor, xa: Tensor,
-              scaling: float, dropout_p: float, seed: int, needs: Sequence[bool]):
-    """``(dx, dbias, dlora_a, dlora_b)`` (None where ``needs`` is False); W is frozen."""
-    need_x, need_b, need_a, need_bb = (bool(n) for n in needs)
-    N, K = w.shape
-    # The LoRA gradients from the reference; its weight argument is never read without dx/dW.
-    no_w = x.new_zeros(()).expand(N, K)
-    _, _, db, da, dbb = reference.lora_linear_backward(
-        dy, x, no_w, lora_a, lora_b, xa, scaling, dropout_p, seed,
-        (False, False, need_b, need_a, need_bb), keep_mask=dropout_keep_mask)
-    dx = None
-    if need_x:
-        dx = reference.apply_dropout((dy @ lora_b) @ lora_a * scaling, seed, dropout_p,
-                                     dropout_keep_mask)
-        for n0, n1 in _tiles(N):
-            dx.addmm_(dy[:, n0:n1], dequantize_rows(w, n0, n1, dy.dtype))
-    return dx, db, da, dbb

@@ -1,0 +1,66 @@
+"""The torch path over a frozen quantized W (FP8 e4m3 or NF4): W is dequantized
+``ROWS_PER_TILE`` rows at a time (a 256 × K slab, never N×K), the LoRA terms come from the
+reference. One home for the tile loop that the single-adapter ops (``lora_linear_fp8``,
+``lora_linear_nf4``) and the multi-adapter op (``multi_lora_quant``) share.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from lora_kernels import reference
+from lora_kernels.ops import fp8 as _fp8
+from lora_kernels.ops import nf4 as _nf4
+from lora_kernels.ops.cpu_dropout import dropout_keep_mask
+
+__all__ = ["ROWS_PER_TILE", "row_tiles", "dequantize_rows", "lora_fwd", "lora_bwd"]
+
+# 256 rows: the slab (256·K elements of the compute dtype) stays a few MiB at K = 8192 while
+# each addmm is still a real GEMM.
+ROWS_PER_TILE = 256
+
+
+def row_tiles(N: int):
+    for n0 in range(0, N, ROWS_PER_TILE):
+        yield n0, min(N, n0 + ROWS_PER_TILE)
+
+
+def dequantize_rows(w, n0: int, n1: int, dtype: Optional[torch.dtype]) -> Tensor:
+    """Rows ``[n0, n1)`` of an ``FP8Weight`` or ``NF4Weight`` in ``dtype`` (each format's own
+    rounding: what its Triton decode feeds the MMA)."""
+    if isinstance(w, _fp8.FP8Weight):
+        return _fp8.dequantize_rows(w, n0, n1, dtype)
+    return _nf4.dequantize_rows(w, n0, n1, dtype)
+
+
+def lora_fwd(x: Tensor, w, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+             scaling: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """``(y, xa)``: ``y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with W dequantized tile by tile."""
+    xd = reference.apply_dropout(x, seed, dropout_p, dropout_keep_mask)
+    xa = torch.nn.functional.linear(xd, lora_a)
+    y = torch.nn.functional.linear(xa * scaling, lora_b, bias)
+    for n0, n1 in row_tiles(w.shape[0]):
+        y[:, n0:n1].addmm_(x, dequantize_rows(w, n0, n1, x.dtype).t())
+    return y, xa
+
+
+def lora_bwd(dy: Tensor, x: Tensor, w, lora_a: Tensor, lora_b: Tensor, xa: Tensor,
+             scaling: float, dropout_p: float, seed: int, needs: Sequence[bool]):
+    """``(dx, dbias, dlora_a, dlora_b)`` (None where ``needs`` is False); W is frozen."""
+    need_x, need_b, need_a, need_bb = (bool(n) for n in needs)
+    N, K = w.shape
+    # The LoRA gradients from the reference; its weight argument is never read without dx/dW.
+    no_w = x.new_zeros(()).expand(N, K)
+    _, _, db, da, dbb = reference.lora_linear_backward(
+        dy, x, no_w, lora_a, lora_b, xa, scaling, dropout_p, seed,
+        (False, False, need_b, need_a, need_bb), keep_mask=dropout_keep_mask)
+    dx = None
+    if need_x:
+        dx = reference.apply_dropout((dy @ lora_b) @ lora_a * scaling, seed, dropout_p,
+                                     dropout_keep_mask)
+        for n0, n1 in row_tiles(N):
+            dx.addmm_(dy[:, n0:n1], dequantize_rows(w, n0, n1, dy.dtype))
+    return dx, db, da, dbb
