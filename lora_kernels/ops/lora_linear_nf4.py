@@ -25,8 +25,7 @@ from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import nf4 as _nf4
 from lora_kernels.ops import quant_tiles as _quant_tiles
 from lora_kernels.ops import validation as V
-from lora_kernels.ops.lora_linear import (EMPTY_GRAD, check_lora_terms, check_seed, draw_seed,
-                                          seed_int)
+from lora_kernels.ops.lora_linear import EMPTY_GRAD, check_lora_terms, seed_int
 
 __all__ = ["lora_linear_nf4"]
 
@@ -160,15 +159,7 @@ def lora_linear_nf4(x: Tensor, weight, bias: Optional[Tensor], lora_a: Tensor, l
     N, K = w.shape
     x2, lead, scaling, dropout_p = check_lora_terms(x, N, K, w.codes, bias, lora_a, lora_b,
                                                     scaling, dropout_p, training)
-    name = _backend.resolve_for(backend, x2, "lora_linear")
-    # The CUDA extension has no NF4 kernel: like every op missing there, its fallback (Triton).
-    name = "triton" if name in ("triton", "cuda") else "torch"
-    if dropout_seed is not None:
-        dropout_seed = check_seed(dropout_seed)
-    seed = None
-    if dropout_p > 0.0:
-        seed = (draw_seed() if dropout_seed is None
-                else torch.tensor(dropout_seed, dtype=torch.int64))
+    name, seed = _quant_tiles.backend_and_seed(backend, x2, dropout_p, dropout_seed)
     dtype = x.dtype
     args = op_args(x2.contiguous(), w, V.dense(bias, dtype), V.dense(lora_a, dtype),
                    V.dense(lora_b, dtype), scaling, dropout_p, seed, name)

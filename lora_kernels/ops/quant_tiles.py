@@ -64,3 +64,19 @@ def lora_bwd(dy: Tensor, x: Tensor, w, lora_a: Tensor, lora_b: Tensor, xa: Tenso
         for n0, n1 in row_tiles(N):
             dx.addmm_(dy[:, n0:n1], dequantize_rows(w, n0, n1, dy.dtype))
     return dx, db, da, dbb
+
+
+def backend_and_seed(backend: str, x2: Tensor, dropout_p: float, dropout_seed):
+    """``(kernel family, seed tensor or None)`` of a single-adapter op over a quantized W. The
+    extension has no quantized kernel, so ``cuda`` runs its fallback (Triton), as every op
+    missing there does; the seed is drawn only when dropout is on."""
+    from lora_kernels.ops import backend as _backend
+    from lora_kernels.ops.lora_linear import check_seed, draw_seed
+    name = _backend.resolve_for(backend, x2, "lora_linear")
+    name = "triton" if name in ("triton", "cuda") else "torch"
+    if dropout_seed is not None:
+        dropout_seed = check_seed(dropout_seed)
+    if dropout_p <= 0.0:
+        return name, None
+    return name, (draw_seed() if dropout_seed is None
+                  else torch.tensor(dropout_seed, dtype=torch.int64))
