@@ -6,6 +6,7 @@ import os
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # ‖out − ref‖ / ‖ref‖ against the float64 reference.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -236,3 +237,19 @@ def count_calls(monkeypatch, module, names=("lora_linear", "multi_lora_linear"))
             return _orig(*a, **k)
         monkeypatch.setattr(module, name, wrap)
     return calls
+
+
+class LargestTensor(TorchDispatchMode):
+    """``.biggest``: the most elements of any tensor an op made inside the mode — the probe of
+    the "no N×K temporary" structure tests (a whole dequantized weight would show up here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.biggest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.biggest = max(self.biggest, t.numel())
+        return out

@@ -7,9 +7,8 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import interpreting, rel_err
+from helpers import LargestTensor, interpreting, rel_err
 from lora_kernels import patch_peft_model
 from lora_kernels.integrations.peft import LoRAKernelsFallbackWarning
 
@@ -110,19 +109,6 @@ def test_patched_qlora_dropout_trains():
 # tests/test_peft_qlora_mixed.py.
 
 
-class _Shapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.biggest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.biggest = max(self.biggest, t.numel())
-        return out
-
-
 @pytest.mark.skipif(not interpreting(), reason="the interpreter runs the Triton kernels on CPU")
 def test_patched_qlora_step_on_triton_makes_no_whole_weight():
     """A whole W (N×K = 37·65 = 2405 elements) is bigger than every other tensor of the step
@@ -130,11 +116,11 @@ def test_patched_qlora_step_on_triton_makes_no_whole_weight():
     the patched Triton step makes none."""
     model = qlora_model(torch.float32, True)
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(4))
-    with _Shapes() as peft_step:
+    with LargestTensor() as peft_step:
         want_y, want_g = _step(model, x)
     assert peft_step.biggest >= HID * K
     with patch_peft_model(model, backend="triton"):
-        with _Shapes() as ours:
+        with LargestTensor() as ours:
             y, g = _step(model, x)
     assert ours.biggest < HID * K
     assert rel_err(y, want_y) <= 1e-5

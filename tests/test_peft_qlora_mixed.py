@@ -9,14 +9,14 @@ import warnings
 import pytest
 import torch
 
-from helpers import interpreting, rel_err
+from helpers import LargestTensor, interpreting, rel_err
 from lora_kernels import patch_peft_model
 from lora_kernels.integrations.peft import LoRAKernelsFallbackWarning
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
-from test_peft_qlora import HID, K, _Shapes, qlora_model  # noqa: E402  (same tiny model)
+from test_peft_qlora import HID, K, qlora_model  # noqa: E402  (same tiny model)
 
 NAMES = ["other", "__base__", "default", "default", "other"]
 
@@ -158,12 +158,12 @@ def test_patched_mixed_training_step_on_triton_makes_no_whole_weight():
     forward (eval) dequantizes it (the detector works), the patched joint step never does."""
     model = two_adapter_model(torch.float32, True)
     x = torch.randn(len(NAMES), 1, K, generator=torch.Generator().manual_seed(4))
-    with _Shapes() as peft_step:
+    with LargestTensor() as peft_step:
         want_y, want_g = _peft_step(model, x)
     assert peft_step.biggest >= HID * K
     model.train()
     with patch_peft_model(model, backend="triton"):
-        with _Shapes() as ours:
+        with LargestTensor() as ours:
             model.zero_grad(set_to_none=True)
             y = model(x, adapter_names=NAMES)
             (y.float() ** 2).mean().backward()

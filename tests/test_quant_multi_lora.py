@@ -10,9 +10,8 @@ quantized spec, and the split-K / tile quantized GEMM + segment shrink/expand), 
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import capture_cuda_graph, interpreting, rel_err
+from helpers import LargestTensor, capture_cuda_graph, interpreting, rel_err
 import lora_kernels as lk
 from lora_kernels.ops import nf4 as nf4_mod
 from lora_kernels.ops.fp8 import FP8Weight, dequantize as fp8_dequantize, quantize_fp8
@@ -258,21 +257,6 @@ def test_bad_inputs_name_the_argument():
         lk.MultiLoRALinear(torch.nn.Linear(K, N), 2, 4, bias=torch.zeros(N))
 
 
-class _Biggest(TorchDispatchMode):
-    """The largest tensor any op makes (numel)."""
-
-    def __init__(self):
-        super().__init__()
-        self.biggest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.biggest = max(self.biggest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("backend,path", CASES)
 @pytest.mark.parametrize("kind,p", [("fp8", None), ("nf4", None), ("fp8", 0.25)])
 def test_training_step_makes_no_whole_weight(backend, path, kind, p):
@@ -289,10 +273,10 @@ def test_training_step_makes_no_whole_weight(backend, path, kind, p):
     x = torch.randn(T, K, requires_grad=True)
     batch = lk.LoRABatch.from_adapter_ids(_ids(T, S), S)
     if kind == "fp8":
-        with _Biggest() as probe:
+        with LargestTensor() as probe:
             fp8_dequantize(qw)
         assert probe.biggest >= N * K
-    with override(path=path if backend == "triton" else "auto"), _Biggest() as probe:
+    with override(path=path if backend == "triton" else "auto"), LargestTensor() as probe:
         y = lk.multi_lora_linear(x, qw, None, a, b, batch, scalings=sc, ranks=ranks,
                                  backend=backend, dropout_p=p)
         y.square().sum().backward()
