@@ -45,6 +45,7 @@ E = 2                      # bf16 bytes
 SMS = 132                  # H100 SXM and H200: 132 SMs
 PHILOX_OPS = 70            # integer instructions per Philox4x32-10 call (10 rounds, sm_90 SASS)
 MASK_OPS_PER_ELEM = 3      # extract the 16-bit half, compare, select
+BITS_READ_OPS = 3.8        # per element: the packed keep bits spread in the dX epilogue (sass_report)
 LAUNCH_GAP_US = 1.5        # between two dependent launches on one stream (eager, warm)
 
 # Rates: matrix bf16 dense (TFLOP/s), HBM (TB/s, read + write), CUDA-core int32 (Tops/s:
@@ -340,15 +341,22 @@ def single_adapter(M, K, N, r, p, bwd):
         minimal.flops += 2 * M * N * K + 2 * M * r * (2 * N + 2 * K)
         minimal.read += (M * N + N * K + M * K + M * r) * E
         minimal.write += (M * K + r * K + N * r) * E
-        if mode == 4:  # p = 0: the dX GEMM makes dyb = dY·B and dB = dYᵀ·xa itself
+        # The dX GEMM makes dyb = dY·B and dB = dYᵀ·xa itself whenever M is large, at any p:
+        # its mask is on dX's grid, read from the forward's packed bits (triton/lora_linear.py).
+        dx_panel = M > 16 and forward_mode(M, r, 0.0) == 4
+        if dx_panel:
             npm = pad(M, panel_tile()[0]) // panel_tile()[0]
-            ours += [triton_panel_gemm(M, K, N, r, "dX fused GEMM, panel-shared dY·B + dB partials (LORA=4)", db=True),
-                     Launch("sum of the dB partials (torch)", 0, npm * N * rank_block(r) * 4, N * r * E)]
+            dx = triton_panel_gemm(M, K, N, r, "dX fused GEMM, panel-shared dY·B + dB partials (LORA=4)"
+                                   + (" + mask bits" if p else ""), db=True)
+            if p > 0:  # one byte per 8 elements of dX, spread in registers (3.8 SASS/element)
+                dx.read += M * K / 8
+                dx.int_ops += BITS_READ_OPS * M * K
+            ours += [dx, Launch("sum of the dB partials (torch)", 0, npm * N * rank_block(r) * 4, N * r * E)]
         else:
             ours += [triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"),
                      triton_fused_gemm(M, K, N, r, 1, p, "dX fused GEMM, seeded" + (" + mask" if p else ""))]
         ours += [*triton_reduce(M, K, r, p, "dA = drop(x)ᵀ·dyb" + (" (mask redrawn)" if p else ""))]
-        if mode != 4:
+        if not dx_panel:
             ours += [*triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
         floor += [cublas_gemm(M, r, N, "cuBLAS dY·B"), elementwise(M * r, E, E, "·s")]
         if p > 0:

@@ -255,6 +255,16 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
             comp.form = f"{spec.name} dX+dB"
             FG.fused_gemm(dy, w.t(), dx, **{**common, "la": bb.t(), "lb": a.t(), "u": e(M, R_T)},
                           db_out=e(N_T, R_T), db_u=e(M, R_T))
+        if spec.lowrank == "panel" and spec.col_scale == "none":
+            # the p > 0 dX: its low-rank tile masked on its own from the forward's packed bits
+            # (no column scale: the single-adapter dX has none; with one, the pointer path
+            # spilled 152 B at 128x128 / 8 warps, so fused_gemm refuses that combination)
+            comp.form = f"{spec.name} dX+dB bits p=0.1"
+            comp.prune_as_dropout = True
+            FG.fused_gemm(dy, w.t(), dx, **{**common, "la": bb.t(), "lb": a.t(), "u": e(M, R_T)},
+                          db_out=e(N_T, R_T), db_u=e(M, R_T), dropout_p=0.1, seed=7,
+                          keep_bits=_bits(M, K_T))
+            comp.prune_as_dropout = False
         if (spec.lowrank == "none" and spec.schedule == "tiles" and spec.col_scale == "none"
                 and spec.weight == "dense"):
             comp.form = f"{spec.name} dW"

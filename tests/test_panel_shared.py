@@ -160,8 +160,9 @@ def test_lora_linear_panel_forward_and_grads(monkeypatch, grid, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_linear_dropout_keeps_seeded_path(monkeypatch, dtype):
-    """p > 0 never takes the panel mode (forward_mode → SEEDED): the reference mask holds."""
+def test_lora_linear_dropout_panel_dx(monkeypatch, dtype):
+    """p > 0: the forward stays shrink + seeded (its mask is on x), the dX takes the panel mode
+    with the mask in its epilogue (read from the forward's packed bits): the reference holds."""
     _force_panel(monkeypatch, "pointer")
     M, K, N, r, p, seed = 100, 72, 104, 5, 0.3, 77
     g = torch.Generator().manual_seed(10)
@@ -264,6 +265,46 @@ def test_panel_dx_form_makes_dyb_and_db(monkeypatch, store, dtype):
     assert rel_err(outs[0][1], dyb_want) <= tol(dtype, DEVICE)
     assert rel_err(outs[0][0], d(dy) @ d(w) + s * dyb_want @ d(a)) <= tol(dtype, DEVICE)
     assert rel_err(outs[0][2], s * d(dy).t() @ d(xa)) <= tol(dtype, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [False, True])
+def test_panel_dx_form_with_dropout(monkeypatch, bits, dtype):
+    """The dX form at p > 0: dX = dY·W + keep∘(s·dyb·A)/(1-p) with the mask on dX's (m, k) grid,
+    read from packed bits or redrawn (same mask), dyb and dB unmasked; the same bits on the
+    fallback, normal and 1-program paths, and the seeded dX's values."""
+    M, N, K, r, s, p, seed = 200, 104, 136, 6, 0.75, 0.3, 1234
+    g = torch.Generator().manual_seed(22)
+    rnd = lambda *sh: torch.randn(*sh, generator=g, dtype=torch.float64)
+    dy, w, a, b, xa = rnd(M, N), rnd(N, K) / N ** 0.5, rnd(r, K), rnd(N, r) / N ** 0.5, rnd(M, r)
+    dy, w, a, b, xa = (t.to(dtype=dtype, device=DEVICE) for t in (dy, w, a, b, xa))
+    keep_bits = reference.dropout_keep_packed(seed, M, K, p, DEVICE) if bits else None
+    outs = []
+    for grid, ahead in (("normal", 10**6), ("normal", 0), ("one", 0)):
+        with monkeypatch.context() as mp:
+            if grid == "one":
+                _one_program(mp)
+            dx = torch.empty(M, K, dtype=dtype, device=DEVICE)
+            dyb = torch.full((M, r), float("nan"), dtype=dtype, device=DEVICE)
+            db = torch.full((N, r), float("nan"), dtype=dtype, device=DEVICE)
+            FG.fused_gemm(dy, w.t(), dx, lora=LoraMode.PANEL, u=dyb, la=b.t(), lb=a.t(),
+                          scaling=s, dropout_p=p, seed=seed, keep_bits=keep_bits,
+                          schedule="persistent", store="pointer", panel_ahead=ahead,
+                          db_out=db, db_u=xa)
+            outs.append((dx, dyb, db))
+    for o in outs[1:]:
+        assert all(torch.equal(q, o0) for q, o0 in zip(o, outs[0]))
+    d = lambda t: t.double().cpu()
+    keep = reference.dropout_keep_mask(seed, M, K, p).cpu()
+    dyb_want = d(dy) @ d(b)
+    want = d(dy) @ d(w) + torch.where(keep, s * dyb_want @ d(a) / (1 - p), 0.0)
+    assert rel_err(outs[0][0], want) <= tol(dtype, DEVICE)
+    assert rel_err(outs[0][1], dyb_want) <= tol(dtype, DEVICE)
+    assert rel_err(outs[0][2], s * d(dy).t() @ d(xa)) <= tol(dtype, DEVICE)
+    seeded = torch.empty(M, K, dtype=dtype, device=DEVICE)
+    FG.fused_gemm(dy, w.t(), seeded, lora=LoraMode.SEEDED, u=outs[0][1], lb=a.t(), scaling=s,
+                  dropout_p=p, seed=seed, keep_bits=keep_bits)
+    assert rel_err(outs[0][0], d(seeded)) <= tol(dtype, DEVICE)
 
 
 @pytest.mark.parametrize("where", ["a", "b", "x"])

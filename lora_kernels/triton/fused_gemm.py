@@ -21,8 +21,10 @@ The low-rank term (``lora``, names in ``gemm.modes.LoraMode``):
 * ``PANEL`` (4, persistent schedule only; other schedules run it as ``IN_LOOP``): the same
   operands and result as ``IN_LOOP``, but each tile makes one K-slice share of ``u`` for a row
   panel one wave ahead and a tile whose panel is complete reads u instead of computing it:
-  x crosses HBM once and the extra MMA work is ≈ r/(BLOCK_N·NT) (gemm/panel.py). No dropout
-  (the mask would have to be drawn on the x tiles of the fallback K loop: lora_linear.py).
+  x crosses HBM once and the extra MMA work is ≈ r/(BLOCK_N·NT) (gemm/panel.py). Dropout
+  only in the dX form, where the mask is on the output grid (the low-rank tile is masked on
+  its own in the epilogue); a forward mask on x would have to be drawn on the x tiles of the
+  fallback K loop, so the forward with dropout stays SEEDED (lora_linear.py).
 
 Schedules: ``tiles`` (medium M), ``split_k`` (the decode path: K slabs reduced by the last
 program to take the tile's ticket, deterministic, tickets reset by the kernel itself) and
@@ -228,7 +230,10 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     dummy = out  # never dereferenced when the matching constexpr flag is off
     block_r = C.rank_block(r)
     if lora in (LoraMode.IN_LOOP, LoraMode.PANEL):
-        assert r <= 64 and dropout_p == 0.0, "fused shrink: r ≤ 64 and no dropout"
+        # dropout_p is always the mask on out's grid (the dX form); the panel dX applies it to
+        # its own low-rank tile (epilogue.in_loop_term), the plain in-loop mode does not
+        assert r <= 64 and (dropout_p == 0.0 or (lora == LoraMode.PANEL and col_scale is None)), \
+            "fused shrink: r ≤ 64, and dropout only in the panel dX without a column scale"
         assert la is not None and u is not None
     path = C.gemm_path(M, small_m_max)
     interpret = C.interpreting()
@@ -287,7 +292,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                         stride_xar=db_u.stride(1), PANEL_DB=True)
     modes = spec.constexprs()
     flags = dict(HAS_BIAS=bias is not None, LORA=modes["LORA"],
-                 DROPOUT=lora == LoraMode.SEEDED and dropout_p > 0.0,
+                 DROPOUT=lora in (LoraMode.SEEDED, LoraMode.PANEL) and dropout_p > 0.0,
                  COL_SCALE=modes["COL_SCALE"], SCHEDULE=modes["SCHEDULE"], STORE=modes["STORE"],
                  W_KMAJOR=w_strides[1] == 1, BLOCK_R=block_r, PRECISION=C.dot_precision(a.dtype))
     if keep_bits is not None and flags["DROPOUT"]:  # mask (#13 item 4): read, not redrawn

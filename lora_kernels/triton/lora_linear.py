@@ -157,14 +157,17 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
     if K == 0 or N == 0 or r == 0:
         return _degenerate_bwd(dy, x, weight, lora_a, lora_b, needs)
     dyb = None
-    # Without dropout dyb = dY·B is a reduction over the dX GEMM's own K loop (N): the GEMM
-    # makes it (in-loop, or panel-shared at large M) and writes it out, so dY is not read by a
-    # separate shrink. With dropout the mask applies to the low-rank term of dX only, which
-    # the seeded epilogue draws on a precomputed dyb (the shrink below).
-    # Only the panel mode: the small-M in-loop dX runs split-K, whose slabs each add their
-    # share of s·dyb·A — with an inf in A, ±inf shares of one element meet as NaN where the
-    # reference (dyb complete first) has ±inf (tests/test_numerics_edges.py).
-    dx_mode = forward_mode(M, r, dropout_p) if need_x else LoraMode.SEEDED
+    # dyb = dY·B is a reduction over the dX GEMM's own K loop (N): at large M the panel mode
+    # makes it (K-slice shares) and writes it out, with dB from the same dY tiles, so dY is
+    # read once. The dX mask is on dX's own (m, k) grid and applies to the low-rank tile alone
+    # (the panel epilogue masks it apart), so this holds at p > 0 too — given the forward's
+    # packed bits: the Philox redraw in that epilogue is a form bench/sass_report.py does not
+    # vouch for (the bits form compiles spill-free at 255 registers). Everything else: the
+    # shrink + the seeded epilogue. Not the small-M in-loop dX: it runs split-K, whose slabs
+    # each add their share of s·dyb·A — with an inf in A, ±inf shares of one element meet as
+    # NaN where the reference (dyb complete first) has ±inf (tests/test_numerics_edges.py).
+    dx_mode = (forward_mode(M, r, 0.0) if need_x and (dropout_p == 0.0 or keep_bits is not None)
+               else LoraMode.SEEDED)
     if dx_mode != LoraMode.PANEL:
         dx_mode = LoraMode.SEEDED
     if need_a or need_x:
@@ -184,7 +187,8 @@ def _bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, needs, con
         else:  # + dB = s·dYᵀ·xa from the dY tiles the panel shares load (fused_gemm doc)
             dbb = torch.empty_like(lora_b) if need_bb else None
             fused_gemm(dy, weight.t(), dx, lora=dx_mode, u=dyb, la=lora_b.t(), lb=lora_a.t(),
-                       scaling=scaling, small_m_max=SMALL_M_MAX, config=config,
+                       scaling=scaling, dropout_p=dropout_p, seed=seed,
+                       small_m_max=SMALL_M_MAX, config=config, keep_bits=keep_bits,
                        db_out=dbb, db_u=xa if need_bb else None)
     if need_a:
         da = torch.empty_like(lora_a)

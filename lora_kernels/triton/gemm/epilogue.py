@@ -63,14 +63,30 @@ def lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride
 
 @triton.jit
 def in_loop_term(acc, u_acc, lb_ptr, rn64, n_ok, r_ok, stride_lbn, stride_lbr, scaling,
-                 BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr = False,
+                 seed=0, drop_threshold=0, drop_scale=1.0, row0=0, col0=0, rm64=None,
+                 m_ok=None, N=0, BLOCK_M: tl.constexpr = 1, BLOCK_N: tl.constexpr = 1,
+                 bits_ptr=None, READ_BITS: tl.constexpr = False):
     """``acc += (s·u)·lbᵀ`` for the in-loop u. s·u is rounded once to the input dtype (the
     torch composition rounds u there too) and the dot accumulates straight into acc: no second
-    fp32 tile in registers. The term is linear in u, so split-K slabs each add their share."""
+    fp32 tile in registers. The term is linear in u, so split-K slabs each add their share.
+
+    ``DROPOUT`` (the panel dX at p > 0, a = dY): the mask is on dX's (m, k) grid and applies
+    to this term only, so it gets its own fp32 tile, masked as :func:`lowrank_seed` masks the
+    seeded one (bits when the forward wrote them, else the Philox redraw) and then added."""
     rr = tl.arange(0, BLOCK_R)
     lbt = tl.load(lb_ptr + rn64[None, :] * stride_lbn + rr[:, None] * stride_lbr,
                   mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-    return tl.dot((u_acc * scaling).to(lbt.dtype), lbt, acc, input_precision=PRECISION)
+    su = (u_acc * scaling).to(lbt.dtype)
+    if DROPOUT:
+        low = tl.dot(su, lbt, input_precision=PRECISION)
+        if READ_BITS:
+            keep = spread_bits(load_bits_tile(bits_ptr, (N + 7) // 8, rm64, m_ok, col0,
+                                              (N + 7) // 8, BLOCK_N), BLOCK_M, BLOCK_N)
+        else:
+            keep = keep_tile(seed, row0, col0, N, drop_threshold, BLOCK_M, BLOCK_N)
+        return acc + tl.where(keep, low * drop_scale, 0.0)
+    return tl.dot(su, lbt, acc, input_precision=PRECISION)
 
 
 @triton.jit

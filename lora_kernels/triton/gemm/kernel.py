@@ -125,7 +125,9 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
                               PRECISION, BLOCK_K, wq, WEIGHT, QBLOCK, QBLOCK2, QROUND, BLOCK_N)
     if LORA == LORA_IN_LOOP or LORA == LORA_PANEL:
         acc = in_loop_term(acc, u_acc, lb_ptr, rn64, n_ok, r_ok, stride_lbn, stride_lbr,
-                           scaling, BLOCK_R, PRECISION)
+                           scaling, BLOCK_R, PRECISION, DROPOUT, seed, drop_threshold,
+                           drop_scale, row0, col0, rm64, m_ok, N, BLOCK_M, BLOCK_N, keep_bits,
+                           KEEP_BITS)
 
     o_rows = rm64 * stride_om
     if SPLIT:
