@@ -25,7 +25,7 @@ from lora_kernels.ops import backend as _backend
 from lora_kernels.ops import nf4 as _nf4
 from lora_kernels.ops import quant_tiles as _quant_tiles
 from lora_kernels.ops import validation as V
-from lora_kernels.ops.lora_linear import EMPTY_GRAD, check_lora_terms, seed_int
+from lora_kernels.ops.lora_linear import EMPTY_GRAD, seed_int
 
 __all__ = ["lora_linear_nf4"]
 
@@ -150,16 +150,12 @@ def lora_linear_nf4(x: Tensor, weight, bias: Optional[Tensor], lora_a: Tensor, l
     if x.dim() < 1:
         raise ValueError("x must have shape [..., K], got a 0-D tensor")
     w = _as_nf4(weight)
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16 for an NF4 weight, got {x.dtype}")
     if w.dtype not in _DTYPES:
         raise TypeError(f"weight's storage dtype must be fp32/fp16/bf16, got {w.dtype}")
-    V.tensor("lora_a", lora_a, 2)
-    V.tensor("lora_b", lora_b, 2)
     N, K = w.shape
-    x2, lead, scaling, dropout_p = check_lora_terms(x, N, K, w.codes, bias, lora_a, lora_b,
-                                                    scaling, dropout_p, training)
-    name, seed = _quant_tiles.backend_and_seed(backend, x2, dropout_p, dropout_seed)
+    x2, lead, scaling, dropout_p, name, seed = _quant_tiles.check_call(
+        x, N, K, w.codes, bias, lora_a, lora_b, scaling, dropout_p, training, backend,
+        dropout_seed, "an NF4 weight")
     dtype = x.dtype
     args = op_args(x2.contiguous(), w, V.dense(bias, dtype), V.dense(lora_a, dtype),
                    V.dense(lora_b, dtype), scaling, dropout_p, seed, name)

@@ -16,7 +16,7 @@ from lora_kernels.ops import fp8 as _fp8
 from lora_kernels.ops import nf4 as _nf4
 from lora_kernels.ops.cpu_dropout import dropout_keep_mask
 
-__all__ = ["ROWS_PER_TILE", "row_tiles", "dequantize_rows", "lora_fwd", "lora_bwd"]
+__all__ = ["ROWS_PER_TILE", "row_tiles", "dequantize_rows", "lora_fwd", "lora_bwd", "check_call"]
 
 # 256 rows: the slab (256·K elements of the compute dtype) stays a few MiB at K = 8192 while
 # each addmm is still a real GEMM.
@@ -66,17 +66,28 @@ def lora_bwd(dy: Tensor, x: Tensor, w, lora_a: Tensor, lora_b: Tensor, xa: Tenso
     return dx, db, da, dbb
 
 
-def backend_and_seed(backend: str, x2: Tensor, dropout_p: float, dropout_seed):
-    """``(kernel family, seed tensor or None)`` of a single-adapter op over a quantized W. The
-    extension has no quantized kernel, so ``cuda`` runs its fallback (Triton), as every op
-    missing there does; the seed is drawn only when dropout is on."""
+def check_call(x: Tensor, N: int, K: int, codes: Tensor, bias, lora_a, lora_b, scaling,
+               dropout_p, training: bool, backend: str, dropout_seed, what: str):
+    """The checks and choices a single-adapter op over a quantized W (``what``: "an FP8
+    weight", "an NF4 weight") shares once its weight is validated: ``(x2 [M, K], lead shape,
+    scaling, dropout_p, kernel family, seed tensor or None)``. The extension has no quantized
+    kernel, so ``cuda`` runs its fallback (Triton), as every op missing there does; the seed is
+    drawn only when dropout is on."""
     from lora_kernels.ops import backend as _backend
-    from lora_kernels.ops.lora_linear import check_seed, draw_seed
+    from lora_kernels.ops import validation as V
+    from lora_kernels.ops.lora_linear import check_lora_terms, check_seed, draw_seed
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float32, float16 or bfloat16 for {what}, got {x.dtype}")
+    V.tensor("lora_a", lora_a, 2)
+    V.tensor("lora_b", lora_b, 2)
+    x2, lead, scaling, dropout_p = check_lora_terms(x, N, K, codes, bias, lora_a, lora_b,
+                                                    scaling, dropout_p, training)
     name = _backend.resolve_for(backend, x2, "lora_linear")
     name = "triton" if name in ("triton", "cuda") else "torch"
     if dropout_seed is not None:
         dropout_seed = check_seed(dropout_seed)
-    if dropout_p <= 0.0:
-        return name, None
-    return name, (draw_seed() if dropout_seed is None
-                  else torch.tensor(dropout_seed, dtype=torch.int64))
+    seed = None
+    if dropout_p > 0.0:
+        seed = (draw_seed() if dropout_seed is None
+                else torch.tensor(dropout_seed, dtype=torch.int64))
+    return x2, lead, scaling, dropout_p, name, seed
