@@ -233,13 +233,16 @@ def test_gpu_panel_offsets_past_2_31(store):
     assert rel_err(u[rows], u_want) <= tol(torch.bfloat16, "cuda")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("store", ["pointer", "tma"])
-def test_panel_dx_form_makes_dyb_and_db(monkeypatch, store, dtype):
-    """The dX form (a = dY [M, N], w = Wᵀ view, la = Bᵀ, lb = Aᵀ): the GEMM writes dyb = dY·B
-    and dB = s·dYᵀ·xa from the dY tiles its shares load; same bits on every path."""
-    M, N, K, r, s = 200, 104, 136, 6, 0.75  # dY [200, 104] → dX [200, 136]: 7 x 5 tiles
-    g = torch.Generator().manual_seed(21)
+# dY [200, 104] → dX [200, 136]: 7 x 5 tiles under the 32x32 interpreter tiles
+DX_M, DX_N, DX_K, DX_R, DX_S = 200, 104, 136, 6, 0.75
+
+
+def _dx_form_on_every_path(monkeypatch, dtype, data_seed, store, **drop):
+    """The dX form (a = dY [M, N], w = Wᵀ view, la = Bᵀ, lb = Aᵀ) on the fallback-only, normal
+    and 1-program paths: asserts they give the same bits and the 1-program grid hits; returns
+    the operands and (dx, dyb, db) of the first path."""
+    M, N, K, r, s = DX_M, DX_N, DX_K, DX_R, DX_S
+    g = torch.Generator().manual_seed(data_seed)
     rnd = lambda *sh: torch.randn(*sh, generator=g, dtype=torch.float64)
     dy, w, a, b, xa = rnd(M, N), rnd(N, K) / N ** 0.5, rnd(r, K), rnd(N, r) / N ** 0.5, rnd(M, r)
     dy, w, a, b, xa = (t.to(dtype=dtype, device=DEVICE) for t in (dy, w, a, b, xa))
@@ -254,17 +257,27 @@ def test_panel_dx_form_makes_dyb_and_db(monkeypatch, store, dtype):
             h0 = _hits(DEVICE)
             FG.fused_gemm(dy, w.t(), dx, lora=LoraMode.PANEL, u=dyb, la=b.t(), lb=a.t(),
                           scaling=s, schedule="persistent", store=store, panel_ahead=ahead,
-                          db_out=db, db_u=xa)
+                          db_out=db, db_u=xa, **drop)
             if grid == "one":
                 assert _hits(DEVICE) - h0 > 0
             outs.append((dx, dyb, db))
     for o in outs[1:]:
-        assert all(torch.equal(p, q) for p, q in zip(o, outs[0]))
+        assert all(torch.equal(q, o0) for q, o0 in zip(o, outs[0]))
+    return (dy, w, a, b, xa), outs[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("store", ["pointer", "tma"])
+def test_panel_dx_form_makes_dyb_and_db(monkeypatch, store, dtype):
+    """The dX form: the GEMM writes dyb = dY·B and dB = s·dYᵀ·xa from the dY tiles its shares
+    load; same bits on every path."""
+    s = DX_S
+    (dy, w, a, b, xa), (dx, dyb, db) = _dx_form_on_every_path(monkeypatch, dtype, 21, store)
     d = lambda t: t.double().cpu()
     dyb_want = d(dy) @ d(b)
-    assert rel_err(outs[0][1], dyb_want) <= tol(dtype, DEVICE)
-    assert rel_err(outs[0][0], d(dy) @ d(w) + s * dyb_want @ d(a)) <= tol(dtype, DEVICE)
-    assert rel_err(outs[0][2], s * d(dy).t() @ d(xa)) <= tol(dtype, DEVICE)
+    assert rel_err(dyb, dyb_want) <= tol(dtype, DEVICE)
+    assert rel_err(dx, d(dy) @ d(w) + s * dyb_want @ d(a)) <= tol(dtype, DEVICE)
+    assert rel_err(db, s * d(dy).t() @ d(xa)) <= tol(dtype, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -273,38 +286,21 @@ def test_panel_dx_form_with_dropout(monkeypatch, bits, dtype):
     """The dX form at p > 0: dX = dY·W + keep∘(s·dyb·A)/(1-p) with the mask on dX's (m, k) grid,
     read from packed bits or redrawn (same mask), dyb and dB unmasked; the same bits on the
     fallback, normal and 1-program paths, and the seeded dX's values."""
-    M, N, K, r, s, p, seed = 200, 104, 136, 6, 0.75, 0.3, 1234
-    g = torch.Generator().manual_seed(22)
-    rnd = lambda *sh: torch.randn(*sh, generator=g, dtype=torch.float64)
-    dy, w, a, b, xa = rnd(M, N), rnd(N, K) / N ** 0.5, rnd(r, K), rnd(N, r) / N ** 0.5, rnd(M, r)
-    dy, w, a, b, xa = (t.to(dtype=dtype, device=DEVICE) for t in (dy, w, a, b, xa))
+    M, K, s, p, seed = DX_M, DX_K, DX_S, 0.3, 1234
     keep_bits = reference.dropout_keep_packed(seed, M, K, p, DEVICE) if bits else None
-    outs = []
-    for grid, ahead in (("normal", 10**6), ("normal", 0), ("one", 0)):
-        with monkeypatch.context() as mp:
-            if grid == "one":
-                _one_program(mp)
-            dx = torch.empty(M, K, dtype=dtype, device=DEVICE)
-            dyb = torch.full((M, r), float("nan"), dtype=dtype, device=DEVICE)
-            db = torch.full((N, r), float("nan"), dtype=dtype, device=DEVICE)
-            FG.fused_gemm(dy, w.t(), dx, lora=LoraMode.PANEL, u=dyb, la=b.t(), lb=a.t(),
-                          scaling=s, dropout_p=p, seed=seed, keep_bits=keep_bits,
-                          schedule="persistent", store="pointer", panel_ahead=ahead,
-                          db_out=db, db_u=xa)
-            outs.append((dx, dyb, db))
-    for o in outs[1:]:
-        assert all(torch.equal(q, o0) for q, o0 in zip(o, outs[0]))
+    (dy, w, a, b, xa), (dx, dyb, db) = _dx_form_on_every_path(
+        monkeypatch, dtype, 22, "pointer", dropout_p=p, seed=seed, keep_bits=keep_bits)
     d = lambda t: t.double().cpu()
     keep = reference.dropout_keep_mask(seed, M, K, p).cpu()
     dyb_want = d(dy) @ d(b)
     want = d(dy) @ d(w) + torch.where(keep, s * dyb_want @ d(a) / (1 - p), 0.0)
-    assert rel_err(outs[0][0], want) <= tol(dtype, DEVICE)
-    assert rel_err(outs[0][1], dyb_want) <= tol(dtype, DEVICE)
-    assert rel_err(outs[0][2], s * d(dy).t() @ d(xa)) <= tol(dtype, DEVICE)
+    assert rel_err(dx, want) <= tol(dtype, DEVICE)
+    assert rel_err(dyb, dyb_want) <= tol(dtype, DEVICE)
+    assert rel_err(db, s * d(dy).t() @ d(xa)) <= tol(dtype, DEVICE)
     seeded = torch.empty(M, K, dtype=dtype, device=DEVICE)
-    FG.fused_gemm(dy, w.t(), seeded, lora=LoraMode.SEEDED, u=outs[0][1], lb=a.t(), scaling=s,
+    FG.fused_gemm(dy, w.t(), seeded, lora=LoraMode.SEEDED, u=dyb, lb=a.t(), scaling=s,
                   dropout_p=p, seed=seed, keep_bits=keep_bits)
-    assert rel_err(outs[0][0], d(seeded)) <= tol(dtype, DEVICE)
+    assert rel_err(dx, d(seeded)) <= tol(dtype, DEVICE)
 
 
 @pytest.mark.parametrize("where", ["a", "b", "x"])
