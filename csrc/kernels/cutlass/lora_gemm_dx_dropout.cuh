@@ -88,12 +88,7 @@ cudaError_t run_dx_dropout(const LowRankDropoutParams& d, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   auto args = dx_dropout_arguments<T>(d, sm_count(device));
   args.hw_info.device_id = device;
-  typename G::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  if (G::Gemm::get_workspace_size(args) != 0) return cudaErrorNotSupported;
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-  return cudaGetLastError();
+  return launch_gemm<typename G::Gemm>(args, stream);
 }
 
 }  // namespace lk::cutlass_sm90

@@ -98,6 +98,18 @@ inline int sm_count(int device) {
   return cached[device];
 }
 
+// can_implement, no workspace, initialize, run: the launch every CUTLASS GEMM here shares.
+// The persistent (non-stream-K) scheduler and these epilogues need no global workspace.
+template <typename Gemm>
+cudaError_t launch_gemm(const typename Gemm::Arguments& args, cudaStream_t stream) {
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  if (Gemm::get_workspace_size(args) != 0) return cudaErrorNotSupported;
+  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+  return cudaGetLastError();
+}
+
 template <typename T, bool TRANS_B>
 cudaError_t run(const LowRankGemmParams& p, cudaStream_t stream) {
   using G = LoraGemm<T, TRANS_B>;
@@ -136,13 +148,7 @@ cudaError_t run(const LowRankGemmParams& p, cudaStream_t stream) {
                                    mainloop, epilogue, hw};
   args.scheduler.max_swizzle_size = 8;  // groups of 8 tiles share their a/w panels in L2
 
-  typename G::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  // The persistent (non-stream-K) scheduler and this epilogue need no global workspace.
-  if (G::Gemm::get_workspace_size(args) != 0) return cudaErrorNotSupported;
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
-  return cudaGetLastError();
+  return launch_gemm<typename G::Gemm>(args, stream);
 }
 
 }  // namespace lk::cutlass_sm90
