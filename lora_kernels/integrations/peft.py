@@ -34,9 +34,9 @@ from lora_kernels.integrations import peft_dora
 from lora_kernels.integrations.peft_joint import JointState, train_stack
 from lora_kernels.integrations.peft_mixed import BatchCache, StackCache, needs_grad
 from lora_kernels.integrations.peft_moe import patch_moe_blocks
-from lora_kernels.integrations import peft_qlora
+from lora_kernels.integrations import peft_fp8, peft_qlora
 from lora_kernels.nn.lora_linear import check_backend, is_conv1d
-from lora_kernels.ops import lora_linear, lora_linear_nf4, multi_lora_linear
+from lora_kernels.ops import lora_linear, lora_linear_fp8, lora_linear_nf4, multi_lora_linear
 
 _ATTR = "_lora_kernels_patch"
 
@@ -186,6 +186,8 @@ def _base_reason(layer: nn.Module) -> Optional[str]:
         return "its base layer is wrapped by another adapter layer (nested tuners)"
     if peft_qlora.is_nf4_base(base):  # QLoRA: fused from the 4-bit storage (peft_qlora.py)
         return peft_qlora.base_reason(base)
+    if peft_fp8.is_fp8_base(base):  # an FP8Linear (register_fp8_lora): the fp8 op (peft_fp8.py)
+        return peft_fp8.base_reason(base)
     if is_conv1d(base):
         ok = type(base).__module__.startswith("transformers")
     else:
@@ -267,6 +269,11 @@ def _patched_forward(self, x: Tensor, *args, **kwargs):
         if isinstance(weight, str):
             return _fallback(self, st, weight, x, args, kwargs)
         return _fused(self, st, x_c, weight, bias, active).to(x.dtype)
+    if peft_fp8.is_fp8_base(self.base_layer):
+        if any(peft_dora.is_dora(self, a) for a in active):
+            return _fallback(self, st, "DoRA over an FP8 base is not fused", x, args, kwargs)
+        weight, bias, x_c = peft_fp8.base_operands(self, x)
+        return _fused(self, st, x_c, weight, bias, active).to(x.dtype)
     weight, bias, x_c = _base_operands(self, st, x)
     if weight is None:
         return _fallback(self, st, f"input dtype {x.dtype} differs from the base weight's "
@@ -296,7 +303,8 @@ def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tens
            active: list) -> Tensor:
     backend = st.shared.backend
     drops = [_dropout_p(self, a) for a in active]
-    fused_op = lora_linear_nf4 if isinstance(weight, peft_qlora.NF4Weight) else lora_linear
+    fused_op = lora_linear_nf4 if isinstance(weight, peft_qlora.NF4Weight) else \
+        lora_linear_fp8 if isinstance(weight, peft_fp8.FP8Weight) else lora_linear
     if len(active) == 1:
         a = active[0]
         return fused_op(x, weight, bias, self.lora_A[a].weight, self.lora_B[a].weight,
@@ -341,18 +349,19 @@ def _mixed_forward(self, st: _LayerState, x: Tensor, adapter_names, kwargs) -> T
         reason = _adapter_reason(self, a)
         if reason is not None:
             return _fallback(self, st, reason, x, (), kwargs)
-    if peft_qlora.is_nf4_base(self.base_layer):
-        # NF4 base + each token's adapter in one multi_lora_linear over the 4-bit storage
-        reason = peft_qlora.mixed_reason(self, used)
-        weight, bias, x_c = (reason, None, None) if reason else \
-            peft_qlora.base_operands(self, x)
+    quant = peft_qlora if peft_qlora.is_nf4_base(self.base_layer) else \
+        peft_fp8 if peft_fp8.is_fp8_base(self.base_layer) else None
+    if quant is not None:
+        # NF4 / FP8 base + each token's adapter in one multi_lora_linear over the storage
+        reason = quant.mixed_reason(self, used)
+        weight, bias, x_c = (reason, None, None) if reason else quant.base_operands(self, x)
         if isinstance(weight, str):
             return _fallback(self, st, weight, x, (), kwargs)
         if x_c.dim() < 2:
             return _fallback(self, st, "a mixed batch needs a [batch, ..., features] input", x,
                              (), kwargs)
         if x_c.shape[0] == 0 or all(n not in self.lora_A for n in adapter_names):
-            return self.base_layer(x)  # no adapter work: Linear4bit's own forward
+            return self.base_layer(x)  # no adapter work: the base's own forward
         return _mixed_plain(self, st, x_c, weight, bias, adapter_names).to(x.dtype)
     weight, bias, x_c = _base_operands(self, st, x)
     if weight is None:
@@ -433,8 +442,8 @@ def patch_peft_model(model: nn.Module, *, backend: str = "auto") -> PeftPatchHan
             type(module).forward is lora_layer.Linear.forward
         if not (plain or peft_qlora.is_peft_bnb_4bit(module)):
             reason = (f"{type(module).__module__}.{type(module).__name__} layers are not "
-                      f"accelerated (only lora.Linear over nn.Linear / Conv1D / Linear4bit "
-                      f"and PEFT's bnb Linear4bit)")
+                      f"accelerated (only lora.Linear over nn.Linear / Conv1D / Linear4bit / "
+                      f"FP8Linear and PEFT's bnb Linear4bit)")
         elif "forward" in module.__dict__:
             reason = "its forward is already wrapped on the instance by another library"
         else:

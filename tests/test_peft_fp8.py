@@ -1,0 +1,199 @@
+"""PEFT LoRA over an FP8 e4m3 base (integrations/peft_fp8.py): PEFT builds its own lora.Linear
+over FP8Linear through ``register_fp8_lora``; PEFT's forward over it is the oracle for
+``patch_peft_model`` (outputs, LoRA gradients, mixed batches), checked in turn against a float64
+reference of the dequantized weight; merge re-quantizes, DoRA is refused, adapters saved over
+FP8 load into the dense model."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import interpreting, rel_err
+from lora_kernels import patch_peft_model
+from lora_kernels.integrations.peft import LoRAKernelsFallbackWarning
+from lora_kernels.integrations.peft_fp8 import fp8_lora_layer_class, register_fp8_lora
+from lora_kernels.nn import FP8Linear, quantize_linears_fp8
+from lora_kernels.ops.fp8 import dequantize
+
+peft = pytest.importorskip("peft")
+
+K, HID = 65, 37
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(K, HID), nn.Linear(HID, K)
+
+    def forward(self, x):
+        return self.o(torch.nn.functional.gelu(self.q(x)))
+
+
+def dense_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return Tiny().to(dtype)
+
+
+def config(dropout=0.0, **kw):
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "o"], lora_dropout=dropout,
+                           init_lora_weights=False, **kw)
+
+
+def fp8_peft(seed=0, dtype=torch.float32, dropout=0.0, backend="auto"):
+    model = quantize_linears_fp8(dense_model(seed, dtype), backend=backend)
+    return peft.get_peft_model(model, register_fp8_lora(config(dropout)))
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    (y.float() ** 2).mean().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _reference64(model, x):
+    """float64 of the same network: dequantized W, PEFT's LoRA factors, no dropout."""
+    inner = model.base_model.model
+    h = x.double()
+    for name in ("q", "o"):
+        layer = getattr(inner, name)
+        base = layer.base_layer
+        w = dequantize(base.fp8_weight, torch.float64)
+        a = layer.lora_A["default"].weight.double()
+        b = layer.lora_B["default"].weight.double()
+        h = h @ w.T + base.bias.double() + float(layer.scaling["default"]) * (h @ a.T) @ b.T
+        if name == "q":
+            h = torch.nn.functional.gelu(h)
+    return h
+
+
+def test_peft_builds_its_lora_linear_over_fp8():
+    model = fp8_peft()
+    layer = model.base_model.model.q
+    assert type(layer) is fp8_lora_layer_class()
+    assert isinstance(layer.base_layer, FP8Linear)
+    assert (layer.in_features, layer.out_features) == (K, HID)
+    x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(model(x), _reference64(model, x)) <= 1e-5  # PEFT's own forward
+
+
+backends = ["torch"] + (["triton"] if interpreting() else [])
+
+
+@pytest.mark.parametrize("backend", backends)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_patched_fp8_matches_peft(backend, dtype, tol):
+    if backend == "torch" and dtype == torch.float16:
+        pytest.skip("the torch FP8 path runs fp16 on a GPU only")
+    model = fp8_peft(dtype=dtype)
+    x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want_y, want_g = _step(model, x)
+    with patch_peft_model(model, backend=backend) as handle, warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAKernelsFallbackWarning)  # fused, not PEFT's forward
+        assert sorted(handle.patched) == ["base_model.model.o", "base_model.model.q"]
+        assert not handle.skipped
+        y, g = _step(model, x)
+        assert y.dtype == want_y.dtype
+        assert rel_err(y, want_y) <= tol
+        for name in want_g:
+            assert rel_err(g[name], want_g[name]) <= tol, name
+        model.eval()
+        with torch.no_grad():
+            assert rel_err(model(x), want_y) <= tol
+        model.train()
+    again, _ = _step(model, x)  # unpatched: PEFT's forward again, bit for bit
+    assert torch.equal(again, want_y)
+
+
+def test_patched_fp8_calls_the_fp8_op_once_per_layer(monkeypatch):
+    import lora_kernels.integrations.peft as integ
+    calls = []
+    real = integ.lora_linear_fp8
+    monkeypatch.setattr(integ, "lora_linear_fp8",
+                        lambda *a, **k: calls.append(k["scaling"]) or real(*a, **k))
+    model = fp8_peft()
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(3))
+    with patch_peft_model(model, backend="torch"):
+        model(x)
+    assert calls == [2.0, 2.0]  # q then o, each with its adapter's alpha / r
+
+
+def test_patched_fp8_dropout_trains():
+    model = fp8_peft(dropout=0.25)
+    x = torch.randn(4, K, generator=torch.Generator().manual_seed(2))
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    model.train()
+    with patch_peft_model(model, backend="torch"):
+        torch.manual_seed(5)
+        y1, g1 = _step(model, x)
+        torch.manual_seed(5)
+        _, g2 = _step(model, x)
+        assert all(torch.equal(g1[n], g2[n]) and g1[n].abs().sum() > 0 for n in g1)
+        assert not torch.allclose(y1, want)  # the mask did something
+        model.eval()
+        with torch.no_grad():
+            assert rel_err(model(x), want) <= 1e-5
+
+
+def test_patched_fp8_mixed_batch_matches_peft():
+    model = fp8_peft()
+    model.add_adapter("other", config())
+    names = ["default", "__base__", "other", "default"]
+    x = torch.randn(4, 3, K, generator=torch.Generator().manual_seed(6))
+    model.eval()
+    with torch.no_grad():
+        want = model(x, adapter_names=names)
+        with patch_peft_model(model, backend="torch"), warnings.catch_warnings():
+            warnings.simplefilter("error", LoRAKernelsFallbackWarning)
+            got = model(x, adapter_names=names)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_fp8_merge_requantizes_and_unmerge_returns_close():
+    model = fp8_peft()
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(7))
+    layer = model.base_model.model.q
+    w0 = dequantize(layer.base_layer.fp8_weight)
+    with torch.no_grad():
+        want = model(x)
+        with pytest.warns(UserWarning, match="re-quantizes"):
+            model.merge_adapter()
+        assert layer.merged and layer.base_layer.weight.dtype == torch.float8_e4m3fn
+        merged = model(x)
+        model.unmerge_adapter()
+    # e4m3 keeps 3 mantissa bits: each re-quantization moves an element by ≤ 2⁻⁴ of itself
+    assert rel_err(merged, want) <= 0.05
+    w1 = dequantize(layer.base_layer.fp8_weight)
+    assert not layer.merged and rel_err(w1, w0) <= 0.1
+
+
+def test_fp8_dora_is_refused():
+    model = quantize_linears_fp8(dense_model())
+    with pytest.raises(ValueError, match="use_dora"):
+        peft.get_peft_model(model, register_fp8_lora(config(use_dora=True)))
+
+
+def test_register_fp8_lora_rejects_other_configs():
+    with pytest.raises(TypeError, match="config"):
+        register_fp8_lora({"r": 4})
+
+
+def test_adapter_trained_over_fp8_loads_into_the_dense_model(tmp_path):
+    """PEFT's key names: the adapter file from the FP8 model loads into the dense one and gives
+    the same LoRA term there (up to the FP8 rounding of the base)."""
+    model = fp8_peft(seed=3)
+    model.save_pretrained(tmp_path)
+    dense = peft.PeftModel.from_pretrained(dense_model(seed=3), tmp_path)
+    for name in ("q", "o"):
+        a = getattr(model.base_model.model, name)
+        b = getattr(dense.base_model.model, name)
+        assert torch.equal(a.lora_A["default"].weight, b.lora_A["default"].weight)
+        assert torch.equal(a.lora_B["default"].weight, b.lora_B["default"].weight)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert rel_err(model(x), dense(x)) <= 0.05
