@@ -13,7 +13,9 @@
 #
 # The device's copy of the tree has no .git: pass the commit in, and carry the wheels
 # (e.g. sglang for the peer column; nvidia-cutlass headers for the CUTLASS kernels:
-# `pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl`) in .whl/ — in one device call:
+# `pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl`, 6.4 MB; bitsandbytes 0.50 for the
+# NF4 columns and QLoRA GPU tests, 43 MB — the three must stay under the 64 MiB carry) in
+# .whl/ — in one device call:
 #   run(command="LORA_KERNELS_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh",
 #       carry=[".whl"], timeout_s=540)          # with the hash written out by the caller
 # Only the repo travels: nothing here may depend on ../shared.
