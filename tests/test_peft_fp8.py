@@ -197,3 +197,38 @@ def test_adapter_trained_over_fp8_loads_into_the_dense_model(tmp_path):
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         assert rel_err(model(x), dense(x)) <= 0.05
+
+
+@pytest.mark.parametrize("backend", backends)
+def test_patched_fp8_joint_training_matches_peft(backend):
+    """``adapter_names=`` in training mode (joint training) over the FP8 base: the oracle is
+    PEFT's single-adapter step on each adapter's own samples (PEFT refuses adapter_names while
+    training; the loss is a sum over samples, which the model treats independently)."""
+    model = fp8_peft()
+    model.add_adapter("other", config())
+    names = ["other", "default", "default", "other", "__base__"]
+    x = torch.randn(5, 2, K, generator=torch.Generator().manual_seed(9))
+    model.eval()
+    with torch.no_grad():
+        want_y = model(x, adapter_names=names)
+    model.zero_grad(set_to_none=True)
+    for name in ("default", "other"):
+        rows = [i for i, n in enumerate(names) if n == name]
+        model.base_model.set_adapter(name)
+        ((model(x[rows]).float() ** 2).sum() / want_y.numel()).backward()
+    model.base_model.set_adapter("default")
+    want_g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():  # set_adapter froze the inactive adapter
+        if "lora_" in n:
+            p.requires_grad_(True)
+    model.train()
+    with patch_peft_model(model, backend=backend), warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAKernelsFallbackWarning)
+        model.zero_grad(set_to_none=True)
+        y = model(x, adapter_names=names)
+        (y.float() ** 2).mean().backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert rel_err(y.detach(), want_y) <= 1e-5
+    assert sorted(got) == sorted(want_g) and {n.split(".")[-2] for n in got} == {"default", "other"}
+    for n in want_g:
+        assert rel_err(got[n], want_g[n]) <= 1e-5, n
