@@ -232,3 +232,20 @@ def test_patched_fp8_joint_training_matches_peft(backend):
     assert sorted(got) == sorted(want_g) and {n.split(".")[-2] for n in got} == {"default", "other"}
     for n in want_g:
         assert rel_err(got[n], want_g[n]) <= 1e-5, n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_gpu_patched_fp8_bf16_matches_peft(backend):
+    """CUDA, bf16 activations, e4m3 codes on the device: the fused fp8 GEMM (Triton) against
+    PEFT's forward over the same FP8Linear (rank-0 fp8 op + PEFT's torch LoRA branch)."""
+    model = fp8_peft(dtype=torch.bfloat16).cuda()
+    x = torch.randn(4, 33, K, generator=torch.Generator().manual_seed(1)).to("cuda",
+                                                                            torch.bfloat16)
+    want_y, want_g = _step(model, x)
+    with patch_peft_model(model, backend=backend), warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAKernelsFallbackWarning)
+        y, g = _step(model, x)
+    assert rel_err(y, want_y) <= 2e-2
+    for name in want_g:
+        assert rel_err(g[name], want_g[name]) <= 3e-2, name
