@@ -297,6 +297,14 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
     comp.form = "dA reduce bits p=0.1"
     LR.reduce_rows(x, e(M_T, R_T), e(R_T, K_T).t(), 2.0, 0.1, 7, keep_bits=_bits(M_T, K_T))
     C.reduce_config = reduce_config
+    # The fp8 x fp8 path's quantizer (codes + row scales + xa in one pass), both encodes: the
+    # integer one (interpreter / pre-sm_89) and the sm_89+ hardware cvt a GPU launch takes.
+    import lora_kernels.triton.fp8_act_quant as FQ
+    FQ._quant_shrink_kernel = comp.wrap(FQ._quant_shrink_kernel, "fp8_act_quant",
+                                        elems=lambda m: m["BLOCK_M"] * m["BLOCK_K"])
+    for hw in (False, True):
+        comp.form = f"fp8 act quant + shrink, {'hw cvt' if hw else 'integer'} encode"
+        FQ.quantize_rows_e4m3(x, e(R_T, K_T), hw_cvt=hw)
     comp.form = "keep mask"
     DR.dropout_keep_mask(7, M_T, K_T, 0.1)
     DR._keep_bits_kernel = comp.wrap(DR._keep_bits_kernel, "keep_bits",
