@@ -23,8 +23,8 @@
 * ``peft_dora`` / ``dora_torch`` / ``dora_triton`` — DoRA (``use_dora=True``, magnitudes away
   from the row norms): PEFT's layer against ``lora_kernels.dora_linear`` (‖W0‖² cached, as the
   modules do); compare with the plain-LoRA ``torch`` / ``triton`` columns for DoRA's overhead;
-* ``nf4_ours`` / ``nf4_peft_bnb`` / ``fp8_ours`` / ``fp8_unfused`` — quantized bases
-  (bench/quant_columns.py): ours on NF4 / FP8 e4m3 storage of the same W against PEFT over
+* ``nf4_ours`` / ``nf4_peft_bnb`` / ``fp8_ours`` / ``fp8_act_ours`` / ``fp8_unfused`` —
+  quantized bases (bench/quant_columns.py): ours on NF4 / FP8 e4m3 storage of the same W against PEFT over
   bitsandbytes ``Linear4bit`` and the unfused fp8 dequantize + matmul; ``bare`` and ours on
   bf16 are the other columns of the same row.
 
@@ -358,6 +358,9 @@ def targets(rows):
     # Quantized bases (#16; bench/quant_columns.py): ratios to the bare bf16 GEMM and to PEFT.
     check(f"FP8 fused forward / bare bf16 GEMM, {shape}", f and f["ratio_to_bare"].get("fp8_ours"),
           0.65)
+    # the fp8 x fp8 path (act_quant="e4m3_per_token", ≈ 2 % error): the one meant to meet it
+    check(f"FP8 fused forward, fp8 x fp8 (act_quant) / bare bf16 GEMM, {shape}",
+          f and f["ratio_to_bare"].get("fp8_act_ours"), 0.65)
     check(f"NF4 fused forward / bare bf16 GEMM, {shape}", f and f["ratio_to_bare"].get("nf4_ours"),
           1.15)
     nf = None

@@ -3,7 +3,8 @@ move (from their launch plans), and predicted H100 / H200 times. Runs on any CPU
 
 For each op at the target shapes (bf16; single adapter M=8192, K=N=4096, r=16, with and
 without dropout p=0.05, forward and forward+backward, and M=1 decode; multi-adapter decode
-T=64 all distinct r=16 and prefill T=8192 over 64 adapters, K=N=4096) three launch plans:
+T=64 all distinct r=16 and prefill T=8192 over 64 adapters, K=N=4096; the FP8 forward with
+per-token e4m3 activations, ``act_quant="e4m3_per_token"``) three launch plans:
 
 * ``ours``  — the kernels ``backend="triton"`` launches today (lora_kernels/triton/*.py: the
   launchers' own choices — ``lora_mode``, the shrink/reduce configs, the multi-adapter
@@ -47,6 +48,15 @@ PHILOX_OPS = 70            # integer instructions per Philox4x32-10 call (10 rou
 MASK_OPS_PER_ELEM = 3      # extract the 16-bit half, compare, select
 BITS_READ_OPS = 3.8        # per element: the packed keep bits spread in the dX epilogue (sass_report)
 LAUNCH_GAP_US = 1.5        # between two dependent launches on one stream (eager, warm)
+# e4m3 wgmma issues at twice the bf16 rate (H100 datasheet: 1979 vs 989 TFLOP/s dense); not
+# measured on this workplace's H200, where only the bf16 rate was.
+FP8_RATE = 2.0
+# The fp8 activation quantizer's CUDA-core work per element of x, in INT32-lane ops: ≈ 25
+# SASS per element with the sm_90 hardware e4m3 cvt (bench/sass_report.py: 720 SASS for
+# 16 elements per thread per step of its two K passes, the division by the row scale and the
+# row max included), issued by 4 schedulers x 32 lanes = twice the 64 INT32 lanes the int rate
+# counts.
+QUANT_OPS_PER_ELEM = 12.5
 
 # Rates: matrix bf16 dense (TFLOP/s), HBM (TB/s, read + write), CUDA-core int32 (Tops/s:
 # 132 SMs × 64 INT32 lanes × ~1.98 GHz).
@@ -58,7 +68,7 @@ DEVICES = {
 
 TARGETS = {  # the issue's targets (ratio of ours to bare), for the report
     "fwd": 1.05, "fwd+bwd": 1.10, "fwd+bwd p=0.05": 1.15, "decode M=1": 1.2,
-    "prefill T=8192 64 adapters": 1.10,
+    "prefill T=8192 64 adapters": 1.10, "fwd fp8 act_quant": 0.65,
 }
 
 
@@ -71,9 +81,10 @@ class Launch:
     int_ops: float = 0.0   # CUDA-core integer ops
     l2: float = 0.0        # re-reads served by L2 inside the launch (not counted in read)
     serial_int: bool = False  # the int ops run before the MMA main loop, not beside it
+    flops_fp8: float = 0.0  # tensor-core FLOPs on e4m3 operands (FP8_RATE x the bf16 rate)
 
     def seconds(self, dev) -> float:
-        mma = self.flops / (dev["tflops"] * 1e12)
+        mma = (self.flops + self.flops_fp8 / FP8_RATE) / (dev["tflops"] * 1e12)
         mem = (self.read + self.write) / (dev["tbs"] * 1e12)
         alu = self.int_ops / (dev["int_tops"] * 1e12)
         return max(mma, mem) + alu if self.serial_int else max(mma, mem, alu)
@@ -372,6 +383,26 @@ def single_adapter(M, K, N, r, p, bwd):
     return minimal, {"ours": ours, "floor": floor, "bare": bare}
 
 
+def fp8_act_forward(M, K, N, r):
+    """The FP8 forward with per-token e4m3 x (triton/quant_lora.py ``fp8_act_fwd``): the
+    quantizer pass (codes, row scales and xa = x·Aᵀ from the unquantized x; one HBM read of x,
+    its per-program slab re-read from L2) and the fp8 x fp8 GEMM (persistent TMA, first config
+    prune_fp8_act keeps: 128x256x128 / 8 warps / 3 stages, 230-238 registers, 1 CTA per SM,
+    0 spills in sm_90a), whose epilogue reads the row / column scales and seeds nothing (the
+    low-rank dot comes after the scales, accumulating into the same tile)."""
+    bm, bn = 128, 256
+    Mp, Np, br = pad(M, bm), pad(N, bn), rank_block(r)
+    minimal = Launch("minimal", 2 * M * r * (K + N), (M * K + r * K + N * r) * E + N * K,
+                     (M * N + M * r) * E, flops_fp8=2 * M * N * K)
+    quant = Launch("fp8 act quant + shrink (fp8_act_quant._quant_shrink_kernel)",
+                   2 * M * K * br, (M * K + r * K) * E, M * K + M * 4 + M * r * E,
+                   QUANT_OPS_PER_ELEM * M * K, l2=M * K * E)
+    gemm = Launch("fp8 x fp8 GEMM, persistent TMA (spec fp8_act-...-seeded-...-tma)",
+                  2 * Mp * Np * br, M * K + N * K + (M * r + N * r) * E + (M + N) * 4,
+                  M * N * E, l2=(Np // bn - 1) * M * r * E, flops_fp8=2 * Mp * Np * K)
+    return minimal, {"ours": [quant, gemm], "bare": [cublas_gemm(M, N, K, "cuBLAS x·Wᵀ (bf16)")]}
+
+
 def multi_adapter(T, K, N, R, n_adapters):
     seg = T // n_adapters
     minimal = Launch("minimal", 2 * T * K * N + 2 * T * R * (K + N),
@@ -399,6 +430,7 @@ def ops():
         "decode M=1": single_adapter(1, K, N, r, 0.0, False),
         "multi decode T=64 distinct": multi_adapter(64, K, N, r, 64),
         "prefill T=8192 64 adapters": multi_adapter(8192, K, N, r, 64),
+        "fwd fp8 act_quant": fp8_act_forward(M, K, N, r),
     }
 
 
@@ -409,7 +441,8 @@ def predict(plan, dev) -> float:
 
 def totals(plan) -> Launch:
     return Launch("total", sum(l.flops for l in plan), sum(l.read for l in plan),
-                  sum(l.write for l in plan), sum(l.int_ops for l in plan), sum(l.l2 for l in plan))
+                  sum(l.write for l in plan), sum(l.int_ops for l in plan), sum(l.l2 for l in plan),
+                  flops_fp8=sum(l.flops_fp8 for l in plan))
 
 
 def report(devices) -> dict:
@@ -459,8 +492,9 @@ def markdown(rep, devices) -> str:
         for pname, p in e["plans"].items():
             t = p["total"]
             row = [name if first else "", f"{(mn['read'] + mn['write']) / MiB:.1f}" if first else "",
-                   f"{mn['flops'] / 1e9:.2f}" if first else "", pname, str(len(p["launches"])),
-                   f"{(t['read'] + t['write']) / MiB:.1f}", f"{t['flops'] / 1e9:.2f}",
+                   f"{(mn['flops'] + mn['flops_fp8']) / 1e9:.2f}" if first else "", pname,
+                   str(len(p["launches"])), f"{(t['read'] + t['write']) / MiB:.1f}",
+                   f"{(t['flops'] + t['flops_fp8']) / 1e9:.2f}",
                    f"{t['int_ops'] / 1e9:.2f}",
                    *[f"{p['us'][d]:.1f}" for d in devices],
                    *[f"{p['ratio_to_bare'][d]:.3f}" for d in devices],

@@ -71,6 +71,7 @@ class Row:
     ctas_per_sm: int = 0
     hgmma: int = 0
     utma: int = 0
+    wgmma_e4m3: int = 0  # PTX wgmma.mma_async ... .e4m3.e4m3 (the fp8 x fp8 GEMM's MMA)
     sass: int = 0
     elems_per_thread: float = 0.0
     drop_per_elem: float | None = None
@@ -164,8 +165,11 @@ class Compiler:
         regs, spill = _ptxas_usage(k)
         row = Row(kernel=name, form=self.form, config=" ".join(f"{a}={b}" for a, b in tile.items()),
                   grid=int(torch.tensor(g).prod()), regs=regs, spill=spill,
-                  smem=k.metadata.shared, hgmma=sum(o.startswith("HGMMA") for o in ops),
-                  utma=sum(o.startswith("UTMA") for o in ops), sass=len(ops))
+                  smem=k.metadata.shared,
+                  # wgmma in SASS: HGMMA (16-bit operands), QGMMA (fp8 e4m3/e5m2)
+                  hgmma=sum(o.startswith(("HGMMA", "QGMMA")) for o in ops),
+                  utma=sum(o.startswith("UTMA") for o in ops), sass=len(ops),
+                  wgmma_e4m3=len(re.findall(r"wgmma\.mma_async\S*\.e4m3\.e4m3", k.asm["ptx"])))
         row.ctas_per_sm = _ctas_per_sm(row.regs, row.smem, threads)
         if elems is not None:
             row.elems_per_thread = elems(meta) / threads
@@ -229,6 +233,15 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                 "in_loop": LoraMode.IN_LOOP, "panel": LoraMode.PANEL}[spec.lowrank]
         common = dict(lora=lora, u=u, la=a, lb=bb, scaling=2.0, col_scale=cs, small_m_max=path_max,
                       schedule=spec.schedule, store=spec.store)
+        if spec.weight == "fp8_act":  # fp8 x fp8: e4m3 codes of x and W, fp32 row / col scales
+            f8 = torch.float8_e4m3fn
+            common.update(a_scale=torch.empty(M), w_scale=torch.empty(N_T))
+            for m in (M, 1) if spec.schedule == "tiles" else (M,):
+                comp.form = f"{spec.name} fwd" + (" M=1" if m == 1 else "")
+                FG.fused_gemm(torch.empty(m, K_T, dtype=f8), torch.empty(N_T, K_T, dtype=f8),
+                              e(m, N_T), bias=b, **{**common, "u": e(m, R_T),
+                                                    "a_scale": torch.empty(m)})
+            continue  # its backward is the weight-only fp8_e4m3 path's dX
         if spec.weight == "fp8_e4m3":  # e4m3 bytes + per-row scale of the same weight
             from lora_kernels.triton.quant_lora import packed_fp8
             w = packed_fp8(types.SimpleNamespace(
@@ -284,6 +297,14 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
     comp.form = "dA reduce bits p=0.1"
     LR.reduce_rows(x, e(M_T, R_T), e(R_T, K_T).t(), 2.0, 0.1, 7, keep_bits=_bits(M_T, K_T))
     C.reduce_config = reduce_config
+    # The fp8 x fp8 path's quantizer (codes + row scales + xa in one pass), both encodes: the
+    # integer one (interpreter / pre-sm_89) and the sm_89+ hardware cvt a GPU launch takes.
+    import lora_kernels.triton.fp8_act_quant as FQ
+    FQ._quant_shrink_kernel = comp.wrap(FQ._quant_shrink_kernel, "fp8_act_quant",
+                                        elems=lambda m: m["BLOCK_M"] * m["BLOCK_K"])
+    for hw in (False, True):
+        comp.form = f"fp8 act quant + shrink, {'hw cvt' if hw else 'integer'} encode"
+        FQ.quantize_rows_e4m3(x, e(R_T, K_T), hw_cvt=hw)
     comp.form = "keep mask"
     DR.dropout_keep_mask(7, M_T, K_T, 0.1)
     DR._keep_bits_kernel = comp.wrap(DR._keep_bits_kernel, "keep_bits",
@@ -337,7 +358,7 @@ def _dropout_cost(rows: list[Row]) -> None:
 
 def print_table(rows: list[Row]) -> None:
     head = ("kernel", "form", "config", "regs", "spill", "smem KiB", "CTA/SM", "grid/SMs",
-            "HGMMA", "UTMA", "SASS", "drop instr/elem")
+            "H/QGMMA", "UTMA", "wgmma e4m3", "SASS", "drop instr/elem")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
@@ -345,12 +366,13 @@ def print_table(rows: list[Row]) -> None:
         waves = r.grid / (SMS * max(r.ctas_per_sm, 1))
         print(f"| {r.kernel} | {r.form} | {r.config} | {r.regs} | {r.spill} | "
               f"{r.smem / 1024:.0f} | {r.ctas_per_sm} | {r.grid}/{SMS} ({waves:.2f} waves) | "
-              f"{r.hgmma} | {r.utma} | {r.sass} | {drop} |")
+              f"{r.hgmma} | {r.utma} | {r.wgmma_e4m3} | {r.sass} | {drop} |")
 
 
 def check(rows: list[Row]) -> list[str]:
     """Failures: any spill; a large-M forward / dX path (persistent-tma, the default at
-    M = 8192 on a GPU) without wgmma or TMA."""
+    M = 8192 on a GPU) without wgmma or TMA; an fp8 x fp8 (fp8_act) GEMM of ≥ 64-row tiles
+    whose PTX has no e4m3 x e4m3 wgmma."""
     bad = [f"{r.kernel} {r.form} {r.config}: {r.spill} B spilled" for r in rows if r.spill]
     hot = [r for r in rows if r.kernel == "gemm" and "persistent-tma" in r.form
            and ("fwd" in r.form or "dX" in r.form)]
@@ -358,6 +380,9 @@ def check(rows: list[Row]) -> list[str]:
         bad.append("no large-M persistent-tma forward/dX kernel was compiled")
     bad += [f"{r.kernel} {r.form} {r.config}: HGMMA={r.hgmma} UTMA={r.utma}" for r in hot
             if not (r.hgmma and r.utma)]
+    bad += [f"{r.kernel} {r.form} {r.config}: no wgmma e4m3.e4m3 in the PTX" for r in rows
+            if r.kernel == "gemm" and r.form.startswith("fp8_act") and "M=1" not in r.form
+            and not r.wgmma_e4m3]
     return bad
 
 

@@ -312,7 +312,8 @@ def _fp8_samples(r, x, b1, seed):
     w = quantize_fp8(torch.randn(11, 13, generator=g))
     xd, a1, dy = x.detach(), r(3, 13, grad=True), r(7, 11)
     fwd = [op_args(x, w, r(11, grad=True), a1, b1, 0.5, 0.0, None, "torch"),
-           op_args(x, w, None, a1, b1, 2.0, 0.3, seed, "torch")]
+           op_args(x, w, None, a1, b1, 2.0, 0.3, seed, "torch"),
+           op_args(x, w, r(11, grad=True), a1, b1, 0.5, 0.0, None, "torch", "e4m3_per_token")]
     xa = xd @ a1.detach().t()
 
     def bwd(p, sd, needs):

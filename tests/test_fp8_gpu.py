@@ -1,7 +1,8 @@
 """FP8 paths on a CUDA device (skipped without one): lora_linear_fp8 on the Triton backend in
 bf16 / fp16 at decode, medium and large M against float64 of the dequantized weight (output and
-every gradient), dropout agreement with the torch backend, FP8Linear on CUDA, and the
-activation quantizer bit for bit against torch's float8_e4m3fn on the device."""
+every gradient), dropout agreement with the torch backend, FP8Linear on CUDA, the
+activation quantizer bit for bit against torch's float8_e4m3fn on the device, and the fp8 x fp8
+path (act_quant="e4m3_per_token": bf16 / fp16, M = 1 .. 8192, persistent odd tile counts)."""
 
 import pytest
 import torch
@@ -73,3 +74,66 @@ def test_activation_quantizer_bit_exact_on_device():
     want = (xf / want_scale[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(codes, want)
     assert rel_err(xa, x.double() @ a.double().t()) <= 1e-2
+
+
+# ---- the fp8 x fp8 path (act_quant="e4m3_per_token") ------------------------------------------
+def _same_numerics(w, x, b, a, bb, s):
+    """float64 of the base term on per-token e4m3 x (fp8.quantize_rows_e4m3: the quantizer's
+    codes bit for bit) plus the LoRA term on the unquantized x."""
+    codes, rs = fp8.quantize_rows_e4m3(x)
+    xq = codes.double() * rs.double()[:, None]
+    X = x.double()
+    return (xq @ fp8.dequantize(w).double().t() + b.double()
+            + s * (X @ a.double().t()) @ bb.double().t())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 16, 300, 2048, 8192])
+def test_fp8_act_forward_and_grads(dtype, m):
+    """Decode (tiles, mma.sync e4m3), medium (64-row tiles) and large M (persistent TMA,
+    wgmma e4m3): the output against the same quantized numerics (only the output rounding and
+    wgmma's fp8 accumulation differ) and against the unquantized x (fp8 tolerance); the
+    gradients are the weight-only path's."""
+    n, k, r = 1536, 1024, 16
+    w, x, b, a, bb, dy = _case(m, n, k, r, dtype)
+    x, b, a, bb = (t.clone().requires_grad_(True) for t in (x, b, a, bb))
+    y = lora_linear_fp8(x, w, b, a, bb, scaling=2.0, backend="triton",
+                        act_quant="e4m3_per_token")
+    X, A, B, D = x.double(), a.double(), bb.double(), dy.double()
+    W = fp8.dequantize(w, dtype).double()
+    assert rel_err(y, _same_numerics(w, x.detach(), b.detach(), a, bb, 2.0)) <= TOL[dtype]
+    assert rel_err(y, X @ W.t() + b.double() + 2.0 * (X @ A.t()) @ B.t()) <= 5e-2
+    y.backward(dy)
+    assert rel_err(x.grad, D @ W + 2.0 * (D @ B) @ A) <= TOL[dtype]
+    assert rel_err(a.grad, 2.0 * (D @ B).t() @ X) <= TOL[dtype]
+    assert rel_err(bb.grad, 2.0 * D.t() @ (X @ A.t())) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("store", ["pointer", "tma"])
+@pytest.mark.parametrize("m,n,k", [(1000, 1000, 1024), (8192, 4096, 4096), (333, 4104, 528)])
+def test_fp8_act_persistent_odd_tile_counts(store, m, n, k):
+    """The persistent fp8 x fp8 GEMM when tiles do not divide the grid evenly (and ragged
+    edges), both memory paths, against float64 of the codes and scales."""
+    from lora_kernels.triton.fused_gemm import fused_gemm
+    from lora_kernels.triton.gemm.modes import LoraMode
+    g = torch.Generator().manual_seed(m)
+    f8 = torch.float8_e4m3fn
+    a = torch.randn(m, k, generator=g).to(DEV, f8)
+    wt = (torch.randn(n, k, generator=g) * 4).to(DEV, f8)
+    rs = (torch.rand(m, generator=g) + 0.1).to(DEV)
+    cs = (torch.rand(n, generator=g) * 0.01 + 0.001).to(DEV)
+    u = torch.randn(m, 16, generator=g).to(DEV, torch.bfloat16)
+    lb = torch.randn(n, 16, generator=g).to(DEV, torch.bfloat16)
+    out = torch.empty(m, n, device=DEV, dtype=torch.bfloat16)
+    fused_gemm(a, wt, out, lora=LoraMode.SEEDED, u=u, lb=lb, scaling=0.5, a_scale=rs,
+               w_scale=cs, schedule="persistent", store=store)
+    want = (a.double() @ wt.double().t()) * rs.double()[:, None] * cs.double()[None, :]
+    want = want + 0.5 * u.double() @ lb.double().t()
+    assert rel_err(out, want) <= 1e-2
+
+
+def test_fp8_act_backends_agree_on_device():
+    w, x, b, a, bb, _ = _case(300, 512, 384, 8, torch.bfloat16, seed=2)
+    got = [lora_linear_fp8(x, w, b, a, bb, scaling=1.5, backend=be,
+                           act_quant="e4m3_per_token") for be in ("triton", "torch")]
+    assert rel_err(got[0], got[1].double()) <= 1e-2

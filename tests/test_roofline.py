@@ -11,7 +11,7 @@ from helpers import load_bench_tool
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("fwd", "fwd p=0.05", "fwd+bwd", "fwd+bwd p=0.05", "decode M=1",
-       "multi decode T=64 distinct", "prefill T=8192 64 adapters")
+       "multi decode T=64 distinct", "prefill T=8192 64 adapters", "fwd fp8 act_quant")
 
 
 def test_roofline_plans_are_consistent_with_the_minimum():
@@ -26,6 +26,7 @@ def test_roofline_plans_are_consistent_with_the_minimum():
             t = p["total"]
             assert t["read"] + t["write"] >= (mn["read"] + mn["write"]) * (1 - 1e-9) or pname == "bare"
             assert t["flops"] >= mn["flops"] * (1 - 1e-9) or pname == "bare"
+            assert t["flops_fp8"] >= mn["flops_fp8"] * (1 - 1e-9) or pname == "bare"
             for d in ("H100", "H200"):
                 assert math.isfinite(p["us"][d]) and p["us"][d] > 0
                 assert p["us"][d] >= e["plans"]["minimal"]["us"][d] * (1 - 1e-9) or pname == "bare"

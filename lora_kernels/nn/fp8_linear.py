@@ -11,6 +11,11 @@
   names ``….lora_A.weight``), forward and backward through :func:`lora_linear_fp8`.
 * :func:`quantize_linears_fp8` swaps a model's ``nn.Linear`` s for FP8Linear (in place);
   :func:`inject_lora_fp8` then puts LoRA on the matching FP8Linear s.
+
+``act_quant="e4m3_per_token"`` (every constructor and helper here; None by default) also
+rounds the activations to e4m3 per token so the base GEMM runs fp8 x fp8 (lora_linear_fp8's
+doc: ≈ 2-3 % relative error, opt-in). An FP8LoRALinear inherits its base's setting unless
+given its own.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from torch import Tensor, nn
 
 from lora_kernels.nn.inject import matches_targets, set_child
 from lora_kernels.nn.lora_linear import check_alpha, check_backend, lora_scaling
-from lora_kernels.ops.fp8 import FP8Weight, check_fp8, from_torchao, quantize_fp8
+from lora_kernels.ops.fp8 import (FP8Weight, check_act_quant, check_fp8, from_torchao,
+                                  quantize_fp8)
 from lora_kernels.ops.lora_linear_fp8 import lora_linear_fp8
 
 __all__ = ["FP8Linear", "FP8LoRALinear", "quantize_linears_fp8", "inject_lora_fp8"]
@@ -49,8 +55,10 @@ def _check_dropout(p) -> float:
 class FP8Linear(nn.Module):
     """A frozen linear layer with an e4m3 weight and one fp32 scale per output channel."""
 
-    def __init__(self, weight: FP8Weight, bias: Optional[Tensor] = None, backend: str = "auto"):
+    def __init__(self, weight: FP8Weight, bias: Optional[Tensor] = None, backend: str = "auto",
+                 act_quant: Optional[str] = None):
         super().__init__()
+        check_act_quant(act_quant)
         w = check_fp8("weight", weight)
         codes = w.codes if w.codes.dtype == torch.float8_e4m3fn else \
             w.codes.view(torch.float8_e4m3fn)
@@ -61,20 +69,23 @@ class FP8Linear(nn.Module):
                                  f"{getattr(bias, 'shape', type(bias).__name__)}")
             bias = nn.Parameter(bias.detach(), requires_grad=False)
         self.backend = check_backend(backend)
+        self.act_quant = act_quant
         self.register_buffer("weight", codes)
         self.register_buffer("weight_scale", w.scale)
         self.bias = bias
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str = "auto") -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto",
+                    act_quant: Optional[str] = None) -> "FP8Linear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls(quantize_fp8(linear.weight), linear.bias, backend)
+        check_act_quant(act_quant)
+        return cls(quantize_fp8(linear.weight), linear.bias, backend, act_quant)
 
     @classmethod
     def from_compressed_tensors(cls, weight: Tensor, weight_scale: Tensor,
-                                bias: Optional[Tensor] = None,
-                                backend: str = "auto") -> "FP8Linear":
+                                bias: Optional[Tensor] = None, backend: str = "auto",
+                                act_quant: Optional[str] = None) -> "FP8Linear":
         """compressed-tensors' FP8 channel layout (what vLLM loads): ``weight`` float8_e4m3fn
         ``[N, K]``, ``weight_scale`` ``[N]`` or ``[N, 1]`` (``W = weight·weight_scale``). A
         per-tensor scale (one element) is broadcast to every row."""
@@ -82,15 +93,17 @@ class FP8Linear(nn.Module):
             raise TypeError("weight_scale must be a tensor [N] or [N, 1]")
         if isinstance(weight, Tensor) and weight.dim() == 2 and weight_scale.numel() == 1:
             weight_scale = weight_scale.reshape(1).expand(weight.shape[0])
-        return cls(FP8Weight(codes=weight, scale=weight_scale), bias, backend)
+        return cls(FP8Weight(codes=weight, scale=weight_scale), bias, backend, act_quant)
 
     @classmethod
-    def from_torchao(cls, linear: nn.Module, backend: str = "auto") -> "FP8Linear":
+    def from_torchao(cls, linear: nn.Module, backend: str = "auto",
+                     act_quant: Optional[str] = None) -> "FP8Linear":
         """A linear whose weight torchao quantized to a per-row ``Float8Tensor``
         (``quantize_(model, Float8WeightOnlyConfig())``), read without importing torchao."""
         if not isinstance(linear, nn.Module) or not hasattr(linear, "weight"):
             raise TypeError(f"linear must be a module with a weight, got {type(linear).__name__}")
-        return cls(from_torchao(linear.weight), getattr(linear, "bias", None), backend)
+        return cls(from_torchao(linear.weight), getattr(linear, "bias", None), backend,
+                   act_quant)
 
     @property
     def fp8_weight(self) -> FP8Weight:
@@ -100,11 +113,13 @@ class FP8Linear(nn.Module):
         no_a = x.new_empty(0, self.in_features)
         no_b = x.new_empty(self.out_features, 0)
         return lora_linear_fp8(x, self.fp8_weight, self.bias, no_a, no_b,
-                               training=self.training, backend=self.backend)
+                               training=self.training, backend=self.backend,
+                               act_quant=self.act_quant)
 
     def extra_repr(self) -> str:
+        act = f", act_quant={self.act_quant}" if self.act_quant else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, weight=float8_e4m3fn per-channel")
+                f"bias={self.bias is not None}, weight=float8_e4m3fn per-channel{act}")
 
 
 class FP8LoRALinear(nn.Module):
@@ -114,10 +129,13 @@ class FP8LoRALinear(nn.Module):
 
     def __init__(self, base: FP8Linear, r: int, lora_alpha: Optional[float] = None,
                  lora_dropout: float = 0.0, use_rslora: bool = False,
-                 backend: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+                 backend: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+                 act_quant: Optional[str] = "inherit"):
         super().__init__()
         if not isinstance(base, FP8Linear):
             raise TypeError(f"base must be an FP8Linear, got {type(base).__name__}")
+        self.act_quant = base.act_quant if act_quant == "inherit" else act_quant
+        check_act_quant(self.act_quant)
         self.r = _check_rank(r)
         self.scaling = lora_scaling(self.r, check_alpha(lora_alpha), use_rslora)
         self.lora_dropout = _check_dropout(lora_dropout)
@@ -142,15 +160,18 @@ class FP8LoRALinear(nn.Module):
         b = self.base_layer
         return lora_linear_fp8(x, b.fp8_weight, b.bias, self.lora_A.weight, self.lora_B.weight,
                                scaling=self.scaling, dropout_p=self.lora_dropout,
-                               training=self.training, backend=self.backend)
+                               training=self.training, backend=self.backend,
+                               act_quant=self.act_quant)
 
 
 def quantize_linears_fp8(model: nn.Module, skip: Sequence[str] = (),
-                         backend: str = "auto") -> nn.Module:
+                         backend: str = "auto", act_quant: Optional[str] = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` by an :class:`FP8Linear` (in place; returns
     ``model``), except those whose path matches ``skip`` (PEFT's target rule: a list of names
-    or suffixes, or a full-match regex string; e.g. ``skip=["lm_head"]``)."""
+    or suffixes, or a full-match regex string; e.g. ``skip=["lm_head"]``); ``act_quant`` goes
+    to every new FP8Linear."""
     _check_model(model)
+    check_act_quant(act_quant)
     if not isinstance(skip, (str, list, tuple)):
         raise TypeError(f"skip must be a regex string or a list of module names, got {skip!r}")
     check_backend(backend)
@@ -158,7 +179,7 @@ def quantize_linears_fp8(model: nn.Module, skip: Sequence[str] = (),
              and not (skip and matches_targets(n, skip))]
     for name in names:
         lin = model.get_submodule(name)
-        new = FP8Linear.from_linear(lin, backend)
+        new = FP8Linear.from_linear(lin, backend, act_quant)
         if name:
             set_child(model, name, new)
         else:
@@ -169,11 +190,14 @@ def quantize_linears_fp8(model: nn.Module, skip: Sequence[str] = (),
 def inject_lora_fp8(model: nn.Module, target_modules, r: int,
                     lora_alpha: Optional[float] = None, lora_dropout: float = 0.0,
                     use_rslora: bool = False, backend: Optional[str] = None,
-                    dtype: Optional[torch.dtype] = None) -> nn.Module:
+                    dtype: Optional[torch.dtype] = None,
+                    act_quant: Optional[str] = "inherit") -> nn.Module:
     """Wrap every :class:`FP8Linear` whose path matches ``target_modules`` (PEFT's rule) in an
     :class:`FP8LoRALinear` (in place; returns ``model``). ValueError naming ``target_modules``
-    when nothing matches."""
+    when nothing matches. ``act_quant``: each wrapped layer's (default: its base's)."""
     _check_model(model)
+    if act_quant != "inherit":
+        check_act_quant(act_quant)
     if not isinstance(target_modules, (str, list, tuple)) or not target_modules:
         raise TypeError(f"target_modules must be a regex string or a non-empty list of names, "
                         f"got {target_modules!r}")
@@ -183,5 +207,6 @@ def inject_lora_fp8(model: nn.Module, target_modules, r: int,
         raise ValueError(f"target_modules={target_modules!r} matched no FP8Linear in the model")
     for name in names:
         set_child(model, name, FP8LoRALinear(model.get_submodule(name), r, lora_alpha,
-                                             lora_dropout, use_rslora, backend, dtype))
+                                             lora_dropout, use_rslora, backend, dtype,
+                                             act_quant))
     return model

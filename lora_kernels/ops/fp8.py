@@ -15,9 +15,33 @@ import torch
 from torch import Tensor
 
 __all__ = ["FP8Weight", "quantize_fp8", "dequantize", "dequantize_rows", "check_fp8", "from_torchao",
-           "codes_u8"]
+           "codes_u8", "ACT_QUANT", "check_act_quant", "quantize_rows_e4m3"]
 
 E4M3_MAX = 448.0
+
+# Activation quantization of the fp8 x fp8 path (``act_quant=``; None = weight-only FP8, x
+# stays in its dtype). "e4m3_per_token": x rounded to e4m3 with one fp32 scale per row.
+ACT_QUANT = (None, "e4m3_per_token")
+
+
+def check_act_quant(act_quant) -> str:
+    """The op-level name of ``act_quant`` ("none" | "e4m3_per_token"); ValueError naming it
+    otherwise."""
+    if act_quant is not None and (not isinstance(act_quant, str) or act_quant not in ACT_QUANT):
+        raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
+    return "none" if act_quant is None else act_quant
+
+
+def quantize_rows_e4m3(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token e4m3 codes of ``x [M, K]`` as the Triton quantizer makes them
+    (triton/fp8_act_quant.py, bit for bit): ``(codes float8_e4m3fn [M, K], scale fp32 [M])``,
+    ``scale[m] = max_k |x[m, k]| / 448`` (1 for an all-zero row), codes = RNE of ``x / scale``
+    saturated to ±448 (fp32 division: correctly rounded, as the kernel's ``div_rn``)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    codes = (xf / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,12 @@ frozen: gradients flow to x, lora_a, lora_b and bias.
 Backends: ``triton`` (and ``cuda``, whose extension has no FP8 kernel: its Triton fallback)
 decodes the e4m3 bytes inside the GEMM core's K loop (forward and dX on the ``Wᵀ`` view of the
 same bytes, no N×K tensor); ``torch`` dequantizes ``quant_tiles.ROWS_PER_TILE`` rows at a time.
-The activations stay in x's dtype (weight-only FP8).
+The activations stay in x's dtype (weight-only FP8) unless ``act_quant="e4m3_per_token"``:
+then x is rounded to e4m3 per token (one fp32 scale per row) and the base GEMM runs fp8 x fp8
+(wgmma e4m3 on sm_90: twice the bf16 MMA rate) with ``row_scale[m]·scale[n]`` in its epilogue;
+the LoRA term still uses the unquantized x. That costs ≈ 2⁻⁴ relative error per element of x
+(‖Δy‖/‖y‖ ≈ 2-3 %), far outside the bf16 1e-2 contract, hence opt-in. Its backward is the
+weight-only one (dX = dY·W in dY's dtype; straight-through for the activation rounding).
 
 The storage travels through the custom op as plain tensors: the codes as their uint8 bytes
 ``[N, K]`` and the fp32 ``scale [N]``.
@@ -36,22 +41,23 @@ def _impl(backend: str, fn: str):
     return {"fwd": _quant_tiles.lora_fwd, "bwd": _quant_tiles.lora_bwd}[fn]
 
 
-def _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
+def _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed, backend, act_quant="none"):
     if x.shape[0] == 0:
         return x.new_empty(0, w.codes.shape[0]), x.new_empty(0, lora_a.shape[0])
-    return _impl(backend, "fwd")(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed_int(seed))
+    return _impl(backend, "fwd")(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed_int(seed),
+                                 act_quant)
 
 
 @torch.library.custom_op("lora_kernels::lora_linear_fp8", mutates_args=())
 def _fp8_op(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tensor], lora_a: Tensor,
             lora_b: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-            backend: str) -> tuple[Tensor, Tensor]:
+            backend: str, act_quant: str) -> tuple[Tensor, Tensor]:
     w = _fp8.FP8Weight(codes=codes, scale=scale)
-    return _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed, backend)
+    return _forward(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed, backend, act_quant)
 
 
 @_fp8_op.register_fake
-def _(x, codes, scale, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
+def _(x, codes, scale, bias, lora_a, lora_b, scaling, dropout_p, seed, backend, act_quant):
     return x.new_empty(x.shape[0], codes.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
 
@@ -83,7 +89,7 @@ _GRAD_INPUTS = (0, 3, 4, 5)
 
 
 def _setup_context(ctx, inputs, output):
-    x, codes, scale, bias, lora_a, lora_b, scaling, dropout_p, seed, backend = inputs
+    x, codes, scale, bias, lora_a, lora_b, scaling, dropout_p, seed, backend, _act = inputs
     ctx.save_for_backward(x, codes, scale, lora_a, lora_b, output[1], seed)
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
     ctx.mark_non_differentiable(output[1])
@@ -96,30 +102,36 @@ def _backward(ctx, dy, _dxa):
         dy.contiguous(), x, codes, scale, lora_a, lora_b, xa, ctx.scaling, ctx.dropout_p, seed,
         needs, ctx.backend)
     dx, db, da, dbb = (g if n else None for g, n in zip(grads, needs))
-    return (dx, None, None, db, da, dbb, None, None, None, None)
+    return (dx, None, None, db, da, dbb, None, None, None, None, None)
 
 
 _fp8_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def op_args(x2: Tensor, w: _fp8.FP8Weight, bias, lora_a, lora_b, scaling, dropout_p, seed,
-            backend) -> tuple:
+            backend, act_quant: str = "none") -> tuple:
     """The custom op's positional arguments (tests/test_compile.py's opcheck sample uses it)."""
     return (x2, _fp8.codes_u8(w), w.scale, bias, lora_a, lora_b, scaling, dropout_p, seed,
-            backend)
+            backend, act_quant)
 
 
 def lora_linear_fp8(x: Tensor, weight: _fp8.FP8Weight, bias: Optional[Tensor], lora_a: Tensor,
                     lora_b: Tensor, *, scaling: float = 1.0, dropout_p: float = 0.0,
                     training: bool = True, backend: str = "auto",
-                    dropout_seed: Optional[int] = None) -> Tensor:
+                    dropout_seed: Optional[int] = None,
+                    act_quant: Optional[str] = None) -> Tensor:
     """``y = x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with W0 ``[N, K]`` an e4m3 weight with a per-row
     fp32 scale (``weight``: :class:`~lora_kernels.ops.fp8.FP8Weight`; ``fp8.quantize_fp8``
     makes one, ``nn.FP8Linear.from_compressed_tensors`` reads a checkpoint's).
 
     Same contract as :func:`lora_kernels.lora_linear` otherwise (``x [..., K]``, fp32 LoRA
     weights with fp16/bf16 x are cast to x's dtype, dropout on the LoRA input only).
-    ``backend="cuda"`` has no FP8 kernel and runs the Triton one."""
+    ``backend="cuda"`` has no FP8 kernel and runs the Triton one.
+
+    ``act_quant``: None (weight-only FP8, the default) or ``"e4m3_per_token"`` (x rounded to
+    e4m3 with one scale per row, fp8 x fp8 MMA; ≈ 2-3 % relative error, see the module doc).
+    The backward is the same in both."""
+    act = _fp8.check_act_quant(act_quant)
     V.tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have shape [..., K], got a 0-D tensor")
@@ -130,7 +142,7 @@ def lora_linear_fp8(x: Tensor, weight: _fp8.FP8Weight, bias: Optional[Tensor], l
         dropout_seed, "an FP8 weight")
     dtype = x.dtype
     args = op_args(x2.contiguous(), w, V.dense(bias, dtype), V.dense(lora_a, dtype),
-                   V.dense(lora_b, dtype), scaling, dropout_p, seed, name)
+                   V.dense(lora_b, dtype), scaling, dropout_p, seed, name, act)
     if _backend.plain_eager(x, bias, lora_a, lora_b):
         y, _ = _forward(args[0], w, *args[3:])
     else:

@@ -16,7 +16,8 @@ from lora_kernels.ops import fp8 as _fp8
 from lora_kernels.ops import nf4 as _nf4
 from lora_kernels.ops.cpu_dropout import dropout_keep_mask
 
-__all__ = ["ROWS_PER_TILE", "row_tiles", "dequantize_rows", "lora_fwd", "lora_bwd", "check_call"]
+__all__ = ["ROWS_PER_TILE", "row_tiles", "dequantize_rows", "lora_fwd", "fp8_act_fwd", "lora_bwd",
+           "check_call"]
 
 # 256 rows: the slab (256·K elements of the compute dtype) stays a few MiB at K = 8192 while
 # each addmm is still a real GEMM.
@@ -37,14 +38,39 @@ def dequantize_rows(w, n0: int, n1: int, dtype: Optional[torch.dtype]) -> Tensor
 
 
 def lora_fwd(x: Tensor, w, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-             scaling: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """``(y, xa)``: ``y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with W dequantized tile by tile."""
+             scaling: float, dropout_p: float, seed: int,
+             act_quant: str = "none") -> tuple[Tensor, Tensor]:
+    """``(y, xa)``: ``y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`` with W dequantized tile by tile.
+    ``act_quant="e4m3_per_token"`` (FP8 W only): :func:`fp8_act_fwd`."""
     xd = reference.apply_dropout(x, seed, dropout_p, dropout_keep_mask)
     xa = torch.nn.functional.linear(xd, lora_a)
+    if act_quant != "none":
+        return fp8_act_fwd(x, w, bias, xa, lora_b, scaling), xa
     y = torch.nn.functional.linear(xa * scaling, lora_b, bias)
     for n0, n1 in row_tiles(w.shape[0]):
         y[:, n0:n1].addmm_(x, dequantize_rows(w, n0, n1, x.dtype).t())
     return y, xa
+
+
+def fp8_act_fwd(x: Tensor, w, bias: Optional[Tensor], xa: Tensor, lora_b: Tensor,
+                scaling: float) -> Tensor:
+    """The fp8 x fp8 forward's numerics in fp32, as the Triton GEMM computes them: x quantized
+    per token (``fp8.quantize_rows_e4m3``, the kernel's codes bit for bit), the code products
+    summed in fp32, ``(acc·row_scale)·col_scale``, then ``(s·xa rounded to x's dtype)·Bᵀ`` and
+    the bias in fp32, one rounding to x's dtype. xa is from the unquantized x."""
+    codes, rs = _fp8.quantize_rows_e4m3(x)
+    xq = codes.float()
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
+    wc = _fp8.codes_u8(w)
+    for n0, n1 in row_tiles(w.shape[0]):
+        wt = wc[n0:n1].view(torch.float8_e4m3fn).float()
+        y[:, n0:n1] = (xq @ wt.t()) * rs[:, None] * w.scale[n0:n1].float()[None, :]
+    if xa.shape[1]:
+        su = (xa.float() * scaling).to(x.dtype).float()
+        y += su @ lora_b.float().t()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
 
 
 def lora_bwd(dy: Tensor, x: Tensor, w, lora_a: Tensor, lora_b: Tensor, xa: Tensor,

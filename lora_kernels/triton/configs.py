@@ -93,6 +93,21 @@ GEMM_PERSISTENT = [
     _cfg(128, 128, 32, 8, 4),  # fp32/tf32
 ]
 
+# The fp8 x fp8 GEMM (spec weight "fp8_act"; tiles and persistent share the list, the
+# autotune key tells them apart). 1-byte operands: BLOCK_K = 128 costs the shared memory
+# BLOCK_K = 64 costs in bf16 and matches wgmma's k32 steps four times per K tile
+# (128x256x128 x 3 stages = 144 KiB + a 64 KiB bf16 output staging tile). The 16-row config
+# serves decode-sized M (mma.sync e4m3, no wgmma below 64 rows).
+GEMM_FP8_ACT = [
+    _cfg(128, 256, 128, 8, 3, ws=True),
+    _cfg(128, 256, 128, 8, 3),
+    _cfg(128, 128, 128, 8, 4, ws=True),
+    _cfg(128, 128, 128, 8, 4),
+    _cfg(128, 128, 128, 4, 4),
+    _cfg(64, 128, 128, 4, 4),
+    _cfg(16, 64, 128, 4, 4, group=1),
+]
+
 # Shared memory per SM usable by one CTA on H100/H200 (227 KiB), and the register file.
 SMEM_BYTES = 227 * 1024
 REGS_PER_SM = 65536
@@ -158,6 +173,38 @@ def prune_persistent(configs, named_args, **kwargs):
     ws_ok = tma and warp_specialize_enabled()
     keep = [c for c in configs if stage_bytes(c, elt) <= SMEM_BYTES and fits(c)
             and (elt < 4 or c.kwargs["BLOCK_K"] <= 32)
+            and (ws_ok or not c.kwargs.get("WARP_SPEC"))]
+    return keep or [next(c for c in reversed(configs) if not c.kwargs.get("WARP_SPEC"))]
+
+
+def fp8_stage_bytes(cfg: triton.Config, out_elt: int, tma_store: bool) -> int:
+    """Shared memory of an fp8 x fp8 config: 1-byte a and w stages, plus the output staging
+    tile (in out's dtype) of a descriptor store."""
+    k = cfg.kwargs
+    out = k["BLOCK_M"] * k["BLOCK_N"] * out_elt if tma_store else 0
+    return cfg.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] + out
+
+
+def prune_fp8_act(configs, named_args, **kwargs):
+    """The fp8 x fp8 configs for this call: shared memory fits, accumulator ≤ 128 fp32 per
+    thread (≤ 64 on the persistent pointer form: 128x256x128 / 8 warps spilled 16 B there in
+    sm_90a compiles, 255 registers, against 230-247 spill-free on tiles and on TMA), the row
+    tile follows M (16 rows for M ≤ 16, ≤ 64 up to MEDIUM_MAX_ROWS, ≥ 64 above: wgmma's
+    minimum), warp specialisation only on the persistent TMA form. Never empty."""
+    M = named_args["M"]
+    out_elt = named_args["out_ptr"].element_size()
+    tma = kwargs.get("STORE") == 1
+    persistent = kwargs.get("SCHEDULE") == 2
+    ws_ok = tma and persistent and warp_specialize_enabled()
+
+    def rows_ok(bm):
+        if M <= DECODE_MAX_ROWS:
+            return bm == 16
+        return bm <= 64 if M <= MEDIUM_MAX_ROWS else bm >= 64
+
+    acc_cap = 64 if persistent and not tma else 128
+    keep = [c for c in configs if fp8_stage_bytes(c, out_elt, tma) <= SMEM_BYTES
+            and acc_per_thread(c) <= acc_cap and rows_ok(c.kwargs["BLOCK_M"])
             and (ws_ok or not c.kwargs.get("WARP_SPEC"))]
     return keep or [next(c for c in reversed(configs) if not c.kwargs.get("WARP_SPEC"))]
 

@@ -45,7 +45,7 @@ from lora_kernels.triton import configs as C, tuned
 from lora_kernels.triton.dropout import drop_scale, drop_threshold, seed_arg
 from lora_kernels.triton.gemm.formats import PackedWeight, prune_packed
 from lora_kernels.triton.gemm.kernel import gemm_kernel
-from lora_kernels.triton.gemm.modes import LoraMode
+from lora_kernels.triton.gemm.modes import WEIGHT_FP8_ACT, LoraMode
 from lora_kernels.triton.gemm.spec import GemmSpec
 from lora_kernels.triton.lowrank import reduce_rows
 
@@ -59,7 +59,8 @@ _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "stride_ak", "stride_wk", "LORA", "BLOCK_
 _LISTS = {"small": (C.GEMM_SMALL, prune_packed(C.prune_small)),
           "medium": (C.GEMM_MEDIUM, prune_packed(C.prune_dropout)),
           "large": (C.GEMM_LARGE, prune_packed(C.prune_dropout)),
-          "persistent": (C.GEMM_PERSISTENT, C.prune_persistent)}
+          "persistent": (C.GEMM_PERSISTENT, C.prune_persistent),
+          "fp8_act": (C.GEMM_FP8_ACT, C.prune_fp8_act)}
 SHAPE_CLASSES = tuple(_LISTS)  # the keys of autotuned(); bench/autotune_budget.py walks them
 
 
@@ -179,6 +180,8 @@ def select_spec(M: int, lora: int, col_scale: bool, path: str, tma_ok: bool,
             schedule = "persistent"
     if lowrank == "panel" and schedule != "persistent":
         lowrank = "in_loop"  # the same u and result, computed by every N tile
+    if weight == "fp8_act" and schedule == "split_k":
+        schedule = "tiles"  # the row x column scales multiply the whole K sum (spec.py)
     if store is None:
         store = "tma" if schedule == "persistent" and tma_ok else "pointer"
     return GemmSpec(weight=weight, lowrank=lowrank, col_scale="vector" if col_scale else "none",
@@ -202,7 +205,9 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                schedule: Optional[str] = None, store: Optional[str] = None,
                panel_ahead: int = 0, db_out: Optional[torch.Tensor] = None,
                db_u: Optional[torch.Tensor] = None,
-               keep_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
+               keep_bits: Optional[torch.Tensor] = None,
+               a_scale: Optional[torch.Tensor] = None,
+               w_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out = col_scale·(a·wᵀ + low-rank) + bias`` (see the module doc); ``a [M, K]``,
     ``w [N, K]``, ``out [M, N]``, ``lb [N, r]``; ``lora=SEEDED``: ``u [M, r]`` input;
     ``lora=IN_LOOP``: ``la [r, K]`` and ``u [M, r]`` is *written* (xa). ``col_scale``: fp32
@@ -217,7 +222,12 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     partials ``[npm, K, BLOCK_R]`` — 16 MiB at M = 8192, K = 4096, BLOCK_R = 16 — summed over
     panels in order by torch.sum: deterministic); any other spec runs lowrank.reduce_rows.
     ``keep_bits``: the dX's dropout mask packed (uint8 ``[M, ceil(N/8)]``, the forward's
-    bits), read instead of redrawn."""
+    bits), read instead of redrawn.
+
+    ``a_scale`` fp32 ``[M]`` with ``w_scale`` fp32 ``[N]``: the fp8 x fp8 GEMM (spec weight
+    ``fp8_act``): ``a`` and ``w`` are float8_e4m3fn codes (w K-major), the MMA runs on them as
+    float8 and ``out = a_scale[m]·w_scale[n]·(a·wᵀ) + s·u·lbᵀ + bias`` (``lora`` NONE or
+    SEEDED, ``u`` = xa of the unquantized x; no column scale, no dropout term)."""
     M, K = a.shape
     N = w.shape[0]
     assert w.shape[1] == K and out.shape == (M, N) and M > 0 and N > 0
@@ -238,10 +248,18 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     path = C.gemm_path(M, small_m_max)
     interpret = C.interpreting()
     packed = isinstance(w, PackedWeight)
+    fp8_act = a_scale is not None
+    if fp8_act:
+        assert (w_scale is not None and not packed and col_scale is None
+                and a.dtype == w.dtype == torch.float8_e4m3fn
+                and lora in (LoraMode.NONE, LoraMode.SEEDED) and dropout_p == 0.0
+                and a_scale.shape == (M,) and w_scale.shape == (N,)
+                and a_scale.dtype == w_scale.dtype == torch.float32), \
+            "fp8 x fp8: float8_e4m3fn a and w, fp32 a_scale [M] and w_scale [N], no col_scale"
     tma_ok = not packed and tma_compatible(a, w, out)
     spec = select_spec(M, lora, col_scale is not None, path,
                        tma_ok and (dev.type == "cuda" or store == "tma"), schedule, store,
-                       w.format if packed else "dense")
+                       "fp8_act" if fp8_act else (w.format if packed else "dense"))
     if spec.store == "tma" and not tma_ok:
         raise ValueError("store='tma' needs unit inner strides and 16-byte aligned operands")
 
@@ -300,6 +318,10 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     if packed:
         flags.update(w.launch_args())
         flags["wq_absmax2"] = w.absmax2 if w.absmax2 is not None else w.absmax
+    if fp8_act:  # the scales travel in the quantized-weight slots (gemm_kernel's wq tuple);
+        #          the low-rank dot runs in the output's dtype, not the codes'
+        flags.update(wq_absmax=w_scale, wq_absmax2=a_scale, WEIGHT=int(WEIGHT_FP8_ACT),
+                     PRECISION=C.dot_precision(out.dtype))
     persistent = spec.schedule == "persistent"
     sms = C.num_sms(dev)
 
@@ -321,7 +343,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
                                num_stages=stages)
         block_m = cfg["BLOCK_M"]
     else:
-        shape_class = "persistent" if persistent else path
+        shape_class = "fp8_act" if fp8_act else ("persistent" if persistent else path)
         kernel = autotuned(shape_class, tuned.device_name(dev))
         kernel[grid](*args, **flags, **panel_kw)
         # the autotuner's pick fixes the partials' panel count (bench/sass_report.py's

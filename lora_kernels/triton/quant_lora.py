@@ -26,9 +26,11 @@ from lora_kernels.triton.gemm.formats import (PackedWeight, QROUND_BF16, QROUND_
 from lora_kernels.triton.gemm.modes import (LoraMode, WEIGHT_FP8_E4M3, WEIGHT_NF4,
                                             WEIGHT_NF4_NESTED)
 from lora_kernels.triton import lora_linear as _lin
+from lora_kernels.triton.fp8_act_quant import quantize_rows_e4m3
 from lora_kernels.triton.lowrank import reduce_rows, shrink
 
-__all__ = ["packed", "packed_nf4", "packed_fp8", "quant_lora_fwd", "quant_lora_bwd"]
+__all__ = ["packed", "packed_nf4", "packed_fp8", "fp8_act_fwd", "quant_lora_fwd",
+           "quant_lora_bwd"]
 
 _QROUND = {torch.float32: QROUND_FP32, torch.float16: QROUND_FP16, torch.bfloat16: QROUND_BF16}
 
@@ -56,10 +58,45 @@ def packed(w) -> PackedWeight:
     return packed_fp8(w) if hasattr(w, "scale") else packed_nf4(w)
 
 
+def fp8_act_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float, dropout_p: float, seed: int,
+                *, config: Optional[dict] = None):
+    """``(y [M, N], xa [M, r])`` of the fp8 x fp8 path (``act_quant="e4m3_per_token"``): one
+    pass over x makes its per-token e4m3 codes, row scales and xa = x·Aᵀ from the unquantized x
+    (fp8_act_quant.py), then the fp8 x fp8 GEMM core (spec weight ``fp8_act``) multiplies the
+    codes by the e4m3 W, scales the fp32 sum by ``row_scale[m]·w.scale[n]`` and adds
+    ``s·xa·Bᵀ + b``. With dropout (or r > 64) xa comes from the shrink kernel instead (the
+    quantizer has no mask): one more read of x. ``w``: FP8Weight's attributes (codes
+    ``[N, K]``, fp32 ``scale [N]``)."""
+    with on_device(x):
+        M, r = x.shape[0], lora_a.shape[0]
+        codes_w = w.codes if w.codes.dtype == torch.float8_e4m3fn else \
+            w.codes.view(torch.float8_e4m3fn)
+        codes_w = codes_w.contiguous()
+        N = codes_w.shape[0]
+        fused_shrink = 0 < r <= 64 and dropout_p == 0.0
+        codes, row_scale, xa = quantize_rows_e4m3(x, lora_a if fused_shrink else None)
+        if not fused_shrink:
+            xa = torch.empty(M, r, dtype=x.dtype, device=x.device)
+            if r:
+                shrink(x, lora_a, xa, dropout_p, seed)
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        lora = LoraMode.SEEDED if r else LoraMode.NONE
+        fused_gemm(codes.view(torch.float8_e4m3fn), codes_w, y, bias=bias, lora=lora,
+                   u=xa if r else None, lb=lora_b if r else None, scaling=scaling,
+                   a_scale=row_scale, w_scale=w.scale.float().contiguous(),
+                   small_m_max=_lin.SMALL_M_MAX, config=config)
+        return y, xa
+
+
 def quant_lora_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                  lora_b: torch.Tensor, scaling: float, dropout_p: float, seed: int,
-                 *, mode: Optional[int] = None, config: Optional[dict] = None):
-    """``(y [M, N], xa [M, r])``."""
+                 act_quant: str = "none", *, mode: Optional[int] = None,
+                 config: Optional[dict] = None):
+    """``(y [M, N], xa [M, r])``; ``act_quant="e4m3_per_token"`` (an FP8 w):
+    :func:`fp8_act_fwd`."""
+    if act_quant != "none":
+        return fp8_act_fwd(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed, config=config)
     with on_device(x):
         M = x.shape[0]
         pw = packed(w)

@@ -2,6 +2,8 @@
 
 1. the low-rank term: seeded before the main loop (:func:`lowrank_seed`), added from the
    in-loop u (:func:`in_loop_term`), or walked per adapter slot (:func:`per_slot_term`);
+   (the fp8 x fp8 GEMM instead scales its accumulator by ``row_scale[m]·col_scale[n]`` and then
+   adds the low-rank term into it: :func:`fp8_act_scale`);
 2. the column scale (:func:`scale_bias`, ``COL_SCALE_VECTOR``): ``acc *= col_scale[n]``;
 3. the bias, after the scale: ``out = col_scale[n]·(a·wᵀ + low-rank) + bias[n]``;
 4. the one store of the output tile in its dtype (:func:`store_tile`: pointers or TMA).
@@ -59,6 +61,33 @@ def lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride
     else:
         low = low * scaling
     return low
+
+
+@triton.jit
+def fp8_act_scale(acc, row_scale_ptr, col_scale_ptr, u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R,
+                  stride_um, stride_ur, stride_lbn, stride_lbr, scaling, LOWRANK: tl.constexpr,
+                  BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """The fp8 x fp8 epilogue (``WEIGHT_FP8_ACT``): ``(acc·row_scale[m])·col_scale[n] +
+    (s·u)·lbᵀ`` with ``acc = Σ_k e4m3(a)·e4m3(w)`` (fp32), ``row_scale`` the per-token scale of
+    the activation codes, ``col_scale`` the weight's per-channel scale, ``u`` = xa of the
+    *unquantized* x (the quantizer's pass makes it). The scales cannot seed the accumulator
+    (they multiply the whole K sum), so the low-rank term comes after the loop; each rank chunk
+    accumulates straight into acc (s·u rounded to lb's dtype, as :func:`in_loop_term` does),
+    so no second fp32 tile is live next to the accumulator."""
+    rs = tl.load(row_scale_ptr + rm64, mask=m_ok, other=0.0)
+    cs = tl.load(col_scale_ptr + rn64, mask=n_ok, other=0.0)
+    acc = (acc * rs[:, None]) * cs[None, :]
+    if LOWRANK:
+        rr = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            r_ok = (r0 + rr) < R
+            u = tl.load(u_ptr + rm64[:, None] * stride_um + (r0 + rr)[None, :] * stride_ur,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            lbt = tl.load(lb_ptr + rn64[None, :] * stride_lbn + (r0 + rr)[:, None] * stride_lbr,
+                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            su = (u.to(tl.float32) * scaling).to(lbt.dtype)
+            acc = tl.dot(su, lbt, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit

@@ -38,12 +38,13 @@ the scratch (``cnt[0]``) for the first GPU run.
 import triton
 import triton.language as tl
 
-from lora_kernels.triton.gemm.epilogue import (in_loop_term, lowrank_seed, per_slot_term,
-                                               scale_bias, store_rank_rows, store_tile)
+from lora_kernels.triton.gemm.epilogue import (fp8_act_scale, in_loop_term, lowrank_seed,
+                                               per_slot_term, scale_bias, store_rank_rows,
+                                               store_tile)
 from lora_kernels.triton.gemm.mainloop import mainloop
 from lora_kernels.triton.gemm.modes import (LORA_IN_LOOP, LORA_PANEL, LORA_SEEDED, ROWS_DENSE,
                                             ROWS_GATHERED, SCHED_PERSISTENT, SCHED_SPLIT_K,
-                                            STORE_POINTER, STORE_TMA)
+                                            STORE_POINTER, STORE_TMA, WEIGHT_FP8_ACT)
 from lora_kernels.triton.gemm.operands import a_rows, descriptors
 from lora_kernels.triton.gemm.panel import panel_geometry, panel_ready, panel_u, produce_share
 from lora_kernels.triton.gemm.schedule import (grouped_tile, k_slab, moe_segment_tile,
@@ -85,7 +86,9 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
 
     # The split-K schedule with a one-slab config is the tile schedule.
     SPLIT: tl.constexpr = (SCHEDULE == SCHED_SPLIT_K) and (SPLIT_K > 1)
-    if LORA == LORA_SEEDED and not SPLIT:
+    # fp8 x fp8: the row/column scales multiply the whole K sum, the seed comes after them
+    FP8_ACT: tl.constexpr = WEIGHT == WEIGHT_FP8_ACT
+    if LORA == LORA_SEEDED and not SPLIT and not FP8_ACT:
         acc = lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride_um,
                            stride_ur, stride_lbn, stride_lbr, scaling, seed, drop_threshold,
                            drop_scale, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_R, PRECISION,
@@ -128,6 +131,10 @@ def _dense_tile(tile, pid_k, a_ptr, w_ptr, out_ptr, bias_ptr, cs_ptr, u_ptr, la_
                            scaling, BLOCK_R, PRECISION, DROPOUT, seed, drop_threshold,
                            drop_scale, row0, col0, rm64, m_ok, N, BLOCK_M, BLOCK_N, keep_bits,
                            KEEP_BITS)
+    if FP8_ACT:  # wq: (col scale of w [N], row scale of a [M], ...), spec.py: never split-K
+        acc = fp8_act_scale(acc, wq[1], wq[0], u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R,
+                            stride_um, stride_ur, stride_lbn, stride_lbr, scaling,
+                            LORA == LORA_SEEDED, BLOCK_R, PRECISION)
 
     o_rows = rm64 * stride_om
     if SPLIT:

@@ -9,7 +9,7 @@ multi-adapter forward) runs this loop; what differs is the operand loaders' flag
 import triton
 import triton.language as tl
 
-from lora_kernels.triton.gemm.modes import WEIGHT_DENSE
+from lora_kernels.triton.gemm.modes import WEIGHT_DENSE, WEIGHT_FP8_ACT
 from lora_kernels.triton.gemm.operands import load_a, load_w
 
 
@@ -37,7 +37,7 @@ def mainloop(acc, u_acc, a_ptrs, w_ptrs, la_ptrs, a_desc, w_desc, row0, col0, k_
         a = load_a(a_ptrs, a_desc, row0, k, row_ok, k_ok, STORE, MASK_ROWS, EVEN_K)
         w = load_w(w_ptrs, w_desc, col0, k, col_ok, k_ok, STORE, MASK_COLS, EVEN_K, W_KMAJOR,
                    wq, WEIGHT, QBLOCK, QBLOCK2, QROUND, BLOCK_K, BLOCK_N)
-        if WEIGHT != WEIGHT_DENSE:
+        if WEIGHT != WEIGHT_DENSE and WEIGHT != WEIGHT_FP8_ACT:  # fp8_act: both float8 as is
             w = w.to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if IN_LOOP:

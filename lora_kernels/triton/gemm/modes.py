@@ -54,3 +54,7 @@ WEIGHT_DENSE: tl.constexpr = tl.constexpr(0)       # a plain tensor in the MMA d
 WEIGHT_NF4: tl.constexpr = tl.constexpr(1)         # bitsandbytes NF4, fp32 absmax
 WEIGHT_NF4_NESTED: tl.constexpr = tl.constexpr(2)  # bitsandbytes NF4, double-quantized absmax
 WEIGHT_FP8_E4M3: tl.constexpr = tl.constexpr(3)    # float8 e4m3fn codes, fp32 scale per row of W
+# fp8 × fp8 (issue #16): a is the e4m3 codes of x with an fp32 scale per row (per token), w the
+# e4m3 weight with an fp32 scale per row of W; both go to the MMA as float8 (wgmma e4m3 on
+# sm_90) and the scales multiply the fp32 accumulator in the epilogue (epilogue.fp8_act_scale).
+WEIGHT_FP8_ACT: tl.constexpr = tl.constexpr(4)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from lora_kernels.triton.gemm.formats import fp8_tile, nf4_tile
 from lora_kernels.triton.gemm.modes import (ROWS_GATHERED, STORE_TMA, WEIGHT_DENSE,
-                                            WEIGHT_FP8_E4M3)
+                                            WEIGHT_FP8_ACT, WEIGHT_FP8_E4M3)
 
 
 @triton.jit
@@ -61,10 +61,11 @@ def load_w(w_ptrs, w_desc, col0, k, col_ok, k_ok, STORE: tl.constexpr, MASK_COLS
     (the forward's ``W [N, K]``) is read as ``[BLOCK_N, BLOCK_K]`` and transposed in shared
     memory (free for wgmma); an N-major one (dX's ``Wᵀ`` view) is read as is. A quantized
     weight (``WEIGHT`` ≠ dense, pointer store only) is decoded from its packed storage, whose
-    base pointer then travels in ``w_desc`` (formats.py)."""
+    base pointer then travels in ``w_desc`` (formats.py). ``WEIGHT_FP8_ACT``: w is a plain
+    float8 tensor read like a dense one (pointer or descriptor) and goes to the MMA undecoded."""
     if WEIGHT == WEIGHT_FP8_E4M3:
         w = fp8_tile(w_desc, wq, col0, k, col_ok, k_ok, EVEN_K, BLOCK_K, BLOCK_N)
-    elif WEIGHT != WEIGHT_DENSE:
+    elif WEIGHT != WEIGHT_DENSE and WEIGHT != WEIGHT_FP8_ACT:
         w = nf4_tile(w_desc, wq, col0, k, col_ok, k_ok, WEIGHT, QBLOCK, QBLOCK2, QROUND, EVEN_K,
                      BLOCK_K, BLOCK_N)
     elif STORE == STORE_TMA:

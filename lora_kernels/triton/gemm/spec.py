@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from lora_kernels.triton.gemm import modes as MD
 
 WEIGHT = {"dense": MD.WEIGHT_DENSE, "nf4": MD.WEIGHT_NF4, "nf4_nested": MD.WEIGHT_NF4_NESTED,
-          "fp8_e4m3": MD.WEIGHT_FP8_E4M3}
+          "fp8_e4m3": MD.WEIGHT_FP8_E4M3, "fp8_act": MD.WEIGHT_FP8_ACT}
 ROWS = {"dense": MD.ROWS_DENSE, "gathered": MD.ROWS_GATHERED}
 LOWRANK = {"none": MD.LORA_NONE, "seeded": MD.LORA_SEEDED, "in_loop": MD.LORA_IN_LOOP,
            "per_slot": MD.LORA_PER_SLOT, "panel": MD.LORA_PANEL}
@@ -31,6 +31,15 @@ def illegal_reason(weight, rows, lowrank, col_scale, schedule, store) -> str:
         return "gathered rows go with (only) the per-slot low-rank term (multi-adapter)"
     if gathered and (schedule != "tiles" or store != "pointer" or col_scale != "none"):
         return "the multi-adapter GEMM runs on pointer tiles without a column scale"
+    if weight == "fp8_act":
+        if rows != "dense" or lowrank not in ("none", "seeded") or col_scale != "none" \
+                or schedule == "split_k":
+            return ("the fp8 x fp8 GEMM (fp8_act) runs on dense rows, tiles or persistent, with "
+                    "no or the seeded low-rank term (xa from the quantizer's pass over x) and "
+                    "its own row x column scale (no DoRA column scale, no split-K: the scales "
+                    "apply to the whole K sum)")
+        return "" if store == "pointer" or schedule == "persistent" else \
+            "tensor descriptors are built once per program: persistent schedule only"
     if weight != "dense" and (store != "pointer" or col_scale != "none"
                               or schedule == "persistent"):
         return ("a quantized (4-bit / fp8) weight is gathered by pointer, tiles or split-K "
