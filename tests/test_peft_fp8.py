@@ -249,3 +249,29 @@ def test_gpu_patched_fp8_bf16_matches_peft(backend):
     assert rel_err(y, want_y) <= 2e-2
     for name in want_g:
         assert rel_err(g[name], want_g[name]) <= 3e-2, name
+
+
+@pytest.mark.parametrize("backend", backends)
+def test_patched_fp8_act_quant_base_matches_peft(backend):
+    """An FP8Linear base with act_quant='e4m3_per_token' (fp8×fp8 base GEMM, LoRA branch on the
+    unquantized x): the fused op gets the base's act_quant, so it equals PEFT's forward over
+    that base; mixed batches fall back to PEFT's forward (weight-only FP8 there), saying why."""
+    model = quantize_linears_fp8(dense_model(), act_quant="e4m3_per_token", backend=backend)
+    model = peft.get_peft_model(model, register_fp8_lora(config()))
+    x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(10))
+    want_y, want_g = _step(model, x)
+    with patch_peft_model(model, backend=backend), warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAKernelsFallbackWarning)
+        y, g = _step(model, x)
+    assert rel_err(y, want_y) <= 1e-5
+    for name in want_g:
+        assert rel_err(g[name], want_g[name]) <= 1e-5, name
+    model.add_adapter("other", config())
+    model.eval()
+    names = ["other", "default", "__base__"]
+    with torch.no_grad():
+        want = model(x, adapter_names=names)  # PEFT's own mixed forward
+        with patch_peft_model(model, backend=backend):
+            with pytest.warns(LoRAKernelsFallbackWarning, match="act_quant"):
+                got = model(x, adapter_names=names)
+    assert torch.equal(got, want)

@@ -303,8 +303,9 @@ def _fused(self, st: _LayerState, x: Tensor, weight: Tensor, bias: Optional[Tens
            active: list) -> Tensor:
     backend = st.shared.backend
     drops = [_dropout_p(self, a) for a in active]
-    fused_op = lora_linear_nf4 if isinstance(weight, peft_qlora.NF4Weight) else \
-        lora_linear_fp8 if isinstance(weight, peft_fp8.FP8Weight) else lora_linear
+    fused_op = lora_linear_nf4 if isinstance(weight, peft_qlora.NF4Weight) else lora_linear
+    if isinstance(weight, peft_fp8.FP8Weight):  # the base's activation quantization, if any
+        fused_op = functools.partial(lora_linear_fp8, act_quant=self.base_layer.act_quant)
     if len(active) == 1:
         a = active[0]
         return fused_op(x, weight, bias, self.lora_A[a].weight, self.lora_B[a].weight,

@@ -53,6 +53,9 @@ def mixed_reason(layer: nn.Module, used) -> Optional[str]:
         if name in getattr(layer, "lora_variant", {}):
             return (f"adapter '{name}' is a LoRA variant over an FP8 base, which is not fused "
                     f"in mixed batches")
+    if layer.base_layer.act_quant is not None:  # multi_lora_linear has weight-only FP8 only
+        return (f"its FP8Linear base quantizes activations (act_quant="
+                f"{layer.base_layer.act_quant!r}), which mixed batches do not fuse")
     return base_reason(layer.base_layer)
 
 
