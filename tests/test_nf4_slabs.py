@@ -204,3 +204,35 @@ def test_slab_step_makes_no_whole_weight(monkeypatch):
         y.backward(dy)
     assert spy.fwd >= 2 and spy.dx >= 2
     assert probe.biggest < n * k
+
+
+@needs_interpreter
+def test_slab_route_under_torch_compile(monkeypatch):
+    """torch.compile(fullgraph=True) of the custom op ``lora_kernels::lora_linear_nf4`` on the
+    Triton backend with the slab route: one opaque op in the graph (the slab loop and its
+    workspace live inside it, shapes only decide the plan), the same output and gradients
+    as eager. (The public entry with an explicit ``backend="triton"`` resolves its backend by
+    an import, which fullgraph refuses: called at the op here.)"""
+    from lora_kernels.ops.lora_linear_nf4 import op_args
+    from lora_kernels.triton import nf4_slabs as S
+    monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
+    monkeypatch.setattr(S, "SLAB_BYTES", 16 * 130 * 4)
+    w = nf4.from_params4bit(linear4bit(70, 130, torch.float32, False).weight)
+    spy = DecodeSpy(monkeypatch, 70)
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(3, 130, generator=g) * 0.3).requires_grad_(True)
+    b = (torch.randn(70, 3, generator=g) * 0.3).requires_grad_(True)
+    x = torch.randn(9, 130, generator=g).requires_grad_(True)
+
+    def f(x, a, b):
+        y, _ = torch.ops.lora_kernels.lora_linear_nf4(*op_args(x, w, None, a, b, 0.5, 0.0, None,
+                                                              "triton"))
+        return y.square().sum()
+    torch.compile(f, fullgraph=True)(x, a, b).backward()
+    got = [t.grad.clone() for t in (x, a, b)]
+    assert spy.fwd >= 2 and spy.dx >= 2
+    for t in (x, a, b):
+        t.grad = None
+    f(x, a, b).backward()
+    for gr, t in zip(got, (x, a, b)):
+        assert rel_err(gr, t.grad) <= 1e-6
