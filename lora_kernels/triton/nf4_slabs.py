@@ -64,8 +64,12 @@ SLAB_BYTES = 8 << 20
 # once a slab holds that many, else of 8 (16-byte TMA bases of y[:, n0:]); columns of W (dX)
 # in multiples of the NF4 block.
 ROW_GRANULE, ROW_GRANULE_MIN, COL_GRANULE = 128, 8, 64
-# Decode tile: 32 rows x 128 columns per program, 4 warps (32 values per thread).
-DECODE_ROWS, DECODE_COLS, DECODE_WARPS = 32, 128, 4
+# Decode tile: 64 rows x 128 columns per program, 4 warps (64 values per thread). Static
+# sm_90a SASS per decoded element (bench/sass_report.py, bf16, spill-free): 32x128/4 24.0
+# (nested 26.0), 64x128/4 20.5 (21.0, 80 registers), 64x512/8 19.0 (185 registers): the
+# decode's own code (table gather through shared memory, the nibble interleave) dominates
+# once a thread holds 64 values.
+DECODE_ROWS, DECODE_COLS, DECODE_WARPS = 64, 128, 4
 _INTERPRET_TILE = (16, 64)
 
 
