@@ -471,12 +471,23 @@ def nf4_single_adapter(M, K, N, r, bwd):
         minimal.read += M * N * E + wq + M * K * E + M * r * E
         minimal.write += (M * K + r * K + N * r) * E
         kw = nf4_slab_width(M, K, N, 64, 64)
-        ours.append(triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"))
+        panel = forward_mode(M, r, 0.0) == 4  # the first dX slab makes dyb and dB (quant_lora)
+        if not panel:
+            ours.append(triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"))
         for k0 in range(0, K, kw):
             k = min(kw, K - k0)
-            ours += [nf4_decode(N, k, f"NF4 slab decode W[:, {k0}:{k0 + k}]"),
-                     triton_fused_gemm(M, k, N, r, 1, 0.0, "dX dense fused GEMM on the slab, seeded")]
-        ours += [*triton_reduce(M, K, r, 0.0, "dA = xᵀ·dyb"), *triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
+            ours.append(nf4_decode(N, k, f"NF4 slab decode W[:, {k0}:{k0 + k}]"))
+            if panel and k0 == 0:
+                npm = pad(M, panel_tile()[0]) // panel_tile()[0]
+                ours += [triton_panel_gemm(M, k, N, r, "dX dense fused GEMM on the slab, "
+                                           "panel-shared dY·B + dB partials", db=True),
+                         Launch("sum of the dB partials (torch)", 0, npm * N * rank_block(r) * 4,
+                                N * r * E)]
+            else:
+                ours.append(triton_fused_gemm(M, k, N, r, 1, 0.0, "dX dense fused GEMM on the slab, seeded"))
+        ours += [*triton_reduce(M, K, r, 0.0, "dA = xᵀ·dyb")]
+        if not panel:
+            ours += [*triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
         mainloop += [triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"),
                      nf4_mainloop_gemm(M, K, N, r, "dX NF4 fused GEMM, in-loop decode"),
                      *triton_reduce(M, K, r, 0.0, "dA = xᵀ·dyb"), *triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]

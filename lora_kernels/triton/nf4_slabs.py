@@ -198,11 +198,15 @@ def slab_fwd(x, w: PackedWeight, bias, lora_a, lora_b, scaling, dropout_p, seed,
     return y, xa
 
 
-def slab_dx(dy, w: PackedWeight, lora_a, dyb, scaling, dropout_p, seed, small_m_max,
-            config=None, keep_bits=None):
+def slab_dx(dy, w: PackedWeight, lora_a, lora_b, dyb, scaling, dropout_p, seed, small_m_max,
+            config=None, keep_bits=None, panel=False, xa=None, db_out=None):
     """``dX = dY·W + mask∘(s·dyb·A)/(1−p)`` through column slabs, or None if W cannot be cut.
-    ``dyb = dY·B`` ``[M, r]`` (None when r = 0). ``keep_bits``: the packed mask of x's
-    ``[M, K]`` grid (drawn here from the seed when dropout is on and none is given)."""
+    ``dyb [M, r]``: ``dY·B`` (None when r = 0); with ``panel`` it is *written* by the first
+    slab's GEMM (the panel-shared low-rank mode, a = dY over all of N: the same as the
+    whole-W dX GEMM makes it, lora_linear.py), which then also writes ``db_out = s·dYᵀ·xa``
+    from the dY tiles its shares load, so dY is read for dyb and dB by no other kernel; the
+    later slabs seed from dyb. ``keep_bits``: the packed mask of x's ``[M, K]`` grid (drawn
+    here from the seed when dropout is on and none is given)."""
     M, N = dy.shape
     K = w.shape[1]
     r = lora_a.shape[0]
@@ -222,7 +226,11 @@ def slab_dx(dy, w: PackedWeight, lora_a, dyb, scaling, dropout_p, seed, small_m_
             fused_gemm(dy, slab.t(), dx[:, k0:k1], **kw)
             continue
         bits = keep_bits[:, k0 // 8: (k1 + 7) // 8].contiguous() if drop else None
-        fused_gemm(dy, slab.t(), dx[:, k0:k1], lora=LoraMode.SEEDED, u=dyb,
-                   lb=lora_a[:, k0:k1].t(), scaling=scaling, dropout_p=dropout_p, seed=seed,
-                   keep_bits=bits, **kw)
+        low = dict(u=dyb, lb=lora_a[:, k0:k1].t(), scaling=scaling, dropout_p=dropout_p,
+                   seed=seed, keep_bits=bits)
+        if panel and k0 == 0:
+            fused_gemm(dy, slab.t(), dx[:, k0:k1], lora=LoraMode.PANEL, la=lora_b.t(),
+                       db_out=db_out, db_u=xa if db_out is not None else None, **low, **kw)
+        else:
+            fused_gemm(dy, slab.t(), dx[:, k0:k1], lora=LoraMode.SEEDED, **low, **kw)
     return dx

@@ -107,15 +107,24 @@ def quant_lora_bwd(dy: torch.Tensor, x: torch.Tensor, w, lora_a: torch.Tensor,
     pw = packed(w)
     with on_device(x):
         dyb = bits = None
+        slabs = need_x and _slabs(route, M, pw) and nf4_slabs.dx_plan(
+            M, pw, dy.element_size(), dy.device) is not None
+        # The slab dX at large M makes dyb (and dB) in its first slab's panel-shared GEMM,
+        # as the dense dX does (lora_linear._bwd); elsewhere the shrink makes dyb first.
+        panel = bool(slabs and r and _lin.forward_mode(M, r, 0.0) == LoraMode.PANEL)
         if r and (need_x or need_a):
-            dyb = shrink(dy, lora_b.t(), torch.empty(M, r, dtype=dy.dtype, device=dy.device))
-        if need_x and _slabs(route, M, pw) and nf4_slabs.dx_plan(M, pw, dy.element_size(),
-                                                                  dy.device) is not None:
+            dyb = torch.empty(M, r, dtype=dy.dtype, device=dy.device)
+            if not panel:
+                shrink(dy, lora_b.t(), dyb)
+        if slabs:
             # the packed mask once for the slabs' dX epilogues and dA (each reads its bits)
             if r and dropout_p > 0.0:
                 bits = dropout_keep_packed(seed, M, K, dropout_p, x.device)
-            dx = nf4_slabs.slab_dx(dy, pw, lora_a, dyb, scaling, dropout_p, seed,
-                                   _lin.SMALL_M_MAX, config, keep_bits=bits)
+            if panel and need_bb:
+                dbb = torch.empty_like(lora_b)
+            dx = nf4_slabs.slab_dx(dy, pw, lora_a, lora_b, dyb, scaling, dropout_p, seed,
+                                   _lin.SMALL_M_MAX, config, keep_bits=bits, panel=panel,
+                                   xa=xa, db_out=dbb)
         if need_x and dx is None:
             dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
             if r:
@@ -129,7 +138,7 @@ def quant_lora_bwd(dy: torch.Tensor, x: torch.Tensor, w, lora_a: torch.Tensor,
             da = torch.empty_like(lora_a)
             if r:
                 reduce_rows(x, dyb, da.t(), scaling, dropout_p, seed, bits)
-        if need_bb:
+        if need_bb and dbb is None:
             dbb = torch.empty_like(lora_b)
             if r:
                 reduce_rows(dy, xa, dbb, scaling)
