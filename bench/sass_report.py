@@ -358,11 +358,15 @@ def _nf4_slab_forms(comp: "Compiler", e) -> None:
                               (0.1, 1, "dropout: shrink, then seeded")):
             comp.form = f"nf4 slabs persistent-tma fwd ({how})"
             NS.slab_fwd(x, w, e(N_T), a, bb, 2.0, p, 7, first, 16)
-        dy, dyb = e(M_T, N_T), e(M_T, R_T)
+        dy, dyb, xa = e(M_T, N_T), e(M_T, R_T), e(M_T, R_T)
+        # dyb and dB panel-shared in slab 0 (what quant_lora_bwd runs at this M), then seeded
+        panel = dict(panel=True, xa=xa, db_out=e(N_T, R_T))
         comp.form = "nf4 slabs persistent-tma dX p=0.0"
-        NS.slab_dx(dy, w, a, dyb, 2.0, 0.0, 7, 16)
+        NS.slab_dx(dy, w, a, bb, dyb, 2.0, 0.0, 7, 16, **panel)
         comp.form = "nf4 slabs persistent-tma dX bits p=0.1"
-        NS.slab_dx(dy, w, a, dyb, 2.0, 0.1, 7, 16, keep_bits=_bits(M_T, K_T))
+        comp.prune_as_dropout = True
+        NS.slab_dx(dy, w, a, bb, dyb, 2.0, 0.1, 7, 16, keep_bits=_bits(M_T, K_T), **panel)
+        comp.prune_as_dropout = False
     finally:
         NS.fused_gemm = real_gemm
     # every slab launches the same kernels: one row per (kernel, form, config)
