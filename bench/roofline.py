@@ -530,7 +530,8 @@ def predict(plan, dev) -> float:
 
 def totals(plan) -> Launch:
     return Launch("total", sum(l.flops for l in plan), sum(l.read for l in plan),
-                  sum(l.write for l in plan), sum(l.int_ops for l in plan), sum(l.l2 for l in plan))
+                  sum(l.write for l in plan), sum(l.int_ops for l in plan), sum(l.l2 for l in plan),
+                  sass=sum(l.sass for l in plan))
 
 
 def report(devices) -> dict:
