@@ -404,7 +404,8 @@ def multi_adapter(T, K, N, R, n_adapters):
 # Static sm_90a SASS per decoded element (bench/sass_report.py, Triton 3.8 ptxas, bf16):
 NF4_MAINLOOP_SASS = 21.3   # the in-mainloop K loop, 128x128x64 / 8 warps (notes/nf4perf.md),
 #                            per element per 128-row tile; dX assumed the same
-NF4_SLAB_SASS = 20.5       # nf4_slabs._decode_slab_kernel 64x128 / 4 warps, once per element
+NF4_SLAB_SASS = 10.25      # nf4_slabs._decode_slab_kernel 64x128 / 4 warps (word store, whole
+#                            tiles), once per element
 NF4_BLOCK_M = 128          # the in-mainloop kernels' row tile at large M (prune_packed's pick)
 
 

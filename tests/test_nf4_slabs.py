@@ -55,8 +55,9 @@ class DecodeSpy:
 @pytest.mark.parametrize("shape", [(21, 65), (19, 66), (70, 192)])
 def test_decoded_slab_is_dequantize(nested, dtype, shape):
     """Row slabs and 64-aligned column slabs of every decode branch (odd K: per element;
-    even K: nibble pairs; K % 64 == 0: one scale per (row, block)) equal bitsandbytes'
-    ``dequantize_4bit`` bit for bit, in the storage dtype."""
+    even K: nibble pairs; K % 64 == 0: one scale per (row, block); fp16: the two elements of
+    a byte stored as one word) equal bitsandbytes' ``dequantize_4bit`` bit for bit, in the
+    storage dtype."""
     from lora_kernels.triton import nf4_slabs as S
     from lora_kernels.triton.quant_lora import packed
     n, k = shape
@@ -64,7 +65,9 @@ def test_decoded_slab_is_dequantize(nested, dtype, shape):
     W = _dequantized(layer)
     pw = packed(nf4.from_params4bit(layer.weight))
     ws = torch.full((n, k), float("nan"), dtype=dtype)
-    for n0, n1, c0, c1 in ((0, n, 0, k), (3, n - 2, 0, k), (0, n, 64, k), (5, 17, 0, 64)):
+    # (0, 16, 0, 64): whole interpreter tiles (the unmasked EVEN form of the word store)
+    for n0, n1, c0, c1 in ((0, n, 0, k), (3, n - 2, 0, k), (0, n, 64, k), (5, 17, 0, 64),
+                           (0, 16, 0, 64)):
         got = S.decode_slab(pw, ws, n0, n1, c0, c1)[: n1 - n0, : c1 - c0]
         assert torch.equal(got, W[n0:n1, c0:c1]), (n0, n1, c0, c1)
 

@@ -41,7 +41,7 @@ import triton.language as tl
 from lora_kernels.triton import configs as C
 from lora_kernels.triton.dropout import dropout_keep_packed
 from lora_kernels.triton.fused_gemm import fused_gemm
-from lora_kernels.triton.gemm.formats import PackedWeight, nf4_tile
+from lora_kernels.triton.gemm.formats import PackedWeight, nf4_row_pairs, nf4_tile
 from lora_kernels.triton.gemm.modes import LoraMode, WEIGHT_NF4, WEIGHT_NF4_NESTED
 from lora_kernels.triton.lowrank import shrink
 
@@ -65,10 +65,11 @@ SLAB_BYTES = 8 << 20
 # in multiples of the NF4 block.
 ROW_GRANULE, ROW_GRANULE_MIN, COL_GRANULE = 128, 8, 64
 # Decode tile: 64 rows x 128 columns per program, 4 warps (64 values per thread). Static
-# sm_90a SASS per decoded element (bench/sass_report.py, bf16, spill-free): 32x128/4 24.0
-# (nested 26.0), 64x128/4 20.5 (21.0, 80 registers), 64x512/8 19.0 (185 registers): the
-# decode's own code (table gather through shared memory, the nibble interleave) dominates
-# once a thread holds 64 values.
+# sm_90a SASS per decoded element (bench/sass_report.py, bf16, plain / nested, spill-free):
+# through formats.nf4_tile (nibble interleave by join + reshape, masked) 64x128/4 20.5 / 21.0;
+# with the word store (WORDS) 12.6 / 12.9, and unmasked whole tiles (EVEN) 10.25 / 10.5
+# (80 registers; 32x128/4 11.3, 64x256/4 9.4 at 167 registers). What is left is about one
+# LDS (the table gather), FMUL, F2F and PRMT per element plus the nibble LOP3s.
 DECODE_ROWS, DECODE_COLS, DECODE_WARPS = 64, 128, 4
 _INTERPRET_TILE = (16, 64)
 
@@ -115,22 +116,43 @@ def use_slabs(M: int, w, threshold: Optional[int] = None) -> bool:
 def _decode_slab_kernel(codes_ptr, out_ptr, absmax_ptr, absmax2_ptr, lut_ptr, offset,
                         n0, n1, c0, c1, K0, stride_om,
                         WEIGHT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-                        QROUND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                        QROUND: tl.constexpr, WORDS: tl.constexpr, OUT_BF16: tl.constexpr,
+                        EVEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """``out[i, j] = W[n0 + i, c0 + j]`` for the ``[n1 − n0, c1 − c0]`` block of the NF4 W
-    ``[N0, K0]``, decoded by the GEMM core's own ``formats.nf4_tile`` on the Wᵀ view (strides
-    ``(1, K0)``: its tile rows are rows of W), so the slab is bit-identical to what the
-    in-mainloop kernels feed the MMA (rounded to the storage dtype, then out's dtype)."""
-    rows = n0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = c0 + tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ``[N0, K0]``, decoded by the GEMM core's own code (gemm/formats.py) on rows of W, so the
+    slab is bit-identical to what the in-mainloop kernels feed the MMA (rounded to the
+    storage dtype, then out's dtype).
+
+    ``WORDS`` (K0 even, c0 even, a 16-bit out): ``out_ptr`` is the int32 view of the slab and
+    each byte's two elements are stored as one word (even column in the low half), with no
+    nibble interleave (the static counts are at DECODE_ROWS). ``EVEN``: whole tiles inside
+    W, no masks. Otherwise
+    ``formats.nf4_tile`` on the Wᵀ view (strides ``(1, K0)``: its tile rows are rows of W)."""
+    row0 = n0 + tl.program_id(0) * BLOCK_R
+    col0 = c0 + tl.program_id(1) * BLOCK_C
+    rows = row0 + tl.arange(0, BLOCK_R)
     row_ok = rows < n1
-    col_ok = cols < c1
     wq = (absmax_ptr, absmax2_ptr, lut_ptr, offset, 1, K0)
-    w = nf4_tile(codes_ptr, wq, c0 + tl.program_id(1) * BLOCK_C,
-                 n0 + tl.program_id(0) * BLOCK_R, col_ok, row_ok, WEIGHT, QBLOCK, QBLOCK2,
-                 QROUND, False, BLOCK_R, BLOCK_C)
-    offs = (rows - n0).to(tl.int64)[:, None] * stride_om + (cols - c0)[None, :]
-    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    out_rows = (rows - n0).to(tl.int64)[:, None] * stride_om
+    if WORDS:
+        even, odd = nf4_row_pairs(codes_ptr, wq, row0, row_ok, col0, WEIGHT, QBLOCK, QBLOCK2,
+                                  QROUND, BLOCK_R, BLOCK_C, not EVEN)
+        dt: tl.constexpr = tl.bfloat16 if OUT_BF16 else tl.float16
+        word = ((even.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+                | (odd.to(dt).to(tl.int16, bitcast=True).to(tl.int32) << 16))
+        wcols = (col0 - c0) // 2 + tl.arange(0, BLOCK_C // 2)
+        if EVEN:
+            tl.store(out_ptr + out_rows + wcols[None, :], word)
+        else:
+            tl.store(out_ptr + out_rows + wcols[None, :], word,
+                     mask=row_ok[:, None] & ((c0 + 2 * wcols) < c1)[None, :])
+    else:
+        cols = col0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < c1
+        w = nf4_tile(codes_ptr, wq, col0, row0, col_ok, row_ok, WEIGHT, QBLOCK, QBLOCK2,
+                     QROUND, False, BLOCK_R, BLOCK_C)
+        tl.store(out_ptr + out_rows + (cols - c0)[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 def decode_slab(w: PackedWeight, out: torch.Tensor, n0: int, n1: int, c0: int, c1: int):
@@ -140,12 +162,17 @@ def decode_slab(w: PackedWeight, out: torch.Tensor, n0: int, n1: int, c0: int, c
     K0 = w.base_shape[1]
     br, bc = _INTERPRET_TILE if C.interpreting() else (DECODE_ROWS, DECODE_COLS)
     la = w.launch_args()
+    words = (out.dtype in (torch.float16, torch.bfloat16) and K0 % 2 == 0 and c0 % 2 == 0
+             and (c1 - c0) % 2 == 0 and out.stride(0) % 2 == 0)
+    dst, stride = (out.view(torch.int32), out.stride(0) // 2) if words else (out, out.stride(0))
     grid = (triton.cdiv(n1 - n0, br), triton.cdiv(c1 - c0, bc))
     _decode_slab_kernel[grid](
-        w.codes, out, w.absmax, w.absmax2 if w.absmax2 is not None else w.absmax, w.lut,
-        float(w.offset), n0, n1, c0, c1, K0, out.stride(0), WEIGHT=la["WEIGHT"],
-        QBLOCK=la["QBLOCK"], QBLOCK2=la["QBLOCK2"], QROUND=la["QROUND"], BLOCK_R=br,
-        BLOCK_C=bc, num_warps=DECODE_WARPS)
+        w.codes, dst, w.absmax, w.absmax2 if w.absmax2 is not None else w.absmax, w.lut,
+        float(w.offset), n0, n1, c0, c1, K0, stride, WEIGHT=la["WEIGHT"],
+        QBLOCK=la["QBLOCK"], QBLOCK2=la["QBLOCK2"], QROUND=la["QROUND"], WORDS=words,
+        OUT_BF16=out.dtype == torch.bfloat16,
+        EVEN=(n1 - n0) % br == 0 and (c1 - c0) % bc == 0 and c1 <= K0,
+        BLOCK_R=br, BLOCK_C=bc, num_warps=DECODE_WARPS)
     return out
 
 
