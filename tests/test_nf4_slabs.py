@@ -173,6 +173,9 @@ def test_route_threshold_and_route_argument(monkeypatch):
     x, b, a, bb, dy = _inputs(9, n, k, 3, torch.float32)
     monkeypatch.setattr(S, "SLAB_BYTES", 16 * k * 4)
     assert S.min_rows() == S.SLAB_MIN_ROWS
+    monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "many")
+    with pytest.raises(ValueError, match="LORA_KERNELS_NF4_SLAB_MIN_M"):
+        S.min_rows()
     monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "10")
     assert S.min_rows() == 10
     outs = {}

@@ -14,7 +14,8 @@ the GEMM itself exactly the dense one (notes/nf4big.md has the arithmetic).
   dropout), the others seed from it with ``lora_b[n0:n1]`` and ``bias[n0:n1]``;
 * dX: for column slabs ``k0:k1`` of W (multiples of 64, so NF4 blocks stay whole and the
   packed-mask bytes and TMA bases stay aligned), the workspace holds ``W[:, k0:k1]`` and the
-  fused GEMM writes ``dX[:, k0:k1]`` seeded by ``(dY·B)·A[:, k0:k1]``; with dropout the mask
+  fused GEMM writes ``dX[:, k0:k1]`` seeded by ``(dY·B)·A[:, k0:k1]`` (at large M the first
+  slab's GEMM makes ``dY·B`` and dB itself, panel-shared, as the dense dX does); with dropout the mask
   is read from packed bits drawn once for the whole ``[M, K]`` grid (each slab reads its
   columns: a slab's own Philox redraw would number columns from 0).
 
@@ -49,10 +50,10 @@ __all__ = ["SLAB_MIN_ROWS", "SLAB_BYTES", "min_rows", "plan", "use_slabs", "deco
            "slab_fwd", "slab_dx"]
 
 # M from which the op decodes once into slabs (below: the in-mainloop kernels). At K = N =
-# 4096 on an H100 the in-mainloop decode issues ≈ 11.6 µs of SASS per 128-row tile row
-# (N·K·21.3 instr / (132·128·1.83 GHz)), the slab route costs the decode (≈ 12.5 µs,
-# bandwidth) + 2 launches per slab + the dense GEMM on slabs that must still fill the SMs:
-# M = 512: in-mainloop ≈ 46 µs, slabs ≈ 53 µs; M = 1024: 93 µs against 53 µs (PREDICTION,
+# 4096 on an H100 an in-mainloop 128x128 tile issues 128·4096·21.3 SASS / 128 per clock =
+# 47.6 µs, the slab route costs the decode (≈ 12.5 µs, bandwidth) + 2 launches per slab + the
+# dense GEMM on slabs that must still fill the SMs (17.9 µs a tile): M = 512: in-mainloop one
+# wave ≈ 48 µs, slabs ≈ 53 µs; M = 1024: two waves ≈ 95 µs against 53 µs (PREDICTION,
 # notes/nf4big.md). Env LORA_KERNELS_NF4_SLAB_MIN_M overrides it (tests: both routes on
 # small shapes).
 SLAB_MIN_ROWS = 1024
@@ -77,7 +78,13 @@ _INTERPRET_TILE = (16, 64)
 def min_rows() -> int:
     """The route threshold (``SLAB_MIN_ROWS``, or the env override)."""
     env = os.environ.get("LORA_KERNELS_NF4_SLAB_MIN_M")
-    return int(env) if env else SLAB_MIN_ROWS
+    if not env:
+        return SLAB_MIN_ROWS
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(f"LORA_KERNELS_NF4_SLAB_MIN_M must be an integer row count, got "
+                         f"{env!r}") from None
 
 
 def _round_down(v: int, g: int) -> int:
