@@ -82,12 +82,21 @@ class Launch:
     l2: float = 0.0        # re-reads served by L2 inside the launch (not counted in read)
     serial_int: bool = False  # the int ops run before the MMA main loop, not beside it
     flops_fp8: float = 0.0  # tensor-core FLOPs on e4m3 operands (FP8_RATE x the bf16 rate)
+    sass: float = 0.0      # thread-instructions to issue (the NF4 decodes: static SASS counts)
 
     def seconds(self, dev) -> float:
         mma = (self.flops + self.flops_fp8 / FP8_RATE) / (dev["tflops"] * 1e12)
         mem = (self.read + self.write) / (dev["tbs"] * 1e12)
         alu = self.int_ops / (dev["int_tops"] * 1e12)
-        return max(mma, mem) + alu if self.serial_int else max(mma, mem, alu)
+        issue = self.sass / issue_rate(dev)
+        return max(mma, mem) + alu if self.serial_int else max(mma, mem, alu, issue)
+
+
+def issue_rate(dev) -> float:
+    """Thread-instructions per second: 4 schedulers × 32 lanes per SM per clock, at the clock
+    the matrix rate implies (4096 dense bf16 FLOP per SM per clock: H100 1.83 GHz, the H200's
+    measured 790 TFLOP/s 1.46 GHz), so issue and MMA time scale together."""
+    return SMS * 128 * dev["tflops"] * 1e12 / (SMS * 4096)
 
 
 def mask_ops(elems: float) -> float:
@@ -420,6 +429,117 @@ def multi_adapter(T, K, N, R, n_adapters):
     return minimal, {"ours": ours, "bare": bare}
 
 
+# ---------------------------------------------------------------------------------------------
+# NF4 base weight (issue #16): the slab route, the in-mainloop decode, PEFT + bitsandbytes
+# ---------------------------------------------------------------------------------------------
+# Static sm_90a SASS per decoded element (bench/sass_report.py, Triton 3.8 ptxas, bf16):
+NF4_MAINLOOP_SASS = 21.3   # the in-mainloop K loop, 128x128x64 / 8 warps (notes/nf4perf.md),
+#                            per element per 128-row tile; dX assumed the same
+NF4_SLAB_SASS = 10.25      # nf4_slabs._decode_slab_kernel 64x128 / 4 warps (word store, whole
+#                            tiles), once per element
+NF4_BLOCK_M = 128          # the in-mainloop kernels' row tile at large M (prune_packed's pick)
+
+
+def nf4_bytes(N: int, K: int) -> float:
+    """bitsandbytes NF4 storage: codes N·K/2 + fp32 absmax per 64 elements (not nested)."""
+    return N * K / 2 + N * K / 64 * 4
+
+
+def nf4_slab_width(M: int, rows: int, cols: int, granule: int, min_granule: int) -> int:
+    """The slab plan (nf4_slabs.plan, called: the launcher's own arithmetic) on 132 SMs."""
+    try:
+        from lora_kernels.triton import nf4_slabs
+        return nf4_slabs.plan(M, rows, cols, E, SMS, granule, min_granule)
+    except ImportError:  # pragma: no cover - the documented default
+        return 1024
+
+
+def nf4_decode(rows: int, cols: int, name: str) -> Launch:
+    """One slab decode: NF4 bytes of the slab in, the slab in bf16 out (written to HBM: counted,
+    though the GEMM reads it back from L2), NF4_SLAB_SASS per element issued."""
+    return Launch(name, 0, nf4_bytes(rows, cols), rows * cols * E, sass=rows * cols * NF4_SLAB_SASS)
+
+
+def nf4_mainloop_gemm(M, N, K, r, name) -> Launch:
+    """The in-mainloop NF4 fused GEMM (seeded): bytes as the bf16 one with W in NF4, plus the
+    decode of every W element once per BLOCK_M row tile, issued beside the MMA."""
+    l = triton_fused_gemm(M, N, K, r, 1, 0.0, name)
+    l.read += nf4_bytes(N, K) - N * K * E
+    l.sass = -(-M // NF4_BLOCK_M) * N * K * NF4_MAINLOOP_SASS
+    return l
+
+
+def nf4_single_adapter(M, K, N, r, bwd):
+    """NF4 forward (and backward) at p = 0: minimal, ours (slabs at M ≥ nf4_slabs.min_rows()),
+    the in-mainloop route, PEFT + bitsandbytes, and the bf16 cuBLAS GEMM(s) ("bare")."""
+    mode = forward_mode(M, r, 0.0)
+    wq = nf4_bytes(N, K)
+    minimal = Launch("minimal", 2 * M * K * N + 2 * M * r * (K + N),
+                     M * K * E + wq + (r * K + N * r) * E, (M * N + M * r) * E)
+    width = nf4_slab_width(M, N, K, 128, 8)
+    ours = []
+    for n0 in range(0, N, width):
+        n = min(width, N - n0)
+        ours.append(nf4_decode(n, K, f"NF4 slab decode W[{n0}:{n0 + n}, :]"))
+        if n0 == 0 and mode == 4:
+            ours.append(triton_panel_gemm(M, n, K, r, "dense fused GEMM on the slab, xa panel-shared"))
+        elif n0 == 0 and mode == 2:
+            ours.append(triton_fused_gemm(M, n, K, r, 2, 0.0, "dense fused GEMM on the slab, in-loop xa"))
+        else:
+            if n0 == 0:
+                ours.insert(0, triton_shrink(M, K, r, 0.0))
+            ours.append(triton_fused_gemm(M, n, K, r, 1, 0.0, "dense fused GEMM on the slab, seeded"))
+    mainloop = [triton_shrink(M, K, r, 0.0), nf4_mainloop_gemm(M, N, K, r, "NF4 fused GEMM, in-loop decode")]
+    # PEFT LoRA over bitsandbytes Linear4bit (lora.bnb.Linear4bit.forward, p = 0: no dropout
+    # module): result = base(x).clone(); result = result + lora_B(lora_A(x)) * scaling.
+    peft = [Launch("bnb dequantize_4bit W", 0, wq, N * K * E),
+            cublas_gemm(M, N, K, "cuBLAS x·Wᵀ (MatMul4Bit)"),
+            elementwise(M * N, E, E, "result.clone()"),
+            cublas_gemm(M, r, K, "cuBLAS lora_A(x)"), cublas_gemm(M, N, r, "cuBLAS lora_B(·)"),
+            elementwise(M * N, E, E, "· scaling"), elementwise(M * N, 2 * E, E, "result + ·")]
+    bare = [cublas_gemm(M, N, K, "cuBLAS x·Wᵀ (bf16 W)")]
+    if bwd:
+        minimal.flops += 2 * M * N * K + 2 * M * r * (2 * N + 2 * K)
+        minimal.read += M * N * E + wq + M * K * E + M * r * E
+        minimal.write += (M * K + r * K + N * r) * E
+        kw = nf4_slab_width(M, K, N, 64, 64)
+        panel = forward_mode(M, r, 0.0) == 4  # the first dX slab makes dyb and dB (quant_lora)
+        if not panel:
+            ours.append(triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"))
+        for k0 in range(0, K, kw):
+            k = min(kw, K - k0)
+            ours.append(nf4_decode(N, k, f"NF4 slab decode W[:, {k0}:{k0 + k}]"))
+            if panel and k0 == 0:
+                npm = pad(M, panel_tile()[0]) // panel_tile()[0]
+                ours += [triton_panel_gemm(M, k, N, r, "dX dense fused GEMM on the slab, "
+                                           "panel-shared dY·B + dB partials", db=True),
+                         Launch("sum of the dB partials (torch)", 0, npm * N * rank_block(r) * 4,
+                                N * r * E)]
+            else:
+                ours.append(triton_fused_gemm(M, k, N, r, 1, 0.0, "dX dense fused GEMM on the slab, seeded"))
+        ours += [*triton_reduce(M, K, r, 0.0, "dA = xᵀ·dyb")]
+        if not panel:
+            ours += [*triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
+        mainloop += [triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"),
+                     nf4_mainloop_gemm(M, K, N, r, "dX NF4 fused GEMM, in-loop decode"),
+                     *triton_reduce(M, K, r, 0.0, "dA = xᵀ·dyb"), *triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
+        # autograd through PEFT's graph: · scaling, lora_B, lora_A, MatMul4Bit (dequantize
+        # again + dY·W), and the sum of the two dX contributions
+        peft += [elementwise(M * N, E, E, "dY · scaling"),
+                 cublas_gemm(M, r, N, "cuBLAS d(xa) = (s·dY)·B"),
+                 cublas_gemm(N, r, M, "cuBLAS dB = (s·dY)ᵀ·xa"),
+                 cublas_gemm(M, K, r, "cuBLAS dX_lora = d(xa)·A"),
+                 cublas_gemm(r, K, M, "cuBLAS dA = d(xa)ᵀ·x"),
+                 Launch("bnb dequantize_4bit W (backward)", 0, wq, N * K * E),
+                 cublas_gemm(M, K, N, "cuBLAS dY·W (MatMul4Bit backward)"),
+                 elementwise(M * K, 2 * E, E, "dX_base + dX_lora (autograd sum)")]
+        bare += [cublas_gemm(M, K, N, "cuBLAS dY·W (bf16 W)")]
+    return minimal, {"ours": ours, "mainloop": mainloop, "peft_bnb": peft, "bare": bare}
+
+
+NF4_TARGETS = {"nf4 fwd": ("bare", 1.15), "nf4 fwd+bwd": ("peft_bnb", 1 / 1.5)}
+
+
 def ops():
     M, K, N, r = 8192, 4096, 4096, 16
     return {
@@ -431,6 +551,8 @@ def ops():
         "multi decode T=64 distinct": multi_adapter(64, K, N, r, 64),
         "prefill T=8192 64 adapters": multi_adapter(8192, K, N, r, 64),
         "fwd fp8 act_quant": fp8_act_forward(M, K, N, r),
+        "nf4 fwd": nf4_single_adapter(M, K, N, r, False),
+        "nf4 fwd+bwd": nf4_single_adapter(M, K, N, r, True),
     }
 
 
@@ -442,7 +564,7 @@ def predict(plan, dev) -> float:
 def totals(plan) -> Launch:
     return Launch("total", sum(l.flops for l in plan), sum(l.read for l in plan),
                   sum(l.write for l in plan), sum(l.int_ops for l in plan), sum(l.l2 for l in plan),
-                  flops_fp8=sum(l.flops_fp8 for l in plan))
+                  flops_fp8=sum(l.flops_fp8 for l in plan), sass=sum(l.sass for l in plan))
 
 
 def report(devices) -> dict:
@@ -465,6 +587,11 @@ def report(devices) -> dict:
                 p["ratio_to_bare"][dev_name] = predict(plan, dev) / predict(plans["bare"], dev)
             entry["plans"][pname] = p
         entry["target"] = TARGETS.get(name)
+        if name in NF4_TARGETS:  # the issue's NF4 targets: ours against bare or PEFT + bnb
+            base, bound = NF4_TARGETS[name]
+            entry["nf4_target"] = {"against": base, "max_ratio": bound, "ratio": {
+                d: entry["plans"]["ours"]["us"][d] / entry["plans"][base]["us"][d]
+                for d in devices}}
         if name.startswith("multi decode"):  # issue #4: the LoRA part against copy bandwidth
             lora = [l for l in plans["ours"] if not l.kernel.startswith("cuBLAS")]
             adapter_bytes = 64 * 16 * (4096 + 4096) * E
@@ -506,6 +633,14 @@ def markdown(rep, devices) -> str:
             lines.append(f"\n{name}, {d}: LoRA part (shrink + expand, after the base GEMM) "
                          f"{lp['us']:.1f} µs for {lp['adapter_MiB']:.0f} MiB of adapters = "
                          f"{100 * lp['fraction_of_bw']:.0f} % of HBM bandwidth (target ≥ 40 %)")
+    for name, e in rep["ops"].items():
+        t = e.get("nf4_target")
+        if t:
+            lines.append(f"\n{name}: ours / {t['against']} = " + ", ".join(
+                f"{d} {r:.3f}" for d, r in t["ratio"].items()) + f" (target ≤ {t['max_ratio']:.3f})"
+                + "".join(f"; mainloop / {t['against']} {d} "
+                          f"{e['plans']['mainloop']['us'][d] / e['plans'][t['against']]['us'][d]:.3f}"
+                          for d in t["ratio"]))
     lines += ["", "Launches of `ours` (H100 µs each):", ""]
     for name, e in rep["ops"].items():
         parts = [f"{l['kernel']} {Launch(**l).seconds(DEVICES['H100']) * 1e6:.1f}"

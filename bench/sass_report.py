@@ -161,6 +161,8 @@ class Compiler:
         ops = _opcodes(k.asm["sass"])
         tile = {key: meta[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "BLOCK_P",
                                            "WARP_SPEC") if key in meta}
+        if name == "nf4_slab_decode":
+            tile.update(BLOCK_R=meta["BLOCK_R"], BLOCK_C=meta["BLOCK_C"])
         tile.update(w=k.metadata.num_warps, s=meta["num_stages"])
         regs, spill = _ptxas_usage(k)
         row = Row(kernel=name, form=self.form, config=" ".join(f"{a}={b}" for a, b in tile.items()),
@@ -340,8 +342,62 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                             interpret=False,
                             config={**cfgq.kwargs, "num_warps": cfgq.num_warps,
                                     "num_stages": cfgq.num_stages})
+    _nf4_slab_forms(comp, e)
     _dropout_cost(comp.rows)
     return comp.rows
+
+
+def _nf4_slab_forms(comp: "Compiler", e) -> None:
+    """The NF4 slab route (lora_kernels/triton/nf4_slabs.py) at the target shape: the slab
+    decode kernel (SASS per element = the whole program over the elements each thread
+    decodes: one tile per program, no loop) for a forward row slab and a dX column slab,
+    plain and nested, and the dense fused GEMMs it launches per slab. On a GPU these operands
+    take persistent + TMA (tma_compatible holds for x, the workspace and y[:, n0:n1] /
+    dX[:, k0:k1]); this CPU process has no CUDA tensors, so the schedule is forced here, and
+    store="tma" raises if the slab views could not take descriptors."""
+    import functools
+    import lora_kernels.triton.fused_gemm as FG
+    import lora_kernels.triton.nf4_slabs as NS
+    NS._decode_slab_kernel = comp.wrap(NS._decode_slab_kernel, "nf4_slab_decode",
+                                       elems=lambda m: m["BLOCK_R"] * m["BLOCK_C"])
+    real_gemm = NS.fused_gemm
+    NS.fused_gemm = functools.partial(FG.fused_gemm, schedule="persistent", store="tma")
+    start = len(comp.rows)
+    try:
+        for nested in (False, True):
+            w = _packed_nf4(nested, N_T, K_T)
+            kind = "nested" if nested else "plain"
+            width = NS.fwd_plan(M_T, w, 2, torch.device("cuda"))
+            comp.form = f"nf4 slabs {kind} decode fwd slab [{width}, {K_T}]"
+            NS.decode_slab(w, e(width, K_T), 0, width, 0, K_T)
+            width = NS.dx_plan(M_T, w, 2, torch.device("cuda"))
+            comp.form = f"nf4 slabs {kind} decode dX slab [{N_T}, {width}]"
+            NS.decode_slab(w, e(N_T, width), 0, N_T, width, 2 * width)
+        w = _packed_nf4(False, N_T, K_T)
+        x, a, bb = e(M_T, K_T), e(R_T, K_T), e(N_T, R_T)
+        for p, first, how in ((0.0, 4, "xa panel-shared in slab 0"),
+                              (0.1, 1, "dropout: shrink, then seeded")):
+            comp.form = f"nf4 slabs persistent-tma fwd ({how})"
+            NS.slab_fwd(x, w, e(N_T), a, bb, 2.0, p, 7, first, 16)
+        dy, dyb, xa = e(M_T, N_T), e(M_T, R_T), e(M_T, R_T)
+        # dyb and dB panel-shared in slab 0 (what quant_lora_bwd runs at this M), then seeded
+        panel = dict(panel=True, xa=xa, db_out=e(N_T, R_T))
+        comp.form = "nf4 slabs persistent-tma dX p=0.0"
+        NS.slab_dx(dy, w, a, bb, dyb, 2.0, 0.0, 7, 16, **panel)
+        comp.form = "nf4 slabs persistent-tma dX bits p=0.1"
+        comp.prune_as_dropout = True
+        NS.slab_dx(dy, w, a, bb, dyb, 2.0, 0.1, 7, 16, keep_bits=_bits(M_T, K_T), **panel)
+        comp.prune_as_dropout = False
+    finally:
+        NS.fused_gemm = real_gemm
+    # every slab launches the same kernels: one row per (kernel, form, config)
+    seen, keep = set(), []
+    for r in comp.rows[start:]:
+        key = (r.kernel, r.form, r.config)
+        if key not in seen:
+            seen.add(key)
+            keep.append(r)
+    comp.rows[start:] = keep
 
 
 def _dropout_cost(rows: list[Row]) -> None:

@@ -105,3 +105,48 @@ def test_gpu_fp8_forward_and_dx(M):
     dx, _, _, _ = quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.0, 0, (True, False, False, False))
     want_dx = dy.double() @ Wr + 0.5 * (dy.double() @ bb.double()) @ a.double()
     assert rel_err(dx, want_dx) <= 1e-2
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K,p", [(4096, 4096, 4096, 0.0), (2048, 4096, 4096, 0.1),
+                                     (1100, 1000, 4032, 0.1), (1536, 4100, 1088, 0.0)])
+def test_gpu_nf4_slab_route_matches_dequantized_float64(nested, dtype, M, N, K, p):
+    """The slab route (lora_kernels/triton/nf4_slabs.py: W decoded once per bounded slab, the
+    dense persistent TMA GEMM per slab) and the in-mainloop route, both forced, against
+    float64 of ``dequantize_4bit``: y, dX (mask from the packed bits per column slab), dA,
+    dB; the 4096-size shapes cut W into several 8 MiB slabs (N = 4100: a ragged last one), the
+    default threshold sends M ≥ 1024 to the slabs on its own, and the workspace stays below
+    half of W."""
+    from lora_kernels.triton import nf4_slabs
+    from lora_kernels.triton.quant_lora import packed, quant_lora_bwd, quant_lora_fwd
+    from lora_kernels.ops import nf4
+    layer = _cuda_nf4(N, K, dtype, nested)
+    w = nf4.from_params4bit(layer.weight)
+    W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
+    assert nf4_slabs.use_slabs(M, packed(w))
+    g = torch.Generator(device="cuda").manual_seed(2)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=g, device="cuda") * sc).to(dtype)
+    x, b, a, bb, dy = rnd(M, K), rnd(N), rnd(16, K, sc=0.05), rnd(N, 16, sc=0.05), rnd(M, N)
+    xd = reference.apply_dropout(x.double(), 7, p)
+    xa64 = xd @ a.double().t()
+    want_y = x.double() @ W.t() + b.double() + 2.0 * xa64 @ bb.double().t()
+    dyb = dy.double() @ bb.double()
+    want_dx = dy.double() @ W + reference.apply_dropout(2.0 * dyb @ a.double(), 7, p)
+    want_da = 2.0 * dyb.t() @ xd
+    tol = TOLS[dtype]
+    for route in ("slabs", "mainloop"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        y, xa = quant_lora_fwd(x, w, b, a, bb, 2.0, p, 7, route=route)
+        assert rel_err(y, want_y) <= tol, route
+        assert rel_err(xa, xa64) <= tol, route
+        dx, _, da, dbb = quant_lora_bwd(dy, x, w, a, bb, xa, 2.0, p, 7, (True, False, True, True),
+                                        route=route)
+        assert rel_err(dx, want_dx) <= tol, route
+        assert rel_err(da, want_da) <= tol, route
+        assert rel_err(dbb, 2.0 * dy.double().t() @ xa.double()) <= tol, route
+        if route == "slabs":  # outputs + one workspace < half of W in the compute dtype
+            extra = torch.cuda.max_memory_allocated() - base
+            outputs = (M * N + 2 * M * K + M * 16) * x.element_size()
+            assert extra < outputs + N * K * x.element_size() // 2 + (64 << 20)

@@ -125,3 +125,31 @@ def test_patched_qlora_step_on_triton_makes_no_whole_weight():
     assert ours.biggest < HID * K
     assert rel_err(y, want_y) <= 1e-5
     assert all(rel_err(g[n], want_g[n]) <= 1e-5 for n in want_g)
+
+
+@pytest.mark.skipif(not interpreting(), reason="the interpreter runs the Triton kernels on CPU")
+def test_patched_qlora_step_on_the_slab_route_makes_no_whole_weight(monkeypatch):
+    """The same probe with every NF4 layer on the slab route (lora_kernels/triton/nf4_slabs.py:
+    threshold 1, a 16-row workspace budget): slabs of W are decoded (q's forward and dX, o's
+    forward; o's K = 37 is too narrow for two 64-column slabs, its dX stays in the mainloop),
+    none as big as W, and the step still matches PEFT's."""
+    from lora_kernels.triton import nf4_slabs
+    monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
+    monkeypatch.setattr(nf4_slabs, "SLAB_BYTES", 16 * K * 4)
+    slabs = []
+    real = nf4_slabs.decode_slab
+    monkeypatch.setattr(nf4_slabs, "decode_slab",
+                        lambda w, out, *cut: slabs.append((w.shape, cut)) or real(w, out, *cut))
+    model = qlora_model(torch.float32, True)
+    # x needs a gradient, so the first layer (q) runs its dX too
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    want_y, want_g = _step(model, x)
+    with patch_peft_model(model, backend="triton"):
+        with LargestTensor() as ours:
+            y, g = _step(model, x)
+    assert {(HID, K), (K, HID)} <= {shape for shape, _ in slabs}
+    assert any(shape == (HID, K) and cut[:2] == (0, HID) and cut[2:] != (0, K)
+               for shape, cut in slabs), "q's dX ran on column slabs"
+    assert ours.biggest < HID * K
+    assert rel_err(y, want_y) <= 1e-5
+    assert all(rel_err(g[n], want_g[n]) <= 1e-5 for n in want_g)

@@ -7,7 +7,8 @@ autograd, dispatch.
 
 Backends: ``triton`` (and ``cuda``, whose extension has no NF4 kernel: its fallback, as for
 every op missing there) decodes the 4-bit tiles inside the GEMM (forward and dX, no N×K
-tensor); ``torch`` dequantizes by tiles of ``quant_tiles.ROWS_PER_TILE`` rows, exact against
+tensor), or at compute-bound M decodes W once per bounded slab and runs the dense fused GEMM
+on it (lora_kernels/triton/nf4_slabs.py); ``torch`` dequantizes by tiles of ``quant_tiles.ROWS_PER_TILE`` rows, exact against
 ``bitsandbytes.functional.dequantize_4bit``.
 
 The storage travels through the custom op as its tensors (codes, absmax, code, and for nested

@@ -9,6 +9,10 @@ so neither the forward nor dX ever holds W in a wider dtype:
 * ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the fused GEMM on the packed storage's ``Wᵀ`` view;
 * ``dA``, ``dB``: the rank-sized reductions of lowrank.py; W is frozen (no dW).
 
+NF4 at ``M ≥ nf4_slabs.min_rows()`` (compute-bound M) takes the slab route instead for the
+forward and dX: W decoded once, a bounded slab at a time, then the dense fused GEMM
+(nf4_slabs.py); ``route=`` forces ``"slabs"`` or ``"mainloop"`` (tests, benchmarks).
+
 ``w`` is a PackedWeight, or any object with NF4Weight's attributes (lora_kernels/ops/nf4.py)
 or FP8Weight's (lora_kernels/ops/fp8.py): kernels never import ops.
 """
@@ -27,6 +31,8 @@ from lora_kernels.triton.gemm.modes import (LoraMode, WEIGHT_FP8_E4M3, WEIGHT_NF
                                             WEIGHT_NF4_NESTED)
 from lora_kernels.triton import lora_linear as _lin
 from lora_kernels.triton.fp8_act_quant import quantize_rows_e4m3
+from lora_kernels.triton import nf4_slabs
+from lora_kernels.triton.dropout import dropout_keep_packed
 from lora_kernels.triton.lowrank import reduce_rows, shrink
 
 __all__ = ["packed", "packed_nf4", "packed_fp8", "fp8_act_fwd", "quant_lora_fwd",
@@ -92,9 +98,9 @@ def fp8_act_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: torch.
 def quant_lora_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                  lora_b: torch.Tensor, scaling: float, dropout_p: float, seed: int,
                  act_quant: str = "none", *, mode: Optional[int] = None,
-                 config: Optional[dict] = None):
+                 config: Optional[dict] = None, route: Optional[str] = None):
     """``(y [M, N], xa [M, r])``; ``act_quant="e4m3_per_token"`` (an FP8 w):
-    :func:`fp8_act_fwd`."""
+    :func:`fp8_act_fwd`; ``route``: the NF4 slab route's override (nf4_slabs.py)."""
     if act_quant != "none":
         return fp8_act_fwd(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed, config=config)
     with on_device(x):
@@ -102,6 +108,12 @@ def quant_lora_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: tor
         pw = packed(w)
         N = pw.shape[0]
         r = lora_a.shape[0]
+        if _slabs(route, M, pw):
+            first = _lin.forward_mode(M, r, dropout_p) if mode is None else mode
+            done = nf4_slabs.slab_fwd(x, pw, bias, lora_a, lora_b, scaling, dropout_p, seed,
+                                      first, _lin.SMALL_M_MAX, config)
+            if done is not None:
+                return done
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         xa = torch.empty(M, r, dtype=x.dtype, device=x.device)
         mode = _lin.lora_mode(M, r, dropout_p) if mode is None else mode
@@ -121,7 +133,8 @@ def quant_lora_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: tor
 
 def quant_lora_bwd(dy: torch.Tensor, x: torch.Tensor, w, lora_a: torch.Tensor,
                  lora_b: torch.Tensor, xa: torch.Tensor, scaling: float, dropout_p: float,
-                 seed: int, needs: Sequence[bool], *, config: Optional[dict] = None):
+                 seed: int, needs: Sequence[bool], *, config: Optional[dict] = None,
+                 route: Optional[str] = None):
     """``(dx, dbias, dlora_a, dlora_b)``, None where ``needs`` is False."""
     need_x, need_b, need_a, need_bb = (bool(n) for n in needs)
     M, K = x.shape
@@ -129,10 +142,26 @@ def quant_lora_bwd(dy: torch.Tensor, x: torch.Tensor, w, lora_a: torch.Tensor,
     dx = db = da = dbb = None
     pw = packed(w)
     with on_device(x):
-        dyb = None
+        dyb = bits = None
+        slabs = need_x and _slabs(route, M, pw) and nf4_slabs.dx_plan(
+            M, pw, dy.element_size(), dy.device) is not None
+        # The slab dX at large M makes dyb (and dB) in its first slab's panel-shared GEMM,
+        # as the dense dX does (lora_linear._bwd); elsewhere the shrink makes dyb first.
+        panel = bool(slabs and r and _lin.forward_mode(M, r, 0.0) == LoraMode.PANEL)
         if r and (need_x or need_a):
-            dyb = shrink(dy, lora_b.t(), torch.empty(M, r, dtype=dy.dtype, device=dy.device))
-        if need_x:
+            dyb = torch.empty(M, r, dtype=dy.dtype, device=dy.device)
+            if not panel:
+                shrink(dy, lora_b.t(), dyb)
+        if slabs:
+            # the packed mask once for the slabs' dX epilogues and dA (each reads its bits)
+            if r and dropout_p > 0.0:
+                bits = dropout_keep_packed(seed, M, K, dropout_p, x.device)
+            if panel and need_bb:
+                dbb = torch.empty_like(lora_b)
+            dx = nf4_slabs.slab_dx(dy, pw, lora_a, lora_b, dyb, scaling, dropout_p, seed,
+                                   _lin.SMALL_M_MAX, config, keep_bits=bits, panel=panel,
+                                   xa=xa, db_out=dbb)
+        if need_x and dx is None:
             dx = torch.empty(M, K, dtype=x.dtype, device=x.device)
             if r:
                 fused_gemm(dy, pw.t(), dx, lora=LoraMode.SEEDED, u=dyb,
@@ -144,11 +173,20 @@ def quant_lora_bwd(dy: torch.Tensor, x: torch.Tensor, w, lora_a: torch.Tensor,
         if need_a:
             da = torch.empty_like(lora_a)
             if r:
-                reduce_rows(x, dyb, da.t(), scaling, dropout_p, seed)
-        if need_bb:
+                reduce_rows(x, dyb, da.t(), scaling, dropout_p, seed, bits)
+        if need_bb and dbb is None:
             dbb = torch.empty_like(lora_b)
             if r:
                 reduce_rows(dy, xa, dbb, scaling)
         if need_b:
             db = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, db, da, dbb
+
+
+def _slabs(route: Optional[str], M: int, pw: PackedWeight) -> bool:
+    """The slab route (nf4_slabs.py) for this call: forced by ``route``, else by M."""
+    if route is not None:
+        if route not in ("slabs", "mainloop"):
+            raise ValueError(f"route must be 'slabs' or 'mainloop', got {route!r}")
+        return route == "slabs" and nf4_slabs.use_slabs(M, pw, 0)
+    return nf4_slabs.use_slabs(M, pw)

@@ -105,9 +105,11 @@ def _lut16(lut_ptr, nib, R: tl.constexpr, NB: tl.constexpr, HALF: tl.constexpr):
 @triton.jit
 def _nf4_rows(codes_ptr, wq, row0, row_ok, c0, c_lim, ROW_MASK: tl.constexpr,
               C_MASK: tl.constexpr, WEIGHT: tl.constexpr, QBLOCK: tl.constexpr,
-              QBLOCK2: tl.constexpr, QROUND: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+              QBLOCK2: tl.constexpr, QROUND: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+              PAIRS_OUT: tl.constexpr = False):
     """``W[row0 : row0+R, c0 : c0+C]`` of an even-K0 W, decoded ``[R, C]`` (rounded to the
-    storage dtype), zero outside ``row_ok`` / ``c < c_lim``.
+    storage dtype), zero outside ``row_ok`` / ``c < c_lim``; ``PAIRS_OUT``: the even and odd
+    columns apart, two ``[R, C/2]`` tiles, no interleave (:func:`nf4_row_pairs`).
 
     K0 even and c0 even: elements ``c, c+1`` (c even) of a row share one byte (high nibble
     first), so the tile is read as ``[R, C/2]`` bytes, contiguous along C (vector loads: the
@@ -155,7 +157,24 @@ def _nf4_rows(codes_ptr, wq, row0, row_ok, c0, c_lim, ROW_MASK: tl.constexpr,
         scale = tl.where(ok, scale, 0.0)
     w_hi = _round_storage(q_hi * scale, QROUND)
     w_lo = _round_storage(q_lo * scale, QROUND)
-    return tl.reshape(tl.join(w_hi, w_lo), (R, C))
+    if PAIRS_OUT:
+        res = (tl.reshape(w_hi, (R, C // 2)), tl.reshape(w_lo, (R, C // 2)))
+    else:
+        res = tl.reshape(tl.join(w_hi, w_lo), (R, C))
+    return res
+
+
+@triton.jit
+def nf4_row_pairs(codes_ptr, wq, row0, row_ok, c0, WEIGHT: tl.constexpr, QBLOCK: tl.constexpr,
+                  QBLOCK2: tl.constexpr, QROUND: tl.constexpr, R: tl.constexpr,
+                  C: tl.constexpr, MASK: tl.constexpr = True):
+    """Rows ``row0 ..`` (masked by ``row_ok``), columns ``c0 .. c0+C`` (c0 even, masked at K0)
+    of an even-K0 W as ``(even columns, odd columns)``, each ``[R, C/2]`` in the storage dtype:
+    the same decode as :func:`nf4_tile`'s pair path, for a consumer that stores both halves
+    of a byte as one word (lora_kernels/triton/nf4_slabs.py) instead of interleaving them.
+    ``MASK=False``: the caller guarantees the whole tile lies inside W."""
+    return _nf4_rows(codes_ptr, wq, row0, row_ok, c0, tl.maximum(wq[4], wq[5]), MASK, MASK,
+                     WEIGHT, QBLOCK, QBLOCK2, QROUND, R, C, True)
 
 
 @triton.jit
