@@ -45,12 +45,56 @@ __all__ = ["nf4_gemv", "gemv_supported", "gemv_config", "GEMV_MAX_ROWS"]
 GEMV_MAX_ROWS = 16
 
 
+DECODE_PAIRS: tl.constexpr = tl.constexpr(0)    # 256-entry (hi, lo) tables indexed by the byte
+DECODE_NIBBLES: tl.constexpr = tl.constexpr(1)  # the 16-entry table, indexed per nibble
+
+
 @triton.jit
 def _pair_tables(lut_ptr):
     """The 256-entry pair tables of one byte's two codes: (high nibble, low nibble) values."""
     code = tl.load(lut_ptr + tl.arange(0, 16))
     b = tl.arange(0, 256)
     return tl.gather(code, b >> 4, 0), tl.gather(code, b & 15, 0)
+
+
+# How x reaches the kernel: as words holding one (x[2j], x[2j+1]) pair each, so the pairs
+# arrive in one vector load matching the code bytes (strided element loads of x were one
+# LDG.U16 per element in the sm_90a K loop).
+X_BF16: tl.constexpr = tl.constexpr(0)   # int32 words, bf16 pair (low half = x[2j])
+X_FP16: tl.constexpr = tl.constexpr(1)   # int32 words, fp16 pair
+X_FP32: tl.constexpr = tl.constexpr(2)   # int64 words, fp32 pair
+
+
+@triton.jit
+def _x_pairs(xw_ptr, offs, ok, XKIND: tl.constexpr):
+    """fp32 ``(x[2j], x[2j+1])`` from the pair words at ``offs`` (little-endian: the even
+    element in the low half)."""
+    w = tl.load(xw_ptr + offs, mask=ok, other=0)
+    if XKIND == X_FP32:
+        lo = (w & 0xFFFFFFFF).to(tl.uint32).to(tl.int32, bitcast=True)
+        hi = (w >> 32).to(tl.int32)
+        return lo.to(tl.float32, bitcast=True), hi.to(tl.float32, bitcast=True)
+    if XKIND == X_BF16:  # bf16 → fp32 is the 16 bits shifted into the high half
+        return ((w << 16).to(tl.float32, bitcast=True),
+                (w & -65536).to(tl.float32, bitcast=True))
+    lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return lo.to(tl.float32), hi.to(tl.float32)
+
+
+@triton.jit
+def _lookup_pairs(hi_tab, lo_tab, byte):
+    """The two codes of each byte of ``byte`` (any shape) from the 256-entry pair tables."""
+    flat = tl.reshape(byte, (byte.numel,))
+    return (tl.reshape(tl.gather(hi_tab, flat, 0), byte.shape),
+            tl.reshape(tl.gather(lo_tab, flat, 0), byte.shape))
+
+
+@triton.jit
+def _lookup_nibbles(code16, hi, lo):
+    """The codes of the nibbles ``hi``, ``lo`` from the 16-entry table."""
+    return (tl.reshape(tl.gather(code16, tl.reshape(hi, (hi.numel,)), 0), hi.shape),
+            tl.reshape(tl.gather(code16, tl.reshape(lo, (lo.numel,)), 0), lo.shape))
 
 
 @triton.jit
@@ -70,13 +114,14 @@ def _lowrank_expand(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_
 
 
 @triton.jit
-def nf4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, offset, y_ptr,
+def nf4_gemv_kernel(xw_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, offset, y_ptr,
                     bias_ptr, u_ptr, lb_ptr, ws_ptr, cnt_ptr, scaling, M, N, K, R,
                     stride_xm, stride_ym, stride_um, stride_lbn,
                     WEIGHT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
-                    SPLIT_K: tl.constexpr):
+                    SPLIT_K: tl.constexpr, XKIND: tl.constexpr,
+                    DECODE: tl.constexpr):
     """Program ``(n tile, K slab, m tile)``: ``BLOCK_N`` rows of W over ``CHUNKS`` QBLOCKs per
     step of its K slab, for ``BLOCK_M`` rows of x (each thread uses a decoded code for all
     of them)."""
@@ -92,36 +137,65 @@ def nf4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, offset, 
     per_split = tl.cdiv(tl.cdiv(blocks, SPLIT_K), CHUNKS) * CHUNKS
     b_lo = pid_k * per_split
     b_hi = tl.minimum(blocks, b_lo + per_split)
-    hi_tab, lo_tab = _pair_tables(lut_ptr)
+    if DECODE == DECODE_PAIRS:
+        hi_tab, lo_tab = _pair_tables(lut_ptr)
+    else:
+        code16 = tl.load(lut_ptr + tl.arange(0, 16))
     ch = tl.arange(0, CHUNKS)
-    jj = tl.arange(0, HALF)
-    # byte (and x pair) j of block b of row n: n·K/2 + b·HALF + j
-    row_byte = rn64 * (K // 2)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    QW: tl.constexpr = HALF // 4                           # 32-bit code words per block
+    qq = tl.arange(0, QW)
+    # code word q of block b of row n: n·K/8 + b·QW + q (K % QBLOCK == 0, so a block's words
+    # start 16-byte aligned: one vector load per 4 words)
+    row_word = rn64 * (K // 8)
+    # The (row, block) partials stay in the reduction's own layout until after the loop (one
+    # layout conversion per program instead of one per step).
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N, CHUNKS), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, CHUNKS), dtype=tl.float32)
     for b0 in range(b_lo, b_hi, CHUNKS):
         blk = b0 + ch                                      # [CHUNKS] block within the row
         c_ok = blk < b_hi
-        pair = blk[:, None] * HALF + jj[None, :]           # [CHUNKS, HALF]
         ok = n_ok[:, None, None] & c_ok[None, :, None]
-        byte = tl.load(codes_ptr + row_byte[:, None, None] + pair[None, :, :], mask=ok,
-                       other=0).to(tl.int32)
-        flat = tl.reshape(byte, (BLOCK_N * CHUNKS * HALF,))
-        q_hi = tl.reshape(tl.gather(hi_tab, flat, 0), (BLOCK_N, CHUNKS, HALF))
-        q_lo = tl.reshape(tl.gather(lo_tab, flat, 0), (BLOCK_N, CHUNKS, HALF))
+        widx = row_word[:, None, None] + (blk[:, None] * QW + qq[None, :])[None, :, :]
+        widx = tl.max_contiguous(tl.multiple_of(widx, [1, 1, QW]), [1, 1, QW])
+        words = tl.load(codes_ptr + widx, mask=ok, other=0)           # [BLOCK_N, CHUNKS, QW]
+        # x pair word of code byte i of word q: block·HALF + 4q + i
+        xoff = rm64[:, None, None] * stride_xm + (blk[:, None] * HALF + 4 * qq[None, :])[None, :, :]
+        x_ok = m_ok[:, None, None] & c_ok[None, :, None] & (qq >= 0)[None, None, :]
+        if BLOCK_M == 1:
+            xoff = xoff.reshape(CHUNKS, QW)
+            x_ok = x_ok.reshape(CHUNKS, QW)
+        for i in tl.static_range(4):
+            if DECODE == DECODE_PAIRS:
+                q_hi, q_lo = _lookup_pairs(hi_tab, lo_tab, (words >> (8 * i)) & 255)
+            else:
+                q_hi, q_lo = _lookup_nibbles(code16, (words >> (8 * i + 4)) & 15,
+                                             (words >> (8 * i)) & 15)
+            xe, xo = _x_pairs(xw_ptr, xoff + i, x_ok, XKIND)          # [BLOCK_M, CHUNKS, QW]
+            # one FFMA chain per (row, word): + hi·xe + lo·xo, byte after byte. M = 1 stays
+            # 3-D: a 4-D t (even [1, N, C, Q]) made Triton convert every decoded tile into
+            # another layout through shared memory.
+            if BLOCK_M == 1:
+                if i == 0:
+                    t = q_hi * xe
+                else:
+                    t = t + q_hi * xe
+                t = t + q_lo * xo                                     # [BLOCK_N, CHUNKS, QW]
+            else:
+                if i == 0:
+                    t = q_hi[None, :, :, :] * xe[:, None, :, :]
+                else:
+                    t = t + q_hi[None, :, :, :] * xe[:, None, :, :]
+                t = t + q_lo[None, :, :, :] * xo[:, None, :, :]
         scale = _block_scale(absmax_ptr, absmax2_ptr, lut_ptr, offset,
                              rn64[:, None] * blocks + blk[None, :], n_ok[:, None] & c_ok[None, :],
                              WEIGHT, QBLOCK2)              # [BLOCK_N, CHUNKS]
-        x_e = x_ptr + rm64[:, None, None] * stride_xm + 2 * pair[None, :, :]
-        x_ok = m_ok[:, None, None] & c_ok[None, :, None]
-        xe = tl.load(x_e, mask=x_ok, other=0.0).to(tl.float32)        # [BLOCK_M, CHUNKS, HALF]
-        xo = tl.load(x_e + 1, mask=x_ok, other=0.0).to(tl.float32)
         if BLOCK_M == 1:
-            part = tl.sum(q_hi * xe + q_lo * xo, axis=2)               # [BLOCK_N, CHUNKS]
-            acc += tl.sum(part * scale, axis=1)[None, :]
+            acc2 += tl.sum(t, axis=2) * scale
         else:
-            part = tl.sum(q_hi[None, :, :, :] * xe[:, None, :, :]
-                          + q_lo[None, :, :, :] * xo[:, None, :, :], axis=3)
-            acc += tl.sum(part * scale[None, :, :], axis=2)
+            acc3 += tl.sum(t, axis=3) * scale[None, :, :]
+    if BLOCK_M == 1:
+        acc3 = acc2[None, :, :]
+    acc = tl.sum(acc3, axis=2)
     tile = pid_m * tl.num_programs(0) + pid_n
     last = split_k_publish(acc, ws_ptr, cnt_ptr, tile, pid_k, rm64, rn64, m_ok, n_ok, M, N,
                            SPLIT_K)
@@ -181,19 +255,24 @@ def nf4_gemv(x: torch.Tensor, pw, y: torch.Tensor, bias: Optional[torch.Tensor] 
     N = pw.base_shape[0]
     cfg = dict(config) if config is not None else gemv_config(M, N, K, pw.qblock, x.device)
     warps = cfg.pop("num_warps", 4)
+    cfg.setdefault("DECODE", int(DECODE_PAIRS))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(M, cfg["BLOCK_M"]))
     ws = _scratch(_WORKSPACE, x.device, cfg["SPLIT_K"] * M * N, torch.float32)
     tickets = _tickets(x.device, grid[0] * grid[2])
     has_lora = u is not None and u.shape[1] > 0
     R = u.shape[1] if has_lora else 0
     dummy = y
+    if x.dtype == torch.float32:
+        xw, xkind = x.view(torch.int64), X_FP32
+    else:
+        xw, xkind = x.view(torch.int32), (X_BF16 if x.dtype == torch.bfloat16 else X_FP16)
     nf4_gemv_kernel[grid](
-        x, pw.codes, pw.absmax, pw.absmax2 if pw.absmax2 is not None else pw.absmax, pw.lut,
+        xw, pw.codes.view(torch.int32), pw.absmax, pw.absmax2 if pw.absmax2 is not None else pw.absmax, pw.lut,
         float(pw.offset), y, bias if bias is not None else dummy, u if has_lora else dummy,
         lb if has_lora else dummy, ws, tickets, float(scaling), M, N, K, R,
-        x.stride(0), y.stride(0), u.stride(0) if has_lora else 0,
+        xw.stride(0), y.stride(0), u.stride(0) if has_lora else 0,
         lb.stride(0) if has_lora else 0,
         WEIGHT=int(pw.weight), QBLOCK=int(pw.qblock), QBLOCK2=int(pw.qblock2),
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, XKIND=int(xkind),
         BLOCK_R=min(triton.next_power_of_2(max(R, 1)), 16), num_warps=warps, **cfg)
     return y
