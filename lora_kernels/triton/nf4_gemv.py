@@ -41,9 +41,6 @@ from lora_kernels.triton.gemm.schedule import split_k_publish, split_k_sum
 
 __all__ = ["nf4_gemv", "gemv_supported", "gemv_config", "GEMV_MAX_ROWS"]
 
-# Rows of x the GEMV takes (the decode class of lora_kernels.runtime).
-GEMV_MAX_ROWS = 16
-
 
 DECODE_PAIRS: tl.constexpr = tl.constexpr(0)    # 256-entry (hi, lo) tables indexed by the byte
 DECODE_NIBBLES: tl.constexpr = tl.constexpr(1)  # the 16-entry table, indexed per nibble
@@ -214,33 +211,45 @@ def nf4_gemv_kernel(xw_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, offset,
 
 def gemv_supported(pw, M: int) -> bool:
     """Whether :func:`nf4_gemv` takes this call: an NF4 W in its forward (not the dX Wᵀ view),
-    K a multiple of the absmax block (blocks never straddle rows), M ≤ GEMV_MAX_ROWS."""
+    K a multiple of the absmax block (blocks never straddle rows), 1 ≤ M ≤ GEMV_MAX_ROWS."""
     if pw.weight not in (int(WEIGHT_NF4), int(WEIGHT_NF4_NESTED)) or pw.transposed:
         return False
     K = pw.base_shape[1]
-    return 1 <= M <= GEMV_MAX_ROWS and K % pw.qblock == 0 and pw.qblock % 2 == 0
+    return (1 <= M <= GEMV_MAX_ROWS and K % pw.qblock == 0 and pw.qblock % 8 == 0
+            and pw.codes.numel() % 4 == 0 and pw.codes.data_ptr() % 16 == 0)
+
+
+# Static sm_90a counts of the K loop (bench/sass_report.py form "nf4 gemv", bf16, K = N = 4096,
+# notes/nf4gemv.md), SASS instructions per decoded weight element of one launch:
+#   M = 1: 4.24 (BLOCK_N 256, 127 regs)   M = 2: 7.43 (256)   M = 4: 11.4 (256, 245 regs) /
+#   12.1 (128, 128 regs)   M = 8: 20.7 (128, 226 regs)   M = 16: 39 (BLOCK_M 16) — against
+#   28.8 for the GEMM core's split-K 16-row tl.dot path at any M ≤ 16. Hence M ≤ 8 here.
+GEMV_MAX_ROWS = 8
 
 
 def gemv_config(M: int, N: int, K: int, qblock: int, device: torch.device) -> dict:
     """Tile, steps and split: ``BLOCK_N`` rows × ``CHUNKS`` QBLOCKs per step, and enough K slabs
-    that ≥ 2 programs per SM stream W (N = K = 4096: 32 column tiles × 8 slabs = 256 programs
-    on 132 SMs)."""
+    that ≥ 2 programs per SM stream W (N = K = 4096, M = 1: 16 column tiles × 16 slabs = 256
+    programs on 132 SMs, 4 blocks of 64 per slab)."""
+    bm = min(triton.next_power_of_2(max(M, 1)), GEMV_MAX_ROWS)
     if interpreting() or device.type != "cuda":
         cfg = dict(BLOCK_N=16, CHUNKS=2, num_warps=1)
     else:
-        cfg = dict(BLOCK_N=128, CHUNKS=1, num_warps=4)
-    cfg["BLOCK_M"] = min(triton.next_power_of_2(max(M, 1)), GEMV_MAX_ROWS)
+        # 256 rows (4 per thread: x pairs converted once, used 4 times) where the register
+        # file allows; 128 from M = 4 (BLOCK_N 256 at M = 4: 245 registers).
+        cfg = dict(BLOCK_N=256 if bm <= 2 else 128, CHUNKS=1, num_warps=4)
+    cfg["BLOCK_M"] = bm
     blocks = K // qblock
-    tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, cfg["BLOCK_M"])
-    split = max(1, min(triton.cdiv(2 * num_sms(device), tiles),
-                       triton.cdiv(blocks, cfg["CHUNKS"]), MAX_GEMV_SPLIT))
-    cfg["SPLIT_K"] = triton.next_power_of_2(split) if split > 1 else 1
-    cfg["SPLIT_K"] = min(cfg["SPLIT_K"], MAX_GEMV_SPLIT)
+    tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, bm)
+    split = min(triton.cdiv(2 * num_sms(device), tiles), triton.cdiv(blocks, cfg["CHUNKS"]),
+                MAX_GEMV_SPLIT)
+    cfg["SPLIT_K"] = min(triton.next_power_of_2(max(split, 1)), MAX_GEMV_SPLIT)
+    cfg["DECODE"] = int(DECODE_PAIRS)
     return cfg
 
 
-# Slabs per column tile: the workspace is [SPLIT_K, M, N] fp32 (16 × 16 × 4096 × 4 B = 4 MiB
-# at most for the decode class).
+# Slabs per column tile: the workspace is [SPLIT_K, M, N] fp32 (16 × 8 × N × 4 B: 2 MiB at
+# N = 4096).
 MAX_GEMV_SPLIT = 16
 
 
@@ -253,6 +262,14 @@ def nf4_gemv(x: torch.Tensor, pw, y: torch.Tensor, bias: Optional[torch.Tensor] 
     from lora_kernels.triton.fused_gemm import _scratch, _tickets, _WORKSPACE
     M, K = x.shape
     N = pw.base_shape[0]
+    # The word views need 16-byte-aligned, contiguous rows (a sliced x may start mid-word).
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+        x = x.contiguous() if not x.is_contiguous() else x.clone()
+    bias = bias.contiguous() if bias is not None else None
+    if lb is not None and lb.stride(-1) != 1:
+        lb = lb.contiguous()
+    if u is not None and u.stride(-1) != 1:
+        u = u.contiguous()
     cfg = dict(config) if config is not None else gemv_config(M, N, K, pw.qblock, x.device)
     warps = cfg.pop("num_warps", 4)
     cfg.setdefault("DECODE", int(DECODE_PAIRS))
