@@ -47,7 +47,7 @@ def test_gemv_against_dequantized_float64(nested, dtype, M, N, K, bias, lora):
     u, lb = _rnd(g, M, 5, dtype=dtype), _rnd(g, N, 5, dtype=dtype, sc=0.3)
     y = torch.full((M, N), float("nan"), dtype=dtype)
     for cfg in (None, dict(BLOCK_M=triton_block_m(M), BLOCK_N=8, CHUNKS=1, SPLIT_K=4,
-                           num_warps=1)):
+                           num_warps=1, DECODE=0)):  # the launcher's choice, the pair tables
         nf4_gemv(x, pw, y, b if bias else None, u if lora else None, lb if lora else None,
                  0.7, config=cfg)
         want = x.double() @ W.t()

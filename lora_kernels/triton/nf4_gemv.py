@@ -1,17 +1,18 @@
-"""The NF4 decode GEMV (M ≤ 16 rows of x): ``y = x·Wᵀ + b + s·xa·Bᵀ`` over bitsandbytes' packed
+"""The NF4 decode GEMV (M ≤ 8 rows of x): ``y = x·Wᵀ + b + s·xa·Bᵀ`` over bitsandbytes' packed
 NF4 storage on CUDA cores, no tl.dot.
 
 At decode shapes the GEMM core's 16-row tl.dot tile spends its time decoding W into the MMA
 layout (28.8 SASS instructions per weight element at M = 1, notes/nf4perf.md). Here each weight
-element is touched by a few instructions and then used M times by fp32 FMAs:
+element costs ~5 instructions at M = 1 (notes/nf4gemv.md has the counts of every variant):
 
-* one byte = two codes: a 256-entry *pair* table (``hi[b] = code[b >> 4]``, ``lo[b] =
-  code[b & 15]``, built in the prologue from the 16 NF4 values and gathered in registers /
-  shared memory with ``tl.gather``), so no nibble is extracted per element;
-* the block scale is factored out: ``Σ_k table[code_k]·x[k]`` over one 64-element block in fp32,
-  times the block's absmax once per (row, block) — not once per element;
-* the bytes are read ``[BLOCK_N rows, CHUNKS blocks, QBLOCK/2]``, contiguous along K (16-byte
-  vector loads); x is read as fp32 pairs ``(x[2j], x[2j+1])`` matching the bytes;
+* the codes are read as 32-bit words ``[BLOCK_N rows, CHUNKS blocks, QBLOCK/8]`` (16-byte
+  vector loads), and x as words holding one ``(x[2j], x[2j+1])`` pair each, so the four bytes
+  of a code word meet their four x pairs in the same thread without a layout conversion;
+* the decode is a table lookup with ``tl.gather`` (through shared memory): the 16 NF4 values
+  per nibble (``DECODE_NIBBLES``, the default) or 256-entry pair tables per byte
+  (``DECODE_PAIRS``: fewer instructions, but shared-memory bank conflicts);
+* per (row, word) one FFMA chain ``Σ hi·x_even + lo·x_odd``; the block scale is factored out:
+  summed over one 64-element block in fp32, times the block's absmax once per (row, block);
 * split-K: ``SPLIT_K`` programs per column tile publish fp32 partials ``[SPLIT_K, M, N]`` and
   the one that takes the tile's last ticket sums them in slab order (deterministic, no data
   atomics; gemm/schedule.py), adds the bias and the LoRA term, stores y, resets the ticket.
@@ -43,6 +44,7 @@ __all__ = ["nf4_gemv", "gemv_supported", "gemv_config", "GEMV_MAX_ROWS"]
 
 
 DECODE_PAIRS: tl.constexpr = tl.constexpr(0)    # 256-entry (hi, lo) tables indexed by the byte
+# (fewer instructions, but bank conflicts on the table: see gemv_config)
 DECODE_NIBBLES: tl.constexpr = tl.constexpr(1)  # the 16-entry table, indexed per nibble
 
 
@@ -244,7 +246,11 @@ def gemv_config(M: int, N: int, K: int, qblock: int, device: torch.device) -> di
     split = min(triton.cdiv(2 * num_sms(device), tiles), triton.cdiv(blocks, cfg["CHUNKS"]),
                 MAX_GEMV_SPLIT)
     cfg["SPLIT_K"] = min(triton.next_power_of_2(max(split, 1)), MAX_GEMV_SPLIT)
-    cfg["DECODE"] = int(DECODE_PAIRS)
+    # The nibble table, though 0.9 SASS / element dearer than the pair tables at M = 1 (5.18 vs
+    # 4.24): its 16 words sit in 16 distinct banks, so a warp's LDS never conflicts; the
+    # 256-entry pair tables span every bank 8 times and random codes conflict ~3.5-way, which
+    # would make the shared-memory pipe, not issue, the limit (notes/nf4gemv.md).
+    cfg["DECODE"] = int(DECODE_NIBBLES)
     return cfg
 
 
@@ -272,7 +278,7 @@ def nf4_gemv(x: torch.Tensor, pw, y: torch.Tensor, bias: Optional[torch.Tensor] 
         u = u.contiguous()
     cfg = dict(config) if config is not None else gemv_config(M, N, K, pw.qblock, x.device)
     warps = cfg.pop("num_warps", 4)
-    cfg.setdefault("DECODE", int(DECODE_PAIRS))
+    cfg.setdefault("DECODE", int(DECODE_NIBBLES))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(M, cfg["BLOCK_M"]))
     ws = _scratch(_WORKSPACE, x.device, cfg["SPLIT_K"] * M * N, torch.float32)
     tickets = _tickets(x.device, grid[0] * grid[2])
