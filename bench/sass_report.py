@@ -341,7 +341,8 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                             config={**cfgq.kwargs, "num_warps": cfgq.num_warps,
                                     "num_stages": cfgq.num_stages})
     # The NF4 decode GEMV (M ≤ 8, CUDA cores; triton/nf4_gemv.py) at M = 1, 2, 4, 8, plain
-    # and nested absmax, with bias and the LoRA expand term, each at the launcher's GPU config.
+    # and nested absmax, with bias and the LoRA term (its own shrink), at the launcher's GPU
+    # config.
     import lora_kernels.triton.nf4_gemv as NG
     NG.num_sms = lambda device: SMS
     kernel = NG.nf4_gemv_kernel
@@ -352,8 +353,9 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
             warps = cfg.pop("num_warps")
             NG.nf4_gemv_kernel = comp.wrap(kernel, "nf4_gemv",
                                            elems=lambda meta: meta["BLOCK_N"] * meta["CHUNKS"] * 64)
+            # p = 0: x·Aᵀ made in the kernel (what the op launches at inference)
             NG.nf4_gemv(e(m, K_T), _packed_nf4(nested, N_T, K_T), e(m, N_T), e(N_T), e(m, R_T),
-                        e(N_T, R_T), 2.0, config={**cfg, "num_warps": warps})
+                        e(N_T, R_T), 2.0, la=e(R_T, K_T), config={**cfg, "num_warps": warps})
     NG.nf4_gemv_kernel = kernel
     _dropout_cost(comp.rows)
     return comp.rows

@@ -30,11 +30,13 @@ def _rnd(g, *shape, dtype, sc=1.0):
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", triton_dtypes("cpu"))
 @pytest.mark.parametrize("M,N,K", [(1, 19, 128), (3, 33, 320), (8, 40, 256), (2, 1, 64)])
-@pytest.mark.parametrize("bias,lora", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("bias,lora", [(True, "seeded"), (False, None), (True, None),
+                                       (False, "in_kernel")])
 def test_gemv_against_dequantized_float64(nested, dtype, M, N, K, bias, lora):
     """Odd N, M = 1..8, K a multiple of 64 over 1..5 blocks (ragged last slab), nested or not,
-    bias and the LoRA term on or off; fp32 storage and fp16 (the storage rounding of W is the
-    only difference from dequantize_4bit, see the kernel's docstring)."""
+    bias and the LoRA term off, given xa (seeded) or xa = x·Aᵀ made in the kernel; fp32
+    storage and fp16 (the storage rounding of W is the only difference from dequantize_4bit,
+    see the kernel's docstring)."""
     from lora_kernels.triton.nf4_gemv import gemv_supported, nf4_gemv
     from lora_kernels.triton.quant_lora import packed_nf4
     layer = _layer(N, K, dtype, nested, seed=K + M)
@@ -45,17 +47,25 @@ def test_gemv_against_dequantized_float64(nested, dtype, M, N, K, bias, lora):
     g = torch.Generator().manual_seed(M * 100 + N)
     x, b = _rnd(g, M, K, dtype=dtype), _rnd(g, N, dtype=dtype)
     u, lb = _rnd(g, M, 5, dtype=dtype), _rnd(g, N, 5, dtype=dtype, sc=0.3)
+    la = _rnd(g, 5, K, dtype=dtype, sc=0.3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
     y = torch.full((M, N), float("nan"), dtype=dtype)
     for cfg in (None, dict(BLOCK_M=triton_block_m(M), BLOCK_N=8, CHUNKS=1, SPLIT_K=4,
                            num_warps=1, DECODE=0)):  # the launcher's choice, the pair tables
+        if lora == "in_kernel":
+            u = torch.full((M, 5), float("nan"), dtype=dtype)
         nf4_gemv(x, pw, y, b if bias else None, u if lora else None, lb if lora else None,
-                 0.7, config=cfg)
+                 0.7, la=la if lora == "in_kernel" else None, config=cfg)
         want = x.double() @ W.t()
         if bias:
             want = want + b.double()
-        if lora:
+        if lora == "in_kernel":
+            xa = x.double() @ la.double().t()
+            assert rel_err(u, xa) <= tol
+            want = want + 0.7 * xa @ lb.double().t()
+        elif lora:
             want = want + 0.7 * u.double() @ lb.double().t()
-        assert rel_err(y, want) <= (1e-5 if dtype == torch.float32 else 2e-3)
+        assert rel_err(y, want) <= tol
 
 
 def triton_block_m(m):
@@ -76,9 +86,11 @@ def test_gemv_takes_only_what_it_supports():
 
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("M", [1, 3, 8, 9])
-def test_op_routes_decode_rows_to_the_gemv(nested, M, monkeypatch):
-    """lora_linear_nf4 (triton) sends M ≤ GEMV_MAX_ROWS, K % 64 == 0 to nf4_gemv and anything
-    else to the fused GEMM; forward and grads match float64 either way, with dropout."""
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_op_routes_decode_rows_to_the_gemv(nested, M, p, monkeypatch):
+    """lora_linear_nf4 (triton) sends M ≤ GEMV_MAX_ROWS, K % 64 == 0 to nf4_gemv (p = 0: one
+    launch, x·Aᵀ in the kernel; p > 0: after the dropout shrink) and anything else to the
+    fused GEMM; forward and grads (dB reads the returned xa) match float64 either way."""
     from lora_kernels.triton import nf4_gemv as G
     from lora_kernels.triton import quant_lora as Q
     calls = []
@@ -92,12 +104,12 @@ def test_op_routes_decode_rows_to_the_gemv(nested, M, monkeypatch):
     a, bb = _rnd(g, r, K, dtype=torch.float32, sc=0.3), _rnd(g, N, r, dtype=torch.float32, sc=0.3)
     leaves = [t.clone().requires_grad_(True) for t in (x, b, a, bb)]
     y = lora_linear_nf4(leaves[0], layer.weight, leaves[1], leaves[2], leaves[3], scaling=0.5,
-                        dropout_p=0.25, backend="triton", dropout_seed=3)
+                        dropout_p=p, backend="triton", dropout_seed=3)
     assert len(calls) == (1 if M <= G.GEMV_MAX_ROWS else 0)
     from lora_kernels import reference
     d = lambda t: t.detach().double().requires_grad_(True)
     x64, b64, a64, bb64 = d(x), d(b), d(a), d(bb)
-    want = reference.lora_linear(x64, W, b64, a64, bb64, 0.5, 0.25, 3)
+    want = reference.lora_linear(x64, W, b64, a64, bb64, 0.5, p, 3)
     assert rel_err(y, want) <= 1e-5
     dy = _rnd(g, M, N, dtype=torch.float32)
     y.backward(dy)
@@ -120,5 +132,10 @@ def test_gemv_leaves_its_inputs_and_tickets_unchanged():
     y1 = nf4_gemv(x, pw, torch.empty(2, 21), b, u, lb, 0.5)
     y2 = nf4_gemv(x, pw, torch.empty(2, 21), b, u, lb, 0.5)
     assert torch.equal(y1, y2)
+    la = _rnd(g, 3, 128, dtype=torch.float32)
+    xa1, xa2 = torch.empty(2, 3), torch.empty(2, 3)
+    y1 = nf4_gemv(x, pw, torch.empty(2, 21), b, xa1, lb, 0.5, la=la)
+    y2 = nf4_gemv(x, pw, torch.empty(2, 21), b, xa2, lb, 0.5, la=la)
+    assert torch.equal(y1, y2) and torch.equal(xa1, xa2)
     for t, t0 in zip((x, b, u, lb, w.codes, w.absmax), before):
         assert torch.equal(t, t0)

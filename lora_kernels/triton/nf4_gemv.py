@@ -37,10 +37,11 @@ import triton.language as tl
 
 from lora_kernels.triton.device import interpreting, num_sms
 from lora_kernels.triton.gemm.formats import _block_scale
-from lora_kernels.triton.gemm.modes import WEIGHT_NF4, WEIGHT_NF4_NESTED
+from lora_kernels.triton.gemm.modes import (LORA_IN_LOOP, LORA_SEEDED, LoraMode, WEIGHT_NF4,
+                                            WEIGHT_NF4_NESTED)
 from lora_kernels.triton.gemm.schedule import split_k_publish, split_k_sum
 
-__all__ = ["nf4_gemv", "gemv_supported", "gemv_config", "GEMV_MAX_ROWS"]
+__all__ = ["nf4_gemv", "gemv_supported", "gemv_config", "fuses_shrink", "GEMV_MAX_ROWS"]
 
 
 DECODE_PAIRS: tl.constexpr = tl.constexpr(0)    # 256-entry (hi, lo) tables indexed by the byte
@@ -97,27 +98,56 @@ def _lookup_nibbles(code16, hi, lo):
 
 
 @triton.jit
-def _lowrank_expand(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_lbn, scaling,
-                    BLOCK_R: tl.constexpr):
-    """``s·u[m, :]·B[n, :]ᵀ`` ``[BLOCK_M, BLOCK_N]`` on CUDA cores (r ≤ BLOCK_R per pass)."""
-    rr = tl.arange(0, BLOCK_R)
-    term = tl.zeros((rm64.shape[0], rn64.shape[0]), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r_ok = (r0 + rr) < R
-        u = tl.load(u_ptr + rm64[:, None] * stride_um + (r0 + rr)[None, :],
-                    mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        b = tl.load(lb_ptr + rn64[:, None] * stride_lbn + (r0 + rr)[None, :],
-                    mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        term += tl.sum(u[:, None, :] * b[None, :, :], axis=2)
-    return term * scaling
+def _expand(u, lb_ptr, rn64, n_ok, r0, R, stride_lbn, BLOCK_R: tl.constexpr):
+    """``u·B[:, r0 : r0+BLOCK_R]ᵀ`` ``[BLOCK_M, BLOCK_N]`` for an fp32 ``u [BLOCK_M, BLOCK_R]``
+    on CUDA cores."""
+    rr = r0 + tl.arange(0, BLOCK_R)
+    b = tl.load(lb_ptr + rn64[:, None] * stride_lbn + rr[None, :],
+                mask=n_ok[:, None] & (rr < R)[None, :], other=0.0).to(tl.float32)
+    return tl.sum(u[:, None, :] * b[None, :, :], axis=2)
 
 
 @triton.jit
-def nf4_gemv_kernel(xw_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, offset, y_ptr,
-                    bias_ptr, u_ptr, lb_ptr, ws_ptr, cnt_ptr, scaling, M, N, K, R,
-                    stride_xm, stride_ym, stride_um, stride_lbn,
+def _seeded_term(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_lbn,
+                 BLOCK_R: tl.constexpr):
+    """``u·Bᵀ`` with ``u [M, R]`` given (the shrink's xa), BLOCK_R ranks per pass."""
+    rr = tl.arange(0, BLOCK_R)
+    term = tl.zeros((rm64.shape[0], rn64.shape[0]), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        u = tl.load(u_ptr + rm64[:, None] * stride_um + (r0 + rr)[None, :],
+                    mask=m_ok[:, None] & ((r0 + rr) < R)[None, :], other=0.0).to(tl.float32)
+        term += _expand(u, lb_ptr, rn64, n_ok, r0, R, stride_lbn, BLOCK_R)
+    return term
+
+
+@triton.jit
+def _shrink_slab(x_ptr, la_ptr, rm64, m_ok, k_lo, k_hi, R, stride_xm, stride_lar,
+                 BLOCK_R: tl.constexpr, BLOCK_KS: tl.constexpr):
+    """This program's K-slab share of ``x·Aᵀ`` ``[BLOCK_M, BLOCK_R]`` fp32 (R ≤ BLOCK_R). Every
+    column tile computes it again (A's slab is read from L2), so the tile that finishes a
+    column has all shares without waiting for another tile: ``BLOCK_M·R·slab`` FMAs per
+    program, a few % of its decode work at r = 16."""
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_KS)
+    acc = tl.zeros((rm64.shape[0], BLOCK_R, BLOCK_KS), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_KS):
+        kk = k + rk
+        k_ok = kk < k_hi
+        xv = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :],
+                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        av = tl.load(la_ptr + rr[:, None] * stride_lar + kk[None, :],
+                     mask=(rr < R)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += xv[:, None, :] * av[None, :, :]
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def nf4_gemv_kernel(xw_ptr, x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, offset, y_ptr,
+                    bias_ptr, u_ptr, la_ptr, lb_ptr, ws_ptr, wsu_ptr, cnt_ptr, scaling, M, N, K,
+                    R, stride_xw, stride_x, stride_ym, stride_um, stride_lar, stride_lbn,
                     WEIGHT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_KS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                     SPLIT_K: tl.constexpr, XKIND: tl.constexpr,
                     DECODE: tl.constexpr):
@@ -158,7 +188,7 @@ def nf4_gemv_kernel(xw_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, offset,
         widx = tl.max_contiguous(tl.multiple_of(widx, [1, 1, QW]), [1, 1, QW])
         words = tl.load(codes_ptr + widx, mask=ok, other=0)           # [BLOCK_N, CHUNKS, QW]
         # x pair word of code byte i of word q: block·HALF + 4q + i
-        xoff = rm64[:, None, None] * stride_xm + (blk[:, None] * HALF + 4 * qq[None, :])[None, :, :]
+        xoff = rm64[:, None, None] * stride_xw + (blk[:, None] * HALF + 4 * qq[None, :])[None, :, :]
         x_ok = m_ok[:, None, None] & c_ok[None, :, None] & (qq >= 0)[None, None, :]
         if BLOCK_M == 1:
             xoff = xoff.reshape(CHUNKS, QW)
@@ -196,13 +226,30 @@ def nf4_gemv_kernel(xw_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, offset,
         acc3 = acc2[None, :, :]
     acc = tl.sum(acc3, axis=2)
     tile = pid_m * tl.num_programs(0) + pid_n
+    if LORA == LORA_IN_LOOP:
+        # this slab's x·Aᵀ share, stored before the ticket (split_k_publish's barrier + acq_rel
+        # ticket publish it with the output partial); [tiles, SPLIT_K, BLOCK_M, BLOCK_R] fp32
+        u_part = _shrink_slab(x_ptr, la_ptr, rm64, m_ok, b_lo * QBLOCK, b_hi * QBLOCK, R,
+                              stride_x, stride_lar, BLOCK_R, BLOCK_KS)
+        u_tile = (tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :])
+        tl.store(wsu_ptr + (tile * SPLIT_K + pid_k) * (BLOCK_M * BLOCK_R) + u_tile, u_part)
     last = split_k_publish(acc, ws_ptr, cnt_ptr, tile, pid_k, rm64, rn64, m_ok, n_ok, M, N,
                            SPLIT_K)
     if last:
         out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_LORA:
-            out = _lowrank_expand(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um,
-                                  stride_lbn, scaling, BLOCK_R)
+        if LORA == LORA_SEEDED:
+            out = _seeded_term(u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_lbn,
+                               BLOCK_R) * scaling
+        elif LORA == LORA_IN_LOOP:
+            u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for s in range(0, SPLIT_K):  # slab order: every column tile sums the same bits
+                u += tl.load(wsu_ptr + (tile * SPLIT_K + s) * (BLOCK_M * BLOCK_R) + u_tile,
+                             cache_modifier=".cg")
+            out = _expand(u, lb_ptr, rn64, n_ok, 0, R, stride_lbn, BLOCK_R) * scaling
+            if pid_n == 0:  # xa for the backward, once per row tile
+                rr = tl.arange(0, BLOCK_R)
+                tl.store(u_ptr + rm64[:, None] * stride_um + rr[None, :],
+                         u.to(u_ptr.dtype.element_ty), mask=m_ok[:, None] & (rr < R)[None, :])
         out = split_k_sum(out, ws_ptr, rm64, rn64, m_ok, n_ok, M, N, SPLIT_K)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rn64, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -259,43 +306,65 @@ def gemv_config(M: int, N: int, K: int, qblock: int, device: torch.device) -> di
 MAX_GEMV_SPLIT = 16
 
 
+def fuses_shrink(M: int, r: int) -> bool:
+    """Whether the GEMV makes ``xa = x·Aᵀ`` itself (LORA_IN_LOOP, no dropout): the per-program
+    share ``[BLOCK_M, r]`` stays within 256 fp32 (M = 1: r ≤ 256, M = 8: r ≤ 32)."""
+    bm = min(triton.next_power_of_2(max(M, 1)), GEMV_MAX_ROWS)
+    return 0 < r and bm * triton.next_power_of_2(r) <= 256
+
+
 def nf4_gemv(x: torch.Tensor, pw, y: torch.Tensor, bias: Optional[torch.Tensor] = None,
              u: Optional[torch.Tensor] = None, lb: Optional[torch.Tensor] = None,
-             scaling: float = 1.0, config: Optional[dict] = None) -> torch.Tensor:
-    """``y[M, N] = x·Wᵀ (+ bias) (+ scaling·u·lbᵀ)`` for a contiguous ``x [M, K]`` and an NF4
-    ``pw`` (a :class:`gemm.formats.PackedWeight` with :func:`gemv_supported`); ``u [M, r]``
-    is the shrink's ``drop(x)·Aᵀ``, ``lb [N, r]``. Writes and returns ``y``."""
-    from lora_kernels.triton.fused_gemm import _scratch, _tickets, _WORKSPACE
+             scaling: float = 1.0, la: Optional[torch.Tensor] = None,
+             config: Optional[dict] = None) -> torch.Tensor:
+    """``y[M, N] = x·Wᵀ (+ bias) (+ scaling·u·lbᵀ)`` for ``x [M, K]`` and an NF4 ``pw`` (a
+    :class:`gemm.formats.PackedWeight` with :func:`gemv_supported`), ``lb [N, r]``.
+
+    ``la`` None: ``u [M, r]`` is given (the shrink's ``drop(x)·Aᵀ``); ``la [r, K]`` given
+    (:func:`fuses_shrink`): the kernel computes ``u = x·Aᵀ`` in fp32 from its K slabs, uses
+    it for the term and writes it (rounded to u's dtype) into ``u``. Writes and returns ``y``."""
+    from lora_kernels.triton.fused_gemm import _scratch, _tickets, _WORKSPACE, _WORKSPACE_U
     M, K = x.shape
     N = pw.base_shape[0]
     # The word views need 16-byte-aligned, contiguous rows (a sliced x may start mid-word).
     if x.stride(-1) != 1 or x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
         x = x.contiguous() if not x.is_contiguous() else x.clone()
     bias = bias.contiguous() if bias is not None else None
-    if lb is not None and lb.stride(-1) != 1:
-        lb = lb.contiguous()
-    if u is not None and u.stride(-1) != 1:
+    lb = lb.contiguous() if lb is not None and lb.stride(-1) != 1 else lb
+    la = la.contiguous() if la is not None and la.stride(-1) != 1 else la
+    R = u.shape[1] if u is not None else 0
+    lora = LoraMode.NONE if R == 0 else (LoraMode.IN_LOOP if la is not None else LoraMode.SEEDED)
+    if lora == LoraMode.SEEDED and u.stride(-1) != 1:
         u = u.contiguous()
+    if lora == LoraMode.IN_LOOP and not fuses_shrink(M, R):
+        raise ValueError(f"the GEMV's own shrink takes BLOCK_M·r ≤ 256, got M={M}, r={R}")
     cfg = dict(config) if config is not None else gemv_config(M, N, K, pw.qblock, x.device)
     warps = cfg.pop("num_warps", 4)
     cfg.setdefault("DECODE", int(DECODE_NIBBLES))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(M, cfg["BLOCK_M"]))
     ws = _scratch(_WORKSPACE, x.device, cfg["SPLIT_K"] * M * N, torch.float32)
     tickets = _tickets(x.device, grid[0] * grid[2])
-    has_lora = u is not None and u.shape[1] > 0
-    R = u.shape[1] if has_lora else 0
-    dummy = y
+    if lora == LoraMode.IN_LOOP:
+        block_r = triton.next_power_of_2(R)
+        wsu = _scratch(_WORKSPACE_U, x.device,
+                       grid[0] * grid[2] * cfg["SPLIT_K"] * cfg["BLOCK_M"] * block_r, torch.float32)
+    else:
+        block_r, wsu = min(triton.next_power_of_2(max(R, 1)), 16), ws
+    # x·Aᵀ share: [BLOCK_M, BLOCK_R, BLOCK_KS] accumulators, 32 fp32 per thread at 4 warps
+    block_ks = max(16, min(128, 4096 // (cfg["BLOCK_M"] * block_r)))
     if x.dtype == torch.float32:
         xw, xkind = x.view(torch.int64), X_FP32
     else:
         xw, xkind = x.view(torch.int32), (X_BF16 if x.dtype == torch.bfloat16 else X_FP16)
+    dummy = y
     nf4_gemv_kernel[grid](
-        xw, pw.codes.view(torch.int32), pw.absmax, pw.absmax2 if pw.absmax2 is not None else pw.absmax, pw.lut,
-        float(pw.offset), y, bias if bias is not None else dummy, u if has_lora else dummy,
-        lb if has_lora else dummy, ws, tickets, float(scaling), M, N, K, R,
-        xw.stride(0), y.stride(0), u.stride(0) if has_lora else 0,
-        lb.stride(0) if has_lora else 0,
+        xw, x, pw.codes.view(torch.int32), pw.absmax,
+        pw.absmax2 if pw.absmax2 is not None else pw.absmax, pw.lut, float(pw.offset), y,
+        bias if bias is not None else dummy, u if R else dummy, la if la is not None else dummy,
+        lb if R else dummy, ws, wsu, tickets, float(scaling), M, N, K, R,
+        xw.stride(0), x.stride(0), y.stride(0), u.stride(0) if R else 0,
+        la.stride(0) if la is not None else 0, lb.stride(0) if R else 0,
         WEIGHT=int(pw.weight), QBLOCK=int(pw.qblock), QBLOCK2=int(pw.qblock2),
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, XKIND=int(xkind),
-        BLOCK_R=min(triton.next_power_of_2(max(R, 1)), 16), num_warps=warps, **cfg)
+        HAS_BIAS=bias is not None, LORA=int(lora), BLOCK_R=block_r, BLOCK_KS=block_ks,
+        XKIND=int(xkind), num_warps=warps, **cfg)
     return y
