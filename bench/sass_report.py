@@ -349,7 +349,7 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
     for nested in (False, True):
         for m in (1, 2, 4, 8):
             comp.form = f"nf4{'_nested' if nested else ''} gemv M={m}"
-            cfg = NG.gemv_config(m, N_T, K_T, 64, torch.device("cuda"))
+            cfg = NG.gemv_config(m, N_T, K_T, 64, torch.device("cuda"), nested)
             warps = cfg.pop("num_warps")
             NG.nf4_gemv_kernel = comp.wrap(kernel, "nf4_gemv",
                                            elems=lambda meta: meta["BLOCK_N"] * meta["CHUNKS"] * 64)

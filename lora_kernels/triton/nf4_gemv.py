@@ -276,7 +276,8 @@ def gemv_supported(pw, M: int) -> bool:
 GEMV_MAX_ROWS = 8
 
 
-def gemv_config(M: int, N: int, K: int, qblock: int, device: torch.device) -> dict:
+def gemv_config(M: int, N: int, K: int, qblock: int, device: torch.device,
+                nested: bool = False) -> dict:
     """Tile, steps and split: ``BLOCK_N`` rows × ``CHUNKS`` QBLOCKs per step, and enough K slabs
     that ≥ 2 programs per SM stream W (N = K = 4096, M = 1: 16 column tiles × 16 slabs = 256
     programs on 132 SMs, 4 blocks of 64 per slab)."""
@@ -286,7 +287,10 @@ def gemv_config(M: int, N: int, K: int, qblock: int, device: torch.device) -> di
     else:
         # 256 rows (4 per thread: x pairs converted once, used 4 times) where the register
         # file allows; 128 from M = 4 (BLOCK_N 256 at M = 4: 245 registers).
-        cfg = dict(BLOCK_N=256 if bm <= 2 else 128, CHUNKS=1, num_warps=4)
+        # M = 1: two blocks per step (4.87 against 5.16 SASS / element with one, 168 regs;
+        # nested: 255 regs, so one).
+        cfg = dict(BLOCK_N=256 if bm <= 2 else 128, CHUNKS=2 if bm == 1 and not nested else 1,
+                   num_warps=4)
     cfg["BLOCK_M"] = bm
     blocks = K // qblock
     tiles = triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(M, bm)
@@ -338,7 +342,8 @@ def nf4_gemv(x: torch.Tensor, pw, y: torch.Tensor, bias: Optional[torch.Tensor] 
         u = u.contiguous()
     if lora == LoraMode.IN_LOOP and not fuses_shrink(M, R):
         raise ValueError(f"the GEMV's own shrink takes BLOCK_M·r ≤ 256, got M={M}, r={R}")
-    cfg = dict(config) if config is not None else gemv_config(M, N, K, pw.qblock, x.device)
+    cfg = dict(config) if config is not None else gemv_config(
+        M, N, K, pw.qblock, x.device, pw.weight == int(WEIGHT_NF4_NESTED))
     warps = cfg.pop("num_warps", 4)
     cfg.setdefault("DECODE", int(DECODE_NIBBLES))
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(M, cfg["BLOCK_M"]))
@@ -351,7 +356,7 @@ def nf4_gemv(x: torch.Tensor, pw, y: torch.Tensor, bias: Optional[torch.Tensor] 
     else:
         block_r, wsu = min(triton.next_power_of_2(max(R, 1)), 16), ws
     # x·Aᵀ share: [BLOCK_M, BLOCK_R, BLOCK_KS] accumulators, 32 fp32 per thread at 4 warps
-    block_ks = max(16, min(128, 4096 // (cfg["BLOCK_M"] * block_r)))
+    block_ks = max(16, min(64, 4096 // (cfg["BLOCK_M"] * block_r)))
     if x.dtype == torch.float32:
         xw, xkind = x.view(torch.int64), X_FP32
     else:
