@@ -55,9 +55,17 @@ DEVICES = {
     "H200": dict(tflops=790.0, tbs=4.3, int_tops=16.7,
                  source="measured here: 8192³ bf16 GEMM ~790 TFLOP/s, D2D copy ~4.3 TB/s"),
 }
+# Instruction issue (thread-instructions / s) for CUDA-core kernels: 132 SMs × 4 schedulers ×
+# 32 lanes × ~1.75 GHz sustained (Tops/s).
+ISSUE_TOPS = 132 * 128 * 1.75e9 / 1e12
+# The NF4 decode GEMV (triton/nf4_gemv.py, M = 1, its own shrink): SASS instructions per weight
+# element per launch (bench/sass_report.py "nf4 gemv M=1": K loop 4.87, plus the per-program
+# prologue, x·Aᵀ share and split-K publish ≈ 611 per thread over 512 elements ≈ 1.2).
+NF4_GEMV_INSTR_PER_ELEM = 4.87 + 1.2
 
 TARGETS = {  # the issue's targets (ratio of ours to bare), for the report
     "fwd": 1.05, "fwd+bwd": 1.10, "fwd+bwd p=0.05": 1.15, "decode M=1": 1.2,
+    "nf4 decode M=1": 0.4,  # issue #16: ≥ 2.5× faster than the bf16 GEMV
     "prefill T=8192 64 adapters": 1.10,
 }
 
@@ -71,12 +79,14 @@ class Launch:
     int_ops: float = 0.0   # CUDA-core integer ops
     l2: float = 0.0        # re-reads served by L2 inside the launch (not counted in read)
     serial_int: bool = False  # the int ops run before the MMA main loop, not beside it
+    issue: float = 0.0     # CUDA-core thread-instructions (a decode GEMV's whole work)
 
     def seconds(self, dev) -> float:
         mma = self.flops / (dev["tflops"] * 1e12)
         mem = (self.read + self.write) / (dev["tbs"] * 1e12)
         alu = self.int_ops / (dev["int_tops"] * 1e12)
-        return max(mma, mem) + alu if self.serial_int else max(mma, mem, alu)
+        iss = self.issue / (ISSUE_TOPS * 1e12)
+        return max(mma, mem) + alu if self.serial_int else max(mma, mem, alu, iss)
 
 
 def mask_ops(elems: float) -> float:
@@ -389,6 +399,21 @@ def multi_adapter(T, K, N, R, n_adapters):
     return minimal, {"ours": ours, "bare": bare}
 
 
+def nf4_decode(M, K, N, r):
+    """M = 1 over an NF4 W (bitsandbytes, blocksize 64, fp32 absmax) against the bf16 GEMV: our
+    one launch (triton/nf4_gemv.py: 4-bit codes + absmax, x, A, B, the split-K workspace
+    [16, M, N] fp32 written and read once) bound by max(bytes, instruction issue)."""
+    split = 16
+    ws = split * M * N * 4
+    codes = N * K / 2 + N * K / 64 * 4
+    minimal = Launch("minimal", 2 * M * K * N + 2 * M * r * (K + N),
+                     codes + (M * K + r * K + N * r) * E, (M * N + M * r) * E)
+    ours = [Launch("NF4 GEMV + own shrink (nf4_gemv, CUDA cores)", 0.0,
+                   codes + (M * K + r * K + N * r + N) * E + ws, M * N * E + ws + M * r * E,
+                   issue=N * K * NF4_GEMV_INSTR_PER_ELEM)]
+    return minimal, {"ours": ours, "bare": [cublas_gemm(M, N, K, "cuBLAS x·Wᵀ (bf16 W)")]}
+
+
 def ops():
     M, K, N, r = 8192, 4096, 4096, 16
     return {
@@ -397,6 +422,7 @@ def ops():
         "fwd+bwd": single_adapter(M, K, N, r, 0.0, True),
         "fwd+bwd p=0.05": single_adapter(M, K, N, r, 0.05, True),
         "decode M=1": single_adapter(1, K, N, r, 0.0, False),
+        "nf4 decode M=1": nf4_decode(1, K, N, r),
         "multi decode T=64 distinct": multi_adapter(64, K, N, r, 64),
         "prefill T=8192 64 adapters": multi_adapter(8192, K, N, r, 64),
     }
