@@ -29,7 +29,9 @@ def _rnd(g, *shape, dtype, sc=1.0):
 
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", triton_dtypes("cpu"))
-@pytest.mark.parametrize("M,N,K", [(1, 19, 128), (3, 33, 320), (8, 40, 256), (2, 1, 64)])
+# (2, 32, 256): whole tiles and slabs in the interpreter's config (EVEN: unmasked loads)
+@pytest.mark.parametrize("M,N,K", [(1, 19, 128), (3, 33, 320), (8, 40, 256), (2, 1, 64),
+                                   (2, 32, 256)])
 @pytest.mark.parametrize("bias,lora", [(True, "seeded"), (False, None), (True, None),
                                        (False, "in_kernel")])
 def test_gemv_against_dequantized_float64(nested, dtype, M, N, K, bias, lora):

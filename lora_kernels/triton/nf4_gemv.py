@@ -3,7 +3,7 @@ NF4 storage on CUDA cores, no tl.dot.
 
 At decode shapes the GEMM core's 16-row tl.dot tile spends its time decoding W into the MMA
 layout (28.8 SASS instructions per weight element at M = 1, notes/nf4perf.md). Here each weight
-element costs ~5 instructions at M = 1 (notes/nf4gemv.md has the counts of every variant):
+element costs ~6 instructions at M = 1 (notes/nf4gemv.md has the counts of every variant):
 
 * the codes are read as 32-bit words ``[BLOCK_N rows, CHUNKS blocks, QBLOCK/8]`` (16-byte
   vector loads), and x as words holding one ``(x[2j], x[2j+1])`` pair each, so the four bytes
@@ -66,10 +66,13 @@ X_FP32: tl.constexpr = tl.constexpr(2)   # int64 words, fp32 pair
 
 
 @triton.jit
-def _x_pairs(xw_ptr, offs, ok, XKIND: tl.constexpr):
+def _x_pairs(xw_ptr, offs, ok, XKIND: tl.constexpr, EVEN: tl.constexpr):
     """fp32 ``(x[2j], x[2j+1])`` from the pair words at ``offs`` (little-endian: the even
     element in the low half)."""
-    w = tl.load(xw_ptr + offs, mask=ok, other=0)
+    if EVEN:
+        w = tl.load(xw_ptr + offs)
+    else:
+        w = tl.load(xw_ptr + offs, mask=ok, other=0)
     if XKIND == X_FP32:
         lo = (w & 0xFFFFFFFF).to(tl.uint32).to(tl.int32, bitcast=True)
         hi = (w >> 32).to(tl.int32)
@@ -150,7 +153,7 @@ def nf4_gemv_kernel(xw_ptr, x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, 
                     BLOCK_KS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                     SPLIT_K: tl.constexpr, XKIND: tl.constexpr,
-                    DECODE: tl.constexpr):
+                    DECODE: tl.constexpr, EVEN: tl.constexpr):
     """Program ``(n tile, K slab, m tile)``: ``BLOCK_N`` rows of W over ``CHUNKS`` QBLOCKs per
     step of its K slab, for ``BLOCK_M`` rows of x (each thread uses a decoded code for all
     of them)."""
@@ -186,7 +189,10 @@ def nf4_gemv_kernel(xw_ptr, x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, 
         ok = n_ok[:, None, None] & c_ok[None, :, None]
         widx = row_word[:, None, None] + (blk[:, None] * QW + qq[None, :])[None, :, :]
         widx = tl.max_contiguous(tl.multiple_of(widx, [1, 1, QW]), [1, 1, QW])
-        words = tl.load(codes_ptr + widx, mask=ok, other=0)           # [BLOCK_N, CHUNKS, QW]
+        if EVEN:  # no ragged rows, slabs or x rows: unmasked loads (fewer predicates per step)
+            words = tl.load(codes_ptr + widx)                         # [BLOCK_N, CHUNKS, QW]
+        else:
+            words = tl.load(codes_ptr + widx, mask=ok, other=0)
         # x pair word of code byte i of word q: block·HALF + 4q + i
         xoff = rm64[:, None, None] * stride_xw + (blk[:, None] * HALF + 4 * qq[None, :])[None, :, :]
         x_ok = m_ok[:, None, None] & c_ok[None, :, None] & (qq >= 0)[None, None, :]
@@ -199,7 +205,7 @@ def nf4_gemv_kernel(xw_ptr, x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, 
             else:
                 q_hi, q_lo = _lookup_nibbles(code16, (words >> (8 * i + 4)) & 15,
                                              (words >> (8 * i)) & 15)
-            xe, xo = _x_pairs(xw_ptr, xoff + i, x_ok, XKIND)          # [BLOCK_M, CHUNKS, QW]
+            xe, xo = _x_pairs(xw_ptr, xoff + i, x_ok, XKIND, EVEN)    # [BLOCK_M, CHUNKS, QW]
             # one FFMA chain per (row, word): + hi·xe + lo·xo, byte after byte. M = 1 stays
             # 3-D: a 4-D t (even [1, N, C, Q]) made Triton convert every decoded tile into
             # another layout through shared memory.
@@ -269,10 +275,10 @@ def gemv_supported(pw, M: int) -> bool:
 
 
 # Static sm_90a counts of the K loop (bench/sass_report.py form "nf4 gemv", bf16, K = N = 4096,
-# notes/nf4gemv.md), SASS instructions per decoded weight element of one launch:
-#   M = 1: 4.24 (BLOCK_N 256, 127 regs)   M = 2: 7.43 (256)   M = 4: 11.4 (256, 245 regs) /
-#   12.1 (128, 128 regs)   M = 8: 20.7 (128, 226 regs)   M = 16: 39 (BLOCK_M 16) — against
-#   28.8 for the GEMM core's split-K 16-row tl.dot path at any M ≤ 16. Hence M ≤ 8 here.
+# nibble decode, notes/nf4gemv.md), SASS instructions per decoded weight element of a launch:
+#   M = 1: 4.69 (BLOCK_N 256, CHUNKS 2, 168 regs)   M = 2: 8.23 (256)   M = 4: 13.1 (128)
+#   M = 8: 21.0 (128, 168 regs)   M = 16: 39 (BLOCK_M 16) — against 28.8 for the GEMM core's
+#   split-K 16-row tl.dot path at any M ≤ 16. Hence M ≤ 8 here.
 GEMV_MAX_ROWS = 8
 
 
@@ -287,8 +293,8 @@ def gemv_config(M: int, N: int, K: int, qblock: int, device: torch.device,
     else:
         # 256 rows (4 per thread: x pairs converted once, used 4 times) where the register
         # file allows; 128 from M = 4 (BLOCK_N 256 at M = 4: 245 registers).
-        # M = 1: two blocks per step (4.87 against 5.16 SASS / element with one, 168 regs;
-        # nested: 255 regs, so one).
+        # M = 1: two blocks per step (4.87 against 5.16 SASS / element with one before the
+        # unmasked EVEN loads, 168 regs; nested: 255 regs, so one).
         cfg = dict(BLOCK_N=256 if bm <= 2 else 128, CHUNKS=2 if bm == 1 and not nested else 1,
                    num_warps=4)
     cfg["BLOCK_M"] = bm
@@ -346,6 +352,9 @@ def nf4_gemv(x: torch.Tensor, pw, y: torch.Tensor, bias: Optional[torch.Tensor] 
         M, N, K, pw.qblock, x.device, pw.weight == int(WEIGHT_NF4_NESTED))
     warps = cfg.pop("num_warps", 4)
     cfg.setdefault("DECODE", int(DECODE_NIBBLES))
+    # EVEN: whole column tiles, whole row tiles and every K slab the same whole steps
+    cfg["EVEN"] = (N % cfg["BLOCK_N"] == 0 and M % cfg["BLOCK_M"] == 0
+                   and (K // pw.qblock) % (cfg["SPLIT_K"] * cfg["CHUNKS"]) == 0)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(M, cfg["BLOCK_M"]))
     ws = _scratch(_WORKSPACE, x.device, cfg["SPLIT_K"] * M * N, torch.float32)
     tickets = _tickets(x.device, grid[0] * grid[2])
