@@ -169,3 +169,18 @@ def test_gemv_path_under_torch_compile():
     ref = f(x)
     ref.sum().backward()
     assert torch.equal(y, ref) and torch.equal(ga, a.grad)
+
+
+@pytest.mark.parametrize("dtype", triton_dtypes("cpu"))
+def test_gemv_takes_a_misaligned_x(dtype):
+    """A contiguous x starting mid-word (a flat buffer's tail) is copied before the word view,
+    not read wrongly."""
+    from lora_kernels.triton.nf4_gemv import nf4_gemv
+    from lora_kernels.triton.quant_lora import packed_nf4
+    layer = _layer(9, 64, dtype, False, seed=4)
+    W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
+    g = torch.Generator().manual_seed(4)
+    x = _rnd(g, 2 * 64 + 1, dtype=dtype)[1:].view(2, 64)
+    assert x.is_contiguous() and x.data_ptr() % 8
+    y = nf4_gemv(x, packed_nf4(nf4.from_params4bit(layer.weight)), torch.empty(2, 9, dtype=dtype))
+    assert rel_err(y, x.double() @ W.t()) <= (1e-5 if dtype == torch.float32 else 2e-3)

@@ -1,5 +1,5 @@
-"""The NF4 decode GEMV (M ≤ 8 rows of x): ``y = x·Wᵀ + b + s·xa·Bᵀ`` over bitsandbytes' packed
-NF4 storage on CUDA cores, no tl.dot.
+"""The NF4 decode GEMV (M ≤ 8 rows of x): ``y = x·Wᵀ + b + s·xa·Bᵀ`` over bitsandbytes'
+packed NF4 storage on CUDA cores, no tl.dot.
 
 At decode shapes the GEMM core's 16-row tl.dot tile spends its time decoding W into the MMA
 layout (28.8 SASS instructions per weight element at M = 1, notes/nf4perf.md). Here each weight
