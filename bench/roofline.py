@@ -65,9 +65,17 @@ DEVICES = {
     "H200": dict(tflops=790.0, tbs=4.3, int_tops=16.7,
                  source="measured here: 8192³ bf16 GEMM ~790 TFLOP/s, D2D copy ~4.3 TB/s"),
 }
+# Instruction issue (thread-instructions / s) for CUDA-core kernels: 132 SMs × 4 schedulers ×
+# 32 lanes × ~1.75 GHz sustained (Tops/s).
+ISSUE_TOPS = 132 * 128 * 1.75e9 / 1e12
+# The NF4 decode GEMV (triton/nf4_gemv.py, M = 1, its own shrink): SASS instructions per weight
+# element per launch (bench/sass_report.py "nf4 gemv M=1": K loop 4.69, plus the per-program
+# prologue, x·Aᵀ share and split-K publish ≈ 615 per thread over 512 elements ≈ 1.2).
+NF4_GEMV_INSTR_PER_ELEM = 4.69 + 1.2
 
 TARGETS = {  # the issue's targets (ratio of ours to bare), for the report
     "fwd": 1.05, "fwd+bwd": 1.10, "fwd+bwd p=0.05": 1.15, "decode M=1": 1.2,
+    "nf4 decode M=1": 0.4,  # issue #16: ≥ 2.5× faster than the bf16 GEMV
     "prefill T=8192 64 adapters": 1.10, "fwd fp8 act_quant": 0.65,
 }
 
@@ -82,13 +90,16 @@ class Launch:
     l2: float = 0.0        # re-reads served by L2 inside the launch (not counted in read)
     serial_int: bool = False  # the int ops run before the MMA main loop, not beside it
     flops_fp8: float = 0.0  # tensor-core FLOPs on e4m3 operands (FP8_RATE x the bf16 rate)
-    sass: float = 0.0      # thread-instructions to issue (the NF4 decodes: static SASS counts)
+    sass: float = 0.0      # thread-instructions issued beside the MMA (the NF4 slab / in-mainloop
+    #                        decodes: static SASS counts), at the clock the MMA rate implies
+    issue: float = 0.0     # thread-instructions of a kernel with no MMA (the NF4 decode GEMV), at
+    #                        ISSUE_TOPS (no tensor-core power draw: a higher sustained clock)
 
     def seconds(self, dev) -> float:
         mma = (self.flops + self.flops_fp8 / FP8_RATE) / (dev["tflops"] * 1e12)
         mem = (self.read + self.write) / (dev["tbs"] * 1e12)
         alu = self.int_ops / (dev["int_tops"] * 1e12)
-        issue = self.sass / issue_rate(dev)
+        issue = self.sass / issue_rate(dev) + self.issue / (ISSUE_TOPS * 1e12)
         return max(mma, mem) + alu if self.serial_int else max(mma, mem, alu, issue)
 
 
@@ -540,6 +551,22 @@ def nf4_single_adapter(M, K, N, r, bwd):
 NF4_TARGETS = {"nf4 fwd": ("bare", 1.15), "nf4 fwd+bwd": ("peft_bnb", 1 / 1.5)}
 
 
+def nf4_decode_gemv(M, K, N, r):
+    """M = 1 over an NF4 W (bitsandbytes, blocksize 64, fp32 absmax) against the bf16 GEMV: our
+    one launch (triton/nf4_gemv.py: 4-bit codes + absmax, x, A, B, the split-K workspace
+    [16, M, N] fp32 written and read once) bound by max(bytes, instruction issue)."""
+    split = 16
+    ws = split * M * N * 4
+    codes = N * K / 2 + N * K / 64 * 4
+    minimal = Launch("minimal", 2 * M * K * N + 2 * M * r * (K + N),
+                     codes + (M * K + r * K + N * r) * E, (M * N + M * r) * E)
+    # its FLOPs are counted (the consistency check), though FFMA issue is what times it
+    ours = [Launch("NF4 GEMV + own shrink (nf4_gemv, CUDA cores)", minimal.flops,
+                   codes + (M * K + r * K + N * r + N) * E + ws, M * N * E + ws + M * r * E,
+                   issue=N * K * NF4_GEMV_INSTR_PER_ELEM)]
+    return minimal, {"ours": ours, "bare": [cublas_gemm(M, N, K, "cuBLAS x·Wᵀ (bf16 W)")]}
+
+
 def ops():
     M, K, N, r = 8192, 4096, 4096, 16
     return {
@@ -548,6 +575,7 @@ def ops():
         "fwd+bwd": single_adapter(M, K, N, r, 0.0, True),
         "fwd+bwd p=0.05": single_adapter(M, K, N, r, 0.05, True),
         "decode M=1": single_adapter(1, K, N, r, 0.0, False),
+        "nf4 decode M=1": nf4_decode_gemv(1, K, N, r),
         "multi decode T=64 distinct": multi_adapter(64, K, N, r, 64),
         "prefill T=8192 64 adapters": multi_adapter(8192, K, N, r, 64),
         "fwd fp8 act_quant": fp8_act_forward(M, K, N, r),
@@ -564,7 +592,8 @@ def predict(plan, dev) -> float:
 def totals(plan) -> Launch:
     return Launch("total", sum(l.flops for l in plan), sum(l.read for l in plan),
                   sum(l.write for l in plan), sum(l.int_ops for l in plan), sum(l.l2 for l in plan),
-                  flops_fp8=sum(l.flops_fp8 for l in plan), sass=sum(l.sass for l in plan))
+                  flops_fp8=sum(l.flops_fp8 for l in plan), sass=sum(l.sass for l in plan),
+                  issue=sum(l.issue for l in plan))
 
 
 def report(devices) -> dict:

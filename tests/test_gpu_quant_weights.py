@@ -150,3 +150,35 @@ def test_gpu_nf4_slab_route_matches_dequantized_float64(nested, dtype, M, N, K, 
             extra = torch.cuda.max_memory_allocated() - base
             outputs = (M * N + 2 * M * K + M * 16) * x.element_size()
             assert extra < outputs + N * K * x.element_size() // 2 + (64 << 20)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("M", [1, 3, 8, 16])
+def test_gpu_nf4_decode_gemv(nested, M):
+    """The decode rows over NF4 (bf16, K = N = 4096): M ≤ 8 runs triton/nf4_gemv.py, M = 16 the
+    GEMM core; both against float64 of dequantize_4bit, equal bits on a repeat (the split-K
+    tickets are reset), and under a CUDA graph."""
+    from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
+    from lora_kernels.ops import nf4
+    from lora_kernels.triton import nf4_gemv as G
+    from lora_kernels.triton.quant_lora import packed
+    dtype, N, K = torch.bfloat16, 4096, 4096
+    layer = _cuda_nf4(N, K, dtype, nested)
+    W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
+    g = torch.Generator(device="cuda").manual_seed(M)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=g, device="cuda") * sc).to(dtype)
+    x, b, a, bb = rnd(M, K), rnd(N), rnd(16, K, sc=0.05), rnd(N, 16, sc=0.05)
+    run = lambda: lora_linear_nf4(x, layer.weight, b, a, bb, scaling=2.0, training=False,
+                                  backend="triton")
+    y = run()
+    want = reference.lora_linear(x.double(), W, b.double(), a.double(), bb.double(), 2.0)
+    assert rel_err(y, want) <= TOLS[dtype]
+    assert torch.equal(run(), y)
+    pw = packed(nf4.from_params4bit(layer.weight))
+    assert G.gemv_supported(pw, M) == (M <= G.GEMV_MAX_ROWS)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(yg, y)

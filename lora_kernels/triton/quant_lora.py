@@ -34,6 +34,7 @@ from lora_kernels.triton.fp8_act_quant import quantize_rows_e4m3
 from lora_kernels.triton import nf4_slabs
 from lora_kernels.triton.dropout import dropout_keep_packed
 from lora_kernels.triton.lowrank import reduce_rows, shrink
+from lora_kernels.triton.nf4_gemv import fuses_shrink, gemv_supported, nf4_gemv
 
 __all__ = ["packed", "packed_nf4", "packed_fp8", "fp8_act_fwd", "quant_lora_fwd",
            "quant_lora_bwd"]
@@ -116,6 +117,17 @@ def quant_lora_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: tor
                 return done
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
         xa = torch.empty(M, r, dtype=x.dtype, device=x.device)
+        if mode is None and config is None and gemv_supported(pw, M):
+            # decode rows over NF4: the CUDA-core GEMV (nf4_gemv.py) with xa from the shrink
+            if r == 0:
+                xa.zero_()
+                nf4_gemv(x, pw, y, bias)
+            elif dropout_p == 0.0 and fuses_shrink(M, r):  # one launch: x·Aᵀ in the GEMV
+                nf4_gemv(x, pw, y, bias, xa, lora_b, scaling, la=lora_a)
+            else:
+                shrink(x, lora_a, xa, dropout_p, seed)
+                nf4_gemv(x, pw, y, bias, xa, lora_b, scaling)
+            return y, xa
         mode = _lin.lora_mode(M, r, dropout_p) if mode is None else mode
         small = _lin.SMALL_M_MAX
         if r == 0:
