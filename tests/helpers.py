@@ -253,3 +253,42 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.biggest = max(self.biggest, t.numel())
         return out
+
+
+def nf4_linear(n: int, k: int, dtype: torch.dtype, nested: bool, seed: int = 0):
+    """A bitsandbytes NF4 ``Linear4bit`` [n, k] (no bias) quantized on the CPU, in bitsandbytes'
+    portable storage layout (callers have checked that bitsandbytes is importable)."""
+    import bitsandbytes as bnb
+    torch.manual_seed(seed)
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4",
+                              compress_statistics=nested)
+    return layer.to(dtype).to("cpu")
+
+
+def lora_grads(model) -> dict:
+    """The LoRA parameters' gradients of ``model`` by name (those that have one)."""
+    return {n: p.grad.clone() for n, p in model.named_parameters()
+            if "lora_" in n and p.grad is not None}
+
+
+def peft_mixed_oracle(model, x, names):
+    """PEFT's answer for a mixed batch ``model(x, adapter_names=names)`` and its gradients under
+    the loss ``mean(y²)``. The output is PEFT's own mixed forward (eval, no_grad: PEFT refuses
+    adapter_names while training, and over a bitsandbytes Linear4bit its mixed forward cannot
+    backward); the gradients are PEFT's single-adapter step on each adapter's own samples (the
+    loss, a mean over the whole batch, is a sum over samples, which the model treats
+    independently). Leaves "default" active and every LoRA factor trainable."""
+    model.eval()
+    with torch.no_grad():
+        y = model(x, adapter_names=names)
+    model.zero_grad(set_to_none=True)
+    for name in sorted(set(names) - {"__base__"}):
+        rows = [i for i, n in enumerate(names) if n == name]
+        model.base_model.set_adapter(name)
+        ((model(x[rows]).float() ** 2).sum() / y.numel()).backward()
+    model.base_model.set_adapter("default")
+    for n, p in model.named_parameters():  # set_adapter froze the inactive adapters
+        if "lora_" in n:
+            p.requires_grad_(True)
+    return y, lora_grads(model)
+

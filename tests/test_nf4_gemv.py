@@ -5,7 +5,7 @@ routing to it. GPU checks (bf16, K = 4096) are in tests/test_gpu_quant_weights.p
 import pytest
 import torch
 
-from helpers import interpreting, rel_err, triton_dtypes
+from helpers import interpreting, nf4_linear, rel_err, triton_dtypes
 from lora_kernels.ops import nf4
 from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
 
@@ -15,12 +15,6 @@ bnbF = pytest.importorskip("bitsandbytes.functional")
 pytestmark = pytest.mark.skipif(not interpreting(),
                                 reason="the interpreter runs the Triton kernels on CPU")
 
-
-def _layer(n, k, dtype, nested, seed=0):
-    torch.manual_seed(seed)
-    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4",
-                              compress_statistics=nested)
-    return layer.to(dtype).to("cpu")
 
 
 def _rnd(g, *shape, dtype, sc=1.0):
@@ -41,7 +35,7 @@ def test_gemv_against_dequantized_float64(nested, dtype, M, N, K, bias, lora):
     see the kernel's docstring)."""
     from lora_kernels.triton.nf4_gemv import gemv_supported, nf4_gemv
     from lora_kernels.triton.quant_lora import packed_nf4
-    layer = _layer(N, K, dtype, nested, seed=K + M)
+    layer = nf4_linear(N, K, dtype, nested, seed=K + M)
     w = nf4.from_params4bit(layer.weight)
     W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
     pw = packed_nf4(w)
@@ -77,12 +71,12 @@ def triton_block_m(m):
 def test_gemv_takes_only_what_it_supports():
     from lora_kernels.triton.nf4_gemv import GEMV_MAX_ROWS, gemv_supported
     from lora_kernels.triton.quant_lora import packed_nf4
-    w = nf4.from_params4bit(_layer(8, 128, torch.float32, False).weight)
+    w = nf4.from_params4bit(nf4_linear(8, 128, torch.float32, False).weight)
     pw = packed_nf4(w)
     assert gemv_supported(pw, 1) and gemv_supported(pw, GEMV_MAX_ROWS)
     assert not gemv_supported(pw, GEMV_MAX_ROWS + 1) and not gemv_supported(pw, 0)
     assert not gemv_supported(pw.t(), 1)  # the dX view stays on the GEMM core
-    odd = packed_nf4(nf4.from_params4bit(_layer(8, 96, torch.float32, False).weight))
+    odd = packed_nf4(nf4.from_params4bit(nf4_linear(8, 96, torch.float32, False).weight))
     assert not gemv_supported(odd, 1)  # K % 64 != 0: blocks straddle rows
 
 
@@ -99,7 +93,7 @@ def test_op_routes_decode_rows_to_the_gemv(nested, M, p, monkeypatch):
     real = Q.nf4_gemv
     monkeypatch.setattr(Q, "nf4_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
     N, K, r = 37, 192, 5
-    layer = _layer(N, K, torch.float32, nested, seed=M)
+    layer = nf4_linear(N, K, torch.float32, nested, seed=M)
     W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
     g = torch.Generator().manual_seed(M)
     x, b = _rnd(g, M, K, dtype=torch.float32), _rnd(g, N, dtype=torch.float32)
@@ -125,7 +119,7 @@ def test_gemv_leaves_its_inputs_and_tickets_unchanged():
     are not written."""
     from lora_kernels.triton.nf4_gemv import nf4_gemv
     from lora_kernels.triton.quant_lora import packed_nf4
-    w = nf4.from_params4bit(_layer(21, 128, torch.float32, True).weight)
+    w = nf4.from_params4bit(nf4_linear(21, 128, torch.float32, True).weight)
     pw = packed_nf4(w)
     g = torch.Generator().manual_seed(5)
     x, b = _rnd(g, 2, 128, dtype=torch.float32), _rnd(g, 21, dtype=torch.float32)
@@ -150,7 +144,7 @@ def test_gemv_path_under_torch_compile():
     to trace for an explicit backend on CPU — outside this path.)"""
     from lora_kernels.ops.lora_linear_nf4 import op_args
     from lora_kernels.triton import quant_lora as Q
-    layer = _layer(24, 128, torch.float32, False, seed=9)
+    layer = nf4_linear(24, 128, torch.float32, False, seed=9)
     g = torch.Generator().manual_seed(9)
     a = _rnd(g, 4, 128, dtype=torch.float32, sc=0.3).requires_grad_(True)
     bb = _rnd(g, 24, 4, dtype=torch.float32, sc=0.3).requires_grad_(True)
@@ -177,7 +171,7 @@ def test_gemv_takes_a_misaligned_x(dtype):
     not read wrongly."""
     from lora_kernels.triton.nf4_gemv import nf4_gemv
     from lora_kernels.triton.quant_lora import packed_nf4
-    layer = _layer(9, 64, dtype, False, seed=4)
+    layer = nf4_linear(9, 64, dtype, False, seed=4)
     W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
     g = torch.Generator().manual_seed(4)
     x = _rnd(g, 2 * 64 + 1, dtype=dtype)[1:].view(2, 64)

@@ -7,7 +7,7 @@ plan's bounds (never an N×K workspace), and the M threshold."""
 import pytest
 import torch
 
-from helpers import LargestTensor, interpreting, rel_err, triton_dtypes
+from helpers import LargestTensor, interpreting, nf4_linear, rel_err, triton_dtypes
 from lora_kernels import reference
 from lora_kernels.ops import nf4
 from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
@@ -18,12 +18,6 @@ bnbF = pytest.importorskip("bitsandbytes.functional")
 needs_interpreter = pytest.mark.skipif(not interpreting(),
                                        reason="the interpreter runs the Triton kernels on CPU")
 
-
-def linear4bit(n, k, dtype, nested, seed=0):
-    torch.manual_seed(seed)
-    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4",
-                              compress_statistics=nested)
-    return layer.to(dtype).to("cpu")
 
 
 def _dequantized(layer):
@@ -61,7 +55,7 @@ def test_decoded_slab_is_dequantize(nested, dtype, shape):
     from lora_kernels.triton import nf4_slabs as S
     from lora_kernels.triton.quant_lora import packed
     n, k = shape
-    layer = linear4bit(n, k, dtype, nested, seed=k)
+    layer = nf4_linear(n, k, dtype, nested, seed=k)
     W = _dequantized(layer)
     pw = packed(nf4.from_params4bit(layer.weight))
     ws = torch.full((n, k), float("nan"), dtype=dtype)
@@ -93,7 +87,7 @@ def test_slab_route_op_against_float64(nested, dtype, shape, p, bias, monkeypatc
     monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
     monkeypatch.setattr(S, "SLAB_BYTES", 64 * max(n, k) * 4)
     spy = DecodeSpy(monkeypatch, n)
-    layer = linear4bit(n, k, dtype, nested, seed=n)
+    layer = nf4_linear(n, k, dtype, nested, seed=n)
     W = _dequantized(layer).double()
     m, r, s = 37, 5, 0.5
     x, b, a, bb, dy = _inputs(m, n, k, r, dtype)
@@ -126,7 +120,7 @@ def test_slab_route_both_first_slab_modes(mode, monkeypatch):
     # (K = 96 is avoided: bitsandbytes 0.50.2's CPU dequantize_4bit disagrees with its flat
     # block layout there, for our torch path and every Triton kernel alike; notes/nf4big.md)
     n, k = 100, 128
-    layer = linear4bit(n, k, torch.float32, True, seed=2)
+    layer = nf4_linear(n, k, torch.float32, True, seed=2)
     W = _dequantized(layer).double()
     x, b, a, bb, _ = _inputs(20, n, k, 7, torch.float32, seed=3)
     y, xa = T.quant_lora_fwd(x, nf4.from_params4bit(layer.weight), b, a, bb, 2.0, 0.0, 0,
@@ -168,7 +162,7 @@ def test_route_threshold_and_route_argument(monkeypatch):
     from lora_kernels.triton import nf4_slabs as S
     from lora_kernels.triton import quant_lora as T
     n, k = 40, 128
-    layer = linear4bit(n, k, torch.float32, False)
+    layer = nf4_linear(n, k, torch.float32, False)
     w = nf4.from_params4bit(layer.weight)
     x, b, a, bb, dy = _inputs(9, n, k, 3, torch.float32)
     monkeypatch.setattr(S, "SLAB_BYTES", 16 * k * 4)
@@ -200,7 +194,7 @@ def test_slab_step_makes_no_whole_weight(monkeypatch):
     monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
     monkeypatch.setattr(S, "SLAB_BYTES", 64 * 130 * 4)
     n, k = 129, 130  # N·K = 16770, larger than x [33, 130] and y [33, 129]
-    layer = linear4bit(n, k, torch.float32, True)
+    layer = nf4_linear(n, k, torch.float32, True)
     spy = DecodeSpy(monkeypatch, n)
     x, b, a, bb, dy = _inputs(33, n, k, 4, torch.float32)
     leaves = [t.clone().requires_grad_(True) for t in (x, b, a, bb)]
@@ -223,7 +217,7 @@ def test_slab_route_under_torch_compile(monkeypatch):
     from lora_kernels.triton import nf4_slabs as S
     monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
     monkeypatch.setattr(S, "SLAB_BYTES", 16 * 130 * 4)
-    w = nf4.from_params4bit(linear4bit(70, 130, torch.float32, False).weight)
+    w = nf4.from_params4bit(nf4_linear(70, 130, torch.float32, False).weight)
     spy = DecodeSpy(monkeypatch, 70)
     g = torch.Generator().manual_seed(5)
     a = (torch.randn(3, 130, generator=g) * 0.3).requires_grad_(True)
@@ -257,7 +251,7 @@ def test_slab_dx_first_slab_makes_dyb_and_db(p, monkeypatch):
     monkeypatch.setattr(L, "FUSED_SHRINK_MAX_MR", 0)
     monkeypatch.setattr(S, "SLAB_BYTES", 16 * 130 * 4)
     n, k, m, r, s = 130, 150, 33, 6, 0.5
-    layer = linear4bit(n, k, torch.float32, True, seed=7)
+    layer = nf4_linear(n, k, torch.float32, True, seed=7)
     W = _dequantized(layer).double()
     w = nf4.from_params4bit(layer.weight)
     x, _, a, bb, dy = _inputs(m, n, k, r, torch.float32, seed=8)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import interpreting, rel_err
+from helpers import interpreting, lora_grads, peft_mixed_oracle, rel_err
 from lora_kernels import patch_peft_model
 from lora_kernels.integrations.peft import LoRAKernelsFallbackWarning
 from lora_kernels.integrations.peft_fp8 import fp8_lora_layer_class, register_fp8_lora
@@ -51,6 +51,17 @@ def _step(model, x):
     y = model(x)
     (y.float() ** 2).mean().backward()
     return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _assert_patched_step_matches(model, x, backend, tol_y, tol_g):
+    """A training step of the patched model (fused: no fallback warning) equals PEFT's own."""
+    want_y, want_g = _step(model, x)
+    with patch_peft_model(model, backend=backend), warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAKernelsFallbackWarning)
+        y, g = _step(model, x)
+    assert rel_err(y, want_y) <= tol_y
+    for name in want_g:
+        assert rel_err(g[name], want_g[name]) <= tol_g, name
 
 
 def _reference64(model, x):
@@ -208,26 +219,14 @@ def test_patched_fp8_joint_training_matches_peft(backend):
     model.add_adapter("other", config())
     names = ["other", "default", "default", "other", "__base__"]
     x = torch.randn(5, 2, K, generator=torch.Generator().manual_seed(9))
-    model.eval()
-    with torch.no_grad():
-        want_y = model(x, adapter_names=names)
-    model.zero_grad(set_to_none=True)
-    for name in ("default", "other"):
-        rows = [i for i, n in enumerate(names) if n == name]
-        model.base_model.set_adapter(name)
-        ((model(x[rows]).float() ** 2).sum() / want_y.numel()).backward()
-    model.base_model.set_adapter("default")
-    want_g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    for n, p in model.named_parameters():  # set_adapter froze the inactive adapter
-        if "lora_" in n:
-            p.requires_grad_(True)
+    want_y, want_g = peft_mixed_oracle(model, x, names)
     model.train()
     with patch_peft_model(model, backend=backend), warnings.catch_warnings():
         warnings.simplefilter("error", LoRAKernelsFallbackWarning)
         model.zero_grad(set_to_none=True)
         y = model(x, adapter_names=names)
         (y.float() ** 2).mean().backward()
-        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        got = lora_grads(model)
     assert rel_err(y.detach(), want_y) <= 1e-5
     assert sorted(got) == sorted(want_g) and {n.split(".")[-2] for n in got} == {"default", "other"}
     for n in want_g:
@@ -242,13 +241,7 @@ def test_gpu_patched_fp8_bf16_matches_peft(backend):
     model = fp8_peft(dtype=torch.bfloat16).cuda()
     x = torch.randn(4, 33, K, generator=torch.Generator().manual_seed(1)).to("cuda",
                                                                             torch.bfloat16)
-    want_y, want_g = _step(model, x)
-    with patch_peft_model(model, backend=backend), warnings.catch_warnings():
-        warnings.simplefilter("error", LoRAKernelsFallbackWarning)
-        y, g = _step(model, x)
-    assert rel_err(y, want_y) <= 2e-2
-    for name in want_g:
-        assert rel_err(g[name], want_g[name]) <= 3e-2, name
+    _assert_patched_step_matches(model, x, backend, 2e-2, 3e-2)
 
 
 @pytest.mark.parametrize("backend", backends)
@@ -259,13 +252,7 @@ def test_patched_fp8_act_quant_base_matches_peft(backend):
     model = quantize_linears_fp8(dense_model(), act_quant="e4m3_per_token", backend=backend)
     model = peft.get_peft_model(model, register_fp8_lora(config()))
     x = torch.randn(3, 5, K, generator=torch.Generator().manual_seed(10))
-    want_y, want_g = _step(model, x)
-    with patch_peft_model(model, backend=backend), warnings.catch_warnings():
-        warnings.simplefilter("error", LoRAKernelsFallbackWarning)
-        y, g = _step(model, x)
-    assert rel_err(y, want_y) <= 1e-5
-    for name in want_g:
-        assert rel_err(g[name], want_g[name]) <= 1e-5, name
+    _assert_patched_step_matches(model, x, backend, 1e-5, 1e-5)
     model.add_adapter("other", config())
     model.eval()
     names = ["other", "default", "__base__"]

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import LargestTensor, interpreting, rel_err
+from helpers import LargestTensor, interpreting, lora_grads, peft_mixed_oracle, rel_err
 from lora_kernels import patch_peft_model
 from lora_kernels.integrations.peft import LoRAKernelsFallbackWarning
 
@@ -36,31 +36,8 @@ def _x(dtype, seed=1):
     return torch.randn(len(NAMES), 3, K, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters()
-            if "lora_" in n and p.grad is not None}
-
-
 def _peft_step(model, x):
-    """The oracle: PEFT's own mixed forward for the output (eval, no_grad: PEFT refuses
-    adapter_names while training, and its mixed forward over Linear4bit cannot backward —
-    it adds in place into MatMul4Bit's output), and for the gradients PEFT's single-adapter
-    training step on each adapter's own samples (the loss, a mean over the whole batch, is
-    a sum over samples, and the model treats samples independently)."""
-    model.eval()
-    with torch.no_grad():
-        y = model(x, adapter_names=NAMES)
-    model.zero_grad(set_to_none=True)
-    for name in ("default", "other"):
-        rows = [i for i, n in enumerate(NAMES) if n == name]
-        model.base_model.set_adapter(name)
-        out = model(x[rows])
-        ((out.float() ** 2).sum() / y.numel()).backward()
-    model.base_model.set_adapter("default")
-    for n, p in model.named_parameters():  # set_adapter froze the inactive adapter
-        if "lora_" in n:
-            p.requires_grad_(True)
-    return y, _grads(model)
+    return peft_mixed_oracle(model, x, NAMES)
 
 
 BACKENDS = ["torch"] + (["triton"] if interpreting() else [])
@@ -112,7 +89,7 @@ def test_mixed_joint_training_matches_peft(backend, nested, peft_bnb_class, comp
         model.zero_grad(set_to_none=True)
         y = model(x, adapter_names=NAMES)
         (y.float() ** 2).mean().backward()
-        got = _grads(model)
+        got = lora_grads(model)
     assert rel_err(y.detach(), want_y) <= tol
     assert sorted(got) == sorted(want_g)
     for n in want_g:
@@ -143,7 +120,7 @@ def test_mixed_dropout_trains(backend):
             model.zero_grad(set_to_none=True)
             y = model(x, adapter_names=NAMES)
             (y.float() ** 2).mean().backward()
-            runs.append(_grads(model))
+            runs.append(lora_grads(model))
         assert sorted(runs[0]) == sorted(runs[1]) and len(runs[0]) == 8
         assert all(torch.equal(runs[0][n], runs[1][n]) and runs[0][n].abs().sum() > 0
                    for n in runs[0])
@@ -169,7 +146,7 @@ def test_patched_mixed_training_step_on_triton_makes_no_whole_weight():
             (y.float() ** 2).mean().backward()
     assert ours.biggest < HID * K
     assert rel_err(y.detach(), want_y) <= 1e-5
-    got = _grads(model)
+    got = lora_grads(model)
     assert all(rel_err(got[n], want_g[n]) <= 1e-5 for n in want_g)
 
 
@@ -187,7 +164,7 @@ def test_gpu_mixed_bf16_compute_matches_peft(nested):
         model.zero_grad(set_to_none=True)
         y = model(x, adapter_names=NAMES)
         (y.float() ** 2).mean().backward()
-        got = _grads(model)
+        got = lora_grads(model)
     assert rel_err(y.detach(), want_y) <= 3e-2
     for n in want_g:
         assert rel_err(got[n], want_g[n]) <= 3e-2, n
