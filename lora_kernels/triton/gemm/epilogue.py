@@ -20,6 +20,26 @@ from lora_kernels.triton.slots import slot_rank
 
 
 @triton.jit
+def rank_dot(acc, u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_ur, stride_lbn,
+             stride_lbr, scaling, SCALE_U: tl.constexpr, BLOCK_R: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """``acc + u[rows, :R]·lb[cols, :R]ᵀ`` in rank chunks of BLOCK_R (any r fits); with
+    ``SCALE_U`` each u chunk is first scaled by ``scaling`` and rounded to lb's dtype (the term
+    then goes straight into a live accumulator, no second fp32 tile)."""
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = (r0 + rr) < R
+        u = tl.load(u_ptr + rm64[:, None] * stride_um + (r0 + rr)[None, :] * stride_ur,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        lbt = tl.load(lb_ptr + rn64[None, :] * stride_lbn + (r0 + rr)[:, None] * stride_lbr,
+                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        if SCALE_U:
+            u = (u.to(tl.float32) * scaling).to(lbt.dtype)
+        acc = tl.dot(u, lbt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride_um, stride_ur,
                  stride_lbn, stride_lbr, scaling, seed, drop_threshold, drop_scale,
                  DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -35,15 +55,9 @@ def lowrank_seed(u_ptr, lb_ptr, row0, col0, rm64, rn64, m_ok, n_ok, N, R, stride
     thread spilled with the v1 mask, so those configs are pruned when the dX carries dropout
     (``configs.prune_dropout``). Rank chunks of BLOCK_R loop, so any r fits.
     """
-    rr = tl.arange(0, BLOCK_R)
-    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r_ok = (r0 + rr) < R
-        u = tl.load(u_ptr + rm64[:, None] * stride_um + (r0 + rr)[None, :] * stride_ur,
-                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        lbt = tl.load(lb_ptr + rn64[None, :] * stride_lbn + (r0 + rr)[:, None] * stride_lbr,
-                      mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        low = tl.dot(u, lbt, low, input_precision=PRECISION)
+    low = rank_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), u_ptr, lb_ptr, rm64, rn64,
+                   m_ok, n_ok, R, stride_um, stride_ur, stride_lbn, stride_lbr, 1.0, False,
+                   BLOCK_R, PRECISION)
     if DROPOUT:
         # dX's mask is the forward's mask on x: element (m, k) of dX is element (m, k) of the
         # [M, K] mask grid, and K is this GEMM's N. Drawn after the rank dot, so no mask tile
@@ -78,15 +92,8 @@ def fp8_act_scale(acc, row_scale_ptr, col_scale_ptr, u_ptr, lb_ptr, rm64, rn64, 
     cs = tl.load(col_scale_ptr + rn64, mask=n_ok, other=0.0)
     acc = (acc * rs[:, None]) * cs[None, :]
     if LOWRANK:
-        rr = tl.arange(0, BLOCK_R)
-        for r0 in range(0, R, BLOCK_R):
-            r_ok = (r0 + rr) < R
-            u = tl.load(u_ptr + rm64[:, None] * stride_um + (r0 + rr)[None, :] * stride_ur,
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            lbt = tl.load(lb_ptr + rn64[None, :] * stride_lbn + (r0 + rr)[:, None] * stride_lbr,
-                          mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            su = (u.to(tl.float32) * scaling).to(lbt.dtype)
-            acc = tl.dot(su, lbt, acc, input_precision=PRECISION)
+        acc = rank_dot(acc, u_ptr, lb_ptr, rm64, rn64, m_ok, n_ok, R, stride_um, stride_ur,
+                       stride_lbn, stride_lbr, scaling, True, BLOCK_R, PRECISION)
     return acc
 
 
