@@ -61,6 +61,56 @@ def drop_scale(p: float) -> float:
 seed_arg = seed_int64
 
 
+# Philox4x32 constants (Salmon et al. 2011; the ones tl.randint4x and reference.philox4x32 use).
+_PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+_PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
+_PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+_PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def _mulhilo(a, M: tl.constexpr):
+    """(hi, lo) 32-bit halves of ``a·M`` as ONE 32x32→64 product: ptxas emits a single
+    IMAD.WIDE.U32 for it, where ``umulhi`` + ``mul`` (tl.randint4x) cost IMAD.HI.U32 + IMAD."""
+    p = a.to(tl.uint64) * M
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+
+
+@triton.jit
+def _philox4x32_10(c0, c1, seed):
+    """Philox4x32-10 of the counter ``(c0, c1, 0, 0)`` (uint32 tensors) under the 64-bit
+    ``seed`` (key = (lo32, hi32)): the words ``tl.randint4x(seed, c1·2³² + c0)`` returns. The
+    key schedule is scalar (uniform registers, hoisted by ptxas); round 1 is written out with
+    counter words 2 and 3 = 0 (two products and an XOR with 0 dropped)."""
+    s = seed.to(tl.uint64)
+    k0 = (s & 0xFFFFFFFF).to(tl.uint32)
+    k1 = (s >> 32).to(tl.uint32)
+    # round 1: c2 = c3 = 0, so hi(B·c2) = lo(B·c2) = 0
+    hi_a, lo_a = _mulhilo(c0, _PHILOX_ROUND_A)
+    x0 = c1 ^ k0
+    x2 = hi_a ^ k1
+    x3 = lo_a
+    k0 = k0 + _PHILOX_KEY_A
+    k1 = k1 + _PHILOX_KEY_B
+    # round 2: x1 = 0
+    hi_b, lo_b = _mulhilo(x2, _PHILOX_ROUND_B)
+    hi_a, lo_a = _mulhilo(x0, _PHILOX_ROUND_A)
+    x0 = hi_b ^ k0
+    x2 = hi_a ^ x3 ^ k1
+    x1 = lo_b
+    x3 = lo_a
+    for _ in tl.static_range(8):
+        k0 = k0 + _PHILOX_KEY_A
+        k1 = k1 + _PHILOX_KEY_B
+        hi_b, lo_b = _mulhilo(x2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mulhilo(x0, _PHILOX_ROUND_A)
+        x0 = hi_b ^ x1 ^ k0
+        x2 = hi_a ^ x3 ^ k1
+        x1 = lo_b
+        x3 = lo_a
+    return x0, x1, x2, x3
+
+
 @triton.jit
 def _halves_keep(word, threshold, hi_threshold):
     """(keep of the low 16-bit half, keep of the high half) of one uint32 Philox word. The
@@ -77,7 +127,7 @@ def _draw_halves(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl
     g_rows = (row0 + tl.arange(0, ROWS)).to(tl.int64)
     g_cols = (col0 // 8 + tl.arange(0, COLS // 8)).to(tl.int64)
     counter = g_rows[:, None] * groups + g_cols[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    w0, w1, w2, w3 = _philox4x32_10(counter.to(tl.uint32), (counter >> 32).to(tl.uint32), seed)
     # T ≥ 1 whenever a mask is drawn (p > 0), so the bound below never wraps to "drop all".
     hi = (threshold.to(tl.uint32) << 16) - 1
     l0, h0 = _halves_keep(w0, threshold, hi)
