@@ -138,6 +138,84 @@ def _draw_halves(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl
 
 
 @triton.jit
+def _keep_masks(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The draw as four lane masks on the ``[ROWS, COLS/8]`` counter grid: mask ``w`` holds
+    lane ``2w``'s keep spread over its low 16 bits and lane ``2w + 1``'s over its high 16
+    (0xFFFF = keep): the AND mask of x's 32-bit pair of those lanes, and what
+    :func:`_pack_masks` packs. Per word (ptxas, static sm_90a): with ``C' = 2¹⁶ − T +
+    0xFFFF0000``, ``half + C'`` wraps past 2³² iff ``half >= T``, leaving bits 16.. = 0 (kept)
+    or 0xFFFF (dropped): ``(w & 0xFFFF) + C'`` (2 ops) and ``(w >> 16) + C'`` (one LEA.HI);
+    the two high halves are merged into the drop mask in 2 ops and inverted for free by the
+    consumers' LOP3s. (The v2 compare is unchanged: ``v >= T`` exactly, T in [1, 2¹⁶].)"""
+    groups = (cols + 7) // 8
+    g_rows = (row0 + tl.arange(0, ROWS)).to(tl.int64)
+    g_cols = (col0 // 8 + tl.arange(0, COLS // 8)).to(tl.int64)
+    counter = g_rows[:, None] * groups + g_cols[None, :]
+    w0, w1, w2, w3 = _philox4x32_10(counter.to(tl.uint32), (counter >> 32).to(tl.uint32), seed)
+    # T in [1, 2¹⁶] whenever a mask is drawn (p > 0): 2¹⁶ − T fits in 16 bits (0: drop all).
+    c = (65536 - threshold.to(tl.uint32)) + 0xFFFF0000
+    return _word_mask(w0, c), _word_mask(w1, c), _word_mask(w2, c), _word_mask(w3, c)
+
+
+@triton.jit
+def _word_mask(w, c):
+    drop_lo = (w & 0xFFFF) + c
+    drop_hi = (w >> 16) + c
+    # ^ 0xFFFFFFFF, not ~: the interpreter's ~ on uint32 overflows (xor with Python -1)
+    return ((drop_lo >> 16) | (drop_hi & 0xFFFF0000)) ^ 0xFFFFFFFF
+
+
+@triton.jit
+def _pack_masks(m0, m1, m2, m3):
+    """The byte of one group from its 4 lane masks (bit j = lane j; bits 8.. are garbage, the
+    uint8 store drops them). Every bit of a mask half holds that lane's keep, so disjoint ANDs
+    take bit 2w from mask w's low half and bit 17 + 2w from its high half (ptxas: an AND and
+    three and-or LOP3s); ``z + (z >> 16)`` then lands bits 17.. on the odd bits (no carries:
+    the bits are disjoint). Bit-select forms cost more: LLVM narrows their masks by known bits
+    and ptxas no longer sees one LOP3 (static sm_90a)."""
+    z = ((m0 & 0x00020001) | (m1 & 0x00080004)) | ((m2 & 0x00200010) | (m3 & 0x00800040))
+    return z + (z >> 16)
+
+
+@triton.jit
+def _tail_mask(bytes_, col0, cols, COLS: tl.constexpr):
+    """Clear the bits at or past ``cols`` (only the last group of a row is partial)."""
+    left = cols - (col0 + tl.arange(0, COLS // 8) * 8)
+    valid = (1 << tl.minimum(tl.maximum(left, 0), 8)) - 1
+    return bytes_ & valid[None, :]
+
+
+@triton.jit
+def _drop_pairs(x, m0, m1, m2, m3, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``where(keep, x, 0)`` of a 16-bit ``[ROWS, COLS]`` tile from the lane masks of its
+    groups: lanes 2w, 2w + 1 of a group are one 32-bit pair of x, ANDed with mask w."""
+    m = tl.join(tl.join(m0, m2), tl.join(m1, m3))  # [ROWS, COLS/8, 2, 2] = words 0..3
+    m = tl.reshape(m, (ROWS, COLS // 8, 4))
+    lo, hi = tl.split(tl.reshape(x.to(tl.uint16, bitcast=True), (ROWS, COLS // 8, 4, 2)))
+    pair = (lo.to(tl.uint32) | (hi.to(tl.uint32) << 16)) & m
+    out = tl.join(pair.to(tl.uint16), (pair >> 16).to(tl.uint16))
+    return tl.reshape(out, (ROWS, COLS)).to(x.dtype, bitcast=True)
+
+
+@triton.jit
+def drop_and_bits_tile(x, seed, row0, col0, cols, threshold, ROWS: tl.constexpr,
+                       COLS: tl.constexpr, PARTIAL_GROUPS: tl.constexpr):
+    """``(where(keep, x, 0), keep_bits_tile)`` of one draw for the x tile ``[ROWS, COLS]`` at
+    grid rows ``row0 ..``, columns ``col0 ..`` (the forward shrink). ``PARTIAL_GROUPS``
+    (``cols % 8 != 0``) clears the padding bits; without it bits past ``cols`` are garbage
+    but every group with one is wholly past ``cols`` (callers do not store it)."""
+    m0, m1, m2, m3 = _keep_masks(seed, row0, col0, cols, threshold, ROWS, COLS)
+    bits = _pack_masks(m0, m1, m2, m3)
+    if PARTIAL_GROUPS:
+        bits = _tail_mask(bits, col0, cols, COLS)
+    if x.dtype.primitive_bitwidth == 16:
+        x = _drop_pairs(x, m0, m1, m2, m3, ROWS, COLS)
+    else:
+        x = tl.where(spread_bits(bits.to(tl.uint8), ROWS, COLS), x, 0.0)
+    return x, bits.to(tl.uint8)
+
+
+@triton.jit
 def keep_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Keep-mask ``[ROWS, COLS]`` (int1) of the grid rows ``row0 + i``, columns ``col0 + j``
     of a ``[*, cols]`` mask. ``col0`` and ``COLS`` must be multiples of 8; ``row0`` may be any

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.triton import configs as C
-from lora_kernels.triton.dropout import (drop_threshold, keep_and_bits_tile, keep_tile,
+from lora_kernels.triton.dropout import (drop_and_bits_tile, drop_threshold, keep_tile,
                                          seed_arg, spread_bits_t,
                                          store_bits_tile)
 
@@ -26,7 +26,8 @@ from lora_kernels.triton.dropout import (drop_threshold, keep_and_bits_tile, kee
 def _shrink_kernel(x_ptr, a_ptr, u_ptr, bits_ptr, M, K, R,
                    stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
                    seed, threshold, scale,
-                   DROPOUT: tl.constexpr, WRITE_BITS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   DROPOUT: tl.constexpr, WRITE_BITS: tl.constexpr, PARTIAL_GROUPS: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """u[M, R] = scale · (keep ∘ x)[M, K] · a[R, K]ᵀ, one program per (BLOCK_M rows, BLOCK_R ranks)."""
     pid_m = tl.program_id(0)
@@ -46,14 +47,14 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, bits_ptr, M, K, R,
         if DROPOUT:
             if WRITE_BITS:
                 # the rank-block-0 programs write the packed mask: one writer per byte.
-                keep, bits = keep_and_bits_tile(seed, pid_m * BLOCK_M, k, K, threshold,
-                                                BLOCK_M, BLOCK_K)
+                x, bits = drop_and_bits_tile(x, seed, pid_m * BLOCK_M, k, K, threshold,
+                                             BLOCK_M, BLOCK_K, PARTIAL_GROUPS)
                 if pid_r == 0:
                     store_bits_tile(bits_ptr, (K + 7) // 8, rm64, m_ok, k, bits, (K + 7) // 8,
                                     BLOCK_K)
             else:
                 keep = keep_tile(seed, pid_m * BLOCK_M, k, K, threshold, BLOCK_M, BLOCK_K)
-            x = tl.where(keep, x, 0.0)
+                x = tl.where(keep, x, 0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
@@ -81,7 +82,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         seed_arg(seed), drop_threshold(dropout_p),
         1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
-        DROPOUT=dropout_p > 0.0, WRITE_BITS=write_bits, PRECISION=C.dot_precision(x.dtype),
+        DROPOUT=dropout_p > 0.0, WRITE_BITS=write_bits, PARTIAL_GROUPS=K % 8 != 0,
+        PRECISION=C.dot_precision(x.dtype),
         BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
