@@ -32,7 +32,7 @@ import triton.language as tl
 
 from lora_kernels.runtime import seed_int64
 
-__all__ = ["keep_tile", "keep_bits_tile", "keep_and_bits_tile", "load_bits_tile", "spread_bits",
+__all__ = ["keep_tile", "keep_bits_tile", "drop_and_bits_tile", "load_bits_tile", "spread_bits",
            "spread_bits_t", "store_bits_tile", "drop_threshold", "drop_scale", "seed_arg", "dropout_keep_mask",
            "dropout_keep_packed", "KEEP_GROUP"]
 
@@ -120,14 +120,22 @@ def _halves_keep(word, threshold, hi_threshold):
 
 
 @triton.jit
-def _draw_halves(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """The eight keep compares of each Philox call of the tile, on its ``[ROWS, COLS/8]``
-    counter grid: (low, high) half of words 0..3, lane ``j = 2·word + half``."""
+def _philox_grid(seed, row0, col0, cols, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The four Philox words of every group of the tile, on its ``[ROWS, COLS/8]`` counter
+    grid: counter ``g = row·ceil(cols/8) + col // 8`` (int64: it may pass 2³²)."""
     groups = (cols + 7) // 8
     g_rows = (row0 + tl.arange(0, ROWS)).to(tl.int64)
     g_cols = (col0 // 8 + tl.arange(0, COLS // 8)).to(tl.int64)
     counter = g_rows[:, None] * groups + g_cols[None, :]
-    w0, w1, w2, w3 = _philox4x32_10(counter.to(tl.uint32), (counter >> 32).to(tl.uint32), seed)
+    return _philox4x32_10(counter.to(tl.uint32), (counter >> 32).to(tl.uint32), seed)
+
+
+@triton.jit
+def _draw_halves(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The eight keep compares (int1) of each Philox call of the tile: (low, high) half of
+    words 0..3, lane ``j = 2·word + half``. For int1 lanes this beats :func:`_keep_masks`
+    (3 ops per word against 5)."""
+    w0, w1, w2, w3 = _philox_grid(seed, row0, col0, cols, ROWS, COLS)
     # T ≥ 1 whenever a mask is drawn (p > 0), so the bound below never wraps to "drop all".
     hi = (threshold.to(tl.uint32) << 16) - 1
     l0, h0 = _halves_keep(w0, threshold, hi)
@@ -147,11 +155,7 @@ def _keep_masks(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.
     or 0xFFFF (dropped): ``(w & 0xFFFF) + C'`` (2 ops) and ``(w >> 16) + C'`` (one LEA.HI);
     the two high halves are merged into the drop mask in 2 ops and inverted for free by the
     consumers' LOP3s. (The v2 compare is unchanged: ``v >= T`` exactly, T in [1, 2¹⁶].)"""
-    groups = (cols + 7) // 8
-    g_rows = (row0 + tl.arange(0, ROWS)).to(tl.int64)
-    g_cols = (col0 // 8 + tl.arange(0, COLS // 8)).to(tl.int64)
-    counter = g_rows[:, None] * groups + g_cols[None, :]
-    w0, w1, w2, w3 = _philox4x32_10(counter.to(tl.uint32), (counter >> 32).to(tl.uint32), seed)
+    w0, w1, w2, w3 = _philox_grid(seed, row0, col0, cols, ROWS, COLS)
     # T in [1, 2¹⁶] whenever a mask is drawn (p > 0): 2¹⁶ − T fits in 16 bits (0: drop all).
     c = (65536 - threshold.to(tl.uint32)) + 0xFFFF0000
     return _word_mask(w0, c), _word_mask(w1, c), _word_mask(w2, c), _word_mask(w3, c)
@@ -239,35 +243,11 @@ def _spread(l0, h0, l1, h1, l2, h2, l3, h3, ROWS: tl.constexpr, COLS: tl.constex
 
 
 @triton.jit
-def _pack(l0, h0, l1, h1, l2, h2, l3, h3, col0, cols, COLS: tl.constexpr):
-    """The packed bytes ``[ROWS, COLS/8]`` of one draw: bit ``j`` = lane ``j`` of the group,
-    straight from the compares (no spread to lanes); bits at or past ``cols`` cleared."""
-    b = (l0.to(tl.int32) | (h0.to(tl.int32) << 1) | (l1.to(tl.int32) << 2)
-         | (h1.to(tl.int32) << 3) | (l2.to(tl.int32) << 4) | (h2.to(tl.int32) << 5)
-         | (l3.to(tl.int32) << 6) | (h3.to(tl.int32) << 7))
-    # valid lanes of group g: min(8, cols − 8g) (≤ 0: none); only the last group is partial.
-    left = cols - (col0 + tl.arange(0, COLS // 8) * 8)
-    valid = (1 << tl.minimum(tl.maximum(left, 0), 8)) - 1
-    return (b & valid[None, :]).to(tl.uint8)
-
-
-@triton.jit
 def keep_bits_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Packed keep bits ``[ROWS, COLS/8]`` (uint8) of the same tile as :func:`keep_tile`
     (docs/BACKENDS.md: byte g bit j = column 8g + j, LSB first, bits past ``cols`` 0)."""
-    l0, h0, l1, h1, l2, h2, l3, h3 = _draw_halves(seed, row0, col0, cols, threshold, ROWS, COLS)
-    return _pack(l0, h0, l1, h1, l2, h2, l3, h3, col0, cols, COLS)
-
-
-@triton.jit
-def keep_and_bits_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr,
-                       COLS: tl.constexpr):
-    """``(keep_tile, keep_bits_tile)`` of one draw (the forward shrink needs both). The lanes
-    are spread from the packed bytes, not joined from the 8 compares: static sm_90a, the
-    writing shrink costs 15.9 SASS/element this way and 18.6 with both the join and the pack
-    (the plain keep_tile stays a join: 13.5, against 15.5 via bytes)."""
-    bits = keep_bits_tile(seed, row0, col0, cols, threshold, ROWS, COLS)
-    return spread_bits(bits, ROWS, COLS), bits
+    m0, m1, m2, m3 = _keep_masks(seed, row0, col0, cols, threshold, ROWS, COLS)
+    return _tail_mask(_pack_masks(m0, m1, m2, m3), col0, cols, COLS).to(tl.uint8)
 
 
 @triton.jit
@@ -310,8 +290,8 @@ def _keep_mask_kernel(out_ptr, rows, cols, row_offset, seed, threshold,
     pid_c = tl.program_id(1)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    keep = keep_tile(seed, row_offset + pid_r * BLOCK_R, pid_c * BLOCK_C, cols, threshold,
-                     BLOCK_R, BLOCK_C)
+    keep = spread_bits(keep_bits_tile(seed, row_offset + pid_r * BLOCK_R, pid_c * BLOCK_C, cols,
+                                      threshold, BLOCK_R, BLOCK_C), BLOCK_R, BLOCK_C)
     offs = rr.to(tl.int64)[:, None] * cols + cc[None, :]
     tl.store(out_ptr + offs, keep.to(tl.int8), mask=(rr < rows)[:, None] & (cc < cols)[None, :])
 

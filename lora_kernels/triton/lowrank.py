@@ -45,16 +45,14 @@ def _shrink_kernel(x_ptr, a_ptr, u_ptr, bits_ptr, M, K, R,
         k_ok = (k + rk) < K
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if DROPOUT:
+            # x masked as 32-bit pairs from the lane masks (the bytes are dead code unless
+            # WRITE_BITS); static sm_90a 13.5 -> 11.x SASS/element (notes/maskdraw.md)
+            x, bits = drop_and_bits_tile(x, seed, pid_m * BLOCK_M, k, K, threshold,
+                                         BLOCK_M, BLOCK_K, PARTIAL_GROUPS)
             if WRITE_BITS:
-                # the rank-block-0 programs write the packed mask: one writer per byte.
-                x, bits = drop_and_bits_tile(x, seed, pid_m * BLOCK_M, k, K, threshold,
-                                             BLOCK_M, BLOCK_K, PARTIAL_GROUPS)
-                if pid_r == 0:
+                if pid_r == 0:  # the rank-block-0 programs write the mask: one writer per byte
                     store_bits_tile(bits_ptr, (K + 7) // 8, rm64, m_ok, k, bits, (K + 7) // 8,
                                     BLOCK_K)
-            else:
-                keep = keep_tile(seed, pid_m * BLOCK_M, k, K, threshold, BLOCK_M, BLOCK_K)
-                x = tl.where(keep, x, 0.0)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
