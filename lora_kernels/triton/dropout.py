@@ -290,8 +290,10 @@ def _keep_mask_kernel(out_ptr, rows, cols, row_offset, seed, threshold,
     pid_c = tl.program_id(1)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    keep = spread_bits(keep_bits_tile(seed, row_offset + pid_r * BLOCK_R, pid_c * BLOCK_C, cols,
-                                      threshold, BLOCK_R, BLOCK_C), BLOCK_R, BLOCK_C)
+    m0, m1, m2, m3 = _keep_masks(seed, row_offset + pid_r * BLOCK_R, pid_c * BLOCK_C, cols,
+                                 threshold, BLOCK_R, BLOCK_C)
+    m = tl.reshape(tl.join(tl.join(m0, m2), tl.join(m1, m3)), (BLOCK_R, BLOCK_C // 8, 4))
+    keep = tl.reshape(tl.join(m & 1, (m >> 16) & 1), (BLOCK_R, BLOCK_C))
     offs = rr.to(tl.int64)[:, None] * cols + cc[None, :]
     tl.store(out_ptr + offs, keep.to(tl.int8), mask=(rr < rows)[:, None] & (cc < cols)[None, :])
 
