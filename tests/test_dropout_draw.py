@@ -51,6 +51,28 @@ def test_philox_known_answer():
                                                   "0x9b00dbd8"]
 
 
+@triton.jit
+def _keep_tile_kernel(out_ptr, rows, cols, row0, seed, threshold, ROWS: tl.constexpr,
+                      COLS: tl.constexpr):
+    rr = tl.arange(0, ROWS)
+    cc = tl.arange(0, COLS)
+    keep = DR.keep_tile(seed, row0, 0, cols, threshold, ROWS, COLS)
+    tl.store(out_ptr + rr[:, None] * cols + cc[None, :], keep.to(tl.int8),
+             mask=(rr < rows)[:, None] & (cc < cols)[None, :])
+
+
+# 16x128: the wide (32x32->64) Philox products; 128x256: the narrow ones keep_tile takes for
+# the 128x256 dX epilogue (the wide ones spilled there): the same words either way
+@pytest.mark.parametrize("ROWS,COLS,rows,cols", [(16, 128, 13, 125), (128, 256, 128, 250)])
+def test_keep_tile_both_product_forms(ROWS, COLS, rows, cols):
+    seed, p, row0 = 2**63 + 21, 0.3, 2**29 + 7  # row0·G passes 2^32: counter high word
+    out = torch.empty(rows, cols, dtype=torch.int8)
+    _keep_tile_kernel[(1,)](out, rows, cols, row0, DR.seed_arg(seed), DR.drop_threshold(p),
+                            ROWS=ROWS, COLS=COLS)
+    want = ref.dropout_keep_mask(seed, rows, cols, p, row_offset=row0)
+    assert torch.equal(out.bool(), want)
+
+
 # p at the threshold edges: T = 1 (tiny p), T = 2^16 - 1, T = 2^15 (a half straddles the
 # carry bit), and ordinary rates
 @pytest.mark.parametrize("p", [1e-6, 0.3, 0.5, 1 - 2**-16])

@@ -6,16 +6,21 @@ the seed at counter ``g = m·G + k // 8`` gives four 32-bit words; lane ``j = k 
 16-bit half ``j % 2`` of word ``j // 2``, and the element is kept iff that value is
 ``>= ceil(p·2¹⁶)`` (docs/BACKENDS.md; the oracle is ``reference.dropout_keep_mask``).
 
-A kernel holding a tile whose first column is a multiple of 8 draws ONE ``tl.randint4x`` per 8
-elements (:func:`keep_tile`): ~60 integer instructions of Philox shared by 8 elements plus a
-shift/mask/compare each, instead of a whole Philox call per element (v1).
+A kernel holding a tile whose first column is a multiple of 8 draws ONE Philox call per 8
+elements on the tile's ``[ROWS, COLS/8]`` counter grid (:func:`_philox4x32_10`, written here
+with one 32x32->64 product per multiply and round 1 folded for counter words 2, 3 = 0: ~42
+SASS per call, against ~60 for ``tl.randint4x``; same words). Two compare forms, the same
+``v >= T``: int1 lanes for :func:`keep_tile` (3 ops per word) and 16-bit lane masks for
+:func:`drop_and_bits_tile` / :func:`keep_bits_tile` (:func:`_keep_masks`, 5 ops per word), which
+mask a 16-bit x tile as 32-bit pairs and pack the byte in 5 ops per group.
 
-Packed mask (#13 item 4): one byte per Philox call, bit j = lane j (:func:`keep_bits_tile`,
-packed straight from the compares). The forward shrink writes it (``keep_and_bits_tile``) and
-the backward's dX epilogue and dA load the byte tile and spread it to lanes in registers
-(:func:`spread_bits`, :func:`spread_bits_t`) instead of redrawing: static sm_90a counts 19.2 →
-3.5 (dX) and 14.5 → 6.5 (dA) SASS per element; writing costs the shrink 13.5 → 15.9
-(notes/mask.md). Without bits (CUDA backend, DoRA, NF4) the mask is redrawn, same bits.
+Packed mask (#13 item 4): one byte per Philox call, bit j = lane j (:func:`keep_bits_tile`).
+The forward shrink writes it (:func:`drop_and_bits_tile`) and the backward's dX epilogue and dA
+load the byte tile and spread it to lanes in registers (:func:`spread_bits`,
+:func:`spread_bits_t`) instead of redrawing. Static sm_90a SASS per element of x
+(notes/maskdraw.md): shrink writing bits 15.9 → 11.2, shrink without bits 13.5 → 9.9, dX redraw
+19.2 → 17.8, dA redraw 14.5 → 12.5; reading bits: dX 3.5, dA 6.5. Without bits (CUDA backend,
+DoRA, NF4) the mask is redrawn, same bits.
 
 This module is the runtime's own copy of the definition: it does not import the oracle
 (``lora_kernels.reference``), which tests compare it against bit for bit.
@@ -56,8 +61,9 @@ def drop_scale(p: float) -> float:
 
 
 # The seed as the signed int64 carrying the same 64 bits (``seed & (2⁶⁴ − 1)`` in two's
-# complement): Triton types ints past int64 as uint64, and ``tl.randint4x`` widens any int
-# seed to uint64 two's-complement, so both spellings key Philox identically.
+# complement): Triton types ints past int64 as uint64, and :func:`_philox4x32_10` (like
+# ``tl.randint4x``) widens any int seed to uint64 two's-complement, so both spellings key
+# Philox identically.
 seed_arg = seed_int64
 
 
@@ -69,15 +75,19 @@ _PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
-def _mulhilo(a, M: tl.constexpr):
-    """(hi, lo) 32-bit halves of ``a·M`` as ONE 32x32→64 product: ptxas emits a single
-    IMAD.WIDE.U32 for it, where ``umulhi`` + ``mul`` (tl.randint4x) cost IMAD.HI.U32 + IMAD."""
-    p = a.to(tl.uint64) * M
-    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+def _mulhilo(a, M: tl.constexpr, WIDE: tl.constexpr):
+    """(hi, lo) 32-bit halves of ``a·M``. ``WIDE``: as ONE 32x32→64 product, which ptxas emits
+    as a single IMAD.WIDE.U32 (``umulhi`` + ``mul``, as in tl.randint4x, cost IMAD.HI.U32 +
+    IMAD); the narrow form holds no register pairs (see :func:`keep_tile`)."""
+    if WIDE:
+        p = a.to(tl.uint64) * M
+        return (p >> 32).to(tl.uint32), p.to(tl.uint32)
+    else:
+        return tl.umulhi(a, M), a * M
 
 
 @triton.jit
-def _philox4x32_10(c0, c1, seed):
+def _philox4x32_10(c0, c1, seed, WIDE: tl.constexpr = True):
     """Philox4x32-10 of the counter ``(c0, c1, 0, 0)`` (uint32 tensors) under the 64-bit
     ``seed`` (key = (lo32, hi32)): the words ``tl.randint4x(seed, c1·2³² + c0)`` returns. The
     key schedule is scalar (uniform registers, hoisted by ptxas); round 1 is written out with
@@ -86,15 +96,15 @@ def _philox4x32_10(c0, c1, seed):
     k0 = (s & 0xFFFFFFFF).to(tl.uint32)
     k1 = (s >> 32).to(tl.uint32)
     # round 1: c2 = c3 = 0, so hi(B·c2) = lo(B·c2) = 0
-    hi_a, lo_a = _mulhilo(c0, _PHILOX_ROUND_A)
+    hi_a, lo_a = _mulhilo(c0, _PHILOX_ROUND_A, WIDE)
     x0 = c1 ^ k0
     x2 = hi_a ^ k1
     x3 = lo_a
     k0 = k0 + _PHILOX_KEY_A
     k1 = k1 + _PHILOX_KEY_B
     # round 2: x1 = 0
-    hi_b, lo_b = _mulhilo(x2, _PHILOX_ROUND_B)
-    hi_a, lo_a = _mulhilo(x0, _PHILOX_ROUND_A)
+    hi_b, lo_b = _mulhilo(x2, _PHILOX_ROUND_B, WIDE)
+    hi_a, lo_a = _mulhilo(x0, _PHILOX_ROUND_A, WIDE)
     x0 = hi_b ^ k0
     x2 = hi_a ^ x3 ^ k1
     x1 = lo_b
@@ -102,8 +112,8 @@ def _philox4x32_10(c0, c1, seed):
     for _ in tl.static_range(8):
         k0 = k0 + _PHILOX_KEY_A
         k1 = k1 + _PHILOX_KEY_B
-        hi_b, lo_b = _mulhilo(x2, _PHILOX_ROUND_B)
-        hi_a, lo_a = _mulhilo(x0, _PHILOX_ROUND_A)
+        hi_b, lo_b = _mulhilo(x2, _PHILOX_ROUND_B, WIDE)
+        hi_a, lo_a = _mulhilo(x0, _PHILOX_ROUND_A, WIDE)
         x0 = hi_b ^ x1 ^ k0
         x2 = hi_a ^ x3 ^ k1
         x1 = lo_b
@@ -120,22 +130,25 @@ def _halves_keep(word, threshold, hi_threshold):
 
 
 @triton.jit
-def _philox_grid(seed, row0, col0, cols, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _philox_grid(seed, row0, col0, cols, ROWS: tl.constexpr, COLS: tl.constexpr,
+                 WIDE: tl.constexpr = True):
     """The four Philox words of every group of the tile, on its ``[ROWS, COLS/8]`` counter
     grid: counter ``g = row·ceil(cols/8) + col // 8`` (int64: it may pass 2³²)."""
     groups = (cols + 7) // 8
     g_rows = (row0 + tl.arange(0, ROWS)).to(tl.int64)
     g_cols = (col0 // 8 + tl.arange(0, COLS // 8)).to(tl.int64)
     counter = g_rows[:, None] * groups + g_cols[None, :]
-    return _philox4x32_10(counter.to(tl.uint32), (counter >> 32).to(tl.uint32), seed)
+    return _philox4x32_10(counter.to(tl.uint32), (counter >> 32).to(tl.uint32), seed, WIDE)
 
 
 @triton.jit
 def _draw_halves(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.constexpr):
     """The eight keep compares (int1) of each Philox call of the tile: (low, high) half of
     words 0..3, lane ``j = 2·word + half``. For int1 lanes this beats :func:`_keep_masks`
-    (3 ops per word against 5)."""
-    w0, w1, w2, w3 = _philox_grid(seed, row0, col0, cols, ROWS, COLS)
+    (3 ops per word against 5). Tiles of 2¹⁵ elements or more (the 128x256 dX epilogue, next
+    to 128 fp32 accumulators per thread) take the narrow products: the wide ones spilled 96 B
+    there (static sm_90a, 255 registers)."""
+    w0, w1, w2, w3 = _philox_grid(seed, row0, col0, cols, ROWS, COLS, ROWS * COLS < 32768)
     # T ≥ 1 whenever a mask is drawn (p > 0), so the bound below never wraps to "drop all".
     hi = (threshold.to(tl.uint32) << 16) - 1
     l0, h0 = _halves_keep(w0, threshold, hi)
@@ -226,7 +239,7 @@ def keep_tile(seed, row0, col0, cols, threshold, ROWS: tl.constexpr, COLS: tl.co
     int (int64 offsets: rows·ceil(cols/8) may pass 2³¹). Columns past ``cols`` come out as
     whatever their counter gives: callers mask them on load/store.
 
-    One ``tl.randint4x`` per 8 elements on a ``[ROWS, COLS/8]`` grid; the eight 16-bit halves
+    One Philox call per 8 elements on a ``[ROWS, COLS/8]`` grid; the eight 16-bit halves
     are compared there and spread back to lanes with ``tl.join`` (j = 2·word + half)."""
     l0, h0, l1, h1, l2, h2, l3, h3 = _draw_halves(seed, row0, col0, cols, threshold, ROWS, COLS)
     return _spread(l0, h0, l1, h1, l2, h2, l3, h3, ROWS, COLS)

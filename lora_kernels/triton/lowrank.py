@@ -2,8 +2,8 @@
 reductions over rows behind ``dA`` and ``dB``.
 
 Both read their big operand ([M, K] or [M, N]) exactly once and produce only rank-sized
-results ([M, r] or [K|N, r]). The forward shrink draws the dropout mask (``keep_tile``) and,
-given ``keep_bits``, also writes it packed (1 bit per element of x, ``keep_and_bits_tile``);
+results ([M, r] or [K|N, r]). The forward shrink draws the dropout mask and masks x with it
+(``drop_and_bits_tile``) and, given ``keep_bits``, also writes it packed (1 bit per element of x);
 the dA reduction reads those bits (a byte tile spread in registers, ``spread_bits_t``) or,
 without them, redraws the mask.
 """
