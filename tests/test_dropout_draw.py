@@ -93,9 +93,11 @@ def test_bits_kernel_drop_all():
 
 
 # K % 8 == 0 with a partial last K tile (no padding bits: PARTIAL_GROUPS off), K % 8 != 0
-# (padding cleared), a K of one group; fp16 takes the 32-bit pair masking, fp32 the select
+# (padding cleared), a K of one group; fp16 takes the 32-bit pair masking, fp32 the select;
+# fp16 at K % 16 == 0 runs the two half tiles per K step (HALF_TILES), 240 with the second
+# half of the last step wholly past K
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.float32, 1e-4)])
-@pytest.mark.parametrize("M,K", [(33, 200), (17, 203), (8, 8), (40, 256)])
+@pytest.mark.parametrize("M,K", [(33, 200), (17, 203), (8, 8), (40, 256), (19, 240)])
 @pytest.mark.parametrize("p", [0.05, 0.5, 1 - 2**-16])
 def test_shrink_draw_equals_reference(dtype, tol, M, K, p):
     torch.manual_seed(K)
