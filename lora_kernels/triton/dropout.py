@@ -18,7 +18,7 @@ Packed mask (#13 item 4): one byte per Philox call, bit j = lane j (:func:`keep_
 The forward shrink writes it (:func:`drop_and_bits_tile`) and the backward's dX epilogue and dA
 load the byte tile and spread it to lanes in registers (:func:`spread_bits`,
 :func:`spread_bits_t`) instead of redrawing. Static sm_90a SASS per element of x
-(notes/maskdraw.md): shrink writing bits 15.9 → 11.2, shrink without bits 13.5 → 9.9, dX redraw
+(notes/maskdraw.md): shrink writing bits 15.9 → 10.5, shrink without bits 13.5 → 8.6, dX redraw
 19.2 → 17.8, dA redraw 14.5 → 12.5; reading bits: dX 3.5, dA 6.5. Without bits (CUDA backend,
 DoRA, NF4) the mask is redrawn, same bits.
 
