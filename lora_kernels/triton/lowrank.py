@@ -2,8 +2,8 @@
 reductions over rows behind ``dA`` and ``dB``.
 
 Both read their big operand ([M, K] or [M, N]) exactly once and produce only rank-sized
-results ([M, r] or [K|N, r]). The forward shrink draws the dropout mask (``keep_tile``) and,
-given ``keep_bits``, also writes it packed (1 bit per element of x, ``keep_and_bits_tile``);
+results ([M, r] or [K|N, r]). The forward shrink draws the dropout mask and masks x with it
+(``drop_and_bits_tile``) and, given ``keep_bits``, also writes it packed (1 bit per element of x);
 the dA reduction reads those bits (a byte tile spread in registers, ``spread_bits_t``) or,
 without them, redraws the mask.
 """
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from lora_kernels.triton import configs as C
-from lora_kernels.triton.dropout import (drop_threshold, keep_and_bits_tile, keep_tile,
+from lora_kernels.triton.dropout import (drop_and_bits_tile, drop_threshold, keep_tile,
                                          seed_arg, spread_bits_t,
                                          store_bits_tile)
 
@@ -26,36 +26,47 @@ from lora_kernels.triton.dropout import (drop_threshold, keep_and_bits_tile, kee
 def _shrink_kernel(x_ptr, a_ptr, u_ptr, bits_ptr, M, K, R,
                    stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
                    seed, threshold, scale,
-                   DROPOUT: tl.constexpr, WRITE_BITS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   DROPOUT: tl.constexpr, WRITE_BITS: tl.constexpr, PARTIAL_GROUPS: tl.constexpr,
+                   HALF_TILES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """u[M, R] = scale · (keep ∘ x)[M, K] · a[R, K]ᵀ, one program per (BLOCK_M rows, BLOCK_R ranks)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rk = tl.arange(0, BLOCK_K)
+    # With dropout each BLOCK_K step runs as two half-width tiles (load, draw, mask, dot):
+    # otherwise Triton splits the 128-wide register-A dot into two 64-wide wgmmas and builds
+    # both halves of the masked x twice (16 STS.128 + 12 LDSM per 64 elements). Static sm_90a:
+    # 1248 -> 1200 SASS with bits, 1160 -> 1080 without, 164 -> 120 registers (3 CTAs/SM).
+    # At p = 0 the loop is the plain one (its A operand stays in shared memory); fp32 x or
+    # K % 16 != 0 also keep one part: two parts spilled there (24 B fp32, 40 B bf16 K=4100).
+    PARTS: tl.constexpr = 2 if HALF_TILES else 1
+    TILE_K: tl.constexpr = BLOCK_K // PARTS
+    rk = tl.arange(0, TILE_K)
     m_ok = rm < M
     r_ok = rr < R
     rm64 = rm.to(tl.int64)
     x_ptrs = x_ptr + rm64[:, None] * stride_xm + rk[None, :].to(tl.int64) * stride_xk
     a_ptrs = a_ptr + rr[None, :].to(tl.int64) * stride_ar + rk[:, None].to(tl.int64) * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_ok = (k + rk) < K
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if DROPOUT:
-            if WRITE_BITS:
-                # the rank-block-0 programs write the packed mask: one writer per byte.
-                keep, bits = keep_and_bits_tile(seed, pid_m * BLOCK_M, k, K, threshold,
-                                                BLOCK_M, BLOCK_K)
-                if pid_r == 0:
-                    store_bits_tile(bits_ptr, (K + 7) // 8, rm64, m_ok, k, bits, (K + 7) // 8,
-                                    BLOCK_K)
-            else:
-                keep = keep_tile(seed, pid_m * BLOCK_M, k, K, threshold, BLOCK_M, BLOCK_K)
-            x = tl.where(keep, x, 0.0)
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    for k0 in range(0, K, BLOCK_K):
+        for part in tl.static_range(PARTS):
+            k = k0 + part * TILE_K
+            k_ok = (k + rk) < K
+            x = tl.load(x_ptrs + part * TILE_K * stride_xk, mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if DROPOUT:
+                # x masked as 32-bit pairs from the lane masks (the bytes are dead code
+                # unless WRITE_BITS)
+                x, bits = drop_and_bits_tile(x, seed, pid_m * BLOCK_M, k, K, threshold,
+                                             BLOCK_M, TILE_K, PARTIAL_GROUPS)
+                if WRITE_BITS:
+                    if pid_r == 0:  # the rank-block-0 programs write it: one writer per byte
+                        store_bits_tile(bits_ptr, (K + 7) // 8, rm64, m_ok, k, bits,
+                                        (K + 7) // 8, TILE_K)
+            a = tl.load(a_ptrs + part * TILE_K * stride_ak, mask=k_ok[:, None] & r_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(x, a, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
     # 1/(1-p) is applied once to the fp32 sum instead of to every kept element of x.
@@ -81,7 +92,9 @@ def shrink(x: torch.Tensor, a: torch.Tensor, out: torch.Tensor, dropout_p: float
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
         seed_arg(seed), drop_threshold(dropout_p),
         1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
-        DROPOUT=dropout_p > 0.0, WRITE_BITS=write_bits, PRECISION=C.dot_precision(x.dtype),
+        DROPOUT=dropout_p > 0.0, WRITE_BITS=write_bits, PARTIAL_GROUPS=K % 8 != 0,
+        HALF_TILES=dropout_p > 0.0 and x.element_size() == 2 and K % 16 == 0,
+        PRECISION=C.dot_precision(x.dtype),
         BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
