@@ -7,7 +7,7 @@ plan's bounds (never an N×K workspace), and the M threshold."""
 import pytest
 import torch
 
-from helpers import LargestTensor, interpreting, nf4_linear, rel_err, triton_dtypes
+from helpers import DecodeSpy, LargestTensor, interpreting, nf4_linear, rel_err, triton_dtypes
 from lora_kernels import reference
 from lora_kernels.ops import nf4
 from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
@@ -22,25 +22,6 @@ needs_interpreter = pytest.mark.skipif(not interpreting(),
 
 def _dequantized(layer):
     return bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-
-
-class DecodeSpy:
-    """Counts ``decode_slab`` calls by the slab shape's cut (rows of W = forward, all rows =
-    dX) and records the largest workspace it was handed."""
-
-    def __init__(self, monkeypatch, N):
-        from lora_kernels.triton import nf4_slabs
-        self.fwd = self.dx = self.biggest = 0
-        real = nf4_slabs.decode_slab
-
-        def spy(w, out, n0, n1, c0, c1):
-            if n0 == 0 and n1 == N and (c0, c1) != (0, w.shape[1]):
-                self.dx += 1
-            else:
-                self.fwd += 1
-            self.biggest = max(self.biggest, out.numel())
-            return real(w, out, n0, n1, c0, c1)
-        monkeypatch.setattr(nf4_slabs, "decode_slab", spy)
 
 
 @needs_interpreter
