@@ -61,6 +61,27 @@ def test_decoded_fp8_slab_is_dequantize_rows(dtype, shape):
             assert _same(got, W[n0:n1, c0:c1]), (n0, n1, c0, c1)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("dtype", triton_dtypes("cpu"))
+def test_fp8_slab_hw_cvt_form_matches(dtype):
+    """The ``HW_CVT`` form (the hardware e4m3 conversion, what sm_89+ runs) gives the same
+    values as ``dequantize_rows``, masked and whole tiles. Finite codes only here: the
+    interpreter's float8e4nv reads 0x7f / 0xff as ±480, not NaN (the GPU test
+    test_fp8_gpu.py::test_fp8_slab_decode_on_gpu checks all 256 codes on the hardware)."""
+    from lora_kernels.triton import nf4_slabs as S
+    from lora_kernels.triton.quant_lora import packed
+    n, k = 21, 130
+    w = _all_codes_weight(n, k, seed=3)
+    codes = w.codes.clone()
+    codes[(codes & 0x7F) == 0x7F] = 0x7E  # the largest finite magnitude, sign kept
+    w = fp8.FP8Weight(codes=codes, scale=w.scale)
+    W = fp8.dequantize_rows(w, 0, n, dtype)
+    ws = torch.empty(n, k, dtype=dtype)
+    for n0, n1, c0, c1 in ((0, n, 0, k), (0, 16, 64, 128)):
+        got = S.decode_slab(packed(w), ws, n0, n1, c0, c1, hw_cvt=True)[: n1 - n0, : c1 - c0]
+        assert torch.equal(got, W[n0:n1, c0:c1]), (n0, n1, c0, c1)
+
+
 def _inputs(m, n, k, r, dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * sc).to(dtype)
