@@ -61,7 +61,8 @@ __all__ = ["SLAB_MIN_ROWS", "SLAB_BYTES", "min_rows", "plan", "use_slabs", "deco
 # dense GEMM on slabs that must still fill the SMs (17.9 µs a tile): M = 512: in-mainloop one
 # wave ≈ 48 µs, slabs ≈ 53 µs; M = 1024: two waves ≈ 95 µs against 53 µs (PREDICTION,
 # notes/nf4big.md). Env LORA_KERNELS_NF4_SLAB_MIN_M overrides it (tests: both routes on
-# small shapes).
+# small shapes). FP8 takes the same threshold; its in-mainloop K loop issues 42 SASS per
+# element per row tile, so its predicted break-even is lower, M ≈ 256 (notes/fp8slabs.md).
 SLAB_MIN_ROWS = 1024
 # Workspace budget: 8 MiB = 1024 rows of W at K = 4096 in bf16, small next to the 50 MB L2 of
 # an H100/H200 where it stays between the decode and the GEMM that reads it (with the x row
@@ -77,6 +78,8 @@ ROW_GRANULE, ROW_GRANULE_MIN, COL_GRANULE = 128, 8, 64
 # with the word store (WORDS) 12.6 / 12.9, and unmasked whole tiles (EVEN) 10.25 / 10.5
 # (80 registers; 32x128/4 11.3, 64x256/4 9.4 at 167 registers). What is left is about one
 # LDS (the table gather), FMUL, F2F and PRMT per element plus the nibble LOP3s.
+# FP8 at the same tile: 5.25 SASS per element with the sm_89+ hardware e4m3 conversion (54
+# registers), 21.4 with the integer assembly (70).
 DECODE_ROWS, DECODE_COLS, DECODE_WARPS = 64, 128, 4
 _INTERPRET_TILE = (16, 64)
 
