@@ -4,7 +4,8 @@ fused GEMM per slab. Interpreter runs (fp32 / fp16): the slabs bit-exact against
 ``ops.fp8.dequantize_rows`` (every one of the 256 codes included), the op's forward and
 gradients through the route against float64 of the dequantized W on odd shapes (several slabs,
 the last ragged), bias or not, dropout in training; the M threshold and ``route=``; no N×K
-tensor in a training step; the fp8 x fp8 forward (``act_quant``) never takes the route."""
+tensor in a training step; the first dX slab making dyb and dB; the fp8 x fp8 forward
+(``act_quant``) never takes the route."""
 
 import pytest
 import torch
@@ -172,3 +173,31 @@ def test_fp8_slab_step_makes_no_whole_weight(monkeypatch):
         T.quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, (True,) * 4)
     assert spy.fwd >= 2 and spy.dx >= 2
     assert 64 * k <= probe.biggest < n * k, "the probe saw the slab workspace, nothing larger"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fp8_slab_dx_first_slab_makes_dyb_and_db(p, monkeypatch):
+    """At large M (forced: the in-loop bound at 0) the first FP8 dX slab's GEMM makes dyb and
+    dB itself (no shrink reads dY); dropout from the packed bits. dX, dA, dB vs float64."""
+    from lora_kernels.triton import lora_linear as L
+    from lora_kernels.triton import lowrank, nf4_slabs as S
+    from lora_kernels.triton import quant_lora as T
+    monkeypatch.setattr(L, "FUSED_SHRINK_MAX_MR", 0)
+    monkeypatch.setattr(S, "SLAB_BYTES", 16 * 130 * 4)
+    n, k, m, r, s = 130, 150, 33, 6, 0.5
+    w = _weight(n, k, seed=7)
+    W = fp8.dequantize(w, torch.float32).double()
+    x, _, a, bb, dy = _inputs(m, n, k, r, torch.float32, seed=8)
+    xa = reference.apply_dropout(x.double(), 9, p) @ a.double().t()
+    shrinks = []
+    real = lowrank.shrink
+    monkeypatch.setattr(T, "shrink", lambda *args, **kw: shrinks.append(1) or real(*args, **kw))
+    dx, _, da, dbb = T.quant_lora_bwd(dy, x, w, a, bb, xa.float(), s, p, 9,
+                                      (True, False, True, True), route="slabs")
+    assert not shrinks, "dyb came from the first slab's GEMM"
+    dyb = dy.double() @ bb.double()
+    want_dx = dy.double() @ W + reference.apply_dropout(s * dyb @ a.double(), 9, p)
+    assert rel_err(dx, want_dx) <= 1e-5
+    assert rel_err(da, s * dyb.t() @ reference.apply_dropout(x.double(), 9, p)) <= 1e-5
+    assert rel_err(dbb, s * dy.double().t() @ xa) <= 1e-5
