@@ -244,7 +244,8 @@ class LargestTensor(TorchDispatchMode):
     the "no N×K temporary" structure tests (a whole dequantized weight would show up here).
     A custom op's body is invisible to a mode (its call is one dispatch): probe the backend
     functions to see inside. ``floating``: count floating-point tensors only, by storage
-    (FP8 codes are N×K bytes themselves; an expanded 0-d placeholder is one value)."""
+    (FP8 codes are N×K bytes themselves, the Triton interpreter copies kernel arguments as
+    uint8 bytes; an expanded 0-d placeholder is one value)."""
 
     def __init__(self, floating: bool = False):
         super().__init__()
