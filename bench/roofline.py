@@ -449,6 +449,13 @@ NF4_MAINLOOP_SASS = 21.3   # the in-mainloop K loop, 128x128x64 / 8 warps (notes
 NF4_SLAB_SASS = 10.25      # nf4_slabs._decode_slab_kernel 64x128 / 4 warps (word store, whole
 #                            tiles), once per element
 NF4_BLOCK_M = 128          # the in-mainloop kernels' row tile at large M (prune_packed's pick)
+# FP8 e4m3 weight-only (static sm_90a, bf16; notes/fp8slabs.md): the slab decode 64x128 / 4 warps
+# with the hardware e4m3 conversion (what sm_89+ runs), once per element; the in-mainloop K loop
+# of fp8_e4m3-dense-seeded-none-tiles-pointer 128x128x64 / 8 warps: 1346 SASS per iteration over
+# 32 elements a thread (integer e4m3 assembly, a per-element scale gather at flat // K0 in
+# int64), per element per 128-row tile.
+FP8_SLAB_SASS = 5.25
+FP8_MAINLOOP_SASS = 42.06
 
 
 def nf4_bytes(N: int, K: int) -> float:
@@ -465,33 +472,47 @@ def nf4_slab_width(M: int, rows: int, cols: int, granule: int, min_granule: int)
         return 1024
 
 
-def nf4_decode(rows: int, cols: int, name: str) -> Launch:
-    """One slab decode: NF4 bytes of the slab in, the slab in bf16 out (written to HBM: counted,
-    though the GEMM reads it back from L2), NF4_SLAB_SASS per element issued."""
-    return Launch(name, 0, nf4_bytes(rows, cols), rows * cols * E, sass=rows * cols * NF4_SLAB_SASS)
+def fp8_bytes(N: int, K: int) -> float:
+    """e4m3 codes N·K bytes + an fp32 scale per row."""
+    return N * K + N * 4
 
 
-def nf4_mainloop_gemm(M, N, K, r, name) -> Launch:
-    """The in-mainloop NF4 fused GEMM (seeded): bytes as the bf16 one with W in NF4, plus the
-    decode of every W element once per BLOCK_M row tile, issued beside the MMA."""
+# per format: (storage bytes, slab decode SASS / element, in-mainloop SASS / element / tile)
+QUANT = {"NF4": (nf4_bytes, NF4_SLAB_SASS, NF4_MAINLOOP_SASS),
+         "FP8": (fp8_bytes, FP8_SLAB_SASS, FP8_MAINLOOP_SASS)}
+
+
+def nf4_decode(rows: int, cols: int, name: str, fmt: str = "NF4") -> Launch:
+    """One slab decode: the quantized bytes of the slab in, the slab in bf16 out (written to
+    HBM: counted, though the GEMM reads it back from L2), the format's slab SASS per element."""
+    nbytes, slab_sass, _ = QUANT[fmt]
+    return Launch(name, 0, nbytes(rows, cols), rows * cols * E, sass=rows * cols * slab_sass)
+
+
+def nf4_mainloop_gemm(M, N, K, r, name, fmt: str = "NF4") -> Launch:
+    """The in-mainloop quantized fused GEMM (seeded): bytes as the bf16 one with W quantized,
+    plus the decode of every W element once per BLOCK_M row tile, issued beside the MMA."""
+    nbytes, _, loop_sass = QUANT[fmt]
     l = triton_fused_gemm(M, N, K, r, 1, 0.0, name)
-    l.read += nf4_bytes(N, K) - N * K * E
-    l.sass = -(-M // NF4_BLOCK_M) * N * K * NF4_MAINLOOP_SASS
+    l.read += nbytes(N, K) - N * K * E
+    l.sass = -(-M // NF4_BLOCK_M) * N * K * loop_sass
     return l
 
 
-def nf4_single_adapter(M, K, N, r, bwd):
-    """NF4 forward (and backward) at p = 0: minimal, ours (slabs at M ≥ nf4_slabs.min_rows()),
-    the in-mainloop route, PEFT + bitsandbytes, and the bf16 cuBLAS GEMM(s) ("bare")."""
+def nf4_single_adapter(M, K, N, r, bwd, fmt: str = "NF4"):
+    """NF4 / weight-only FP8 forward (and backward) at p = 0: minimal, ours (slabs at
+    M ≥ nf4_slabs.min_rows()), the in-mainloop route, PEFT + bitsandbytes (NF4) or the
+    unfused dequantize + cuBLAS + LoRA composition (FP8: ``fp8_unfused``, the same graph with
+    torch's dequantize), and the bf16 cuBLAS GEMM(s) ("bare")."""
     mode = forward_mode(M, r, 0.0)
-    wq = nf4_bytes(N, K)
+    wq = QUANT[fmt][0](N, K)
     minimal = Launch("minimal", 2 * M * K * N + 2 * M * r * (K + N),
                      M * K * E + wq + (r * K + N * r) * E, (M * N + M * r) * E)
     width = nf4_slab_width(M, N, K, 128, 8)
     ours = []
     for n0 in range(0, N, width):
         n = min(width, N - n0)
-        ours.append(nf4_decode(n, K, f"NF4 slab decode W[{n0}:{n0 + n}, :]"))
+        ours.append(nf4_decode(n, K, f"{fmt} slab decode W[{n0}:{n0 + n}, :]", fmt))
         if n0 == 0 and mode == 4:
             ours.append(triton_panel_gemm(M, n, K, r, "dense fused GEMM on the slab, xa panel-shared"))
         elif n0 == 0 and mode == 2:
@@ -500,11 +521,13 @@ def nf4_single_adapter(M, K, N, r, bwd):
             if n0 == 0:
                 ours.insert(0, triton_shrink(M, K, r, 0.0))
             ours.append(triton_fused_gemm(M, n, K, r, 1, 0.0, "dense fused GEMM on the slab, seeded"))
-    mainloop = [triton_shrink(M, K, r, 0.0), nf4_mainloop_gemm(M, N, K, r, "NF4 fused GEMM, in-loop decode")]
+    deq, mm = (("bnb dequantize_4bit", "MatMul4Bit") if fmt == "NF4"
+               else ("fp8.dequantize (torch)", "F.linear"))
+    mainloop = [triton_shrink(M, K, r, 0.0), nf4_mainloop_gemm(M, N, K, r, f"{fmt} fused GEMM, in-loop decode", fmt)]
     # PEFT LoRA over bitsandbytes Linear4bit (lora.bnb.Linear4bit.forward, p = 0: no dropout
     # module): result = base(x).clone(); result = result + lora_B(lora_A(x)) * scaling.
-    peft = [Launch("bnb dequantize_4bit W", 0, wq, N * K * E),
-            cublas_gemm(M, N, K, "cuBLAS x·Wᵀ (MatMul4Bit)"),
+    peft = [Launch(f"{deq} W", 0, wq, N * K * E),
+            cublas_gemm(M, N, K, f"cuBLAS x·Wᵀ ({mm})"),
             elementwise(M * N, E, E, "result.clone()"),
             cublas_gemm(M, r, K, "cuBLAS lora_A(x)"), cublas_gemm(M, N, r, "cuBLAS lora_B(·)"),
             elementwise(M * N, E, E, "· scaling"), elementwise(M * N, 2 * E, E, "result + ·")]
@@ -519,7 +542,7 @@ def nf4_single_adapter(M, K, N, r, bwd):
             ours.append(triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"))
         for k0 in range(0, K, kw):
             k = min(kw, K - k0)
-            ours.append(nf4_decode(N, k, f"NF4 slab decode W[:, {k0}:{k0 + k}]"))
+            ours.append(nf4_decode(N, k, f"{fmt} slab decode W[:, {k0}:{k0 + k}]", fmt))
             if panel and k0 == 0:
                 npm = pad(M, panel_tile()[0]) // panel_tile()[0]
                 ours += [triton_panel_gemm(M, k, N, r, "dX dense fused GEMM on the slab, "
@@ -532,7 +555,7 @@ def nf4_single_adapter(M, K, N, r, bwd):
         if not panel:
             ours += [*triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
         mainloop += [triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"),
-                     nf4_mainloop_gemm(M, K, N, r, "dX NF4 fused GEMM, in-loop decode"),
+                     nf4_mainloop_gemm(M, K, N, r, f"dX {fmt} fused GEMM, in-loop decode", fmt),
                      *triton_reduce(M, K, r, 0.0, "dA = xᵀ·dyb"), *triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
         # autograd through PEFT's graph: · scaling, lora_B, lora_A, MatMul4Bit (dequantize
         # again + dY·W), and the sum of the two dX contributions
@@ -541,11 +564,12 @@ def nf4_single_adapter(M, K, N, r, bwd):
                  cublas_gemm(N, r, M, "cuBLAS dB = (s·dY)ᵀ·xa"),
                  cublas_gemm(M, K, r, "cuBLAS dX_lora = d(xa)·A"),
                  cublas_gemm(r, K, M, "cuBLAS dA = d(xa)ᵀ·x"),
-                 Launch("bnb dequantize_4bit W (backward)", 0, wq, N * K * E),
-                 cublas_gemm(M, K, N, "cuBLAS dY·W (MatMul4Bit backward)"),
+                 Launch(f"{deq} W (backward)", 0, wq, N * K * E),
+                 cublas_gemm(M, K, N, f"cuBLAS dY·W ({mm} backward)"),
                  elementwise(M * K, 2 * E, E, "dX_base + dX_lora (autograd sum)")]
         bare += [cublas_gemm(M, K, N, "cuBLAS dY·W (bf16 W)")]
-    return minimal, {"ours": ours, "mainloop": mainloop, "peft_bnb": peft, "bare": bare}
+    return minimal, {"ours": ours, "mainloop": mainloop,
+                     "peft_bnb" if fmt == "NF4" else "fp8_unfused": peft, "bare": bare}
 
 
 NF4_TARGETS = {"nf4 fwd": ("bare", 1.15), "nf4 fwd+bwd": ("peft_bnb", 1 / 1.5)}
@@ -581,6 +605,8 @@ def ops():
         "fwd fp8 act_quant": fp8_act_forward(M, K, N, r),
         "nf4 fwd": nf4_single_adapter(M, K, N, r, False),
         "nf4 fwd+bwd": nf4_single_adapter(M, K, N, r, True),
+        "fp8 fwd": nf4_single_adapter(M, K, N, r, False, "FP8"),
+        "fp8 fwd+bwd": nf4_single_adapter(M, K, N, r, True, "FP8"),
     }
 
 

@@ -176,7 +176,7 @@ class Compiler:
         ops = _opcodes(k.asm["sass"])
         tile = {key: meta[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "CHUNKS", "SPLIT_K",
                                            "BLOCK_P", "WARP_SPEC") if key in meta}
-        if name == "nf4_slab_decode":
+        if name == "slab_decode":
             tile.update(BLOCK_R=meta["BLOCK_R"], BLOCK_C=meta["BLOCK_C"])
         tile.update(w=k.metadata.num_warps, s=meta["num_stages"])
         regs, spill = _ptxas_usage(k)
@@ -363,7 +363,7 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                             interpret=False,
                             config={**cfgq.kwargs, "num_warps": cfgq.num_warps,
                                     "num_stages": cfgq.num_stages})
-    _nf4_slab_forms(comp, e)
+    _slab_forms(comp, e)
     # The NF4 decode GEMV (M ≤ 8, CUDA cores; triton/nf4_gemv.py) at M = 1, 2, 4, 8, plain
     # and nested absmax, with bias and the LoRA term (its own shrink), at the launcher's GPU
     # config.
@@ -385,18 +385,19 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
     return comp.rows
 
 
-def _nf4_slab_forms(comp: "Compiler", e) -> None:
-    """The NF4 slab route (lora_kernels/triton/nf4_slabs.py) at the target shape: the slab
+def _slab_forms(comp: "Compiler", e) -> None:
+    """The NF4 / FP8 slab route (lora_kernels/triton/nf4_slabs.py) at the target shape: the slab
     decode kernel (SASS per element = the whole program over the elements each thread
     decodes: one tile per program, no loop) for a forward row slab and a dX column slab,
-    plain and nested, and the dense fused GEMMs it launches per slab. On a GPU these operands
+    NF4 plain and nested and FP8 e4m3, and the dense fused GEMMs it launches per slab. On a GPU these operands
     take persistent + TMA (tma_compatible holds for x, the workspace and y[:, n0:n1] /
     dX[:, k0:k1]); this CPU process has no CUDA tensors, so the schedule is forced here, and
     store="tma" raises if the slab views could not take descriptors."""
     import functools
     import lora_kernels.triton.fused_gemm as FG
     import lora_kernels.triton.nf4_slabs as NS
-    NS._decode_slab_kernel = comp.wrap(NS._decode_slab_kernel, "nf4_slab_decode",
+    from lora_kernels.triton.quant_lora import packed_fp8
+    NS._decode_slab_kernel = comp.wrap(NS._decode_slab_kernel, "slab_decode",
                                        elems=lambda m: m["BLOCK_R"] * m["BLOCK_C"])
     real_gemm = NS.fused_gemm
     NS.fused_gemm = functools.partial(FG.fused_gemm, schedule="persistent", store="tma")
@@ -411,6 +412,18 @@ def _nf4_slab_forms(comp: "Compiler", e) -> None:
             width = NS.dx_plan(M_T, w, 2, torch.device("cuda"))
             comp.form = f"nf4 slabs {kind} decode dX slab [{N_T}, {width}]"
             NS.decode_slab(w, e(N_T, width), 0, N_T, width, 2 * width)
+        # weight-only FP8 e4m3 (one byte and a row scale per element in, the compute dtype
+        # out); its slab GEMMs are the NF4 ones below (the same dense kernels on a bf16 slab)
+        w = packed_fp8(types.SimpleNamespace(codes=torch.empty(N_T, K_T, dtype=torch.uint8),
+                                             scale=torch.empty(N_T)))
+        for hw in (True, False):  # hw: what sm_89+ runs (hw_cvt_ok); integer: the fallback
+            cvt = "hw cvt" if hw else "integer"
+            width = NS.fwd_plan(M_T, w, 2, torch.device("cuda"))
+            comp.form = f"fp8 slabs {cvt} decode fwd slab [{width}, {K_T}]"
+            NS.decode_slab(w, e(width, K_T), 0, width, 0, K_T, hw_cvt=hw)
+            width = NS.dx_plan(M_T, w, 2, torch.device("cuda"))
+            comp.form = f"fp8 slabs {cvt} decode dX slab [{N_T}, {width}]"
+            NS.decode_slab(w, e(N_T, width), 0, N_T, width, 2 * width, hw_cvt=hw)
         w = _packed_nf4(False, N_T, K_T)
         x, a, bb = e(M_T, K_T), e(R_T, K_T), e(N_T, R_T)
         for p, first, how in ((0.0, 4, "xa panel-shared in slab 0"),
@@ -452,13 +465,16 @@ def _dropout_cost(rows: list[Row]) -> None:
 
 def print_table(rows: list[Row]) -> None:
     head = ("kernel", "form", "config", "regs", "spill", "smem KiB", "CTA/SM", "grid/SMs",
-            "H/QGMMA", "UTMA", "wgmma e4m3", "SASS", "drop instr/elem (nf4_gemv: K loop)")
+            "H/QGMMA", "UTMA", "wgmma e4m3", "SASS",
+            "drop instr/elem (nf4_gemv: K loop; slab_decode: SASS/elem)")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         drop = "" if r.drop_per_elem is None else f"{r.drop_per_elem:.1f}"
         if r.extra.get("loop_per_elem") is not None:
             drop = f"K loop {r.extra['loop_per_elem']} / elem, mem {r.extra['mem_per_elem']}"
+        if r.kernel == "slab_decode" and r.elems_per_thread:  # one tile a program, no loop
+            drop = f"{r.sass / r.elems_per_thread:.2f} SASS/elem"
         waves = r.grid / (SMS * max(r.ctas_per_sm, 1))
         print(f"| {r.kernel} | {r.form} | {r.config} | {r.regs} | {r.spill} | "
               f"{r.smem / 1024:.0f} | {r.ctas_per_sm} | {r.grid}/{SMS} ({waves:.2f} waves) | "

@@ -241,17 +241,26 @@ def count_calls(monkeypatch, module, names=("lora_linear", "multi_lora_linear"))
 
 class LargestTensor(TorchDispatchMode):
     """``.biggest``: the most elements of any tensor an op made inside the mode — the probe of
-    the "no N×K temporary" structure tests (a whole dequantized weight would show up here)."""
+    the "no N×K temporary" structure tests (a whole dequantized weight would show up here).
+    A custom op's body is invisible to a mode (its call is one dispatch): probe the backend
+    functions to see inside. ``floating``: count floating-point tensors only, by storage
+    (FP8 codes are N×K bytes themselves, the Triton interpreter copies kernel arguments as
+    uint8 bytes; an expanded 0-d placeholder is one value)."""
 
-    def __init__(self):
+    def __init__(self, floating: bool = False):
         super().__init__()
-        self.biggest = 0
+        self.biggest, self.floating = 0, floating
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if not self.floating:
                 self.biggest = max(self.biggest, t.numel())
+            elif t.is_floating_point():
+                n = t.untyped_storage().nbytes() // t.element_size()
+                self.biggest = max(self.biggest, n)
         return out
 
 
@@ -292,3 +301,21 @@ def peft_mixed_oracle(model, x, names):
             p.requires_grad_(True)
     return y, lora_grads(model)
 
+
+class DecodeSpy:
+    """Counts ``nf4_slabs.decode_slab`` calls (NF4 and FP8 slabs) by the slab shape's cut
+    (rows of W = forward, all rows = dX) and records the largest workspace it was handed."""
+
+    def __init__(self, monkeypatch, N):
+        from lora_kernels.triton import nf4_slabs
+        self.fwd = self.dx = self.biggest = 0
+        real = nf4_slabs.decode_slab
+
+        def spy(w, out, n0, n1, c0, c1):
+            if n0 == 0 and n1 == N and (c0, c1) != (0, w.shape[1]):
+                self.dx += 1
+            else:
+                self.fwd += 1
+            self.biggest = max(self.biggest, out.numel())
+            return real(w, out, n0, n1, c0, c1)
+        monkeypatch.setattr(nf4_slabs, "decode_slab", spy)

@@ -137,3 +137,57 @@ def test_fp8_act_backends_agree_on_device():
     got = [lora_linear_fp8(x, w, b, a, bb, scaling=1.5, backend=be,
                            act_quant="e4m3_per_token") for be in ("triton", "torch")]
     assert rel_err(got[0], got[1].double()) <= 1e-2
+
+
+# ---- the slab route (nf4_slabs.py) for weight-only FP8 at M ≥ min_rows() ----------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hw_cvt", [None, False])
+def test_fp8_slab_decode_on_gpu(dtype, hw_cvt):
+    """Every one of the 256 codes (NaN, subnormals, ±0), row and column slabs, masked and
+    whole tiles, through the hardware conversion (None: hw_cvt_ok's choice) and the integer
+    one: bit for bit ``dequantize_rows`` in the compute dtype (NaN where NaN)."""
+    from lora_kernels.triton import nf4_slabs as S
+    from lora_kernels.triton.quant_lora import packed
+    n, k = 300, 1100
+    g = torch.Generator().manual_seed(11)
+    codes = (torch.randperm(n * k, generator=g) % 256).to(torch.uint8).reshape(n, k)
+    w = fp8.FP8Weight(codes=codes.to(DEV), scale=(torch.rand(n, generator=g) * 3 + 1e-3).to(DEV))
+    W = fp8.dequantize_rows(w, 0, n, dtype)
+    ws = torch.empty(n, k, dtype=dtype, device=DEV)
+    for n0, n1, c0, c1 in ((0, n, 0, k), (0, 128, 0, 1024), (7, 200, 64, 1088), (0, n, 512, k)):
+        got = S.decode_slab(packed(w), ws, n0, n1, c0, c1, hw_cvt=hw_cvt)[: n1 - n0, : c1 - c0]
+        want = W[n0:n1, c0:c1]
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan])
+
+
+@pytest.mark.parametrize("m,n,k,p", [(4096, 4096, 4096, 0.0), (1100, 1000, 1096, 0.1),
+                                     (2048, 4104, 528, 0.0)])
+def test_fp8_slab_route_forward_and_grads(m, n, k, p, monkeypatch):
+    """bf16 at M ≥ min_rows() (the default route: slabs, checked by the spy) against float64
+    of the dequantized W, output and every gradient, dropout in training; the in-mainloop
+    route (route="mainloop") agrees with it to bf16 rounding."""
+    from helpers import DecodeSpy
+    from lora_kernels import reference
+    from lora_kernels.triton import quant_lora as T
+    dtype = torch.bfloat16
+    w, x, b, a, bb, dy = _case(m, n, k, 16, dtype, seed=m)
+    spy = DecodeSpy(monkeypatch, n)
+    leaves = [t.clone().requires_grad_(True) for t in (x, b, a, bb)]
+    y = lora_linear_fp8(leaves[0], w, leaves[1], leaves[2], leaves[3], scaling=2.0,
+                        dropout_p=p, dropout_seed=5, backend="triton")
+    y.backward(dy)
+    assert spy.fwd >= 2 and spy.dx >= 2, "both passes took the slab route"
+    assert spy.biggest < n * k
+    d = lambda t: t.detach().double().requires_grad_(True)
+    x64, b64, a64, bb64 = d(x), d(b), d(a), d(bb)
+    want = reference.lora_linear(x64, fp8.dequantize(w, dtype).double(), b64, a64, bb64, 2.0,
+                                 p, 5)
+    want.backward(dy.double())
+    assert rel_err(y, want) <= TOL[dtype]
+    for t, t64 in zip(leaves, (x64, b64, a64, bb64)):
+        assert rel_err(t.grad, t64.grad) <= TOL[dtype]
+    y_main, _ = T.quant_lora_fwd(x, w, b, a, bb, 2.0, 0.0, 0, route="mainloop")
+    y_slab, _ = T.quant_lora_fwd(x, w, b, a, bb, 2.0, 0.0, 0, route="slabs")
+    assert rel_err(y_slab, y_main.double()) <= TOL[dtype]

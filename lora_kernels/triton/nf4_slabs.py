@@ -1,12 +1,15 @@
-"""NF4 at compute-bound M: decode W once, slab by slab, into a bounded workspace in the
-compute dtype, then run the bf16/fp16 fused GEMM (the persistent TMA/wgmma one on Hopper) on it.
+"""NF4 and FP8 (weight-only e4m3) at compute-bound M: decode W once, slab by slab, into a
+bounded workspace in the compute dtype, then run the bf16/fp16 fused GEMM (the persistent
+TMA/wgmma one on Hopper) on it.
 
 Why (issue #16): the in-mainloop decode (gemm/formats.py through the K loop) decodes every
 4-bit element once per BLOCK_M row tile — 64 times at M = 8192 — and its K loop issues 21.3
 SASS instructions per decoded element on sm_90a against 0.0625 clk of wgmma per element at
 BLOCK_M = 128: ≈ 2.7× the bf16 GEMM (notes/nf4perf.md). Decoding each element once costs
 N·K·(½ byte read + 2 bytes written) ≈ 42 MB at K = N = 4096 (≈ 10 µs on an H200) and leaves
-the GEMM itself exactly the dense one (notes/nf4big.md has the arithmetic).
+the GEMM itself exactly the dense one (notes/nf4big.md has the arithmetic). FP8 (issue #16,
+notes/fp8slabs.md): the in-mainloop e4m3 decode runs once per 128-row M tile through pointer
+loads (no TMA for W); a slab costs N·K·(1 + 2) bytes once and the GEMM is again the dense one.
 
 * forward: for row slabs ``n0:n1`` of W, :func:`decode_slab` writes ``W[n0:n1, :]`` to the
   workspace, then ``fused_gemm`` writes ``y[:, n0:n1]`` (a column view of y) with its fused
@@ -41,9 +44,12 @@ import triton.language as tl
 
 from lora_kernels.triton import configs as C
 from lora_kernels.triton.dropout import dropout_keep_packed
+from lora_kernels.triton.fp8_act_quant import hw_cvt_ok
 from lora_kernels.triton.fused_gemm import fused_gemm
-from lora_kernels.triton.gemm.formats import PackedWeight, nf4_row_pairs, nf4_tile
-from lora_kernels.triton.gemm.modes import LoraMode, WEIGHT_NF4, WEIGHT_NF4_NESTED
+from lora_kernels.triton.gemm.formats import (PackedWeight, e4m3_to_f32, nf4_row_pairs,
+                                              nf4_tile)
+from lora_kernels.triton.gemm.modes import (LoraMode, WEIGHT_FP8_E4M3, WEIGHT_NF4,
+                                            WEIGHT_NF4_NESTED)
 from lora_kernels.triton.lowrank import shrink
 
 __all__ = ["SLAB_MIN_ROWS", "SLAB_BYTES", "min_rows", "plan", "use_slabs", "decode_slab",
@@ -55,7 +61,8 @@ __all__ = ["SLAB_MIN_ROWS", "SLAB_BYTES", "min_rows", "plan", "use_slabs", "deco
 # dense GEMM on slabs that must still fill the SMs (17.9 µs a tile): M = 512: in-mainloop one
 # wave ≈ 48 µs, slabs ≈ 53 µs; M = 1024: two waves ≈ 95 µs against 53 µs (PREDICTION,
 # notes/nf4big.md). Env LORA_KERNELS_NF4_SLAB_MIN_M overrides it (tests: both routes on
-# small shapes).
+# small shapes). FP8 takes the same threshold; its in-mainloop K loop issues 42 SASS per
+# element per row tile, so its predicted break-even is lower, M ≈ 256 (notes/fp8slabs.md).
 SLAB_MIN_ROWS = 1024
 # Workspace budget: 8 MiB = 1024 rows of W at K = 4096 in bf16, small next to the 50 MB L2 of
 # an H100/H200 where it stays between the decode and the GEMM that reads it (with the x row
@@ -71,6 +78,8 @@ ROW_GRANULE, ROW_GRANULE_MIN, COL_GRANULE = 128, 8, 64
 # with the word store (WORDS) 12.6 / 12.9, and unmasked whole tiles (EVEN) 10.25 / 10.5
 # (80 registers; 32x128/4 11.3, 64x256/4 9.4 at 167 registers). What is left is about one
 # LDS (the table gather), FMUL, F2F and PRMT per element plus the nibble LOP3s.
+# FP8 at the same tile: 5.25 SASS per element with the sm_89+ hardware e4m3 conversion (54
+# registers), 21.4 with the integer assembly (70).
 DECODE_ROWS, DECODE_COLS, DECODE_WARPS = 64, 128, 4
 _INTERPRET_TILE = (16, 64)
 
@@ -113,10 +122,14 @@ def plan(M: int, rows: int, cols: int, elem: int, sms: int, granule: int,
 
 
 def use_slabs(M: int, w, threshold: Optional[int] = None) -> bool:
-    """Whether a call with ``M`` rows of x takes the slab route: NF4 (FP8 keeps its in-loop
-    decode) and ``M ≥ threshold`` (default :func:`min_rows`)."""
-    return (isinstance(w, PackedWeight) and w.weight in (int(WEIGHT_NF4), int(WEIGHT_NF4_NESTED))
+    """Whether a call with ``M`` rows of x takes the slab route: NF4 or weight-only FP8 e4m3
+    (the fp8 x fp8 ``act_quant`` forward never comes here) and ``M ≥ threshold`` (default
+    :func:`min_rows`, one threshold for both formats)."""
+    return (isinstance(w, PackedWeight) and w.weight in _SLAB_WEIGHTS
             and M >= (min_rows() if threshold is None else threshold))
+
+
+_SLAB_WEIGHTS = (int(WEIGHT_NF4), int(WEIGHT_NF4_NESTED), int(WEIGHT_FP8_E4M3))
 
 
 @triton.jit
@@ -124,7 +137,8 @@ def _decode_slab_kernel(codes_ptr, out_ptr, absmax_ptr, absmax2_ptr, lut_ptr, of
                         n0, n1, c0, c1, K0, stride_om,
                         WEIGHT: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr,
                         QROUND: tl.constexpr, WORDS: tl.constexpr, OUT_BF16: tl.constexpr,
-                        EVEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                        EVEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                        HW_CVT: tl.constexpr = False):
     """``out[i, j] = W[n0 + i, c0 + j]`` for the ``[n1 − n0, c1 − c0]`` block of the NF4 W
     ``[N0, K0]``, decoded by the GEMM core's own code (gemm/formats.py) on rows of W, so the
     slab is bit-identical to what the in-mainloop kernels feed the MMA (rounded to the
@@ -134,14 +148,42 @@ def _decode_slab_kernel(codes_ptr, out_ptr, absmax_ptr, absmax2_ptr, lut_ptr, of
     each byte's two elements are stored as one word (even column in the low half), with no
     nibble interleave (the static counts are at DECODE_ROWS). ``EVEN``: whole tiles inside
     W, no masks. Otherwise
-    ``formats.nf4_tile`` on the Wᵀ view (strides ``(1, K0)``: its tile rows are rows of W)."""
+    ``formats.nf4_tile`` on the Wᵀ view (strides ``(1, K0)``: its tile rows are rows of W).
+
+    FP8 e4m3 (``WEIGHT == WEIGHT_FP8_E4M3``; ``absmax_ptr``: the fp32 scale per row of W):
+    ``formats.e4m3_to_f32(code) · scale[row]`` in fp32, then out's dtype — the same product of
+    the same two fp32 values as the core's ``fp8_tile`` (and ``ops.fp8.dequantize_rows``),
+    with the scale loaded once per row instead of per element (no ``flat // K0``). ``HW_CVT``
+    (sm_89+): the code to fp32 by the hardware e4m3 conversion (exact: every e4m3 value is
+    an fp16 and an fp32; NaN stays NaN) instead of the integer assembly — static sm_90a
+    64x128/4: 21.4 → 5.25 SASS per element, 70 → 54 registers (bench/sass_report.py)."""
     row0 = n0 + tl.program_id(0) * BLOCK_R
     col0 = c0 + tl.program_id(1) * BLOCK_C
     rows = row0 + tl.arange(0, BLOCK_R)
     row_ok = rows < n1
     wq = (absmax_ptr, absmax2_ptr, lut_ptr, offset, 1, K0)
     out_rows = (rows - n0).to(tl.int64)[:, None] * stride_om
-    if WORDS:
+    if WEIGHT == WEIGHT_FP8_E4M3:
+        cols = col0 + tl.arange(0, BLOCK_C)
+        src = codes_ptr + rows.to(tl.int64)[:, None] * K0 + cols[None, :]
+        dst = out_ptr + out_rows + (cols - c0)[None, :]
+        if EVEN:
+            scale = tl.load(absmax_ptr + rows)
+            byte = tl.load(src)
+        else:
+            ok = row_ok[:, None] & (cols < c1)[None, :]
+            scale = tl.load(absmax_ptr + rows, mask=row_ok, other=0.0)
+            byte = tl.load(src, mask=ok, other=0)
+        if HW_CVT:
+            q = byte.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            q = e4m3_to_f32(byte)
+        w = (q * scale[:, None]).to(out_ptr.dtype.element_ty)
+        if EVEN:
+            tl.store(dst, w)
+        else:
+            tl.store(dst, w, mask=ok)
+    elif WORDS:
         even, odd = nf4_row_pairs(codes_ptr, wq, row0, row_ok, col0, WEIGHT, QBLOCK, QBLOCK2,
                                   QROUND, BLOCK_R, BLOCK_C, not EVEN)
         dt: tl.constexpr = tl.bfloat16 if OUT_BF16 else tl.float16
@@ -162,15 +204,18 @@ def _decode_slab_kernel(codes_ptr, out_ptr, absmax_ptr, absmax2_ptr, lut_ptr, of
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-def decode_slab(w: PackedWeight, out: torch.Tensor, n0: int, n1: int, c0: int, c1: int):
+def decode_slab(w: PackedWeight, out: torch.Tensor, n0: int, n1: int, c0: int, c1: int,
+                hw_cvt: Optional[bool] = None):
     """``out[:n1-n0, :c1-c0] = W[n0:n1, c0:c1]`` in out's dtype (out row-major, unit inner
-    stride). ``w``: the NF4 PackedWeight of the *forward* view (not ``.t()``)."""
+    stride). ``w``: the NF4 or FP8 PackedWeight of the *forward* view (not ``.t()``).
+    ``hw_cvt`` (FP8): force the e4m3 conversion (None: the hardware one on sm_89+, the
+    integer one elsewhere; the same values)."""
     assert not w.transposed and out.stride(1) == 1
     K0 = w.base_shape[1]
     br, bc = _INTERPRET_TILE if C.interpreting() else (DECODE_ROWS, DECODE_COLS)
     la = w.launch_args()
-    words = (out.dtype in (torch.float16, torch.bfloat16) and K0 % 2 == 0 and c0 % 2 == 0
-             and (c1 - c0) % 2 == 0 and out.stride(0) % 2 == 0)
+    words = (w.weight != int(WEIGHT_FP8_E4M3) and out.dtype in (torch.float16, torch.bfloat16)
+             and K0 % 2 == 0 and c0 % 2 == 0 and (c1 - c0) % 2 == 0 and out.stride(0) % 2 == 0)
     dst, stride = (out.view(torch.int32), out.stride(0) // 2) if words else (out, out.stride(0))
     grid = (triton.cdiv(n1 - n0, br), triton.cdiv(c1 - c0, bc))
     _decode_slab_kernel[grid](
@@ -179,7 +224,9 @@ def decode_slab(w: PackedWeight, out: torch.Tensor, n0: int, n1: int, c0: int, c
         QBLOCK=la["QBLOCK"], QBLOCK2=la["QBLOCK2"], QROUND=la["QROUND"], WORDS=words,
         OUT_BF16=out.dtype == torch.bfloat16,
         EVEN=(n1 - n0) % br == 0 and (c1 - c0) % bc == 0 and c1 <= K0,
-        BLOCK_R=br, BLOCK_C=bc, num_warps=DECODE_WARPS)
+        BLOCK_R=br, BLOCK_C=bc, num_warps=DECODE_WARPS,
+        HW_CVT=w.weight == int(WEIGHT_FP8_E4M3) and (hw_cvt_ok(out) if hw_cvt is None
+                                                     else bool(hw_cvt)))
     return out
 
 

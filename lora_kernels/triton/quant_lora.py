@@ -9,9 +9,10 @@ so neither the forward nor dX ever holds W in a wider dtype:
 * ``dX = dY·W + mask∘(s·dyb·A)/(1−p)``: the fused GEMM on the packed storage's ``Wᵀ`` view;
 * ``dA``, ``dB``: the rank-sized reductions of lowrank.py; W is frozen (no dW).
 
-NF4 at ``M ≥ nf4_slabs.min_rows()`` (compute-bound M) takes the slab route instead for the
-forward and dX: W decoded once, a bounded slab at a time, then the dense fused GEMM
-(nf4_slabs.py); ``route=`` forces ``"slabs"`` or ``"mainloop"`` (tests, benchmarks).
+NF4 and weight-only FP8 at ``M ≥ nf4_slabs.min_rows()`` (compute-bound M) take the slab route
+instead for the forward and dX: W decoded once, a bounded slab at a time, then the dense fused
+GEMM (nf4_slabs.py); ``route=`` forces ``"slabs"`` or ``"mainloop"`` (tests, benchmarks). The
+fp8 x fp8 forward (``act_quant``) keeps its own GEMM; its backward is the weight-only one.
 
 ``w`` is a PackedWeight, or any object with NF4Weight's attributes (lora_kernels/ops/nf4.py)
 or FP8Weight's (lora_kernels/ops/fp8.py): kernels never import ops.
@@ -101,7 +102,8 @@ def quant_lora_fwd(x: torch.Tensor, w, bias: Optional[torch.Tensor], lora_a: tor
                  act_quant: str = "none", *, mode: Optional[int] = None,
                  config: Optional[dict] = None, route: Optional[str] = None):
     """``(y [M, N], xa [M, r])``; ``act_quant="e4m3_per_token"`` (an FP8 w):
-    :func:`fp8_act_fwd`; ``route``: the NF4 slab route's override (nf4_slabs.py)."""
+    :func:`fp8_act_fwd`; ``route``: the slab route's override (nf4_slabs.py; NF4 and
+    weight-only FP8)."""
     if act_quant != "none":
         return fp8_act_fwd(x, w, bias, lora_a, lora_b, scaling, dropout_p, seed, config=config)
     with on_device(x):
