@@ -7,6 +7,7 @@ import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # ‖out − ref‖ / ‖ref‖ against the float64 reference.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -239,26 +240,46 @@ def count_calls(monkeypatch, module, names=("lora_linear", "multi_lora_linear"))
     return calls
 
 
+def _own_op_body(func):
+    """The Python body of a ``lora_kernels::`` custom op, or None for any other op."""
+    if getattr(func, "namespace", None) != "lora_kernels":
+        return None
+    from torch._library.custom_ops import OPDEFS  # torch.library.custom_op's registry
+    opdef = OPDEFS.get(func._schema.name)
+    return None if opdef is None else opdef._init_fn
+
+
 class LargestTensor(TorchDispatchMode):
     """``.biggest``: the most elements of any tensor an op made inside the mode — the probe of
     the "no N×K temporary" structure tests (a whole dequantized weight would show up here).
-    A custom op's body is invisible to a mode (its call is one dispatch): probe the backend
-    functions to see inside. ``floating``: count floating-point tensors only, by storage
+    A custom op's body is invisible to a mode (its call is one dispatch), so the body of each
+    of *our* ops (``lora_kernels::*``, torch.library.custom_op) is run here with the mode on:
+    its temporaries count too. ``floating``: count floating-point tensors only, by storage
     (FP8 codes are N×K bytes themselves, the Triton interpreter copies kernel arguments as
     uint8 bytes; an expanded 0-d placeholder is one value)."""
 
-    def __init__(self, floating: bool = False):
+    def __init__(self, floating: bool = True):
         super().__init__()
         self.biggest, self.floating = 0, floating
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        body = _own_op_body(func)
+        if body is not None:
+            with self:  # the mode is off inside its own handler: on again for the op's body
+                out = body(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if not isinstance(t, torch.Tensor):
                 continue
             if not self.floating:
                 self.biggest = max(self.biggest, t.numel())
-            elif t.is_floating_point():
+            elif t.is_floating_point() and t.element_size() > 1 and \
+                    t.untyped_storage().data_ptr() not in seen:
+                # a new floating tensor of ≥ 2 bytes per element (a view of an input, such as
+                # the float8 view of the codes, is no temporary; 1-byte codes are no decode)
                 n = t.untyped_storage().nbytes() // t.element_size()
                 self.biggest = max(self.biggest, n)
         return out

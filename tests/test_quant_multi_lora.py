@@ -284,6 +284,23 @@ def test_training_step_makes_no_whole_weight(backend, path, kind, p):
     assert x.grad is not None and a.grad is not None
 
 
+def test_largest_tensor_probe_sees_inside_our_custom_ops(monkeypatch):
+    """The probe of the no-N×K tests looks inside lora_kernels' custom ops: with the torch
+    path's row tile widened past N, the single-adapter FP8 op decodes W whole inside its body,
+    and the probe reports it (it ignores the float8 view of the codes, an input alias)."""
+    from lora_kernels.ops import quant_tiles
+    N, K = 300, 70
+    qw, _ = quantized("fp8", N, K)
+    x, a, b = torch.randn(9, K), torch.randn(4, K), torch.randn(N, 4)
+    with LargestTensor() as probe:
+        lk.ops.lora_linear_fp8(x, qw, None, a, b, backend="torch")
+    assert probe.biggest < N * K
+    monkeypatch.setattr(quant_tiles, "ROWS_PER_TILE", 1 << 20)
+    with LargestTensor() as probe:
+        lk.ops.lora_linear_fp8(x, qw, None, a, b, backend="torch")
+    assert probe.biggest >= N * K
+
+
 # ------------------------------------------------------------------------------------------
 # GPU (skipped without CUDA)
 # ------------------------------------------------------------------------------------------
