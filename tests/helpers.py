@@ -340,3 +340,41 @@ class DecodeSpy:
             self.biggest = max(self.biggest, out.numel())
             return real(w, out, n0, n1, c0, c1)
         monkeypatch.setattr(nf4_slabs, "decode_slab", spy)
+
+
+def slab_inputs(m, n, k, r, dtype, seed=1):
+    """``x [m, k], bias [n], lora_a [r, k], lora_b [n, r], dy [m, n]`` (fresh normals)."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * sc).to(dtype)
+    return rnd(m, k), rnd(n), rnd(r, k, sc=0.3), rnd(n, r, sc=0.3), rnd(m, n)
+
+
+def check_slab_route_op(monkeypatch, op, weight, W64, dtype, p, bias, tol):
+    """A quantized op (``op(x, weight, bias, a, b, ...)``) on the slab route — threshold 1, a
+    workspace of 64 rows/columns so W is cut in 2+ slabs both ways, the last ragged: y and the
+    grads of x, bias, lora_a, lora_b against float64 of the dequantized ``W64`` [n, k], dropout
+    in training included (dX's mask from the packed bits, sliced per column slab)."""
+    from lora_kernels import reference
+    from lora_kernels.triton import nf4_slabs
+    n, k = W64.shape
+    monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
+    monkeypatch.setattr(nf4_slabs, "SLAB_BYTES", 64 * max(n, k) * 4)
+    spy = DecodeSpy(monkeypatch, n)
+    m, r, s = 37, 5, 0.5
+    x, b, a, bb, dy = slab_inputs(m, n, k, r, dtype)
+    b = b if bias else None
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, b, a, bb)]
+    y = op(leaves[0], weight, leaves[1], leaves[2], leaves[3], scaling=s, dropout_p=p,
+           backend="triton", dropout_seed=99)
+    y.backward(dy)
+    assert spy.fwd >= 2 and spy.dx >= 2, "both passes took the slab route"
+    assert spy.biggest < n * k
+    d = lambda t: None if t is None else t.detach().double().requires_grad_(True)
+    x64, b64, a64, bb64 = d(x), d(b), d(a), d(bb)
+    want = reference.lora_linear(x64, W64, b64, a64, bb64, s, p, 99)
+    want.backward(dy.double())
+    assert rel_err(y, want) <= tol
+    for t, t64 in zip(leaves, (x64, b64, a64, bb64)):
+        if t is not None:
+            assert rel_err(t.grad, t64.grad) <= tol
+

@@ -10,7 +10,8 @@ tensor in a training step; the first dX slab making dyb and dB; the fp8 x fp8 fo
 import pytest
 import torch
 
-from helpers import DecodeSpy, LargestTensor, interpreting, rel_err, triton_dtypes
+from helpers import (DecodeSpy, LargestTensor, check_slab_route_op, interpreting, rel_err,
+                     slab_inputs, triton_dtypes)
 from lora_kernels import reference
 from lora_kernels.ops import fp8, lora_linear_fp8
 
@@ -83,12 +84,6 @@ def test_fp8_slab_hw_cvt_form_matches(dtype):
         assert torch.equal(got, W[n0:n1, c0:c1]), (n0, n1, c0, c1)
 
 
-def _inputs(m, n, k, r, dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * sc).to(dtype)
-    return rnd(m, k), rnd(n), rnd(r, k, sc=0.3), rnd(n, r, sc=0.3), rnd(m, n)
-
-
 @needs_interpreter
 @pytest.mark.parametrize("dtype", triton_dtypes("cpu"))
 @pytest.mark.parametrize("shape,p,bias", [((150, 200), 0.0, True), ((130, 65), 0.3, False)])
@@ -96,30 +91,10 @@ def test_fp8_slab_route_op_against_float64(dtype, shape, p, bias, monkeypatch):
     """The public op with the threshold at 1 and a small workspace budget (3 row slabs, the
     last ragged; 2–4 column slabs): y and the grads of x, bias, lora_a, lora_b against float64
     of the dequantized W, dropout in training included."""
-    from lora_kernels.triton import nf4_slabs as S
     n, k = shape
-    monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
-    monkeypatch.setattr(S, "SLAB_BYTES", 64 * max(n, k) * 4)
-    spy = DecodeSpy(monkeypatch, n)
     w = _weight(n, k, seed=n)
-    W = fp8.dequantize(w, dtype).double()
-    m, r, s = 37, 5, 0.5
-    x, b, a, bb, dy = _inputs(m, n, k, r, dtype)
-    b = b if bias else None
-    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, b, a, bb)]
-    y = lora_linear_fp8(leaves[0], w, leaves[1], leaves[2], leaves[3], scaling=s, dropout_p=p,
-                        backend="triton", dropout_seed=99)
-    y.backward(dy)
-    assert spy.fwd >= 2 and spy.dx >= 2, "both passes took the slab route"
-    assert spy.biggest < n * k
-    d = lambda t: None if t is None else t.detach().double().requires_grad_(True)
-    x64, b64, a64, bb64 = d(x), d(b), d(a), d(bb)
-    want = reference.lora_linear(x64, W, b64, a64, bb64, s, p, 99)
-    want.backward(dy.double())
-    assert rel_err(y, want) <= TOL[dtype]
-    for t, t64 in zip(leaves, (x64, b64, a64, bb64)):
-        if t is not None:
-            assert rel_err(t.grad, t64.grad) <= TOL[dtype]
+    check_slab_route_op(monkeypatch, lora_linear_fp8, w, fp8.dequantize(w, dtype).double(), dtype,
+                        p, bias, TOL[dtype])
 
 
 @needs_interpreter
@@ -131,7 +106,7 @@ def test_fp8_route_threshold_and_route_argument(monkeypatch):
     from lora_kernels.triton import quant_lora as T
     n, k = 40, 128
     w = _weight(n, k)
-    x, b, a, bb, _ = _inputs(10, n, k, 3, torch.float32)
+    x, b, a, bb, _ = slab_inputs(10, n, k, 3, torch.float32)
     monkeypatch.setattr(S, "SLAB_BYTES", 16 * k * 4)
     assert S.use_slabs(S.SLAB_MIN_ROWS, T.packed(w))
     assert not S.use_slabs(S.SLAB_MIN_ROWS - 1, T.packed(w))
@@ -167,7 +142,7 @@ def test_fp8_slab_step_makes_no_whole_weight(monkeypatch):
     n, k = 129, 130  # N·K = 16770, larger than x [33, 130] and y [33, 129]
     w = _weight(n, k, seed=4)
     spy = DecodeSpy(monkeypatch, n)
-    x, b, a, bb, dy = _inputs(33, n, k, 4, torch.float32)
+    x, b, a, bb, dy = slab_inputs(33, n, k, 4, torch.float32)
     with LargestTensor(floating=True) as probe:
         y, xa = T.quant_lora_fwd(x, w, b, a, bb, 0.5, 0.1, 3)
         T.quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, (True,) * 4)
@@ -188,7 +163,7 @@ def test_fp8_slab_dx_first_slab_makes_dyb_and_db(p, monkeypatch):
     n, k, m, r, s = 130, 150, 33, 6, 0.5
     w = _weight(n, k, seed=7)
     W = fp8.dequantize(w, torch.float32).double()
-    x, _, a, bb, dy = _inputs(m, n, k, r, torch.float32, seed=8)
+    x, _, a, bb, dy = slab_inputs(m, n, k, r, torch.float32, seed=8)
     xa = reference.apply_dropout(x.double(), 9, p) @ a.double().t()
     shrinks = []
     real = lowrank.shrink

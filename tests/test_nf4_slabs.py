@@ -7,7 +7,8 @@ plan's bounds (never an N×K workspace), and the M threshold."""
 import pytest
 import torch
 
-from helpers import DecodeSpy, LargestTensor, interpreting, nf4_linear, rel_err, triton_dtypes
+from helpers import (DecodeSpy, LargestTensor, check_slab_route_op, interpreting, nf4_linear,
+                     rel_err, slab_inputs, triton_dtypes)
 from lora_kernels import reference
 from lora_kernels.ops import nf4
 from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
@@ -47,12 +48,6 @@ def test_decoded_slab_is_dequantize(nested, dtype, shape):
         assert torch.equal(got, W[n0:n1, c0:c1]), (n0, n1, c0, c1)
 
 
-def _inputs(m, n, k, r, dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * sc).to(dtype)
-    return rnd(m, k), rnd(n), rnd(r, k, sc=0.3), rnd(n, r, sc=0.3), rnd(m, n)
-
-
 @needs_interpreter
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", triton_dtypes("cpu"))
@@ -63,31 +58,10 @@ def test_slab_route_op_against_float64(nested, dtype, shape, p, bias, monkeypatc
     of 64 / 56 rows and 2–4 column slabs, the last ragged): y and the grads of x, bias,
     lora_a, lora_b against float64 of the dequantized W, dropout in training included (dX's
     mask from the packed bits, sliced per column slab)."""
-    from lora_kernels.triton import nf4_slabs as S
     n, k = shape
-    monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
-    monkeypatch.setattr(S, "SLAB_BYTES", 64 * max(n, k) * 4)
-    spy = DecodeSpy(monkeypatch, n)
     layer = nf4_linear(n, k, dtype, nested, seed=n)
-    W = _dequantized(layer).double()
-    m, r, s = 37, 5, 0.5
-    x, b, a, bb, dy = _inputs(m, n, k, r, dtype)
-    b = b if bias else None
-    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, b, a, bb)]
-    y = lora_linear_nf4(leaves[0], layer.weight, leaves[1], leaves[2], leaves[3], scaling=s,
-                        dropout_p=p, backend="triton", dropout_seed=99)
-    y.backward(dy)
-    assert spy.fwd >= 2 and spy.dx >= 2, "both passes took the slab route"
-    assert spy.biggest < n * k
-    d = lambda t: None if t is None else t.detach().double().requires_grad_(True)
-    x64, b64, a64, bb64 = d(x), d(b), d(a), d(bb)
-    want = reference.lora_linear(x64, W, b64, a64, bb64, s, p, 99)
-    want.backward(dy.double())
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    assert rel_err(y, want) <= tol
-    for t, t64 in zip(leaves, (x64, b64, a64, bb64)):
-        if t is not None:
-            assert rel_err(t.grad, t64.grad) <= tol
+    check_slab_route_op(monkeypatch, lora_linear_nf4, layer.weight, _dequantized(layer).double(),
+                        dtype, p, bias, 1e-5 if dtype == torch.float32 else 2e-3)
 
 
 @needs_interpreter
@@ -103,7 +77,7 @@ def test_slab_route_both_first_slab_modes(mode, monkeypatch):
     n, k = 100, 128
     layer = nf4_linear(n, k, torch.float32, True, seed=2)
     W = _dequantized(layer).double()
-    x, b, a, bb, _ = _inputs(20, n, k, 7, torch.float32, seed=3)
+    x, b, a, bb, _ = slab_inputs(20, n, k, 7, torch.float32, seed=3)
     y, xa = T.quant_lora_fwd(x, nf4.from_params4bit(layer.weight), b, a, bb, 2.0, 0.0, 0,
                              mode=mode, route="slabs")
     xa64 = x.double() @ a.double().t()
@@ -145,7 +119,7 @@ def test_route_threshold_and_route_argument(monkeypatch):
     n, k = 40, 128
     layer = nf4_linear(n, k, torch.float32, False)
     w = nf4.from_params4bit(layer.weight)
-    x, b, a, bb, dy = _inputs(9, n, k, 3, torch.float32)
+    x, b, a, bb, dy = slab_inputs(9, n, k, 3, torch.float32)
     monkeypatch.setattr(S, "SLAB_BYTES", 16 * k * 4)
     assert S.min_rows() == S.SLAB_MIN_ROWS
     monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "many")
@@ -181,7 +155,7 @@ def test_slab_step_makes_no_whole_weight(monkeypatch):
     n, k = 129, 130  # N·K = 16770, larger than x [33, 130] and y [33, 129]
     w = nf4.from_params4bit(nf4_linear(n, k, torch.float32, True).weight)
     spy = DecodeSpy(monkeypatch, n)
-    x, b, a, bb, dy = _inputs(33, n, k, 4, torch.float32)
+    x, b, a, bb, dy = slab_inputs(33, n, k, 4, torch.float32)
     with LargestTensor(floating=True) as probe:
         y, xa = T.quant_lora_fwd(x, w, b, a, bb, 0.5, 0.1, 3)
         T.quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, (True,) * 4)
@@ -237,7 +211,7 @@ def test_slab_dx_first_slab_makes_dyb_and_db(p, monkeypatch):
     layer = nf4_linear(n, k, torch.float32, True, seed=7)
     W = _dequantized(layer).double()
     w = nf4.from_params4bit(layer.weight)
-    x, _, a, bb, dy = _inputs(m, n, k, r, torch.float32, seed=8)
+    x, _, a, bb, dy = slab_inputs(m, n, k, r, torch.float32, seed=8)
     xa = reference.apply_dropout(x.double(), 9, p) @ a.double().t()
     shrinks = []
     real = lowrank.shrink
