@@ -378,3 +378,20 @@ def check_slab_route_op(monkeypatch, op, weight, W64, dtype, p, bias, tol):
         if t is not None:
             assert rel_err(t.grad, t64.grad) <= tol
 
+
+def check_slab_probe(monkeypatch, w, n, k):
+    """A training step's forward and backward of a quantized ``w`` [n, k] (NF4 or FP8,
+    ``n·k`` larger than every activation) on the slab route, called at the backend functions
+    (threshold 1, 64-row slabs): the probe sees the slab workspace and nothing as big as N×K."""
+    from lora_kernels.triton import nf4_slabs
+    from lora_kernels.triton import quant_lora as T
+    monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
+    monkeypatch.setattr(nf4_slabs, "SLAB_BYTES", 64 * k * 4)
+    spy = DecodeSpy(monkeypatch, n)
+    x, b, a, bb, dy = slab_inputs(33, n, k, 4, torch.float32)
+    with LargestTensor(floating=True) as probe:
+        y, xa = T.quant_lora_fwd(x, w, b, a, bb, 0.5, 0.1, 3)
+        T.quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, (True,) * 4)
+    assert spy.fwd >= 2 and spy.dx >= 2
+    assert 64 * k <= probe.biggest < n * k, "the probe saw the slab workspace, nothing larger"
+

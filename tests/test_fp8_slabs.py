@@ -10,7 +10,7 @@ tensor in a training step; the first dX slab making dyb and dB; the fp8 x fp8 fo
 import pytest
 import torch
 
-from helpers import (DecodeSpy, LargestTensor, check_slab_route_op, interpreting, rel_err,
+from helpers import (DecodeSpy, check_slab_probe, check_slab_route_op, interpreting, rel_err,
                      slab_inputs, triton_dtypes)
 from lora_kernels import reference
 from lora_kernels.ops import fp8, lora_linear_fp8
@@ -135,19 +135,9 @@ def test_fp8_slab_step_makes_no_whole_weight(monkeypatch):
     """A training step (forward and backward of the Triton backend functions, dropout on) on
     the FP8 slab route never makes a floating-point tensor as big as N×K (the codes are N×K
     bytes themselves; the custom op would hide its body from the probe)."""
-    from lora_kernels.triton import nf4_slabs as S
-    from lora_kernels.triton import quant_lora as T
-    monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
-    monkeypatch.setattr(S, "SLAB_BYTES", 64 * 130 * 4)
     n, k = 129, 130  # N·K = 16770, larger than x [33, 130] and y [33, 129]
     w = _weight(n, k, seed=4)
-    spy = DecodeSpy(monkeypatch, n)
-    x, b, a, bb, dy = slab_inputs(33, n, k, 4, torch.float32)
-    with LargestTensor(floating=True) as probe:
-        y, xa = T.quant_lora_fwd(x, w, b, a, bb, 0.5, 0.1, 3)
-        T.quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, (True,) * 4)
-    assert spy.fwd >= 2 and spy.dx >= 2
-    assert 64 * k <= probe.biggest < n * k, "the probe saw the slab workspace, nothing larger"
+    check_slab_probe(monkeypatch, w, n, k)
 
 
 @needs_interpreter

@@ -7,7 +7,7 @@ plan's bounds (never an N×K workspace), and the M threshold."""
 import pytest
 import torch
 
-from helpers import (DecodeSpy, LargestTensor, check_slab_route_op, interpreting, nf4_linear,
+from helpers import (DecodeSpy, check_slab_probe, check_slab_route_op, interpreting, nf4_linear,
                      rel_err, slab_inputs, triton_dtypes)
 from lora_kernels import reference
 from lora_kernels.ops import nf4
@@ -148,19 +148,9 @@ def test_slab_step_makes_no_whole_weight(monkeypatch):
     N×K. (The public op is a custom op, whose body a dispatch mode cannot see: probed at the
     backend functions, floating tensors only: the interpreter copies kernel arguments as
     bytes; the probe must see the slab workspace.)"""
-    from lora_kernels.triton import nf4_slabs as S
-    from lora_kernels.triton import quant_lora as T
-    monkeypatch.setenv("LORA_KERNELS_NF4_SLAB_MIN_M", "1")
-    monkeypatch.setattr(S, "SLAB_BYTES", 64 * 130 * 4)
     n, k = 129, 130  # N·K = 16770, larger than x [33, 130] and y [33, 129]
     w = nf4.from_params4bit(nf4_linear(n, k, torch.float32, True).weight)
-    spy = DecodeSpy(monkeypatch, n)
-    x, b, a, bb, dy = slab_inputs(33, n, k, 4, torch.float32)
-    with LargestTensor(floating=True) as probe:
-        y, xa = T.quant_lora_fwd(x, w, b, a, bb, 0.5, 0.1, 3)
-        T.quant_lora_bwd(dy, x, w, a, bb, xa, 0.5, 0.1, 3, (True,) * 4)
-    assert spy.fwd >= 2 and spy.dx >= 2
-    assert 64 * k <= probe.biggest < n * k, "the probe saw the slab workspace, nothing larger"
+    check_slab_probe(monkeypatch, w, n, k)
 
 
 @needs_interpreter
