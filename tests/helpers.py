@@ -395,3 +395,29 @@ def check_slab_probe(monkeypatch, w, n, k):
     assert spy.fwd >= 2 and spy.dx >= 2
     assert 64 * k <= probe.biggest < n * k, "the probe saw the slab workspace, nothing larger"
 
+
+def check_slab_dx_first_slab(monkeypatch, w, W64, p):
+    """At large M (forced: the in-loop bound at 0) the first dX slab's GEMM of a quantized
+    ``w`` runs the panel-shared mode (on the CPU's tiles schedule: in-loop) on Bᵀ and writes
+    dyb and dB itself, so no shrink and no dB reduction read dY; dropout reads the packed bits
+    in its epilogue. dX, dA and dB against float64 of the dequantized ``W64`` [130, 150]."""
+    from lora_kernels import reference
+    from lora_kernels.triton import lora_linear, lowrank, nf4_slabs
+    from lora_kernels.triton import quant_lora as T
+    monkeypatch.setattr(lora_linear, "FUSED_SHRINK_MAX_MR", 0)
+    monkeypatch.setattr(nf4_slabs, "SLAB_BYTES", 16 * 130 * 4)
+    (n, k), m, r, s = W64.shape, 33, 6, 0.5
+    x, _, a, bb, dy = slab_inputs(m, n, k, r, torch.float32, seed=8)
+    xa = reference.apply_dropout(x.double(), 9, p) @ a.double().t()
+    shrinks = []
+    real = lowrank.shrink
+    monkeypatch.setattr(T, "shrink", lambda *args, **kw: shrinks.append(1) or real(*args, **kw))
+    dx, _, da, dbb = T.quant_lora_bwd(dy, x, w, a, bb, xa.float(), s, p, 9,
+                                      (True, False, True, True), route="slabs")
+    assert not shrinks, "dyb came from the first slab's GEMM"
+    dyb = dy.double() @ bb.double()
+    want_dx = dy.double() @ W64 + reference.apply_dropout(s * dyb @ a.double(), 9, p)
+    assert rel_err(dx, want_dx) <= 1e-5
+    assert rel_err(da, s * dyb.t() @ reference.apply_dropout(x.double(), 9, p)) <= 1e-5
+    assert rel_err(dbb, s * dy.double().t() @ xa) <= 1e-5
+

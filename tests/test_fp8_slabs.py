@@ -10,9 +10,8 @@ tensor in a training step; the first dX slab making dyb and dB; the fp8 x fp8 fo
 import pytest
 import torch
 
-from helpers import (DecodeSpy, check_slab_probe, check_slab_route_op, interpreting, rel_err,
-                     slab_inputs, triton_dtypes)
-from lora_kernels import reference
+from helpers import (DecodeSpy, check_slab_dx_first_slab, check_slab_probe, check_slab_route_op,
+                     interpreting, rel_err, slab_inputs, triton_dtypes)
 from lora_kernels.ops import fp8, lora_linear_fp8
 
 needs_interpreter = pytest.mark.skipif(not interpreting(),
@@ -143,26 +142,6 @@ def test_fp8_slab_step_makes_no_whole_weight(monkeypatch):
 @needs_interpreter
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_fp8_slab_dx_first_slab_makes_dyb_and_db(p, monkeypatch):
-    """At large M (forced: the in-loop bound at 0) the first FP8 dX slab's GEMM makes dyb and
-    dB itself (no shrink reads dY); dropout from the packed bits. dX, dA, dB vs float64."""
-    from lora_kernels.triton import lora_linear as L
-    from lora_kernels.triton import lowrank, nf4_slabs as S
-    from lora_kernels.triton import quant_lora as T
-    monkeypatch.setattr(L, "FUSED_SHRINK_MAX_MR", 0)
-    monkeypatch.setattr(S, "SLAB_BYTES", 16 * 130 * 4)
-    n, k, m, r, s = 130, 150, 33, 6, 0.5
-    w = _weight(n, k, seed=7)
-    W = fp8.dequantize(w, torch.float32).double()
-    x, _, a, bb, dy = slab_inputs(m, n, k, r, torch.float32, seed=8)
-    xa = reference.apply_dropout(x.double(), 9, p) @ a.double().t()
-    shrinks = []
-    real = lowrank.shrink
-    monkeypatch.setattr(T, "shrink", lambda *args, **kw: shrinks.append(1) or real(*args, **kw))
-    dx, _, da, dbb = T.quant_lora_bwd(dy, x, w, a, bb, xa.float(), s, p, 9,
-                                      (True, False, True, True), route="slabs")
-    assert not shrinks, "dyb came from the first slab's GEMM"
-    dyb = dy.double() @ bb.double()
-    want_dx = dy.double() @ W + reference.apply_dropout(s * dyb @ a.double(), 9, p)
-    assert rel_err(dx, want_dx) <= 1e-5
-    assert rel_err(da, s * dyb.t() @ reference.apply_dropout(x.double(), 9, p)) <= 1e-5
-    assert rel_err(dbb, s * dy.double().t() @ xa) <= 1e-5
+    """The first FP8 dX slab's GEMM makes dyb and dB itself (helpers.check_slab_dx_first_slab)."""
+    w = _weight(130, 150, seed=7)
+    check_slab_dx_first_slab(monkeypatch, w, fp8.dequantize(w, torch.float32).double(), p)

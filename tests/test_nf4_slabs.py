@@ -7,8 +7,8 @@ plan's bounds (never an N×K workspace), and the M threshold."""
 import pytest
 import torch
 
-from helpers import (DecodeSpy, check_slab_probe, check_slab_route_op, interpreting, nf4_linear,
-                     rel_err, slab_inputs, triton_dtypes)
+from helpers import (DecodeSpy, check_slab_dx_first_slab, check_slab_probe, check_slab_route_op,
+                     interpreting, nf4_linear, rel_err, slab_inputs, triton_dtypes)
 from lora_kernels import reference
 from lora_kernels.ops import nf4
 from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
@@ -188,28 +188,7 @@ def test_slab_route_under_torch_compile(monkeypatch):
 @needs_interpreter
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_slab_dx_first_slab_makes_dyb_and_db(p, monkeypatch):
-    """At large M (here forced: the in-loop bound at 0) the first dX slab's GEMM runs the
-    panel-shared mode (on the CPU's tiles schedule: in-loop) on Bᵀ and writes dyb and dB
-    itself, so no shrink and no dB reduction read dY; dropout reads the packed bits in its
-    epilogue. dX, dA and dB against float64."""
-    from lora_kernels.triton import lora_linear as L
-    from lora_kernels.triton import lowrank, nf4_slabs as S
-    from lora_kernels.triton import quant_lora as T
-    monkeypatch.setattr(L, "FUSED_SHRINK_MAX_MR", 0)
-    monkeypatch.setattr(S, "SLAB_BYTES", 16 * 130 * 4)
-    n, k, m, r, s = 130, 150, 33, 6, 0.5
-    layer = nf4_linear(n, k, torch.float32, True, seed=7)
-    W = _dequantized(layer).double()
-    w = nf4.from_params4bit(layer.weight)
-    x, _, a, bb, dy = slab_inputs(m, n, k, r, torch.float32, seed=8)
-    xa = reference.apply_dropout(x.double(), 9, p) @ a.double().t()
-    shrinks = []
-    real = lowrank.shrink
-    monkeypatch.setattr(T, "shrink", lambda *args, **kw: shrinks.append(1) or real(*args, **kw))
-    dx, _, da, dbb = T.quant_lora_bwd(dy, x, w, a, bb, xa.float(), s, p, 9,
-                                      (True, False, True, True), route="slabs")
-    assert not shrinks, "dyb came from the first slab's GEMM"
-    dyb = dy.double() @ bb.double()
-    assert rel_err(dx, dy.double() @ W + reference.apply_dropout(s * dyb @ a.double(), 9, p)) <= 1e-5
-    assert rel_err(da, s * dyb.t() @ reference.apply_dropout(x.double(), 9, p)) <= 1e-5
-    assert rel_err(dbb, s * dy.double().t() @ xa) <= 1e-5
+    """The first NF4 dX slab's GEMM makes dyb and dB itself (helpers.check_slab_dx_first_slab)."""
+    layer = nf4_linear(130, 150, torch.float32, True, seed=7)
+    check_slab_dx_first_slab(monkeypatch, nf4.from_params4bit(layer.weight),
+                             _dequantized(layer).double(), p)

@@ -122,16 +122,15 @@ def torch_bwd(dy, x, w, lora_a, lora_b, xa, scalings, ranks, batch, out_slices, 
     # dA, dB (and db) from the reference; without dx / dW it reads only weight.shape[0], so
     # an empty [N, 0] stand-in carries it.
     no_w = dy.new_empty(N, 0)
+    sc = scalings.tolist()  # the torch (CPU reference) path: host values, read once
+    rk = None if ranks is None else ranks.tolist()
     _, _, db, da, dbb = reference.multi_lora_backward(
-        dy, x, no_w, lora_a, lora_b, scalings.tolist(), batch.groups(),
-        (False, False, need_b, need_a, need_bb), None if ranks is None else ranks.tolist(),
-        out_slices, xa)
+        dy, x, no_w, lora_a, lora_b, sc, batch.groups(),
+        (False, False, need_b, need_a, need_bb), rk, out_slices, xa)
     dx = None
     if need_x:
         acc = torch.promote_types(dy.dtype, torch.float32)
         low = torch.zeros(x.shape[0], K, dtype=acc, device=x.device)
-        sc = scalings.tolist()
-        rk = None if ranks is None else ranks.tolist()
         for slot, rows in batch.groups():
             for j, (c0, c1) in enumerate(_bounds(out_slices, N)):
                 r = _host_rank(rk, slot, j, R)
