@@ -10,7 +10,7 @@ import triton.language as tl
 from helpers import interpreting, rel_err, triton_dtypes
 from lora_kernels import reference
 from lora_kernels.ops import fp8
-from lora_kernels.triton.gemm.formats import e4m3_to_f32
+from lora_kernels.triton.gemm.formats import QFLAG_HW_CVT, e4m3_as_f16, e4m3_to_f32, fp8_tile
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="Triton kernels: interpreter on CPU")
 
@@ -32,10 +32,80 @@ def test_e4m3_decode_bit_exact_for_all_256_codes():
     assert torch.equal(out[~nan].view(torch.int32), want[~nan].view(torch.int32))  # ±0 too
 
 
+@triton.jit
+def _as_f16_kernel(codes, out, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(out + i, e4m3_as_f16(tl.load(codes + i)))
+
+
+def test_e4m3_as_f16_is_the_code_times_2_to_minus_8_for_all_256_codes():
+    """The K loop's decode (formats.e4m3_as_f16): fp16 bits = code·2⁻⁸ exactly, subnormals and
+    ±0 included; the two NaN codes (which quantize_fp8 never writes) come out as ±1.875."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    out = torch.empty(256, dtype=torch.float16)
+    _as_f16_kernel[(1,)](codes, out, BLOCK=256)
+    want = codes.view(torch.float8_e4m3fn).float()
+    nan = torch.isnan(want)
+    got = out.float() * 256.0
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    assert got[nan].tolist() == [480.0, -480.0]
+
+
+@triton.jit
+def _tile_kernel(codes, scale, out, N0, K0, stride_wn, stride_wk, k, col0,
+                 SCALE_ALONG_N: tl.constexpr, QROUND: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    rk = (k + tl.arange(0, BLOCK_K)).to(tl.int64)
+    rn = (col0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_lim = N0 if SCALE_ALONG_N else K0
+    k_lim = K0 if SCALE_ALONG_N else N0
+    col_ok, k_ok = rn < n_lim, rk < k_lim
+    w_ptrs = codes + rn[None, :] * stride_wn + rk[:, None] * stride_wk
+    wq = (scale, scale, scale, 0.0, stride_wn, stride_wk)
+    w = fp8_tile(w_ptrs, wq, col0, k, col_ok, k_ok, True, False, SCALE_ALONG_N, QROUND, BLOCK_K,
+                 BLOCK_N)
+    tl.store(out + tl.arange(0, BLOCK_K)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], w)
+
+
+@pytest.mark.parametrize("hw", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fp8_tile_is_code_times_scale_bit_for_bit(transposed, hw):
+    """One K-step tile of the forward's Wᵀ (scale along N) and of dX's W view (scale along K),
+    ragged at both edges, against float8 → fp32 times the row scale (one fp32 rounding): the
+    2⁻⁸ / 2⁸ split of the integer decode changes no bit; ``hw``: the sm_89+ conversion's form
+    (QFLAG_HW_CVT; the interpreter emulates float8) gives the same bits."""
+    qround = int(QFLAG_HW_CVT) if hw else 0
+    g = torch.Generator().manual_seed(3)
+    n0, k0 = 21, 37
+    w = fp8.quantize_fp8(torch.randn(n0, k0, generator=g) * 3.0)
+    codes = w.codes.contiguous().view(torch.uint8).reshape(-1)
+    full = w.codes.float() * w.scale.float()[:, None]           # [n0, k0] fp32
+    bk, bn = 16, 32
+    for k, col0 in ((16, 0), (0, 16)):
+        out = torch.full((bk, bn), float("nan"))
+        if transposed:  # tile rows = W rows k.., columns = W columns col0..
+            _tile_kernel[(1,)](codes, w.scale.float(), out, n0, k0, 1, k0, k, col0,
+                               SCALE_ALONG_N=False, QROUND=qround, BLOCK_K=bk, BLOCK_N=bn)
+            want = torch.zeros(bk, bn)
+            blk = full[k:k + bk, col0:col0 + bn]
+        else:           # tile rows = W columns k.., columns = W rows col0..
+            _tile_kernel[(1,)](codes, w.scale.float(), out, n0, k0, k0, 1, k, col0,
+                               SCALE_ALONG_N=True, QROUND=qround, BLOCK_K=bk, BLOCK_N=bn)
+            want = torch.zeros(bk, bn)
+            blk = full.t()[k:k + bk, col0:col0 + bn]
+        want[:blk.shape[0], :blk.shape[1]] = blk
+        assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("hw", [False, True])
 @pytest.mark.parametrize("dtype", triton_dtypes("cpu"))
 @pytest.mark.parametrize("shape", [(19, 33), (40, 17)])
-def test_fp8_fused_forward_and_dx(dtype, shape):
+def test_fp8_fused_forward_and_dx(dtype, shape, hw, monkeypatch):
+    """Forward (seeded and in-loop modes) and dX (dropout, dB, dA) over an FP8 W; ``hw``: the
+    launcher told the device converts e4m3 in hardware (what sm_89+ launches take)."""
+    from lora_kernels.triton import fused_gemm
     from lora_kernels.triton import quant_lora as T
+    monkeypatch.setattr(fused_gemm, "hw_cvt_ok", lambda t: hw)
     n, k = shape
     g = torch.Generator().manual_seed(0)
     w = fp8.quantize_fp8(torch.randn(n, k, generator=g) * 0.2)

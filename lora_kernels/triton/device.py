@@ -12,7 +12,8 @@ import torch
 
 from lora_kernels.runtime import interpreting  # noqa: F401  (re-exported: the one definition)
 
-__all__ = ["interpreting", "num_sms", "fp32_precision", "dot_precision", "on_device"]
+__all__ = ["interpreting", "num_sms", "fp32_precision", "dot_precision", "on_device",
+           "hw_cvt_ok"]
 
 
 def fp32_precision() -> str:
@@ -48,3 +49,9 @@ def on_device(t: torch.Tensor):
     """Context making ``t``'s GPU current: Triton launches on torch's *current* device, so
     tensors on cuda:1 while cuda:0 is current would otherwise be read from the wrong GPU."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def hw_cvt_ok(x: torch.Tensor) -> bool:
+    """The device converts between fp32/fp16 and e4m3 in hardware (sm_89+: ``cvt`` with
+    ``.e4m3x2``; never the interpreter, whose float8 emulation the integer paths avoid)."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)

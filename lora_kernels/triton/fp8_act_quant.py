@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.triton.device import dot_precision, on_device
+from lora_kernels.triton.device import dot_precision, hw_cvt_ok, on_device
 
 __all__ = ["e4m3_from_f32", "quantize_rows_e4m3", "hw_cvt_ok", "E4M3_MAX"]
 
@@ -97,11 +97,6 @@ def _quant_shrink_kernel(x_ptr, a_ptr, codes_ptr, scale_ptr, xa_ptr, M, K, R,
         else:
             code = e4m3_from_f32(q).to(tl.uint8)
         tl.store(codes_ptr + rm64[:, None] * stride_cm + (k + rk)[None, :], code, mask=ok)
-
-
-def hw_cvt_ok(x: torch.Tensor) -> bool:
-    """The device converts fp32 → e4m3 in hardware (sm_89+; never the interpreter)."""
-    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
 def quantize_rows_e4m3(x: torch.Tensor, lora_a: torch.Tensor = None, *, block_m: int = 16,

@@ -42,6 +42,7 @@ import torch
 import triton
 
 from lora_kernels.triton import configs as C, tuned
+from lora_kernels.triton.device import hw_cvt_ok
 from lora_kernels.triton.dropout import drop_scale, drop_threshold, seed_arg
 from lora_kernels.triton.gemm.formats import PackedWeight, prune_packed
 from lora_kernels.triton.gemm.kernel import gemm_kernel
@@ -246,6 +247,14 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
             "fused shrink: r ≤ 64, and dropout only in the panel dX without a column scale"
         assert la is not None and u is not None
     path = C.gemm_path(M, small_m_max)
+    if lora == LoraMode.IN_LOOP and path == "small":
+        # Triton lays a dot chained to another dot (here the u dot beside the main one, both
+        # on the same a tiles) like that dot, and a chained [M, r] dot with M ≥ r puts every
+        # warp along M: on the 16-row decode tiles all 4 warps then ran the same 16 rows, so
+        # each did the whole MMA and the whole W decode (sm_90a TTGIR warpsPerCTA [4, 1]; the
+        # FP8 K loop counted 37.8 SASS per W element against 12.0 without u). A u tile wider
+        # than tall keeps the warps along N ([1, 4]); the extra rank columns are masked.
+        block_r = max(block_r, 32)
     interpret = C.interpreting()
     packed = isinstance(w, PackedWeight)
     fp8_act = a_scale is not None
@@ -316,7 +325,7 @@ def fused_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *,
     if keep_bits is not None and flags["DROPOUT"]:  # mask (#13 item 4): read, not redrawn
         flags.update(keep_bits=keep_bits, KEEP_BITS=True)
     if packed:
-        flags.update(w.launch_args())
+        flags.update(w.launch_args(hw_cvt=hw_cvt_ok(a)))
         flags["wq_absmax2"] = w.absmax2 if w.absmax2 is not None else w.absmax
     if fp8_act:  # the scales travel in the quantized-weight slots (gemm_kernel's wq tuple);
         #          the low-rank dot runs in the output's dtype, not the codes'

@@ -23,6 +23,7 @@ from __future__ import annotations
 import triton
 
 from lora_kernels.triton import configs as C
+from lora_kernels.triton.device import hw_cvt_ok
 from lora_kernels.triton.gemm.formats import PackedWeight, prune_packed
 from lora_kernels.triton.gemm.kernel import multi_gemm_kernel
 from lora_kernels.triton.gemm.spec import GemmSpec
@@ -71,6 +72,8 @@ def launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, *, R, n_s
     xa2 = xa[0] if xa.dim() == 3 else xa
     rk, srs, srj, has_rk = ranks_args(ranks, y)
     packed = isinstance(weight, PackedWeight)
+    if packed and weight.transposed:
+        raise ValueError("launch_fused reads the forward's W: pass the packed weight, not .t()")
     w_strides = weight.strides() if packed else (weight.stride(0), weight.stride(1))
     args = (x, weight.codes if packed else weight, y if bias is None else bias, y, xa2, lora_b,
             rk, bounds, batch.adapter_ids, batch.sorted_token_ids,
@@ -81,7 +84,7 @@ def launch_fused(x, weight, bias, y, xa, lora_b, ranks, bounds, batch, *, R, n_s
     flags = dict(BLOCK_R=16, HAS_BIAS=bias is not None, HAS_RANKS=has_rk,
                  PREC=prec, LORA_PREC=lora_prec)
     if packed:
-        flags.update(weight.launch_args())
+        flags.update(weight.launch_args(hw_cvt=hw_cvt_ok(x)))
         flags["wq_absmax2"] = weight.absmax2 if weight.absmax2 is not None else weight.absmax
 
     def grid(meta):

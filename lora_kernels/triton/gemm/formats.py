@@ -28,6 +28,8 @@ QROUND_BF16: tl.constexpr = tl.constexpr(2)
 QFLAG_PAIRS: tl.constexpr = tl.constexpr(4)
 # K0 % QBLOCK == 0: blocks never straddle rows, one scale per (row, QBLOCK chunk).
 QFLAG_ALIGNED: tl.constexpr = tl.constexpr(8)
+# FP8 e4m3: the device converts e4m3 in hardware (sm_89+, device.hw_cvt_ok), the K loop uses it.
+QFLAG_HW_CVT: tl.constexpr = tl.constexpr(16)
 
 # The launcher's table: the 16 NF4 values, then (nested) the 256 absmax codes.
 LUT_CODE2: tl.constexpr = tl.constexpr(16)
@@ -220,19 +222,62 @@ def e4m3_to_f32(b):
 
 
 @triton.jit
-def fp8_tile(codes_ptr, wq, col0, k, col_ok, k_ok, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+def e4m3_as_f16(byte):
+    """float8 e4m3fn codes (uint8) to the fp16 values ``code·2⁻⁸``, exact, by two shifts and
+    masks: e4m3's 4 exponent bits (bias 7) and 3 mantissa bits land in fp16's low exponent bits
+    and top mantissa bits (bias 15), so every e4m3 value, subnormals included (they become fp16
+    subnormals), is that fp16 times 2⁸. The NaN codes 0x7f/0xff give ±1.875 (±480 after the
+    2⁸): quantized weights hold no NaN (``ops.fp8.quantize_fp8`` saturates). No float8 type:
+    the interpreter and sm_80 run it; against :func:`e4m3_to_f32`'s ~10 integer operations and
+    two selects per element it is 3, and its ``.to(tl.float32)`` is one conversion."""
+    # sign-extended, the sign lands on bits 15 and 14 after the shift; bit 14 (fp16's top
+    # exponent bit, always 0 here) is masked off
+    h = (byte.to(tl.int8, bitcast=True).to(tl.int16) << 7) & -16385  # 0xbfff
+    return h.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def fp8_tile(w_ptrs, wq, col0, k, col_ok, k_ok, MASK_COLS: tl.constexpr, EVEN_K: tl.constexpr,
+             SCALE_ALONG_N: tl.constexpr, QROUND: tl.constexpr, BLOCK_K: tl.constexpr,
              BLOCK_N: tl.constexpr):
     """The ``[BLOCK_K, BLOCK_N]`` tile of the (logical) wᵀ of an e4m3 W ``[N0, K0]`` (one byte
     per element, row-major) with an fp32 scale per row of W, decoded to ``code·scale`` in fp32
-    (then the MMA dtype). The scale's row is ``flat // K0`` (K0 = the larger logical stride),
-    which serves the forward's W and dX's Wᵀ view alike. ``wq[0]``: the scale vector."""
-    scale_ptr, _unused2, _unused_lut, _unused_off, stride_wn, stride_wk = wq
-    flat, ok = _tile_elements(col0, k, col_ok, k_ok, stride_wn, stride_wk, EVEN_K, BLOCK_K,
-                              BLOCK_N)
-    byte = tl.load(codes_ptr + flat, mask=ok, other=0)
-    k0 = tl.maximum(stride_wn, stride_wk)
-    scale = tl.load(scale_ptr + flat // k0, mask=ok, other=0.0)
-    return tl.where(ok, e4m3_to_f32(byte) * scale, 0.0)
+    (then the MMA dtype). ``w_ptrs``: the kernel's pointer tile into the codes (they are one
+    byte per element, so the dense path's pointers and 64-bit advances serve as they are, and
+    the loads vectorize along the unit-stride axis). The scale of W's row is one vector per K
+    step: along the tile's N axis for the forward's W (``SCALE_ALONG_N``), along its K axis for
+    dX's Wᵀ view. ``(code·2⁻⁸)·(scale·2⁸)`` is the product ``code·scale`` rounded once, bit for
+    bit the old ``e4m3_to_f32(code)·scale``. ``QROUND & QFLAG_HW_CVT`` (sm_89+): the code to
+    fp16 by the hardware conversion instead (two codes an instruction; exact, no 2⁻⁸).
+    ``wq[0]``: the scale vector.
+
+    Static sm_90a (bench/sass_report.py, 128x128x64 / 8 warps forward K loop): the per-element
+    int64 ``flat // K0`` scale gather, the flat-index arithmetic and the integer e4m3 assembly
+    cost 42.1 SASS per element of each 128-row tile; this form 9.1, and 6.3 with the hardware
+    conversion (NOTES.md, session 6)."""
+    scale_ptr, _unused2, _unused_lut, _unused_off, _unused_sn, _unused_sk = wq
+    if MASK_COLS:
+        if EVEN_K:
+            byte = tl.load(w_ptrs, mask=col_ok[None, :], other=0)
+        else:
+            byte = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0)
+    elif EVEN_K:
+        byte = tl.load(w_ptrs)
+    else:
+        byte = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+    HW: tl.constexpr = (QROUND // QFLAG_HW_CVT) % 2 == 1
+    if HW:
+        q = byte.to(tl.float8e4nv, bitcast=True).to(tl.float16).to(tl.float32)
+    else:
+        q = e4m3_as_f16(byte).to(tl.float32)
+    UNIT: tl.constexpr = 1.0 if HW else 256.0
+    if SCALE_ALONG_N:
+        s = tl.load(scale_ptr + col0 + tl.arange(0, BLOCK_N), mask=col_ok, other=0.0)
+        w = q * (s * UNIT)[None, :]
+    else:
+        s = tl.load(scale_ptr + k + tl.arange(0, BLOCK_K), mask=k_ok, other=0.0)
+        w = q * (s * UNIT)[:, None]
+    return w
 
 
 _FORMAT_NAMES = {int(WEIGHT_NF4): "nf4", int(WEIGHT_NF4_NESTED): "nf4_nested",
@@ -279,10 +324,15 @@ class PackedWeight:
             return 0
         return int(QFLAG_PAIRS) | (int(QFLAG_ALIGNED) if k0 % self.qblock == 0 else 0)
 
-    def launch_args(self):
+    def launch_args(self, hw_cvt: bool = False):
+        """The kernel's ``wq_*`` / ``WEIGHT`` / ``Q*`` arguments; ``hw_cvt``: the launch device
+        converts e4m3 in hardware (``device.hw_cvt_ok``), an FP8 weight's K loop uses it."""
+        flags = self.layout_flags()
+        if hw_cvt and self.weight == int(WEIGHT_FP8_E4M3):
+            flags |= int(QFLAG_HW_CVT)
         return dict(wq_absmax=self.absmax, wq_absmax2=self.absmax2, wq_lut=self.lut,
                     wq_offset=float(self.offset), WEIGHT=int(self.weight), QBLOCK=self.qblock,
-                    QBLOCK2=self.qblock2, QROUND=int(self.qround) | self.layout_flags())
+                    QBLOCK2=self.qblock2, QROUND=int(self.qround) | flags)
 
 
 def prune_packed(prune):
@@ -292,6 +342,7 @@ def prune_packed(prune):
     16-row decode tiles. In sm_90a compiles (bench/sass_report.py) 128x256x64 / 8 warps spilled
     112-248 B with NF4, 128x128x64 nested / dX with dropout 12-204 B and 16x32x128 / 4 warps
     4 B (seeded split-K); 128x128x64, 128x128x32 (tight) and 16x32x64 compiled spill-free.
+    FP8 on 16-row tiles: ≤ 64 values (its decode is light since session 6).
     Dense w: ``prune`` only."""
     def pruned(configs, named_args, **kwargs):
         configs = prune(configs, named_args, **kwargs)
@@ -306,6 +357,11 @@ def prune_packed(prune):
             w = c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] / threads
             # decode tiles (16 rows) keep num_stages byte tiles in flight: half the budget
             w_cap = 16 if tight or c.kwargs["BLOCK_M"] <= 16 else 32
+            if weight == int(WEIGHT_FP8_E4M3) and c.kwargs["BLOCK_M"] <= 16:
+                # the byte-per-element decode is 3 operations and a scale vector: every
+                # 16-row config up to 64 values a thread compiled spill-free (≤ 128 regs), and
+                # 16x64x128 cut the in-loop decode form from 8.69 to 6.06 SASS per element
+                w_cap = 64
             # nested decode + the dX dropout epilogue: 128x128 (64 accumulators) spilled 8 B
             # even at 3 stages
             return w <= w_cap and acc <= (32 if both else 64)

@@ -258,9 +258,11 @@ def multi_gemm_kernel(
     # Columns past N wrap: the main loop needs no column mask.
     w_ptrs = W + (cols % N)[None, :].to(tl.int64) * stride_wn + rk64[:, None] * stride_wk
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # W_KMAJOR=True: with pointer loads it only tells an FP8 W's decode that its row scale
+    # runs along the tile's N axis (this kernel reads the forward's W; launch_fused checks).
     acc, _ = mainloop(acc, acc, x_ptrs, w_ptrs, x_ptrs, X, W, row0, col0, 0, K, row_ok, col_ok,
                       col_ok, stride_xk, stride_wk, 0, STORE_POINTER, False, False, False,
-                      EVEN_K, False, PREC, BLOCK_K, wq, WEIGHT, QBLOCK, QBLOCK2, QROUND, BLOCK_N)
+                      EVEN_K, True, PREC, BLOCK_K, wq, WEIGHT, QBLOCK, QBLOCK2, QROUND, BLOCK_N)
     slots = tl.load(adapter_ids + tok, mask=row_ok, other=-1)
     acc = per_slot_term(acc, XA, B, RANKS, BOUNDS, slots, tok, cols, col0, S, R, n_slices,
                         stride_xat, stride_bs, stride_bn, stride_rs, stride_rj, HAS_RANKS,

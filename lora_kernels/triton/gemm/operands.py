@@ -64,7 +64,8 @@ def load_w(w_ptrs, w_desc, col0, k, col_ok, k_ok, STORE: tl.constexpr, MASK_COLS
     base pointer then travels in ``w_desc`` (formats.py). ``WEIGHT_FP8_ACT``: w is a plain
     float8 tensor read like a dense one (pointer or descriptor) and goes to the MMA undecoded."""
     if WEIGHT == WEIGHT_FP8_E4M3:
-        w = fp8_tile(w_desc, wq, col0, k, col_ok, k_ok, EVEN_K, BLOCK_K, BLOCK_N)
+        w = fp8_tile(w_ptrs, wq, col0, k, col_ok, k_ok, MASK_COLS, EVEN_K, W_KMAJOR, QROUND,
+                     BLOCK_K, BLOCK_N)
     elif WEIGHT != WEIGHT_DENSE and WEIGHT != WEIGHT_FP8_ACT:
         w = nf4_tile(w_desc, wq, col0, k, col_ok, k_ok, WEIGHT, QBLOCK, QBLOCK2, QROUND, EVEN_K,
                      BLOCK_K, BLOCK_N)
