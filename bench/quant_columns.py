@@ -9,7 +9,10 @@ A, B as its other columns (``bare`` and ``triton`` / ``torch`` = ours on the bf1
   token by the quantizer pass (which also makes xa), then the fp8 x fp8 GEMM (wgmma e4m3);
   the one column that can reach #16's "FP8 forward ≤ 0.65× bare" (≈ 2 % relative error);
 * ``fp8_unfused``    — the same e4m3 W dequantized to x's dtype, then the torch composition
-  ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` (what a framework without an fp8 LoRA kernel runs).
+  ``x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ`` (what a framework without an fp8 LoRA kernel runs);
+* ``fp8_mainloop``   — forward only, Triton: ``fp8_ours`` forced onto the in-mainloop route
+  (W decoded in the K loop, no slab) whatever M is, so a GPU run measures where the slab
+  threshold (``nf4_slabs.min_rows``) should sit for FP8 side by side with ``fp8_ours``.
 
 A contender whose library is missing (bitsandbytes, peft) is left out; ``quant_columns``
 returns ``({}, {})`` entries for it, never raises.
@@ -84,6 +87,10 @@ def quant_columns(x, w, b, a, bb, s, p, backend, no_grad, fwd_bwd):
     fwd["fp8_ours"] = no_grad(lambda: fp8_ours(x, a, bb))
     fwd["fp8_act_ours"] = no_grad(lambda: fp8_act_ours(x, a, bb))
     fwd["fp8_unfused"] = no_grad(lambda: fp8_unfused(x, a, bb))
+    if backend == "triton":
+        from lora_kernels.triton import quant_lora as TQ
+        fwd["fp8_mainloop"] = no_grad(lambda: TQ.quant_lora_fwd(x, fw, b, a, bb, s, 0.0, 0,
+                                                                 route="mainloop")[0])
     both["fp8_ours"] = fwd_bwd(lambda: fp8_ours(xg, ag, bg), [xg, ag, bg])
     both["fp8_act_ours"] = fwd_bwd(lambda: fp8_act_ours(xg, ag, bg), [xg, ag, bg])
     both["fp8_unfused"] = fwd_bwd(lambda: fp8_unfused(xg, ag, bg), [xg, ag, bg])

@@ -8,7 +8,7 @@ time is a **prediction** (see roofline.py).
 from __future__ import annotations
 
 from roofline import (E, SMS, Launch, cublas_gemm, elementwise, forward_mode, pad, panel_tile,
-                      rank_block, triton_fused_gemm, triton_panel_gemm, triton_reduce,
+                      rank_block, triton_decode_gemm, triton_fused_gemm, triton_panel_gemm, triton_reduce,
                       triton_shrink)
 
 # The fp8 activation quantizer's CUDA-core work per element of x, in INT32-lane ops: ≈ 25
@@ -55,11 +55,15 @@ NF4_SLAB_SASS = 10.25      # nf4_slabs._decode_slab_kernel 64x128 / 4 warps (wor
 NF4_BLOCK_M = 128          # the in-mainloop kernels' row tile at large M (prune_packed's pick)
 # FP8 e4m3 weight-only (static sm_90a, bf16; notes/fp8slabs.md): the slab decode 64x128 / 4 warps
 # with the hardware e4m3 conversion (what sm_89+ runs), once per element; the in-mainloop K loop
-# of fp8_e4m3-dense-seeded-none-tiles-pointer 128x128x64 / 8 warps: 1346 SASS per iteration over
-# 32 elements a thread (integer e4m3 assembly, a per-element scale gather at flat // K0 in
-# int64), per element per 128-row tile.
+# of fp8_e4m3-dense-seeded-none-tiles-pointer hw cvt 128x128x64 / 8 warps (sass_report's "K loop
+# / W elem"), per element per 128-row tile: 42.06 before session 6 (integer e4m3 assembly, a
+# per-element scale gather at an int64 flat // K0), 6.31 now (the kernel's pointer tile, one
+# scale vector per K step, cvt e4m3x2; the integer fallback is 9.09). The M ≤ 16 decode form
+# (in_loop split-K, hw cvt) per element of its one row tile: 16x64x128 / 4 warps 6.06, the best
+# of the configs prune_packed keeps (16x32x64: 8.69; the autotuner picks on the GPU).
 FP8_SLAB_SASS = 5.25
-FP8_MAINLOOP_SASS = 42.06
+FP8_MAINLOOP_SASS = 6.31
+FP8_DECODE_SASS = 6.06
 
 
 def nf4_bytes(N: int, K: int) -> float:
@@ -105,7 +109,7 @@ def nf4_mainloop_gemm(M, N, K, r, name, fmt: str = "NF4") -> Launch:
 
 def nf4_single_adapter(M, K, N, r, bwd, fmt: str = "NF4"):
     """NF4 / weight-only FP8 forward (and backward) at p = 0: minimal, ours (slabs at
-    M ≥ nf4_slabs.min_rows()), the in-mainloop route, PEFT + bitsandbytes (NF4) or the
+    M ≥ nf4_slabs.min_rows(), else the in-mainloop route), the other route, PEFT + bitsandbytes (NF4) or the
     unfused dequantize + cuBLAS + LoRA composition (FP8: ``fp8_unfused``, the same graph with
     torch's dequantize), and the bf16 cuBLAS GEMM(s) ("bare")."""
     mode = forward_mode(M, r, 0.0)
@@ -172,11 +176,33 @@ def nf4_single_adapter(M, K, N, r, bwd, fmt: str = "NF4"):
                  cublas_gemm(M, K, N, f"cuBLAS dY·W ({mm} backward)"),
                  elementwise(M * K, 2 * E, E, "dX_base + dX_lora (autograd sum)")]
         bare += [cublas_gemm(M, K, N, "cuBLAS dY·W (bf16 W)")]
-    return minimal, {"ours": ours, "mainloop": mainloop,
-                     "peft_bnb" if fmt == "NF4" else "fp8_unfused": peft, "bare": bare}
+    base = {"peft_bnb" if fmt == "NF4" else "fp8_unfused": peft, "bare": bare}
+    if M < slab_min_rows():  # what the op dispatches below the slab threshold
+        return minimal, {"ours": mainloop, "slabs": ours, **base}
+    return minimal, {"ours": ours, "mainloop": mainloop, **base}
+
+
+def slab_min_rows() -> int:
+    """The slab route's M threshold (nf4_slabs.min_rows, called)."""
+    try:
+        from lora_kernels.triton import nf4_slabs
+        return nf4_slabs.min_rows()
+    except ImportError:  # pragma: no cover - the documented default
+        return 1024
 
 
 NF4_TARGETS = {"nf4 fwd": ("bare", 1.15), "nf4 fwd+bwd": ("peft_bnb", 1 / 1.5)}
+
+
+def fp8_decode(M, K, N, r):
+    """M ≤ 16 over a weight-only FP8 W against the bf16 GEMV: the decode split-K fused GEMM
+    (in-loop x·Aᵀ) reading one byte per weight, its decode issued once (one 16-row tile)."""
+    minimal = Launch("minimal", 2 * M * K * N + 2 * M * r * (K + N),
+                     fp8_bytes(N, K) + (M * K + r * K + N * r) * E, (M * N + M * r) * E)
+    l = triton_decode_gemm(M, N, K, r, "FP8 fused GEMM, decode split-K (LORA=2), in-loop decode")
+    l.read += fp8_bytes(N, K) - N * K * E
+    l.sass = N * K * FP8_DECODE_SASS
+    return minimal, {"ours": [l], "bare": [cublas_gemm(M, N, K, "cuBLAS x·Wᵀ (bf16 W)")]}
 
 
 def nf4_decode_gemv(M, K, N, r):

@@ -196,6 +196,12 @@ class Compiler:
                       for o in loop)
             row.extra = dict(loop_per_elem=round(len(loop) / row.elems_per_thread, 2),
                              mem_per_elem=round(mem / row.elems_per_thread, 2))
+        if name in ("gemm", "multi_gemm") and self.form.startswith(("fp8_e4m3", "nf4")):
+            # a W decoded in the K loop: the loop's SASS per W element a thread decodes per
+            # step (BLOCK_K·BLOCK_N / threads), paid once per BLOCK_M-row tile of x
+            loop = loop_instructions(k.asm["sass"])
+            row.extra = dict(w_loop_per_elem=round(
+                len(loop) * threads / (meta["BLOCK_K"] * meta["BLOCK_N"]), 2))
         self.rows.append(row)
 
 
@@ -265,46 +271,52 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                               e(m, N_T), bias=b, **{**common, "u": e(m, R_T),
                                                     "a_scale": torch.empty(m)})
             continue  # its backward is the weight-only fp8_e4m3 path's dX
-        if spec.weight == "fp8_e4m3":  # e4m3 bytes + per-row scale of the same weight
-            from lora_kernels.triton.quant_lora import packed_fp8
-            w = packed_fp8(types.SimpleNamespace(
-                codes=torch.empty(N_T, K_T, dtype=torch.uint8), scale=torch.empty(N_T)))
-        elif spec.weight != "dense":  # NF4 storage of the same [N_T, K_T] weight
-            w = _packed_nf4(spec.weight == "nf4_nested", N_T, K_T)
-        comp.form = f"{spec.name} fwd"
-        FG.fused_gemm(x, w, y, bias=b, **common)
-        if spec.lowrank == "seeded":  # the dX form: N-major Wᵀ view, dropout mask epilogue
-            dy, dx = e(M, N_T), e(M, K_T)
-            for p in (0.0, 0.1):
-                comp.form = f"{spec.name} dX p={p}"
+        # FP8 W: the integer e4m3 decode (pre-sm_89, the interpreter) and, tagged "hw cvt",
+        # the hardware conversion every sm_89+ launch takes (formats.QFLAG_HW_CVT)
+        variants = ((" hw cvt", True), ("", False)) if spec.weight == "fp8_e4m3" else (("", False),)
+        for tag, hw in variants:
+            FG.hw_cvt_ok = lambda t, hw=hw: hw
+            name = spec.name + tag
+            if spec.weight == "fp8_e4m3":  # e4m3 bytes + per-row scale of the same weight
+                from lora_kernels.triton.quant_lora import packed_fp8
+                w = packed_fp8(types.SimpleNamespace(
+                    codes=torch.empty(N_T, K_T, dtype=torch.uint8), scale=torch.empty(N_T)))
+            elif spec.weight != "dense":  # NF4 storage of the same [N_T, K_T] weight
+                w = _packed_nf4(spec.weight == "nf4_nested", N_T, K_T)
+            comp.form = f"{name} fwd"
+            FG.fused_gemm(x, w, y, bias=b, **common)
+            if spec.lowrank == "seeded":  # the dX form: N-major Wᵀ view, dropout mask epilogue
+                dy, dx = e(M, N_T), e(M, K_T)
+                for p in (0.0, 0.1):
+                    comp.form = f"{name} dX p={p}"
+                    comp.prune_as_dropout = True
+                    FG.fused_gemm(dy, w.t(), dx, **{**common, "la": None, "lb": a.t(), "u": e(M, R_T)},
+                                  dropout_p=p, seed=7)
+                # the dX epilogue reading the forward's packed mask (#13 item 4) instead of Philox
+                comp.form = f"{name} dX bits p=0.1"
                 comp.prune_as_dropout = True
                 FG.fused_gemm(dy, w.t(), dx, **{**common, "la": None, "lb": a.t(), "u": e(M, R_T)},
-                              dropout_p=p, seed=7)
-            # the dX epilogue reading the forward's packed mask (#13 item 4) instead of Philox
-            comp.form = f"{spec.name} dX bits p=0.1"
-            comp.prune_as_dropout = True
-            FG.fused_gemm(dy, w.t(), dx, **{**common, "la": None, "lb": a.t(), "u": e(M, R_T)},
-                          dropout_p=0.1, seed=7, keep_bits=_bits(M, K_T))
-            comp.prune_as_dropout = False
-        if spec.lowrank == "panel":  # the p = 0 dX form: dyb shares on Bᵀ + the dB partials
-            dy, dx = e(M, N_T), e(M, K_T)
-            comp.form = f"{spec.name} dX+dB"
-            FG.fused_gemm(dy, w.t(), dx, **{**common, "la": bb.t(), "lb": a.t(), "u": e(M, R_T)},
-                          db_out=e(N_T, R_T), db_u=e(M, R_T))
-        if spec.lowrank == "panel" and spec.col_scale == "none":
-            # the p > 0 dX: its low-rank tile masked on its own from the forward's packed bits
-            # (no column scale: the single-adapter dX has none; with one, the pointer path
-            # spilled 152 B at 128x128 / 8 warps, so fused_gemm refuses that combination)
-            comp.form = f"{spec.name} dX+dB bits p=0.1"
-            comp.prune_as_dropout = True
-            FG.fused_gemm(dy, w.t(), dx, **{**common, "la": bb.t(), "lb": a.t(), "u": e(M, R_T)},
-                          db_out=e(N_T, R_T), db_u=e(M, R_T), dropout_p=0.1, seed=7,
-                          keep_bits=_bits(M, K_T))
-            comp.prune_as_dropout = False
-        if (spec.lowrank == "none" and spec.schedule == "tiles" and spec.col_scale == "none"
-                and spec.weight == "dense"):
-            comp.form = f"{spec.name} dW"
-            FG.fused_gemm(e(M_T, N_T).t(), e(M_T, K_T).t(), e(N_T, K_T), small_m_max=0)
+                              dropout_p=0.1, seed=7, keep_bits=_bits(M, K_T))
+                comp.prune_as_dropout = False
+            if spec.lowrank == "panel":  # the p = 0 dX form: dyb shares on Bᵀ + the dB partials
+                dy, dx = e(M, N_T), e(M, K_T)
+                comp.form = f"{name} dX+dB"
+                FG.fused_gemm(dy, w.t(), dx, **{**common, "la": bb.t(), "lb": a.t(), "u": e(M, R_T)},
+                              db_out=e(N_T, R_T), db_u=e(M, R_T))
+            if spec.lowrank == "panel" and spec.col_scale == "none":
+                # the p > 0 dX: its low-rank tile masked on its own from the forward's packed bits
+                # (no column scale: the single-adapter dX has none; with one, the pointer path
+                # spilled 152 B at 128x128 / 8 warps, so fused_gemm refuses that combination)
+                comp.form = f"{name} dX+dB bits p=0.1"
+                comp.prune_as_dropout = True
+                FG.fused_gemm(dy, w.t(), dx, **{**common, "la": bb.t(), "lb": a.t(), "u": e(M, R_T)},
+                              db_out=e(N_T, R_T), db_u=e(M, R_T), dropout_p=0.1, seed=7,
+                              keep_bits=_bits(M, K_T))
+                comp.prune_as_dropout = False
+            if (spec.lowrank == "none" and spec.schedule == "tiles" and spec.col_scale == "none"
+                    and spec.weight == "dense"):
+                comp.form = f"{name} dW"
+                FG.fused_gemm(e(M_T, N_T).t(), e(M_T, K_T).t(), e(N_T, K_T), small_m_max=0)
 
     x = e(M_T, K_T)
     reduce_config = C.reduce_config
@@ -355,8 +367,10 @@ def run(fast: bool, only: str | None = None) -> list[Row]:
                                              scale=torch.empty(N_T))) if fmt == "fp8_e4m3" \
             else _packed_nf4(fmt == "nf4_nested", N_T, K_T)
         configs = MF.quant_configs(w.weight)
-        for cfgq in configs[:1] if fast else configs:
-            comp.form = f"{spec.name} fwd"
+        for cfgq, hw in [(c, h) for c in (configs[:1] if fast else configs)
+                         for h in ((True, False) if fmt == "fp8_e4m3" else (False,))]:
+            MF.hw_cvt_ok = lambda t, hw=hw: hw
+            comp.form = f"{spec.name}{' hw cvt' if hw else ''} fwd"
             MF.launch_fused(e(T, K_T), w, None, e(T, N_T), torch.empty(T, R_T),
                             e(S, N_T, R_T), None, torch.tensor([0, N_T], dtype=torch.int32),
                             batch, R=R_T, n_slices=1, prec="tf32", lora_prec="tf32",
@@ -466,13 +480,15 @@ def _dropout_cost(rows: list[Row]) -> None:
 def print_table(rows: list[Row]) -> None:
     head = ("kernel", "form", "config", "regs", "spill", "smem KiB", "CTA/SM", "grid/SMs",
             "H/QGMMA", "UTMA", "wgmma e4m3", "SASS",
-            "drop instr/elem (nf4_gemv: K loop; slab_decode: SASS/elem)")
+            "drop instr/elem (nf4_gemv: K loop; slab_decode: SASS/elem; in-loop W decode: K loop)")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         drop = "" if r.drop_per_elem is None else f"{r.drop_per_elem:.1f}"
         if r.extra.get("loop_per_elem") is not None:
             drop = f"K loop {r.extra['loop_per_elem']} / elem, mem {r.extra['mem_per_elem']}"
+        if r.extra.get("w_loop_per_elem") is not None:
+            drop = (f"{drop}; " if drop else "") + f"K loop {r.extra['w_loop_per_elem']} / W elem"
         if r.kernel == "slab_decode" and r.elems_per_thread:  # one tile a program, no loop
             drop = f"{r.sass / r.elems_per_thread:.2f} SASS/elem"
         waves = r.grid / (SMS * max(r.ctas_per_sm, 1))
