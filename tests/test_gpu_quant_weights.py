@@ -115,7 +115,7 @@ def test_gpu_nf4_slab_route_matches_dequantized_float64(nested, dtype, M, N, K, 
     """The slab route (lora_kernels/triton/nf4_slabs.py: W decoded once per bounded slab, the
     dense persistent TMA GEMM per slab) and the in-mainloop route, both forced, against
     float64 of ``dequantize_4bit``: y, dX (mask from the packed bits per column slab), dA,
-    dB; the 4096-size shapes cut W into several 8 MiB slabs (N = 4100: a ragged last one), the
+    dB; the 4096-size shapes cut W into 16 MiB slabs (N = 4100: a ragged third one), the
     default threshold sends M ≥ 1024 to the slabs on its own, and the workspace stays below
     half of W."""
     from lora_kernels.triton import nf4_slabs

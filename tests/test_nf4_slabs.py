@@ -90,9 +90,11 @@ def test_slab_plan_is_bounded():
     the SMs would idle, keep the granules; W too small to cut gives None."""
     from lora_kernels.triton import nf4_slabs as S
     MiB = 1 << 20
-    # the issue's shape, bf16, 132 SMs: 1024-row slabs = the 8 MiB budget
-    assert S.plan(8192, 4096, 4096, 2, 132, 128, 8) == 1024
-    assert S.plan(8192, 4096, 4096, 2, 132, 64, 64) == 1024   # dX columns
+    # the issue's shape, bf16, 132 SMs: 2048-row slabs = the 16 MiB budget = half of W
+    assert S.plan(8192, 4096, 4096, 2, 132, 128, 8) == 2048
+    assert S.plan(8192, 4096, 4096, 2, 132, 64, 64) == 2048   # dX columns
+    # a wider W: the budget, not the half, cuts it (1024 rows of 8192 columns)
+    assert S.plan(8192, 4096, 8192, 2, 132, 128, 8) == 1024
     # M = 1024: widened to fill the SMs (8 row tiles x 17 column tiles), capped at half of W
     assert S.plan(1024, 4096, 4096, 2, 132, 128, 8) == 2048
     for M in (1, 100, 1024, 3000, 8192):

@@ -64,10 +64,12 @@ __all__ = ["SLAB_MIN_ROWS", "SLAB_BYTES", "min_rows", "plan", "use_slabs", "deco
 # small shapes). FP8 takes the same threshold; its in-mainloop K loop issues 42 SASS per
 # element per row tile, so its predicted break-even is lower, M ≈ 256 (notes/fp8slabs.md).
 SLAB_MIN_ROWS = 1024
-# Workspace budget: 8 MiB = 1024 rows of W at K = 4096 in bf16, small next to the 50 MB L2 of
-# an H100/H200 where it stays between the decode and the GEMM that reads it (with the x row
-# panels the GEMM streams beside it).
-SLAB_BYTES = 8 << 20
+# Workspace budget: 16 MiB = 2048 rows of W at K = 4096 in bf16, under a third of the 50 MB
+# L2 of an H100/H200 where it stays between the decode and the GEMM that reads it (with the x
+# row panels the GEMM streams beside it). 8 MiB (session 5) cut a 4096² W in 4 slabs a pass:
+# 16 launches and 8 tail waves per training step where 2 slabs take 8 and 4 (roofline: NF4
+# fwd+bwd 646.9 → 632 µs on an H100, PREDICTION); never more than half of W (plan()).
+SLAB_BYTES = 16 << 20
 # Slab edges: rows of W (forward) in multiples of 128 (a BLOCK_N, no ragged tile per slab)
 # once a slab holds that many, else of 8 (16-byte TMA bases of y[:, n0:]); columns of W (dX)
 # in multiples of the NF4 block.
