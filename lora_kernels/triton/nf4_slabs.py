@@ -61,8 +61,11 @@ __all__ = ["SLAB_MIN_ROWS", "SLAB_BYTES", "min_rows", "plan", "use_slabs", "deco
 # dense GEMM on slabs that must still fill the SMs (17.9 µs a tile): M = 512: in-mainloop one
 # wave ≈ 48 µs, slabs ≈ 53 µs; M = 1024: two waves ≈ 95 µs against 53 µs (PREDICTION,
 # notes/nf4big.md). Env LORA_KERNELS_NF4_SLAB_MIN_M overrides it (tests: both routes on
-# small shapes). FP8 takes the same threshold; its in-mainloop K loop issues 42 SASS per
-# element per row tile, so its predicted break-even is lower, M ≈ 256 (notes/fp8slabs.md).
+# small shapes). FP8 takes the same threshold. Its in-mainloop K loop issued 42 SASS per
+# element per row tile in session 5 (break-even M ≈ 256, notes/fp8slabs.md); since session 6
+# it is 6.3 with the sm_89+ cvt, under the MMA time by the roofline model at every M (M = 8192:
+# in-mainloop 1.08× the bf16 GEMM, slabs 1.09×, both PREDICTIONS), so where FP8 should switch
+# is for a GPU run to say (bench column fp8_mainloop beside fp8_ours).
 SLAB_MIN_ROWS = 1024
 # Workspace budget: 16 MiB = 2048 rows of W at K = 4096 in bf16, under a third of the 50 MB
 # L2 of an H100/H200 where it stays between the decode and the GEMM that reads it (with the x
