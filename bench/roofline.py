@@ -431,7 +431,8 @@ def ops():
         "nf4 fwd+bwd": Q.nf4_single_adapter(M, K, N, r, True),
         "fp8 fwd": Q.nf4_single_adapter(M, K, N, r, False, "FP8"),
         "fp8 fwd+bwd": Q.nf4_single_adapter(M, K, N, r, True, "FP8"),
-        "fp8 decode M=1": Q.fp8_decode(1, K, N, r),
+        "fp8 decode M=1": Q.quant_decode(1, K, N, r, "FP8"),
+        "nf4 decode M=4": Q.quant_decode(4, K, N, r, "NF4"),
         "fp8 fwd M=512": Q.nf4_single_adapter(512, K, N, r, False, "FP8"),
     }
 

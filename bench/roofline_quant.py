@@ -63,7 +63,12 @@ NF4_BLOCK_M = 128          # the in-mainloop kernels' row tile at large M (prune
 # of the configs prune_packed keeps (16x32x64: 8.69; the autotuner picks on the GPU).
 FP8_SLAB_SASS = 5.25
 FP8_MAINLOOP_SASS = 6.31
-FP8_DECODE_SASS = 6.06
+# The decode rows (M ≤ 16) on the GEMM core's one 16-row split-K tile, in-loop x·Aᵀ form, per W
+# element (sass_report "K loop / W elem"): FP8 hw cvt 16x64x128 6.06; plain NF4 16x32x128 9.91
+# (what M = 3–16 takes since session 6; the GEMV keeps M ≤ 2).
+DECODE_TILE_SASS = {"FP8": 6.06, "NF4": 9.91}
+# The NF4 GEMV's K loop per element at M = 4 (BLOCK_M 4, 128 rows), + the 1.2 outside it.
+NF4_GEMV_M4_INSTR_PER_ELEM = 13.06 + 1.2
 
 
 def nf4_bytes(N: int, K: int) -> float:
@@ -194,15 +199,24 @@ def slab_min_rows() -> int:
 NF4_TARGETS = {"nf4 fwd": ("bare", 1.15), "nf4 fwd+bwd": ("peft_bnb", 1 / 1.5)}
 
 
-def fp8_decode(M, K, N, r):
-    """M ≤ 16 over a weight-only FP8 W against the bf16 GEMV: the decode split-K fused GEMM
-    (in-loop x·Aᵀ) reading one byte per weight, its decode issued once (one 16-row tile)."""
+def quant_decode(M, K, N, r, fmt):
+    """M ≤ 16 over a quantized W against the bf16 GEMV: the decode split-K fused GEMM (in-loop
+    x·Aᵀ) reading the quantized bytes, its decode issued once (one 16-row tile), at the
+    no-MMA issue rate (ISSUE_TOPS, as the GEMV: a decode launch draws next to no tensor-core
+    power). NF4 at M = 4 also shows the GEMV it no longer takes (``gemv``)."""
+    nbytes = QUANT[fmt][0]
     minimal = Launch("minimal", 2 * M * K * N + 2 * M * r * (K + N),
-                     fp8_bytes(N, K) + (M * K + r * K + N * r) * E, (M * N + M * r) * E)
-    l = triton_decode_gemm(M, N, K, r, "FP8 fused GEMM, decode split-K (LORA=2), in-loop decode")
-    l.read += fp8_bytes(N, K) - N * K * E
-    l.sass = N * K * FP8_DECODE_SASS
-    return minimal, {"ours": [l], "bare": [cublas_gemm(M, N, K, "cuBLAS x·Wᵀ (bf16 W)")]}
+                     nbytes(N, K) + (M * K + r * K + N * r) * E, (M * N + M * r) * E)
+    l = triton_decode_gemm(M, N, K, r, f"{fmt} fused GEMM, decode split-K (LORA=2), in-loop decode")
+    l.read += nbytes(N, K) - N * K * E
+    l.issue = N * K * DECODE_TILE_SASS[fmt]
+    plans = {"ours": [l], "bare": [cublas_gemm(M, N, K, "cuBLAS x·Wᵀ (bf16 W)")]}
+    if fmt == "NF4" and M == 4:
+        ws = 16 * M * N * 4
+        plans["gemv"] = [Launch("NF4 GEMV + own shrink (nf4_gemv, CUDA cores), M = 4",
+                                minimal.flops, minimal.read + ws, minimal.write + ws,
+                                issue=N * K * NF4_GEMV_M4_INSTR_PER_ELEM)]
+    return minimal, plans
 
 
 def nf4_decode_gemv(M, K, N, r):

@@ -153,11 +153,12 @@ def test_gpu_nf4_slab_route_matches_dequantized_float64(nested, dtype, M, N, K, 
 
 
 @pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("M", [1, 3, 8, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 8, 16])
 def test_gpu_nf4_decode_gemv(nested, M):
-    """The decode rows over NF4 (bf16, K = N = 4096): M ≤ 8 runs triton/nf4_gemv.py, M = 16 the
-    GEMM core; both against float64 of dequantize_4bit, equal bits on a repeat (the split-K
-    tickets are reset), and under a CUDA graph."""
+    """The decode rows over NF4 (bf16, K = N = 4096): M ≤ 2 (plain) / 4 (nested) runs
+    triton/nf4_gemv.py, larger M the GEMM core's 16-row tile; both against float64 of
+    dequantize_4bit, equal bits on a repeat (the split-K tickets are reset), and under a CUDA
+    graph."""
     from lora_kernels.ops.lora_linear_nf4 import lora_linear_nf4
     from lora_kernels.ops import nf4
     from lora_kernels.triton import nf4_gemv as G
@@ -175,7 +176,7 @@ def test_gpu_nf4_decode_gemv(nested, M):
     assert rel_err(y, want) <= TOLS[dtype]
     assert torch.equal(run(), y)
     pw = packed(nf4.from_params4bit(layer.weight))
-    assert G.gemv_supported(pw, M) == (M <= G.GEMV_MAX_ROWS)
+    assert G.gemv_supported(pw, M) == (M <= G.gemv_max_rows(pw))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         yg = run()

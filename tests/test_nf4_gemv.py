@@ -33,13 +33,14 @@ def test_gemv_against_dequantized_float64(nested, dtype, M, N, K, bias, lora):
     bias and the LoRA term off, given xa (seeded) or xa = x·Aᵀ made in the kernel; fp32
     storage and fp16 (the storage rounding of W is the only difference from dequantize_4bit,
     see the kernel's docstring)."""
-    from lora_kernels.triton.nf4_gemv import gemv_supported, nf4_gemv
+    from lora_kernels.triton.nf4_gemv import GEMV_MAX_ROWS, gemv_supported, nf4_gemv
     from lora_kernels.triton.quant_lora import packed_nf4
     layer = nf4_linear(N, K, dtype, nested, seed=K + M)
     w = nf4.from_params4bit(layer.weight)
     W = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).double()
     pw = packed_nf4(w)
-    assert gemv_supported(pw, M)
+    # the layout is the GEMV's (routing sends M ≤ 2 / 4 here; the kernel takes M ≤ 8)
+    assert gemv_supported(pw, 1) and M <= GEMV_MAX_ROWS
     g = torch.Generator().manual_seed(M * 100 + N)
     x, b = _rnd(g, M, K, dtype=dtype), _rnd(g, N, dtype=dtype)
     u, lb = _rnd(g, M, 5, dtype=dtype), _rnd(g, N, 5, dtype=dtype, sc=0.3)
@@ -69,22 +70,25 @@ def triton_block_m(m):
 
 
 def test_gemv_takes_only_what_it_supports():
-    from lora_kernels.triton.nf4_gemv import GEMV_MAX_ROWS, gemv_supported
+    """Routed: M ≤ 2 (plain) / 4 (nested), the forward's W, K % 64 == 0; beyond that the GEMM
+    core's 16-row tensor-core tile decodes fewer instructions per element (nf4_gemv.py)."""
+    from lora_kernels.triton.nf4_gemv import GEMV_MAX_ROWS, gemv_max_rows, gemv_supported
     from lora_kernels.triton.quant_lora import packed_nf4
-    w = nf4.from_params4bit(nf4_linear(8, 128, torch.float32, False).weight)
-    pw = packed_nf4(w)
-    assert gemv_supported(pw, 1) and gemv_supported(pw, GEMV_MAX_ROWS)
-    assert not gemv_supported(pw, GEMV_MAX_ROWS + 1) and not gemv_supported(pw, 0)
-    assert not gemv_supported(pw.t(), 1)  # the dX view stays on the GEMM core
+    for nested, bound in ((False, 2), (True, 4)):
+        pw = packed_nf4(nf4.from_params4bit(nf4_linear(8, 128, torch.float32, nested).weight))
+        assert gemv_max_rows(pw) == bound <= GEMV_MAX_ROWS
+        assert gemv_supported(pw, 1) and gemv_supported(pw, bound)
+        assert not gemv_supported(pw, bound + 1) and not gemv_supported(pw, 0)
+        assert not gemv_supported(pw.t(), 1)  # the dX view stays on the GEMM core
     odd = packed_nf4(nf4.from_params4bit(nf4_linear(8, 96, torch.float32, False).weight))
     assert not gemv_supported(odd, 1)  # K % 64 != 0: blocks straddle rows
 
 
 @pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("M", [1, 3, 8, 9])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 8, 9])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_op_routes_decode_rows_to_the_gemv(nested, M, p, monkeypatch):
-    """lora_linear_nf4 (triton) sends M ≤ GEMV_MAX_ROWS, K % 64 == 0 to nf4_gemv (p = 0: one
+    """lora_linear_nf4 (triton) sends M ≤ gemv_max_rows, K % 64 == 0 to nf4_gemv (p = 0: one
     launch, x·Aᵀ in the kernel; p > 0: after the dropout shrink) and anything else to the
     fused GEMM; forward and grads (dB reads the returned xa) match float64 either way."""
     from lora_kernels.triton import nf4_gemv as G
@@ -101,7 +105,8 @@ def test_op_routes_decode_rows_to_the_gemv(nested, M, p, monkeypatch):
     leaves = [t.clone().requires_grad_(True) for t in (x, b, a, bb)]
     y = lora_linear_nf4(leaves[0], layer.weight, leaves[1], leaves[2], leaves[3], scaling=0.5,
                         dropout_p=p, backend="triton", dropout_seed=3)
-    assert len(calls) == (1 if M <= G.GEMV_MAX_ROWS else 0)
+    assert len(calls) == (1 if M <= G.gemv_max_rows(Q.packed(nf4.from_params4bit(layer.weight)))
+                          else 0)
     from lora_kernels import reference
     d = lambda t: t.detach().double().requires_grad_(True)
     x64, b64, a64, bb64 = d(x), d(b), d(a), d(bb)

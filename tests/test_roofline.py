@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 OPS = ("fwd", "fwd p=0.05", "fwd+bwd", "fwd+bwd p=0.05", "decode M=1",
        "multi decode T=64 distinct", "prefill T=8192 64 adapters", "fwd fp8 act_quant",
        "nf4 fwd", "nf4 fwd+bwd", "nf4 decode M=1", "fp8 fwd", "fp8 fwd+bwd", "fp8 decode M=1",
-       "fp8 fwd M=512")
+       "fp8 fwd M=512", "nf4 decode M=4")
 
 
 def test_roofline_plans_are_consistent_with_the_minimum():

@@ -41,7 +41,8 @@ from lora_kernels.triton.gemm.modes import (LORA_IN_LOOP, LORA_SEEDED, LoraMode,
                                             WEIGHT_NF4_NESTED)
 from lora_kernels.triton.gemm.schedule import split_k_publish, split_k_sum
 
-__all__ = ["nf4_gemv", "gemv_supported", "gemv_config", "fuses_shrink", "GEMV_MAX_ROWS"]
+__all__ = ["nf4_gemv", "gemv_supported", "gemv_max_rows", "gemv_config", "fuses_shrink",
+           "GEMV_MAX_ROWS", "GEMV_ROUTE_ROWS"]
 
 
 DECODE_PAIRS: tl.constexpr = tl.constexpr(0)    # 256-entry (hi, lo) tables indexed by the byte
@@ -266,20 +267,31 @@ def nf4_gemv_kernel(xw_ptr, x_ptr, codes_ptr, absmax_ptr, absmax2_ptr, lut_ptr, 
 
 def gemv_supported(pw, M: int) -> bool:
     """Whether :func:`nf4_gemv` takes this call: an NF4 W in its forward (not the dX Wᵀ view),
-    K a multiple of the absmax block (blocks never straddle rows), 1 ≤ M ≤ GEMV_MAX_ROWS."""
+    K a multiple of the absmax block (blocks never straddle rows), 1 ≤ M ≤
+    :func:`gemv_max_rows` (2 plain, 4 nested: beyond, the GEMM core's tensor-core tile)."""
     if pw.weight not in (int(WEIGHT_NF4), int(WEIGHT_NF4_NESTED)) or pw.transposed:
         return False
     K = pw.base_shape[1]
-    return (1 <= M <= GEMV_MAX_ROWS and K % pw.qblock == 0 and pw.qblock % 8 == 0
+    return (1 <= M <= gemv_max_rows(pw) and K % pw.qblock == 0 and pw.qblock % 8 == 0
             and pw.codes.numel() % 4 == 0 and pw.codes.data_ptr() % 16 == 0)
 
 
 # Static sm_90a counts of the K loop (bench/sass_report.py form "nf4 gemv", bf16, K = N = 4096,
 # nibble decode, notes/nf4gemv.md), SASS instructions per decoded weight element of a launch:
 #   M = 1: 4.69 (BLOCK_N 256, CHUNKS 2, 168 regs)   M = 2: 8.23 (256)   M = 4: 13.1 (128)
-#   M = 8: 21.0 (128, 168 regs)   M = 16: 39 (BLOCK_M 16) — against 28.8 for the GEMM core's
-#   split-K 16-row tl.dot path at any M ≤ 16. Hence M ≤ 8 here.
+#   M = 8: 21.0 (128, 168 regs)   M = 16: 39 (BLOCK_M 16); nested 5.2 / 8.5 / 13.3 / 21.3.
+# The kernel takes M ≤ GEMV_MAX_ROWS. Which M it is *routed* (gemv_max_rows) comes from the
+# GEMM core's 16-row split-K tl.dot tile at any M ≤ 16 (sass_report's "K loop / W elem", the
+# in-loop x·Aᵀ form the decode takes): 28.8 when this bound was set, 9.9 plain (16x32x128) and
+# 14.9 nested (16x32x64) since session 6's decode-tile fixes. So the GEMV keeps M ≤ 2 plain
+# (8.23 + 1.2 outside its loop against 9.9) and M ≤ 4 nested (13.3 against 14.9).
 GEMV_MAX_ROWS = 8
+GEMV_ROUTE_ROWS = {int(WEIGHT_NF4): 2, int(WEIGHT_NF4_NESTED): 4}
+
+
+def gemv_max_rows(pw) -> int:
+    """The largest M :func:`gemv_supported` routes to the GEMV for this NF4 weight."""
+    return GEMV_ROUTE_ROWS.get(int(pw.weight), 0)
 
 
 def gemv_config(M: int, N: int, K: int, qblock: int, device: torch.device,

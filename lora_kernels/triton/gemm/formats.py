@@ -342,7 +342,7 @@ def prune_packed(prune):
     16-row decode tiles. In sm_90a compiles (bench/sass_report.py) 128x256x64 / 8 warps spilled
     112-248 B with NF4, 128x128x64 nested / dX with dropout 12-204 B and 16x32x128 / 4 warps
     4 B (seeded split-K); 128x128x64, 128x128x32 (tight) and 16x32x64 compiled spill-free.
-    FP8 on 16-row tiles: ≤ 64 values (its decode is light since session 6).
+    FP8 on 16-row tiles: ≤ 64 values (its decode is light since session 6), plain NF4: ≤ 32.
     Dense w: ``prune`` only."""
     def pruned(configs, named_args, **kwargs):
         configs = prune(configs, named_args, **kwargs)
@@ -357,6 +357,11 @@ def prune_packed(prune):
             w = c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"] / threads
             # decode tiles (16 rows) keep num_stages byte tiles in flight: half the budget
             w_cap = 16 if tight or c.kwargs["BLOCK_M"] <= 16 else 32
+            if weight == int(WEIGHT_NF4) and c.kwargs["BLOCK_M"] <= 16 and not tight:
+                # plain NF4 on 16-row tiles (M 3–16 since session 6): 16x32x128 / 4 warps
+                # compiled spill-free (118–127 regs) at 8.4–9.9 SASS per W element, 16x32x64
+                # 10.4–12.0
+                w_cap = 32
             if weight == int(WEIGHT_FP8_E4M3) and c.kwargs["BLOCK_M"] <= 16:
                 # the byte-per-element decode is 3 operations and a scale vector: every
                 # 16-row config up to 64 values a thread compiled spill-free (≤ 128 regs), and
