@@ -191,3 +191,21 @@ def test_fp8_slab_route_forward_and_grads(m, n, k, p, monkeypatch):
     y_main, _ = T.quant_lora_fwd(x, w, b, a, bb, 2.0, 0.0, 0, route="mainloop")
     y_slab, _ = T.quant_lora_fwd(x, w, b, a, bb, 2.0, 0.0, 0, route="slabs")
     assert rel_err(y_slab, y_main.double()) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_in_loop_decode_hw_and_integer_give_the_same_bits(m, monkeypatch):
+    """The K loop's e4m3 decode (gemm/formats.fp8_tile): the sm_89+ hardware conversion
+    (QFLAG_HW_CVT, what this device launches) and the integer one (pre-sm_89) make the same
+    fp32 products code·scale, so the forward and dX are bit-identical; K ragged (1000)."""
+    from lora_kernels.triton import fused_gemm
+    from lora_kernels.triton import quant_lora as Q
+    w, x, b, a, bb, dy = _case(m, 520, 1000, 16, torch.bfloat16, seed=m)
+    outs = []
+    for hw in (True, False):
+        monkeypatch.setattr(fused_gemm, "hw_cvt_ok", lambda t, hw=hw: hw)
+        y, xa = Q.quant_lora_fwd(x, w, b, a, bb, 2.0, 0.0, 0, route="mainloop")
+        dx = Q.quant_lora_bwd(dy, x, w, a, bb, xa, 2.0, 0.0, 0, (True, False, False, False),
+                              route="mainloop")[0]
+        outs.append((y, dx))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
