@@ -48,8 +48,10 @@ def fp8_act_forward(M, K, N, r):
 # NF4 base weight (issue #16): the slab route, the in-mainloop decode, PEFT + bitsandbytes
 # ---------------------------------------------------------------------------------------------
 # Static sm_90a SASS per decoded element (bench/sass_report.py, Triton 3.8 ptxas, bf16):
-NF4_MAINLOOP_SASS = 21.3   # the in-mainloop K loop, 128x128x64 / 8 warps (notes/nf4perf.md),
-#                            per element per 128-row tile; dX assumed the same
+NF4_MAINLOOP_SASS = 9.16   # the in-mainloop forward K loop, 128x128x64 / 8 warps, per element
+#                            per 128-row tile (sass_report "K loop / W elem"; 21.3 in
+#                            notes/nf4perf.md was an earlier decode, kept here until session 6)
+NF4_MAINLOOP_DX_SASS = 16.88  # its dX (Wᵀ view, 128x128x64, p = 0; 21.5 at the dropout configs)
 NF4_SLAB_SASS = 10.25      # nf4_slabs._decode_slab_kernel 64x128 / 4 warps (word store, whole
 #                            tiles), once per element
 NF4_BLOCK_M = 128          # the in-mainloop kernels' row tile at large M (prune_packed's pick)
@@ -63,6 +65,7 @@ NF4_BLOCK_M = 128          # the in-mainloop kernels' row tile at large M (prune
 # of the configs prune_packed keeps (16x32x64: 8.69; the autotuner picks on the GPU).
 FP8_SLAB_SASS = 5.25
 FP8_MAINLOOP_SASS = 6.31
+FP8_MAINLOOP_DX_SASS = 9.06  # its dX (Wᵀ view: the scale along K), 128x128x32, hw cvt
 # The decode rows (M ≤ 16) on the GEMM core's one 16-row split-K tile, in-loop x·Aᵀ form, per W
 # element (sass_report "K loop / W elem"): FP8 hw cvt 16x64x128 6.06; plain NF4 16x32x128 9.91
 # (what M = 3–16 takes since session 6; the GEMV keeps M ≤ 2).
@@ -90,22 +93,23 @@ def fp8_bytes(N: int, K: int) -> float:
     return N * K + N * 4
 
 
-# per format: (storage bytes, slab decode SASS / element, in-mainloop SASS / element / tile)
-QUANT = {"NF4": (nf4_bytes, NF4_SLAB_SASS, NF4_MAINLOOP_SASS),
-         "FP8": (fp8_bytes, FP8_SLAB_SASS, FP8_MAINLOOP_SASS)}
+# per format: (storage bytes, slab decode SASS / element, in-mainloop SASS / element / tile,
+# the same for the dX)
+QUANT = {"NF4": (nf4_bytes, NF4_SLAB_SASS, NF4_MAINLOOP_SASS, NF4_MAINLOOP_DX_SASS),
+         "FP8": (fp8_bytes, FP8_SLAB_SASS, FP8_MAINLOOP_SASS, FP8_MAINLOOP_DX_SASS)}
 
 
 def nf4_decode(rows: int, cols: int, name: str, fmt: str = "NF4") -> Launch:
     """One slab decode: the quantized bytes of the slab in, the slab in bf16 out (written to
     HBM: counted, though the GEMM reads it back from L2), the format's slab SASS per element."""
-    nbytes, slab_sass, _ = QUANT[fmt]
+    nbytes, slab_sass = QUANT[fmt][:2]
     return Launch(name, 0, nbytes(rows, cols), rows * cols * E, sass=rows * cols * slab_sass)
 
 
-def nf4_mainloop_gemm(M, N, K, r, name, fmt: str = "NF4") -> Launch:
+def nf4_mainloop_gemm(M, N, K, r, name, fmt: str = "NF4", dx: bool = False) -> Launch:
     """The in-mainloop quantized fused GEMM (seeded): bytes as the bf16 one with W quantized,
     plus the decode of every W element once per BLOCK_M row tile, issued beside the MMA."""
-    nbytes, _, loop_sass = QUANT[fmt]
+    nbytes, loop_sass = QUANT[fmt][0], QUANT[fmt][3 if dx else 2]
     l = triton_fused_gemm(M, N, K, r, 1, 0.0, name)
     l.read += nbytes(N, K) - N * K * E
     l.sass = -(-M // NF4_BLOCK_M) * N * K * loop_sass
@@ -168,7 +172,8 @@ def nf4_single_adapter(M, K, N, r, bwd, fmt: str = "NF4"):
         if not panel:
             ours += [*triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
         mainloop += [triton_shrink(M, N, r, 0.0, "dY·B (shrink on Bᵀ)"),
-                     nf4_mainloop_gemm(M, K, N, r, f"dX {fmt} fused GEMM, in-loop decode", fmt),
+                     nf4_mainloop_gemm(M, K, N, r, f"dX {fmt} fused GEMM, in-loop decode", fmt,
+                                       dx=True),
                      *triton_reduce(M, K, r, 0.0, "dA = xᵀ·dyb"), *triton_reduce(M, N, r, 0.0, "dB = dYᵀ·xa")]
         # autograd through PEFT's graph: · scaling, lora_B, lora_A, MatMul4Bit (dequantize
         # again + dY·W), and the sum of the two dX contributions

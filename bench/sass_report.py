@@ -196,7 +196,8 @@ class Compiler:
                       for o in loop)
             row.extra = dict(loop_per_elem=round(len(loop) / row.elems_per_thread, 2),
                              mem_per_elem=round(mem / row.elems_per_thread, 2))
-        if name in ("gemm", "multi_gemm") and self.form.startswith(("fp8_e4m3", "nf4")):
+        if name in ("gemm", "multi_gemm") and self.form.startswith(("fp8_e4m3-", "nf4-",
+                                                                  "nf4_nested-")):
             # a W decoded in the K loop: the loop's SASS per W element a thread decodes per
             # step (BLOCK_K·BLOCK_N / threads), paid once per BLOCK_M-row tile of x
             loop = loop_instructions(k.asm["sass"])
