@@ -62,8 +62,8 @@ def _tile_kernel(codes, scale, out, N0, K0, stride_wn, stride_wk, k, col0,
     col_ok, k_ok = rn < n_lim, rk < k_lim
     w_ptrs = codes + rn[None, :] * stride_wn + rk[:, None] * stride_wk
     wq = (scale, scale, scale, 0.0, stride_wn, stride_wk)
-    w = fp8_tile(w_ptrs, wq, col0, k, col_ok, k_ok, True, False, SCALE_ALONG_N, QROUND, BLOCK_K,
-                 BLOCK_N)
+    byte = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0)
+    w = fp8_tile(byte, wq, col0, k, col_ok, k_ok, SCALE_ALONG_N, QROUND, BLOCK_K, BLOCK_N)
     tl.store(out + tl.arange(0, BLOCK_K)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], w)
 
 

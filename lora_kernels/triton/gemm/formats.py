@@ -237,34 +237,25 @@ def e4m3_as_f16(byte):
 
 
 @triton.jit
-def fp8_tile(w_ptrs, wq, col0, k, col_ok, k_ok, MASK_COLS: tl.constexpr, EVEN_K: tl.constexpr,
-             SCALE_ALONG_N: tl.constexpr, QROUND: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_N: tl.constexpr):
+def fp8_tile(byte, wq, col0, k, col_ok, k_ok, SCALE_ALONG_N: tl.constexpr,
+             QROUND: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """The ``[BLOCK_K, BLOCK_N]`` tile of the (logical) wᵀ of an e4m3 W ``[N0, K0]`` (one byte
     per element, row-major) with an fp32 scale per row of W, decoded to ``code·scale`` in fp32
-    (then the MMA dtype). ``w_ptrs``: the kernel's pointer tile into the codes (they are one
-    byte per element, so the dense path's pointers and 64-bit advances serve as they are, and
-    the loads vectorize along the unit-stride axis). The scale of W's row is one vector per K
-    step: along the tile's N axis for the forward's W (``SCALE_ALONG_N``), along its K axis for
-    dX's Wᵀ view. ``(code·2⁻⁸)·(scale·2⁸)`` is the product ``code·scale`` rounded once, bit for
-    bit the old ``e4m3_to_f32(code)·scale``. ``QROUND & QFLAG_HW_CVT`` (sm_89+): the code to
-    fp16 by the hardware conversion instead (two codes an instruction; exact, no 2⁻⁸).
-    ``wq[0]``: the scale vector.
+    (then the MMA dtype). ``byte``: the code tile, loaded by ``operands.load_w`` through the
+    kernel's own pointer tile like a dense w (bytes are elements, so the dense path's 64-bit
+    advances serve as they are and the loads vectorize along the unit-stride axis; masked
+    bytes are 0). The scale of W's row is one vector per K step: along the tile's N axis for
+    the forward's W (``SCALE_ALONG_N``), along its K axis for dX's Wᵀ view.
+    ``(code·2⁻⁸)·(scale·2⁸)`` is the product ``code·scale`` rounded once, bit for bit the old
+    ``e4m3_to_f32(code)·scale``. ``QROUND & QFLAG_HW_CVT`` (sm_89+): the code to fp16 by the
+    hardware conversion instead (two codes an instruction; exact, no 2⁻⁸). ``wq[0]``: the
+    scale vector.
 
     Static sm_90a (bench/sass_report.py, 128x128x64 / 8 warps forward K loop): the per-element
     int64 ``flat // K0`` scale gather, the flat-index arithmetic and the integer e4m3 assembly
     cost 42.1 SASS per element of each 128-row tile; this form 9.1, and 6.3 with the hardware
     conversion (NOTES.md, session 6)."""
-    scale_ptr, _unused2, _unused_lut, _unused_off, _unused_sn, _unused_sk = wq
-    if MASK_COLS:
-        if EVEN_K:
-            byte = tl.load(w_ptrs, mask=col_ok[None, :], other=0)
-        else:
-            byte = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0)
-    elif EVEN_K:
-        byte = tl.load(w_ptrs)
-    else:
-        byte = tl.load(w_ptrs, mask=k_ok[:, None], other=0)
+    scale_ptr = wq[0]
     HW: tl.constexpr = (QROUND // QFLAG_HW_CVT) % 2 == 1
     if HW:
         q = byte.to(tl.float8e4nv, bitcast=True).to(tl.float16).to(tl.float32)

@@ -61,12 +61,11 @@ def load_w(w_ptrs, w_desc, col0, k, col_ok, k_ok, STORE: tl.constexpr, MASK_COLS
     (the forward's ``W [N, K]``) is read as ``[BLOCK_N, BLOCK_K]`` and transposed in shared
     memory (free for wgmma); an N-major one (dX's ``Wᵀ`` view) is read as is. A quantized
     weight (``WEIGHT`` ≠ dense, pointer store only) is decoded from its packed storage, whose
-    base pointer then travels in ``w_desc`` (formats.py). ``WEIGHT_FP8_ACT``: w is a plain
-    float8 tensor read like a dense one (pointer or descriptor) and goes to the MMA undecoded."""
-    if WEIGHT == WEIGHT_FP8_E4M3:
-        w = fp8_tile(w_ptrs, wq, col0, k, col_ok, k_ok, MASK_COLS, EVEN_K, W_KMAJOR, QROUND,
-                     BLOCK_K, BLOCK_N)
-    elif WEIGHT != WEIGHT_DENSE and WEIGHT != WEIGHT_FP8_ACT:
+    base pointer then travels in ``w_desc`` (formats.py); an FP8 e4m3 one is read through
+    ``w_ptrs`` like a dense w and its bytes decoded (formats.fp8_tile). ``WEIGHT_FP8_ACT``: w
+    is a plain float8 tensor read like a dense one (pointer or descriptor) and goes to the MMA
+    undecoded."""
+    if WEIGHT != WEIGHT_DENSE and WEIGHT != WEIGHT_FP8_ACT and WEIGHT != WEIGHT_FP8_E4M3:
         w = nf4_tile(w_desc, wq, col0, k, col_ok, k_ok, WEIGHT, QBLOCK, QBLOCK2, QROUND, EVEN_K,
                      BLOCK_K, BLOCK_N)
     elif STORE == STORE_TMA:
@@ -83,6 +82,8 @@ def load_w(w_ptrs, w_desc, col0, k, col_ok, k_ok, STORE: tl.constexpr, MASK_COLS
         w = tl.load(w_ptrs)
     else:
         w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+    if WEIGHT == WEIGHT_FP8_E4M3:  # the code bytes, read as a dense w, decoded in registers
+        w = fp8_tile(w, wq, col0, k, col_ok, k_ok, W_KMAJOR, QROUND, BLOCK_K, BLOCK_N)
     return w
 
 
