@@ -64,7 +64,7 @@ NF4_BLOCK_M = 128          # the in-mainloop kernels' row tile at large M (prune
 # (in_loop split-K, hw cvt) per element of its one row tile: 16x64x128 / 4 warps 6.06, the best
 # of the configs prune_packed keeps (16x32x64: 8.69; the autotuner picks on the GPU).
 FP8_SLAB_SASS = 5.25
-FP8_MAINLOOP_SASS = 6.31
+FP8_MAINLOOP_SASS = 5.61     # the best config prune_packed keeps: 128x128x128 / 8 warps (6.31 at 64)
 FP8_MAINLOOP_DX_SASS = 9.06  # its dX (Wᵀ view: the scale along K), 128x128x32, hw cvt
 # The decode rows (M ≤ 16) on the GEMM core's one 16-row split-K tile, in-loop x·Aᵀ form, per W
 # element (sass_report "K loop / W elem"): FP8 hw cvt 16x64x128 6.06; plain NF4 16x32x128 9.91

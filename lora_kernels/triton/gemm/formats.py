@@ -333,7 +333,8 @@ def prune_packed(prune):
     16-row decode tiles. In sm_90a compiles (bench/sass_report.py) 128x256x64 / 8 warps spilled
     112-248 B with NF4, 128x128x64 nested / dX with dropout 12-204 B and 16x32x128 / 4 warps
     4 B (seeded split-K); 128x128x64, 128x128x32 (tight) and 16x32x64 compiled spill-free.
-    FP8 on 16-row tiles: ≤ 64 values (its decode is light since session 6), plain NF4: ≤ 32.
+    FP8 without the dropout epilogue: ≤ 64 values (its decode is light since session 6); plain
+    NF4 on 16-row tiles: ≤ 32.
     Dense w: ``prune`` only."""
     def pruned(configs, named_args, **kwargs):
         configs = prune(configs, named_args, **kwargs)
@@ -353,10 +354,11 @@ def prune_packed(prune):
                 # compiled spill-free (118–127 regs) at 8.4–9.9 SASS per W element, 16x32x64
                 # 10.4–12.0
                 w_cap = 32
-            if weight == int(WEIGHT_FP8_E4M3) and c.kwargs["BLOCK_M"] <= 16:
-                # the byte-per-element decode is 3 operations and a scale vector: every
-                # 16-row config up to 64 values a thread compiled spill-free (≤ 128 regs), and
-                # 16x64x128 cut the in-loop decode form from 8.69 to 6.06 SASS per element
+            if weight == int(WEIGHT_FP8_E4M3) and not kwargs.get("DROPOUT"):
+                # the byte-per-element decode is 3 operations and a scale vector: every config
+                # up to 64 values a thread compiled spill-free (≤ 170 regs; sass_report, all
+                # FP8 forms); 16x64x128 cut the decode form from 8.69 to 6.06 SASS per element,
+                # 128x128x128 the forward from 6.31 to 5.61
                 w_cap = 64
             # nested decode + the dX dropout epilogue: 128x128 (64 accumulators) spilled 8 B
             # even at 3 stages
