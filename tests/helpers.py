@@ -301,6 +301,78 @@ def lora_grads(model) -> dict:
             if "lora_" in n and p.grad is not None}
 
 
+def peft_step(model, x):
+    """One step under the loss ``mean(y²)``: ``(y, the LoRA gradients by name)``; every LoRA
+    parameter must have one."""
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    (y.float() ** 2).mean().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def check_patched_step_matches_peft(model, x, backend, tol):
+    """``patch_peft_model`` fuses both layers (q, o; a fallback warning is an error) and its
+    training step, then its eval forward, equal PEFT's own; unpatched, PEFT's forward comes
+    back bit for bit."""
+    import warnings
+    from lora_kernels import patch_peft_model
+    from lora_kernels.integrations.peft import LoRAKernelsFallbackWarning
+    want_y, want_g = peft_step(model, x)
+    with patch_peft_model(model, backend=backend) as handle, warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAKernelsFallbackWarning)  # fused, not PEFT's forward
+        assert sorted(handle.patched) == ["base_model.model.o", "base_model.model.q"]
+        assert not handle.skipped
+        y, g = peft_step(model, x)
+        assert y.dtype == want_y.dtype
+        assert rel_err(y, want_y) <= tol
+        for name in want_g:
+            assert rel_err(g[name], want_g[name]) <= tol, name
+        model.eval()
+        with torch.no_grad():
+            assert rel_err(model(x), want_y) <= tol  # inference (plain eager path)
+        model.train()
+    again, _ = peft_step(model, x)
+    assert torch.equal(again, want_y)
+
+
+def check_patched_dropout_trains(model, x, tol=1e-5):
+    """With dropout the mask is ours (PEFT's nn.Dropout draws its own): under
+    ``patch_peft_model`` (torch backend) training gives the same gradients for the same seed
+    and every LoRA factor moves, and eval outputs equal PEFT's. Returns ``(training y, PEFT's
+    eval y)``."""
+    from lora_kernels import patch_peft_model
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    model.train()
+    with patch_peft_model(model, backend="torch"):
+        torch.manual_seed(5)
+        y1, g1 = peft_step(model, x)
+        torch.manual_seed(5)
+        _, g2 = peft_step(model, x)
+        assert all(torch.equal(g1[n], g2[n]) and g1[n].abs().sum() > 0 for n in g1)
+        model.eval()
+        with torch.no_grad():
+            assert rel_err(model(x), want) <= tol
+    return y1, want
+
+
+def patched_joint_step(model, x, names, backend):
+    """A joint-training step ``model(x, adapter_names=names)`` of the patched model in training
+    mode, fused (a fallback warning is an error): ``(y, the LoRA gradients by name)``."""
+    import warnings
+    from lora_kernels import patch_peft_model
+    from lora_kernels.integrations.peft import LoRAKernelsFallbackWarning
+    model.train()
+    with patch_peft_model(model, backend=backend), warnings.catch_warnings():
+        warnings.simplefilter("error", LoRAKernelsFallbackWarning)
+        model.zero_grad(set_to_none=True)
+        y = model(x, adapter_names=names)
+        (y.float() ** 2).mean().backward()
+        got = lora_grads(model)
+    return y.detach(), got
+
+
 def peft_mixed_oracle(model, x, names):
     """PEFT's answer for a mixed batch ``model(x, adapter_names=names)`` and its gradients under
     the loss ``mean(y²)``. The output is PEFT's own mixed forward (eval, no_grad: PEFT refuses

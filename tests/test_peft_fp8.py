@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import interpreting, lora_grads, peft_mixed_oracle, rel_err
+from helpers import (check_patched_dropout_trains, check_patched_step_matches_peft,
+                     interpreting, patched_joint_step, peft_mixed_oracle, peft_step, rel_err)
 from lora_kernels import patch_peft_model
 from lora_kernels.integrations.peft import LoRAKernelsFallbackWarning
 from lora_kernels.integrations.peft_fp8 import fp8_lora_layer_class, register_fp8_lora
@@ -46,19 +47,12 @@ def fp8_peft(seed=0, dtype=torch.float32, dropout=0.0, backend="auto"):
     return peft.get_peft_model(model, register_fp8_lora(config(dropout)))
 
 
-def _step(model, x):
-    model.zero_grad(set_to_none=True)
-    y = model(x)
-    (y.float() ** 2).mean().backward()
-    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
 def _assert_patched_step_matches(model, x, backend, tol_y, tol_g):
     """A training step of the patched model (fused: no fallback warning) equals PEFT's own."""
-    want_y, want_g = _step(model, x)
+    want_y, want_g = peft_step(model, x)
     with patch_peft_model(model, backend=backend), warnings.catch_warnings():
         warnings.simplefilter("error", LoRAKernelsFallbackWarning)
-        y, g = _step(model, x)
+        y, g = peft_step(model, x)
     assert rel_err(y, want_y) <= tol_y
     for name in want_g:
         assert rel_err(g[name], want_g[name]) <= tol_g, name
@@ -101,22 +95,7 @@ def test_patched_fp8_matches_peft(backend, dtype, tol):
         pytest.skip("the torch FP8 path runs fp16 on a GPU only")
     model = fp8_peft(dtype=dtype)
     x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(1)).to(dtype)
-    want_y, want_g = _step(model, x)
-    with patch_peft_model(model, backend=backend) as handle, warnings.catch_warnings():
-        warnings.simplefilter("error", LoRAKernelsFallbackWarning)  # fused, not PEFT's forward
-        assert sorted(handle.patched) == ["base_model.model.o", "base_model.model.q"]
-        assert not handle.skipped
-        y, g = _step(model, x)
-        assert y.dtype == want_y.dtype
-        assert rel_err(y, want_y) <= tol
-        for name in want_g:
-            assert rel_err(g[name], want_g[name]) <= tol, name
-        model.eval()
-        with torch.no_grad():
-            assert rel_err(model(x), want_y) <= tol
-        model.train()
-    again, _ = _step(model, x)  # unpatched: PEFT's forward again, bit for bit
-    assert torch.equal(again, want_y)
+    check_patched_step_matches_peft(model, x, backend, tol)
 
 
 def test_patched_fp8_calls_the_fp8_op_once_per_layer(monkeypatch):
@@ -135,20 +114,8 @@ def test_patched_fp8_calls_the_fp8_op_once_per_layer(monkeypatch):
 def test_patched_fp8_dropout_trains():
     model = fp8_peft(dropout=0.25)
     x = torch.randn(4, K, generator=torch.Generator().manual_seed(2))
-    model.eval()
-    with torch.no_grad():
-        want = model(x)
-    model.train()
-    with patch_peft_model(model, backend="torch"):
-        torch.manual_seed(5)
-        y1, g1 = _step(model, x)
-        torch.manual_seed(5)
-        _, g2 = _step(model, x)
-        assert all(torch.equal(g1[n], g2[n]) and g1[n].abs().sum() > 0 for n in g1)
-        assert not torch.allclose(y1, want)  # the mask did something
-        model.eval()
-        with torch.no_grad():
-            assert rel_err(model(x), want) <= 1e-5
+    y1, want = check_patched_dropout_trains(model, x)
+    assert not torch.allclose(y1, want)  # the mask did something
 
 
 def test_patched_fp8_mixed_batch_matches_peft():
@@ -220,14 +187,8 @@ def test_patched_fp8_joint_training_matches_peft(backend):
     names = ["other", "default", "default", "other", "__base__"]
     x = torch.randn(5, 2, K, generator=torch.Generator().manual_seed(9))
     want_y, want_g = peft_mixed_oracle(model, x, names)
-    model.train()
-    with patch_peft_model(model, backend=backend), warnings.catch_warnings():
-        warnings.simplefilter("error", LoRAKernelsFallbackWarning)
-        model.zero_grad(set_to_none=True)
-        y = model(x, adapter_names=names)
-        (y.float() ** 2).mean().backward()
-        got = lora_grads(model)
-    assert rel_err(y.detach(), want_y) <= 1e-5
+    y, got = patched_joint_step(model, x, names, backend)
+    assert rel_err(y, want_y) <= 1e-5
     assert sorted(got) == sorted(want_g) and {n.split(".")[-2] for n in got} == {"default", "other"}
     for n in want_g:
         assert rel_err(got[n], want_g[n]) <= 1e-5, n

@@ -2,15 +2,13 @@
 the oracle for ``patch_peft_model``: outputs and LoRA gradients match, unpatch restores PEFT,
 and the patched Triton training step holds no whole-weight (N×K) tensor."""
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
 
-from helpers import LargestTensor, interpreting, rel_err
+from helpers import (LargestTensor, check_patched_dropout_trains,
+                     check_patched_step_matches_peft, interpreting, peft_step, rel_err)
 from lora_kernels import patch_peft_model
-from lora_kernels.integrations.peft import LoRAKernelsFallbackWarning
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -44,14 +42,6 @@ def qlora_model(compute_dtype, nested, dropout=0.0, seed=0, peft_bnb_class=False
     return peft.get_peft_model(model, cfg)
 
 
-def _step(model, x):
-    model.zero_grad(set_to_none=True)
-    y = model(x)
-    (y.float() ** 2).mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
-    return y.detach(), grads
-
-
 @pytest.mark.parametrize("peft_bnb_class", [False, True])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("compute_dtype,x_dtype,tol", [
@@ -66,43 +56,14 @@ def test_patched_qlora_matches_peft(peft_bnb_class, nested, compute_dtype, x_dty
     layer_cls = type(model.base_model.model.q)
     assert (layer_cls.__module__ == "peft.tuners.lora.bnb") == peft_bnb_class
     x = torch.randn(2, 3, K, generator=torch.Generator().manual_seed(1)).to(x_dtype)
-    want_y, want_g = _step(model, x)
-    with patch_peft_model(model, backend="torch") as handle, warnings.catch_warnings():
-        warnings.simplefilter("error", LoRAKernelsFallbackWarning)  # fused, not PEFT's forward
-        assert sorted(handle.patched) == ["base_model.model.o", "base_model.model.q"]
-        assert not handle.skipped
-        y, g = _step(model, x)
-        assert y.dtype == want_y.dtype
-        assert rel_err(y, want_y) <= tol
-        for name in want_g:
-            assert rel_err(g[name], want_g[name]) <= tol, name
-        model.eval()
-        with torch.no_grad():
-            assert rel_err(model(x), want_y) <= tol  # inference (plain eager path)
-        model.train()
-    # unpatched: PEFT's own forward again, bit for bit
-    again, _ = _step(model, x)
-    assert torch.equal(again, want_y)
+    check_patched_step_matches_peft(model, x, "torch", tol)
 
 
 def test_patched_qlora_dropout_trains():
     """With dropout the mask is ours (PEFT's nn.Dropout draws its own): eval outputs equal
     PEFT's, training gives the same gradients for the same seed and every LoRA factor moves."""
     model = qlora_model(torch.float32, True, dropout=0.25)
-    x = torch.randn(4, K, generator=torch.Generator().manual_seed(2))
-    model.eval()
-    with torch.no_grad():
-        want = model(x)
-    model.train()
-    with patch_peft_model(model, backend="torch"):
-        torch.manual_seed(5)
-        _, g1 = _step(model, x)
-        torch.manual_seed(5)
-        _, g2 = _step(model, x)
-        assert all(torch.equal(g1[n], g2[n]) and g1[n].abs().sum() > 0 for n in g1)
-        model.eval()
-        with torch.no_grad():
-            assert rel_err(model(x), want) <= 1e-5
+    check_patched_dropout_trains(model, torch.randn(4, K, generator=torch.Generator().manual_seed(2)))
 
 
 # Mixed batches (adapter_names=) over NF4, with and without dropout, are fused now:
@@ -116,12 +77,12 @@ def test_patched_qlora_step_on_triton_makes_no_whole_weight():
     the patched Triton step makes none."""
     model = qlora_model(torch.float32, True)
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(4))
-    with LargestTensor() as peft_step:
-        want_y, want_g = _step(model, x)
-    assert peft_step.biggest >= HID * K
+    with LargestTensor() as theirs:
+        want_y, want_g = peft_step(model, x)
+    assert theirs.biggest >= HID * K
     with patch_peft_model(model, backend="triton"):
         with LargestTensor() as ours:
-            y, g = _step(model, x)
+            y, g = peft_step(model, x)
     assert ours.biggest < HID * K
     assert rel_err(y, want_y) <= 1e-5
     assert all(rel_err(g[n], want_g[n]) <= 1e-5 for n in want_g)
@@ -143,10 +104,10 @@ def test_patched_qlora_step_on_the_slab_route_makes_no_whole_weight(monkeypatch)
     model = qlora_model(torch.float32, True)
     # x needs a gradient, so the first layer (q) runs its dX too
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
-    want_y, want_g = _step(model, x)
+    want_y, want_g = peft_step(model, x)
     with patch_peft_model(model, backend="triton"):
         with LargestTensor() as ours:
-            y, g = _step(model, x)
+            y, g = peft_step(model, x)
     assert {(HID, K), (K, HID)} <= {shape for shape, _ in slabs}
     assert any(shape == (HID, K) and cut[:2] == (0, HID) and cut[2:] != (0, K)
                for shape, cut in slabs), "q's dX ran on column slabs"
